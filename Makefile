@@ -1,0 +1,34 @@
+# provision — see README.md. `make demo` and `make test` install what they need.
+SHELL := /bin/bash
+SWIFT ?= swift
+CONFIG ?= debug
+BUILD_FLAGS ?=
+BIN = $(shell $(SWIFT) build -c $(CONFIG) --show-bin-path 2>/dev/null)
+
+# Debian packages: C libraries (headers + pkg-config) and the peers the tests check against.
+DEB_LIBS = pkg-config libudev-dev libusb-1.0-0-dev libsystemd-dev libext2fs-dev libcrypt-dev \
+           liblzma-dev libzstd-dev zlib1g-dev libsqlite3-dev
+DEB_TOOLS = udev systemd bmap-tools whois openssl e2fsprogs fdisk dosfstools mtools \
+            busybox-static zstd xz-utils gzip time passwd util-linux sqlite3 \
+            device-tree-compiler umockdev libumockdev-dev nix-bin
+STAMP = .build/.deps-installed
+
+.PHONY: deps build test demo bench clean
+$(STAMP):
+	@if ! dpkg -s $(DEB_LIBS) $(DEB_TOOLS) >/dev/null 2>&1; then \
+	  echo ">>> installing Debian packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
+	fi
+	@mkdir -p .build && touch $@
+
+deps: $(STAMP)
+
+build: deps
+	$(SWIFT) build -c $(CONFIG) $(BUILD_FLAGS)
+
+test: deps
+	$(SWIFT) build --build-tests $(BUILD_FLAGS)
+	$(SWIFT) test --skip-build $(BUILD_FLAGS)
+
+clean:
+	rm -rf .build

@@ -1,0 +1,98 @@
+// swift-tools-version:6.1
+// provision — a flash-and-provision appliance for lab benches.
+// The target layout follows shared/DESIGN.md §1: dependencies point down,
+// executables → Station/ControlProtocol → ImageIO/BlockDevices/Accounts/Tegra → C modules.
+import PackageDescription
+
+/// A Debian C library as a system library target: a module map, a shim header and pkg-config.
+func systemLibrary(_ name: String, pkgConfig: String, apt: String) -> Target {
+    .systemLibrary(name: name, path: "Sources/CModules/\(name)", pkgConfig: pkgConfig,
+                   providers: [.apt([apt])])
+}
+
+let package = Package(
+    name: "provision",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "provision", targets: ["provision"]),
+        .executable(name: "provisiond", targets: ["provisiond"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"4.0.0"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+    ],
+    targets: [
+        // C headers from Debian, nothing else.
+        systemLibrary("CUdev", pkgConfig: "libudev", apt: "libudev-dev"),
+        systemLibrary("CUSB", pkgConfig: "libusb-1.0", apt: "libusb-1.0-0-dev"),
+        systemLibrary("CSystemd", pkgConfig: "libsystemd", apt: "libsystemd-dev"),
+        systemLibrary("CExt2fs", pkgConfig: "ext2fs", apt: "libext2fs-dev"),
+        systemLibrary("CCrypt", pkgConfig: "libcrypt", apt: "libcrypt-dev"),
+        systemLibrary("CLZMA", pkgConfig: "liblzma", apt: "liblzma-dev"),
+        systemLibrary("CZstd", pkgConfig: "libzstd", apt: "libzstd-dev"),
+        systemLibrary("CZlib", pkgConfig: "zlib", apt: "zlib1g-dev"),
+        // What Glibc's Swift overlay cannot give: O_DIRECT, block ioctls, struct ucred,
+        // non-variadic sd_notify helpers. Compiled with _GNU_SOURCE.
+        .target(name: "ProvisionCShims", path: "Sources/CModules/ProvisionCShims",
+                cSettings: [.define("_GNU_SOURCE")],
+                linkerSettings: [.linkedLibrary("systemd")]),
+
+        .target(name: "ImageIO", dependencies: [
+            "CLZMA", "CZstd", "CZlib", "ProvisionCShims",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        .target(name: "BlockDevices", dependencies: [
+            "CUdev", "ProvisionCShims",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        .target(name: "Accounts", dependencies: [
+            "CExt2fs", "CCrypt", "ProvisionCShims",
+            .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "TOMLKit", package: "TOMLKit"),
+        ]),
+        .target(name: "Tegra", dependencies: [
+            "CUSB",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+        ]),
+        .target(name: "ControlProtocol"),
+        .target(name: "Station", dependencies: [
+            "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol",
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "TOMLKit", package: "TOMLKit"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "provisiond", dependencies: [
+            "Station", "ControlProtocol", "BlockDevices", "CSystemd", "ProvisionCShims",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ]),
+        .executableTarget(name: "provision", dependencies: [
+            "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .target(name: "TestSupport", dependencies: [
+            "ImageIO", "BlockDevices", "Tegra", "ProvisionCShims",
+        ]),
+        .testTarget(name: "ImageIOTests", dependencies: ["ImageIO", "BlockDevices", "TestSupport"]),
+        .testTarget(name: "BlockDevicesTests", dependencies: ["BlockDevices", "TestSupport"]),
+        .testTarget(name: "AccountsTests", dependencies: ["Accounts", "TestSupport"]),
+        .testTarget(name: "TegraTests", dependencies: ["Tegra", "TestSupport"]),
+        .testTarget(name: "StationTests", dependencies: ["Station", "TestSupport"]),
+        .testTarget(name: "ImagesTests", dependencies: ["Station", "Accounts", "TestSupport"]),
+        .testTarget(name: "SystemFilesTests", dependencies: ["BlockDevices", "TestSupport"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["ControlProtocol", "Station", "TestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,46 @@
+// What Swift's Glibc overlay cannot import: O_DIRECT (behind _GNU_SOURCE), the block
+// device ioctls (ioctl is variadic), SO_PEERCRED's struct ucred, and sd_notify without
+// printf-style arguments. Each function is a thin, errno-preserving wrapper: it returns
+// -1 and leaves errno set on failure, like the call it wraps.
+#ifndef PROVISION_C_SHIMS_H
+#define PROVISION_C_SHIMS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/// open(2) flag bits that Glibc's Swift overlay hides.
+int provision_o_direct(void);
+int provision_o_excl(void);
+int provision_o_cloexec(void);
+
+/// BLKGETSIZE64: size of a block device in bytes.
+int provision_blk_getsize64(int fd, uint64_t *bytes);
+/// BLKSSZGET: logical block size.
+int provision_blk_logical_block_size(int fd, int *bytes);
+/// BLKPBSZGET: physical block size.
+int provision_blk_physical_block_size(int fd, unsigned int *bytes);
+/// BLKROGET: non-zero when the kernel considers the device read-only.
+int provision_blk_readonly(int fd, int *readonly);
+/// BLKGETDISKSEQ (Linux 5.15+): a number that changes whenever new media appear
+/// behind the same device node. Returns -1/ENOTTY on older kernels.
+int provision_blk_diskseq(int fd, uint64_t *seq);
+/// BLKFLSBUF: drop the device's buffer cache (used before a buffered read-back in tests).
+int provision_blk_flush_buffers(int fd);
+/// BLKRRPART: ask the kernel to re-read the partition table after a write.
+int provision_blk_reread_partitions(int fd);
+
+/// getsockopt(SO_PEERCRED): who is on the other end of a Unix socket.
+int provision_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/// sd_notify(3) with a plain string (the Swift side formats it).
+int provision_sd_notify(const char *state);
+/// sd_listen_fds(3): number of sockets passed by systemd, starting at fd 3.
+int provision_sd_listen_fds(void);
+/// sd_watchdog_enabled(3): the watchdog interval in microseconds, 0 if none.
+uint64_t provision_sd_watchdog_usec(void);
+/// sd_journal_sendv(3) with up to 8 "FIELD=value" strings.
+int provision_journal_send(const char *const *fields, int count);
+/// sd_booted-like check for journald: is the journal socket there and are we under systemd?
+int provision_journal_stream_connected(void);
+
+#endif

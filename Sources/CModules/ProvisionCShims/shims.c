@@ -1,0 +1,86 @@
+#ifndef _GNU_SOURCE
+#error "ProvisionCShims must be compiled with _GNU_SOURCE (O_DIRECT, struct ucred)"
+#endif
+#include "ProvisionCShims.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <systemd/sd-daemon.h>
+#include <systemd/sd-journal.h>
+
+#ifndef BLKGETDISKSEQ
+#define BLKGETDISKSEQ _IOR(0x12, 128, __u64)
+#endif
+
+int provision_o_direct(void) { return O_DIRECT; }
+int provision_o_excl(void) { return O_EXCL; }
+int provision_o_cloexec(void) { return O_CLOEXEC; }
+
+int provision_blk_getsize64(int fd, uint64_t *bytes) { return ioctl(fd, BLKGETSIZE64, bytes); }
+int provision_blk_logical_block_size(int fd, int *bytes) { return ioctl(fd, BLKSSZGET, bytes); }
+int provision_blk_physical_block_size(int fd, unsigned int *bytes) { return ioctl(fd, BLKPBSZGET, bytes); }
+int provision_blk_readonly(int fd, int *readonly) { return ioctl(fd, BLKROGET, readonly); }
+int provision_blk_diskseq(int fd, uint64_t *seq) { return ioctl(fd, BLKGETDISKSEQ, seq); }
+int provision_blk_flush_buffers(int fd) { return ioctl(fd, BLKFLSBUF, 0); }
+int provision_blk_reread_partitions(int fd) { return ioctl(fd, BLKRRPART, 0); }
+
+int provision_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -1;
+    *pid = cred.pid;
+    *uid = cred.uid;
+    *gid = cred.gid;
+    return 0;
+}
+
+int provision_sd_notify(const char *state) {
+    int r = sd_notify(0, state);
+    if (r < 0) { errno = -r; return -1; }
+    return r;
+}
+
+int provision_sd_listen_fds(void) {
+    int r = sd_listen_fds(1);
+    if (r < 0) { errno = -r; return -1; }
+    return r;
+}
+
+uint64_t provision_sd_watchdog_usec(void) {
+    uint64_t usec = 0;
+    if (sd_watchdog_enabled(0, &usec) <= 0) return 0;
+    return usec;
+}
+
+int provision_journal_send(const char *const *fields, int count) {
+    struct iovec iov[16];
+    if (count > 16) count = 16;
+    for (int i = 0; i < count; i++) {
+        iov[i].iov_base = (void *)fields[i];
+        iov[i].iov_len = strlen(fields[i]);
+    }
+    int r = sd_journal_sendv(iov, count);
+    if (r < 0) { errno = -r; return -1; }
+    return 0;
+}
+
+int provision_journal_stream_connected(void) {
+    // JOURNAL_STREAM is set by systemd when stderr is connected to the journal;
+    // we then prefer structured sd_journal_sendv so fields survive.
+    const char *stream = getenv("JOURNAL_STREAM");
+    if (stream == NULL || *stream == '\0') return 0;
+    struct stat st;
+    if (fstat(STDERR_FILENO, &st) < 0) return 0;
+    char expected[64];
+    snprintf(expected, sizeof(expected), "%lu:%lu", (unsigned long)st.st_dev, (unsigned long)st.st_ino);
+    return strcmp(expected, stream) == 0;
+}
