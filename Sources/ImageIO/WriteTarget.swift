@@ -109,7 +109,8 @@ public final class WriteTarget: @unchecked Sendable {
         guard probe >= 0 else { return false }
         defer { Glibc.close(probe) }
         var bytes: UInt64 = 0
-        guard provision_blk_getsize64(probe, &bytes) == 0, bytes > 0 else { return false }
+        // A pulled card leaves a node of size 0 (or a different size: other media).
+        guard provision_blk_getsize64(probe, &bytes) == 0, bytes > 0, bytes == size else { return false }
         var seq: UInt64 = 0
         if let diskSequence, provision_blk_diskseq(probe, &seq) == 0, seq != diskSequence { return false }
         return true
@@ -117,7 +118,7 @@ public final class WriteTarget: @unchecked Sendable {
 
     /// Classifies a failed device operation: a vanished card is "removed", not "I/O error".
     func failure(_ e: Errno, operation: String, offset: UInt64?) -> ImageIOError {
-        if kind == .blockDevice, e == .ioError || e == .noSuchAddressOrDevice, !stillPresent() {
+        if kind == .blockDevice, e == .ioError || e == .noSuchAddressOrDevice || e == .noSpace, !stillPresent() {
             return .device(.noSuchAddressOrDevice, operation: operation, path: path, offset: offset)
         }
         return .device(e, operation: operation, path: path, offset: offset)
