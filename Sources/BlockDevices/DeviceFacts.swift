@@ -88,6 +88,8 @@ public struct DeviceFacts: Sendable, Codable, Equatable {
         }
         self.tags = tags
         loopBackingFile = attr("loop/backing_file")
+        // Without udev's rules (no udevd), a loop card is still addressable by its file.
+        if slotPath == nil, let backing = loopBackingFile { slotPath = "loop:" + backing }
         diskSequence = attr("diskseq").flatMap { UInt64($0) } ?? prop("DISKSEQ").flatMap { UInt64($0) }
         if let b = prop("ID_BUS") { bus = b }
         else if sysname.hasPrefix("loop") { bus = "loop" }

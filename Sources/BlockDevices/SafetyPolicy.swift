@@ -27,6 +27,10 @@ public struct SafetyPolicy: Sendable {
         public let rule: Rule
         public let reason: String
         public var description: String { reason }
+        public init(rule: Rule, reason: String) {
+            self.rule = rule
+            self.reason = reason
+        }
     }
 
     /// Every rule that fails, in order; empty means the device may be written.
