@@ -71,8 +71,11 @@ public struct Bmap: Sendable, Equatable {
         guard let version = reader.version, let major = version.split(separator: ".").first.flatMap({ Int($0) }), major == 1 || major == 2 else {
             throw ImageIOError(.bmapInvalid, "bmap file \(path) has unsupported version \(reader.version ?? "none") (1.x and 2.0 are supported)")
         }
+        let minor = version.split(separator: ".").dropFirst().first.flatMap { Int($0) } ?? 0
         let type: ChecksumType
-        if major >= 2 {
+        // 1.4 was released by mistake and is identical to 2.0 (bmaptool says so); 1.3 and
+        // earlier know only SHA-1 (1.0–1.2 carry no checksums at all).
+        if major >= 2 || (major == 1 && minor == 4) {
             guard let t = reader.fields["ChecksumType"].flatMap(ChecksumType.init(rawValue:)) else {
                 throw ImageIOError(.bmapInvalid, "bmap file \(path) names no supported <ChecksumType> (sha1 or sha256)")
             }
@@ -85,6 +88,9 @@ public struct Bmap: Sendable, Equatable {
                         checksumType: type, ranges: reader.ranges, path: path)
         guard bmap.blockSize > 0, bmap.blockSize % 512 == 0 else {
             throw ImageIOError(.bmapInvalid, "bmap file \(path) has an invalid block size \(bmap.blockSize)")
+        }
+        guard bmap.blocksCount == (bmap.imageSize + bmap.blockSize - 1) / bmap.blockSize else {
+            throw ImageIOError(.bmapInvalid, "bmap file \(path) is inconsistent: \(bmap.blocksCount) blocks of \(bmap.blockSize) bytes do not make \(bmap.imageSize) bytes")
         }
         var previousEnd: UInt64? = nil
         var mapped: UInt64 = 0

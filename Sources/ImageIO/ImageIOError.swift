@@ -43,7 +43,9 @@ extension ImageIOError {
         case .resourceBusy:
             return ImageIOError(.deviceBusy, "\(path) is busy (mounted or opened by another program); unmount it or close that program", offset: offset, errno: errno)
         case .noSpace:
-            return ImageIOError(.deviceTooSmall, "\(path) is full\(at): the card is smaller than the image", offset: offset, errno: errno)
+            // Within the card's size (that is checked before each write), ENOSPC means the
+            // medium behind the device failed to take the data: an I/O error, not a size issue.
+            return ImageIOError(.ioError, "I/O error\(at) on \(path) during \(operation): the medium has no space left (\(errno))", offset: offset, errno: errno)
         default:
             return ImageIOError(.ioError, "I/O error\(at) on \(path) during \(operation): \(errno)", offset: offset, errno: errno)
         }
