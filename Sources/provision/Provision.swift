@@ -7,6 +7,7 @@ struct Provision: AsyncParsableCommand {
         abstract: "Write, verify and provision SD cards and Tegra boards.",
         subcommands: [
             // Each subcommand lives in its own file.
+            TegraCommand.self,
         ]
     )
 }
