@@ -46,8 +46,11 @@ public final class LibUSBTransport: USBTransport {
             throw LibUSB.error(openResult, "open", location: location, node: node)
         }
         handle = opened
-        // A kernel driver would own the interface; Tegra recovery has none, but be safe.
-        _ = libusb_set_auto_detach_kernel_driver(opened, 1)
+        // A kernel driver would own the interface; Tegra recovery has none, so only detach
+        // when one is really bound (blind auto-detach fails where USBDEVFS_DISCONNECT is missing).
+        if libusb_kernel_driver_active(opened, endpoints.interface) == 1 {
+            _ = libusb_detach_kernel_driver(opened, endpoints.interface)
+        }
         let claimResult = libusb_claim_interface(opened, endpoints.interface)
         guard claimResult == 0 else {
             libusb_close(opened)

@@ -161,3 +161,34 @@ struct MiniloaderBringUp {
         handedOver = true
     }
 }
+
+/// What `probe` learns from the boot ROM without starting anything on the board.
+public struct TegraProbeResult: Sendable {
+    public let location: String
+    public let productID: UInt16
+    public let chip: TegraChip
+    /// Nil when the first read timed out: the miniloader is already running.
+    public let uid: String?
+    /// The boot ROM's answer to the (zero-key signed) RCM version query.
+    public let rcmVersion: UInt32?
+}
+
+extension TegraFlasher {
+    /// Reads the UID and asks the RCM version: proves the board is in recovery and accepts
+    /// zero-key CMAC messages. The board stays in the boot ROM (nothing is executed).
+    public static func probe(source: any TegraDeviceSource,
+                             timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds) throws -> TegraProbeResult {
+        let transport = try source.open()
+        defer { transport.close() }
+        guard let chip = transport.chip else {
+            throw TegraError(.invalidInput, "\(transport.location) is not a supported Tegra (product id 0x\(String(transport.productID, radix: 16)))")
+        }
+        let rom = BootROMSession(transport: transport, chip: chip, timeoutMilliseconds: timeoutMilliseconds)
+        guard let uid = try rom.readUID() else {
+            return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip, uid: nil, rcmVersion: nil)
+        }
+        let version = try rom.queryRCMVersion()
+        return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip,
+                                uid: uid.hexString, rcmVersion: version)
+    }
+}

@@ -43,12 +43,17 @@ struct TegraCommand: ParsableCommand {
                 let loaded = try profile.map { try TegraProfileFile.load($0) }
                 let source = try device.source(productIDs: loaded?.usbProductIDs ?? [])
                 guard let loaded else {
-                    // Without a profile there is no miniloader: find the device, say what it is.
-                    let transport = try source.open()
-                    defer { transport.close() }
-                    print("device:  \(transport.location)")
-                    print("chip:    \(transport.chip.map { "\($0)" } ?? "unknown")")
-                    print("(give --profile with a miniloader to read the full platform info)")
+                    // Without a profile there is no miniloader: ask the boot ROM only (UID, RCM version).
+                    let probe = try TegraFlasher.probe(source: source, timeoutMilliseconds: device.timeoutMs)
+                    print("device:       \(probe.location)")
+                    print("chip:         \(probe.chip)")
+                    if let uid = probe.uid, let version = probe.rcmVersion {
+                        print("unit UID:     \(uid)")
+                        print("RCM version:  \(version >> 16).\(version & 0xFFFF) (zero-key CMAC accepted: no secure boot)")
+                        print("(give --profile with a miniloader to read the full platform info)")
+                    } else {
+                        print("state:        the miniloader is already running (no UID from the boot ROM)")
+                    }
                     return
                 }
                 let inputs = try loaded.loadInputs()
