@@ -6,7 +6,7 @@ struct Provision: AsyncParsableCommand {
         commandName: "provision",
         abstract: "Write, verify and provision SD cards and Tegra boards.",
         subcommands: [
-            // Each subcommand lives in its own file.
+            WriteCommand.self,
             TegraCommand.self,
         ]
     )

@@ -1,0 +1,49 @@
+/// Sizes as people write them in configs: `512MiB`, `2GiB`, `1G`, `8KiB`, `4096`.
+///
+/// K, M, G, T (with or without `iB`) are powers of 1024, as sfdisk, dd and the kernel read them;
+/// KB, MB, GB, TB are powers of 1000, as SD card packaging means them. A bare number is bytes.
+public enum ByteSize {
+    public struct ParseError: Error, CustomStringConvertible, Sendable, Equatable {
+        public var text: String
+        public var description: String {
+            "not a size: \"\(text)\" (write e.g. 4096, \"8KiB\", \"512MiB\", \"2GiB\", \"1G\" or \"32GB\")"
+        }
+    }
+
+    public static func parse(_ text: String) throws -> UInt64 {
+        let trimmed = text.trimmingSpaces()
+        let digits = trimmed.prefix { $0.isASCII && $0.isNumber }
+        let unit = trimmed.dropFirst(digits.count).trimmingSpaces()
+        guard !digits.isEmpty, let number = UInt64(digits) else { throw ParseError(text: text) }
+        let multiplier: UInt64
+        switch unit.uppercased() {
+        case "", "B": multiplier = 1
+        case "K", "KIB": multiplier = 1 << 10
+        case "M", "MIB": multiplier = 1 << 20
+        case "G", "GIB": multiplier = 1 << 30
+        case "T", "TIB": multiplier = 1 << 40
+        case "KB": multiplier = 1_000
+        case "MB": multiplier = 1_000_000
+        case "GB": multiplier = 1_000_000_000
+        case "TB": multiplier = 1_000_000_000_000
+        default: throw ParseError(text: text)
+        }
+        let (bytes, overflow) = number.multipliedReportingOverflow(by: multiplier)
+        guard !overflow else { throw ParseError(text: text) }
+        return bytes
+    }
+
+    /// A short human form, exact where possible: 8192 → "8 KiB", 1048576 → "1 MiB".
+    public static func format(_ bytes: UInt64) -> String {
+        for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] where bytes >= (1 << shift) {
+            if bytes % (1 << shift) == 0 { return "\(bytes >> shift) \(unit)" }
+        }
+        return "\(bytes) bytes"
+    }
+}
+
+extension StringProtocol {
+    func trimmingSpaces() -> String {
+        String(drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" }.reversed())
+    }
+}
