@@ -83,7 +83,7 @@ struct TegraCommand: ParsableCommand {
                 let loaded = try TegraProfileFile.load(profile)
                 let inputs = try loaded.loadInputs(unitName: unit)
                 let source = try device.source(productIDs: inputs.usbProductIDs)
-                let printer = ProgressPrinter()
+                let printer = TegraProgressPrinter()
                 let flasher = TegraFlasher(source: source, inputs: inputs, timeoutMilliseconds: device.timeoutMs,
                                            reenumerationTimeoutSeconds: device.reenumerationTimeout) { phase, fraction in
                     printer.show(phase, fraction)
@@ -100,7 +100,7 @@ struct TegraCommand: ParsableCommand {
 }
 
 /// Prints a line when a phase starts and at every 25 %.
-final class ProgressPrinter: @unchecked Sendable {
+final class TegraProgressPrinter: @unchecked Sendable {
     private let lock = NSLock()
     private var last: (TegraPhase, Int)?
 
