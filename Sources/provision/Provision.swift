@@ -7,6 +7,14 @@ struct Provision: AsyncParsableCommand {
         abstract: "Write, verify and provision SD cards and Tegra boards.",
         subcommands: [
             WriteCommand.self,
+            StatusCommand.self,
+            WatchCommand.self,
+            JobsCommand.self,
+            DevicesCommand.self,
+            FlashCommand.self,
+            CancelCommand.self,
+            ReloadCommand.self,
+            ConfigCommand.self,
             TegraCommand.self,
         ]
     )
