@@ -62,6 +62,17 @@ public enum TegraChip: String, Sendable, CaseIterable, CustomStringConvertible {
         }
     }
 
+    /// Start of SDRAM, for profiles that leave `ram_base` out (T20 maps DRAM at 0).
+    public var defaultRAMBase: UInt32 {
+        self == .t20 ? 0x0000_0000 : 0x8000_0000
+    }
+
+    /// The mainline U-Boot SPL entry, for profiles that leave `load_address` out; only the
+    /// T124 value is known (tegra-rcm.md), other chips must name theirs.
+    public var defaultUBootLoadAddress: UInt32? {
+        self == .t124 ? 0x8010_8000 : nil
+    }
+
     public var description: String {
         switch self {
         case .t20: "Tegra 2 (T20)"

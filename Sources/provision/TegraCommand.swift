@@ -181,8 +181,7 @@ enum TegraProfileFile {
             bct: try string("bct"), uboot: try string("uboot"), ubootDTB: try string("uboot_dtb"),
             ubootBSSSize: bss, loadAddress: try address("load_address"), ramBase: try address("ram_base"),
             bootDevice: tegra["boot_device"]?.string ?? "emmc", environment: environment,
-            // Relative file names: against blob_dir when given, else the profile's own directory.
-            baseDirectory: tegra["blob_dir"]?.string
-                ?? ((path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent))
+            // Relative file names: against the profile's own directory (as Station's parser does).
+            baseDirectory: (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent)
     }
 }
