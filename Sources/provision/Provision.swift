@@ -15,6 +15,7 @@ struct Provision: AsyncParsableCommand {
             CancelCommand.self,
             ReloadCommand.self,
             ConfigCommand.self,
+            TegraCommand.self,
         ]
     )
 }
