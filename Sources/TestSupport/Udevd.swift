@@ -139,12 +139,12 @@ public struct Udevd: Sendable {
     /// Tags the latest event left on the device (CURRENT_TAGS). This is what the daemon
     /// must look at: TAGS also keeps every tag set since the device's `add`.
     public func currentTags(of devicePath: String) throws -> Set<String> {
-        Self.tagSet(try properties(of: devicePath)["CURRENT_TAGS"])
+        Self.tags(from: try properties(of: devicePath)["CURRENT_TAGS"])
     }
 
     /// Every tag ever set on the device since its `add` (TAGS, sticky).
     public func stickyTags(of devicePath: String) throws -> Set<String> {
-        Self.tagSet(try properties(of: devicePath)["TAGS"])
+        Self.tags(from: try properties(of: devicePath)["TAGS"])
     }
 
     /// Settles, then re-reads the device's properties every 50 ms until `condition` holds
@@ -163,8 +163,21 @@ public struct Udevd: Sendable {
         }
     }
 
-    static func tagSet(_ value: String?) -> Set<String> {
+    /// The tags of a CURRENT_TAGS or TAGS value (":provision:systemd:").
+    public static func tags(from value: String?) -> Set<String> {
         Set((value ?? "").split(separator: ":").map(String.init))
+    }
+
+    /// The project's rule files in this checkout: udev-rules/70-provision.rules and, for
+    /// tests and demos, udev-rules/99-provision-test-loop.rules (loop cards).
+    public static func projectRuleFiles(includingTestLoopRule: Bool = true) -> [String] {
+        let root = URL(fileURLWithPath: #filePath)
+            .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        var files = [root.appendingPathComponent("udev-rules/70-provision.rules").path]
+        if includingTestLoopRule {
+            files.append(root.appendingPathComponent("udev-rules/99-provision-test-loop.rules").path)
+        }
+        return files
     }
 
     static func withLock<T>(_ body: () throws -> T) throws -> T {

@@ -9,10 +9,7 @@ import TestSupport
 struct LoopRulesTests {
     let udevd: Udevd
     let gid: String
-    let ruleFiles = [
-        UdevRuleSimulator.rulesFile("70-provision.rules"),
-        UdevRuleSimulator.rulesFile("99-provision-test-loop.rules"),
-    ]
+    let ruleFiles = Udevd.projectRuleFiles()
 
     init() throws {
         gid = try provisionGroupID()
@@ -26,7 +23,7 @@ struct LoopRulesTests {
             let properties = try udevd.waitForProperties(of: card.devicePath) {
                 $0["CURRENT_TAGS"]?.contains(":provision:") == true
             }
-            let tags = Udevd.tags(properties["CURRENT_TAGS"])
+            let tags = Udevd.tags(from: properties["CURRENT_TAGS"])
             #expect(tags.isSuperset(of: ["provision", "provision-loop"]))
             #expect(properties["PROVISION_SLOT_PATH"] == card.slotPath)
             #expect(properties["PROVISION_SLOT_PATH"]?.hasPrefix("loop:/") == true)
@@ -56,7 +53,7 @@ struct LoopRulesTests {
                 $0["DISKSEQ"] == sequence && $0["CURRENT_TAGS"] != nil
             }
             #expect(properties["DISKSEQ"] == sequence)
-            #expect(!Udevd.tags(properties["CURRENT_TAGS"]).contains("provision"))
+            #expect(!Udevd.tags(from: properties["CURRENT_TAGS"]).contains("provision"))
             #expect(properties["PROVISION_SLOT_PATH"] == nil)
             // The rule hands a reused loop device back to root:disk, whatever it was before.
             var info = stat()
@@ -79,10 +76,10 @@ struct LoopRulesTests {
             let disk = try udevd.waitForProperties(of: card.devicePath) {
                 $0["CURRENT_TAGS"]?.contains(":provision:") == true
             }
-            #expect(Udevd.tags(disk["CURRENT_TAGS"]).contains("provision"))
+            #expect(Udevd.tags(from: disk["CURRENT_TAGS"]).contains("provision"))
             let properties = try udevd.waitForProperties(of: partition) { $0["DEVTYPE"] == "partition" }
             #expect(properties["DEVTYPE"] == "partition")
-            #expect(!Udevd.tags(properties["CURRENT_TAGS"]).contains("provision"))
+            #expect(!Udevd.tags(from: properties["CURRENT_TAGS"]).contains("provision"))
             #expect(properties["PROVISION_SLOT_PATH"] == nil)
             var info = stat()
             #expect(stat(partition, &info) == 0)
@@ -103,8 +100,10 @@ struct LoopRulesTests {
             let properties = try udevd.waitForProperties(of: card.devicePath) {
                 $0["CURRENT_TAGS"]?.contains(":provision:") == false
             }
-            #expect(!Udevd.tags(properties["CURRENT_TAGS"]).contains("provision"))
+            #expect(!Udevd.tags(from: properties["CURRENT_TAGS"]).contains("provision"))
             #expect(properties["PROVISION_SLOT_PATH"] == nil)
+            #expect(try udevd.stickyTags(of: card.devicePath).contains("provision"))
+            #expect(try !udevd.currentTags(of: card.devicePath).contains("provision"))
         }
     }
 
@@ -122,11 +121,5 @@ struct LoopRulesTests {
         #expect(throws: (any Error).self) {
             _ = try udevd.installRules(["/nonexistent/70-provision.rules"])
         }
-    }
-}
-
-extension Udevd {
-    static func tags(_ value: String?) -> Set<String> {
-        Set((value ?? "").split(separator: ":").map(String.init))
     }
 }
