@@ -81,7 +81,8 @@ public struct DeviceFacts: Sendable, Codable, Equatable {
         serial = prop("ID_SERIAL_SHORT") ?? attr("device/serial") ?? prop("ID_SERIAL")
         slotPath = prop("PROVISION_SLOT_PATH") ?? prop("ID_PATH")
         var tags: [String] = []
-        var entry = udev_device_get_tags_list_entry(dev)
+        // CURRENT_TAGS: TAGS keeps a tag after the rule stopped matching (a card taken out).
+        var entry = udev_device_get_current_tags_list_entry(dev)
         while let e = entry {
             tags.append(String(cString: udev_list_entry_get_name(e)))
             entry = udev_list_entry_get_next(e)

@@ -13,6 +13,11 @@ public struct RecoveryUSBDevice: Sendable, Equatable, Codable {
     public var busNumber: Int
     public var deviceAddress: Int
     public var serial: String?
+
+    public init(syspath: String, devnode: String?, vendorID: UInt16, productID: UInt16, busNumber: Int, deviceAddress: Int, serial: String?) {
+        self.syspath = syspath; self.devnode = devnode; self.vendorID = vendorID; self.productID = productID
+        self.busNumber = busNumber; self.deviceAddress = deviceAddress; self.serial = serial
+    }
 }
 
 public enum DeviceEvent: Sendable {

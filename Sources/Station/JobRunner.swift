@@ -2,11 +2,15 @@ import BlockDevices
 import ControlProtocol
 import Foundation
 import ImageIO
+import Tegra
 
 /// Everything a job thread needs; the station stays the only owner of shared state.
 public struct JobContext: Sendable {
     public let record: JobRecord
-    public let facts: DeviceFacts
+    /// The card, for SD jobs.
+    public let facts: DeviceFacts!
+    /// The board, for Tegra jobs.
+    public var usb: RecoveryUSBDevice? = nil
     public let profile: Profile?
     public let imageOverride: String?
     public let cancellation: CancellationFlag
@@ -27,19 +31,27 @@ public struct JobContext: Sendable {
 /// How jobs are executed; the daemon uses `DefaultJobRunner`, tests may substitute.
 public protocol JobRunning: Sendable {
     func start(_ context: JobContext)
-    func recoveryDevice(action: DeviceEvent.Action, _ device: RecoveryUSBDevice, station: Station) async
 }
 
+/// One thread per job: SD cards through ImageIO, Tegra boards through libusb.
 public struct DefaultJobRunner: JobRunning {
-    public init() {}
+    /// Where Tegra jobs find their board; the daemon uses libusb, tests the simulated boot ROM.
+    let tegraSource: @Sendable (RecoveryUSBDevice, [UInt16]) -> any TegraDeviceSource
+
+    public init(tegraSource: @escaping @Sendable (RecoveryUSBDevice, [UInt16]) -> any TegraDeviceSource = { usb, ids in
+        LibUSBDeviceSource(selector: .busAddress(bus: UInt8(truncatingIfNeeded: usb.busNumber), address: UInt8(truncatingIfNeeded: usb.deviceAddress)), productIDs: ids)
+    }) {
+        self.tegraSource = tegraSource
+    }
 
     public func start(_ context: JobContext) {
-        let thread = Thread { SDJob(context: context).run() }
+        let source = tegraSource
+        let thread = Thread {
+            if let usb = context.usb { TegraJob(context: context, usb: usb, source: source).run() } else { SDJob(context: context).run() }
+        }
         thread.name = "provision-job-\(context.record.id)"
         thread.start()
     }
-
-    public func recoveryDevice(action: DeviceEvent.Action, _ device: RecoveryUSBDevice, station: Station) async {}
 }
 
 /// One card: write, verify, then (when the profile has users) inject and check.
@@ -47,7 +59,7 @@ struct SDJob {
     let context: JobContext
 
     func run() {
-        let facts = context.facts
+        let facts: DeviceFacts = context.facts
         do {
             let imagePath = context.imageOverride ?? context.profile?.image?.file
             guard let imagePath else { throw ImageIOError(.invalidArgument, "profile \(context.profile?.name ?? "?") names no image") }

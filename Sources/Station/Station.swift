@@ -33,6 +33,8 @@ public actor Station {
     var running: [Int64: RunningJob] = [:]
     /// The latest record of every job that a present device points at.
     var finished: [Int64: JobRecord] = [:]
+    /// USB ports (sysfs paths) with a Tegra job running.
+    var tegraPorts: Set<String> = []
 
     public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner()) {
         self.config = config
@@ -69,7 +71,7 @@ public actor Station {
             }
             await deviceSeen(facts)
         case .recovery(let action, let usb):
-            await jobRunner.recoveryDevice(action: action, usb, station: self)
+            await recoveryDevice(action, usb)
         }
     }
 

@@ -74,11 +74,19 @@ struct PeerCredentials: Sendable {
     var uid: UInt32
     var gid: UInt32
 
-    /// The peer's supplementary groups, read from /proc/PID/status ("Groups:").
+    /// The peer's groups: from the peer process itself (/proc/PID/status, exact even for a
+    /// process started with extra groups), else from the user database (under the unit's
+    /// ProtectProc=invisible other users' /proc entries are hidden).
     var groups: [gid_t] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Groups:") }) else { return [gid] }
-        return [gid] + line.dropFirst(7).split(separator: " ").compactMap { gid_t($0.trimmingCharacters(in: .whitespaces)) }
+        if let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+           let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Groups:") }) {
+            return [gid] + line.dropFirst(7).split(separator: " ").compactMap { gid_t($0.trimmingCharacters(in: .whitespaces)) }
+        }
+        guard let pw = getpwuid(uid) else { return [gid] }
+        var count: Int32 = 64
+        var list = [gid_t](repeating: 0, count: 64)
+        guard getgrouplist(pw.pointee.pw_name, gid, &list, &count) >= 0 else { return [gid] }
+        return Array(list.prefix(Int(count)))
     }
 }
 

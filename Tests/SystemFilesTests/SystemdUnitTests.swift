@@ -144,14 +144,16 @@ struct SystemdUnitTests {
         let groups = try String(contentsOfFile: root.path + "/etc/group", encoding: .utf8)
         let passwd = try String(contentsOfFile: root.path + "/etc/passwd", encoding: .utf8)
         func gid(_ name: String) -> String? {
-            groups.split(separator: "\n").map { $0.split(separator: ":", omittingEmptySubsequences: false) }
-                .first { $0.first.map(String.init) == name }.map { String($0[2]) }
+            for line in groups.split(separator: "\n") {
+                let fields: [String] = line.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+                if fields.count > 2 && fields[0] == name { return fields[2] }
+            }
+            return nil
         }
         let provision = try #require(gid("provision"))
         #expect(gid("provision-admin") != nil)
-        let user = try #require(passwd.split(separator: "\n")
-            .map { $0.split(separator: ":", omittingEmptySubsequences: false).map(String.init) }
-            .first { $0.first == "provisiond" })
+        let rows: [[String]] = passwd.split(separator: "\n").map { $0.split(separator: ":", omittingEmptySubsequences: false).map(String.init) }
+        let user = try #require(rows.first { $0.first == "provisiond" })
         #expect(user[3] == provision, "provisiond's primary group is not provision")
         #expect(user[2] != "0")
         #expect(user[6].hasSuffix("nologin"))
