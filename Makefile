@@ -30,5 +30,11 @@ test: deps
 	$(SWIFT) build --build-tests $(BUILD_FLAGS)
 	$(SWIFT) test --skip-build $(BUILD_FLAGS)
 
+demo: build
+	bash scripts/demo.sh
+
+bench: deps
+	bash benchmarks/write.sh
+
 clean:
 	rm -rf .build

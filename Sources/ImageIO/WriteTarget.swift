@@ -27,13 +27,22 @@ public final class WriteTarget: @unchecked Sendable {
     /// Buffer alignment for O_DIRECT: max(logical block size, 4096).
     public var alignment: Int { max(logicalBlockSize, 4096) }
 
-    public static func open(path: String) throws(ImageIOError) -> WriteTarget {
+    /// - Parameter busyGrace: how long a busy device is retried. A card that just appeared
+    ///   is often held for a moment by udev's probes or by the tool that set it up; a device
+    ///   that is mounted or held stays busy and is refused after this.
+    public static func open(path: String, busyGrace: Duration = .seconds(3)) throws(ImageIOError) -> WriteTarget {
         var st = stat()
         let exists = stat(path, &st) == 0
         if exists && (st.st_mode & S_IFMT) == S_IFBLK {
             let flags = O_RDWR | Syscall.oDirect | Syscall.oExclusive
             let fd: Int32
-            switch Syscall.open(path, flags: flags) {
+            var opened = Syscall.open(path, flags: flags)
+            let deadline = ContinuousClock.now + busyGrace
+            while case .failure(.resourceBusy) = opened, ContinuousClock.now < deadline {
+                usleep(100_000)
+                opened = Syscall.open(path, flags: flags)
+            }
+            switch opened {
             case .success(let f): fd = f
             case .failure(.resourceBusy):
                 throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)

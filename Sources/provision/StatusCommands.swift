@@ -82,16 +82,17 @@ struct WatchCommand: ParsableCommand {
             let statusClient = try options.connect()
             let interactive = isatty(STDOUT_FILENO) != 0 && !options.json
             _ = try client.call(.watch)
-            var finishedJobs: Set<Int64> = []
             var lastDraw = Date.distantPast
+            // Idle: nothing running, and at least `expectJobs` slots show a finished job
+            // (counted from the status, so jobs that ended before we connected count too).
             func idle(_ s: StationStatus) -> Bool {
                 let active = s.slots.contains { $0.job.map { !$0.state.isFinal } ?? false } || !s.otherJobs.isEmpty
-                return !active && finishedJobs.count >= expectJobs
+                let finished = s.slots.filter { $0.job?.state.isFinal == true }.count
+                return !active && finished >= expectJobs
             }
             if interactive { redraw(try statusClient.call(.status).status!) }
-            if untilIdle, expectJobs == 0, idle(try statusClient.call(.status).status!) { return }
+            if untilIdle, idle(try statusClient.call(.status).status!) { return }
             while let event = try client.nextEvent() {
-                if let job = event.job, job.state.isFinal { finishedJobs.insert(job.id) }
                 if options.json {
                     let e = JSONEncoder(); e.dateEncodingStrategy = .iso8601; e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
                     emitLine(String(decoding: try e.encode(event), as: UTF8.self))
@@ -103,7 +104,7 @@ struct WatchCommand: ParsableCommand {
                 } else {
                     emitLine(line(event))
                 }
-                if untilIdle, event.job?.state.isFinal == true || event.kind == .deviceRemoved, idle(try statusClient.call(.status).status!) {
+                if untilIdle, event.job?.state.isFinal == true || event.kind == .deviceRemoved || event.kind == .device, idle(try statusClient.call(.status).status!) {
                     if interactive { redraw(try statusClient.call(.status).status!) }
                     return
                 }

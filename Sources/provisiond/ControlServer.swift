@@ -131,7 +131,7 @@ struct ControlSession {
                     }
                     if method == .watch {
                         try await send(ServerMessage(id: request.id, result: ResultPayload(status: await station.status())))
-                        try await streamEvents(to: outbound, inbound: inbound)
+                        try await streamEvents(to: outbound, until: connection.channel.closeFuture)
                         return
                     }
                     do {
@@ -149,7 +149,9 @@ struct ControlSession {
         }
     }
 
-    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, inbound: NIOAsyncChannelInboundStream<Frame>) async throws {
+    /// Streams events until the client goes away. The inbound stream already has its one
+    /// iterator (the request loop), so the end is seen through the channel's close future.
+    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, until closed: EventLoopFuture<Void>) async throws {
         let events = await station.subscribe()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
@@ -159,7 +161,7 @@ struct ControlSession {
             }
             group.addTask {
                 // The client closing its end ends the watch.
-                for try await _ in inbound {}
+                try await closed.get()
             }
             try await group.next()
             group.cancelAll()
