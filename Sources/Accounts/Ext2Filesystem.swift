@@ -175,7 +175,7 @@ final class Ext2Filesystem {
         }
         var file: ext2_file_t?
         try check(ext2fs_file_open(handle, ino!, EXT2_FILE_WRITE, &file), "opening \(path) for writing")
-        do {
+        do throws(AccountsError) {
             try check(ext2fs_file_set_size2(file, 0), "truncating \(path)")
             var done = 0
             while done < contents.count {
@@ -184,9 +184,18 @@ final class Ext2Filesystem {
                     ext2fs_file_write(file, $0.baseAddress! + done, UInt32($0.count - done), &wrote)
                 }
                 try check(code, "writing \(path)")
+                guard wrote > 0 else {
+                    throw AccountsError(.filesystem, "writing \(path) in \(source) made no progress at byte \(done)")
+                }
                 done += Int(wrote)
             }
-            try check(ext2fs_file_set_size2(file, Int64(contents.count)), "sizing \(path)")
+            // ext2fs_file_write grows i_size itself (inline-data files refuse a second
+            // set_size), so only an unexpected size is corrected.
+            var size: UInt64 = 0
+            try check(ext2fs_file_get_lsize(file, &size), "sizing \(path)")
+            if size != UInt64(contents.count) {
+                try check(ext2fs_file_set_size2(file, Int64(contents.count)), "sizing \(path)")
+            }
         } catch {
             ext2fs_file_close(file)
             throw error

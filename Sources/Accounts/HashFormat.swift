@@ -9,8 +9,12 @@ public enum HashFormat {
         if ["!", "*", "!*", "!!"].contains(field) { return }
         let hash = field.hasPrefix("!") ? String(field.dropFirst()) : field
         guard isValidHash(hash) else {
+            // Name only the method id: a plaintext password pasted here must not reach a log.
+            let id = hash.split(separator: "$", omittingEmptySubsequences: false).dropFirst().first ?? ""
+            let method = hash.hasPrefix("$") && id.count <= 3 && id.allSatisfy(\.isLetterOrDigitASCII)
+                ? "method $\(id)$" : "no known method id"
             throw AccountsError(.invalidHash, """
-                the password hash "\(field.prefix(4))…" (\(field.count) characters) is not an accepted \
+                the password hash given (\(field.count) characters, \(method)) is not an accepted \
                 crypt hash: use $6$ (mkpasswd -m sha-512), $y$ (mkpasswd -m yescrypt), $5$ or $2b$, \
                 or "!" to lock the account
                 """)
@@ -44,4 +48,8 @@ public enum HashFormat {
             return false
         }
     }
+}
+
+extension Character {
+    var isLetterOrDigitASCII: Bool { isASCII && (isLetter || isNumber) }
 }

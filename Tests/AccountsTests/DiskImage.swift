@@ -18,6 +18,8 @@ struct DiskImage {
         var files: [String: String] = [:]
         /// Extra mkfs.ext4 arguments (e.g. a tiny inode count for the full-filesystem case).
         var mkfsArguments: [String] = []
+        /// mkfs.ext2, mkfs.ext3 or mkfs.ext4.
+        var mkfs = "mkfs.ext4"
         /// Replace the ext4 root by a second vfat filesystem.
         var rootIsVfat = false
     }
@@ -93,7 +95,7 @@ struct DiskImage {
         if options.rootIsVfat {
             try Shell.must(["mkfs.vfat", "-n", "NOTEXT", "-C", fs, String(options.rootSizeMiB * 1024)])
         } else {
-            try Shell.must(["mkfs.ext4", "-q", "-F", "-L", options.rootLabel, "-d", root]
+            try Shell.must([options.mkfs, "-q", "-F", "-L", options.rootLabel, "-d", root]
                            + options.mkfsArguments + [fs, "\(options.rootSizeMiB)M"])
         }
         let totalSectors = Self.rootStartSector + options.rootSizeMiB * 2048 + 2048

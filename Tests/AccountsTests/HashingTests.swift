@@ -106,3 +106,18 @@ struct HashingTests {
         }
     }
 }
+
+@Suite("Secrets stay out of messages")
+struct SecretHygieneTests {
+    @Test func aPlaintextPastedAsHashIsNotEchoed() {
+        for plaintext in ["Sup3rSecretPass", "$1$saltsalt$notreallyahash", "$6$secretvalue"] {
+            do {
+                try HashFormat.validate(plaintext)
+                Issue.record("\(plaintext.count)-character value accepted")
+            } catch {
+                #expect(!error.message.contains("Sup3") && !error.message.contains("salt") && !error.message.contains("secret"),
+                        "\(error.message)")
+            }
+        }
+    }
+}

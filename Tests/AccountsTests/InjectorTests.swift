@@ -121,3 +121,64 @@ struct InjectorTests {
         #expect(try Injector.check(target: image.path, root: .partition(2)).clean)
     }
 }
+
+/// The same injection on the filesystem flavours cards carry: no extents (ext2, ext3),
+/// 4 KiB blocks, and inline data (small files inside the inode).
+@Suite("Injection across ext2/3/4 variants", .serialized)
+struct FilesystemVariantTests {
+    @Test(arguments: [("mkfs.ext2", [String]()), ("mkfs.ext3", []), ("mkfs.ext4", ["-b", "4096"]),
+                      ("mkfs.ext4", ["-O", "inline_data"]), ("mkfs.ext4", ["-O", "^has_journal,^metadata_csum"])])
+    func injectionIsCleanOnEveryVariant(mkfs: String, arguments: [String]) throws {
+        var options = DiskImage.Options()
+        options.mkfs = mkfs
+        options.mkfsArguments = arguments
+        let image = try DiskImage(options)
+        let report = try Injector.inject(target: image.path, root: .partition(2), users: [
+            UserSpec(name: "lab", groups: ["sudo"], password: .generate(PasswordPolicy()), sshKeys: [InjectorTests.key]),
+            UserSpec(name: "second", password: .locked),
+        ], now: InjectorTests.now)
+        #expect(report.filesystem.rawValue == mkfs.replacingOccurrences(of: "mkfs.", with: ""))
+        let check = try Injector.check(target: image.path, root: .partition(2))
+        #expect(check.clean, "\(check.output)")
+        // The kernel reads the result back (debugfs pads inline-data files with NULs on `cat`).
+        let dir = try TemporaryDirectory()
+        let mount = try MountedImage(image: image.path, partition: 2, in: dir)
+        defer { mount.close() }
+        let m = mount.mountPoint
+        #expect(try String(contentsOfFile: m + "/home/lab/.ssh/authorized_keys", encoding: .utf8) == InjectorTests.key + "\n")
+        #expect(try String(contentsOfFile: m + "/home/second/.config/app/settings", encoding: .utf8) == "answer = 42\n")
+        #expect(try String(contentsOfFile: m + "/etc/shadow", encoding: .utf8)
+                .contains("lab:\(report.users[0].hash):20000:0:99999:7:::\n"))
+        #expect(try String(contentsOfFile: m + "/etc/passwd-", encoding: .utf8) == DiskImage.passwd)
+        let pwck = try Shell.run(["pwck", "-r", "-R", m]), grpck = try Shell.run(["grpck", "-r", "-R", m])
+        #expect(pwck.status == 0 && pwck.stdout.isEmpty, "\(pwck.stdout)")
+        #expect(grpck.status == 0 && grpck.stdout.isEmpty, "\(grpck.stdout)")
+    }
+}
+
+/// A whole-disk block device is a target like an image file: the card as the daemon sees it.
+@Suite("Injection into a block device", .serialized)
+struct BlockDeviceTargetTests {
+    @Test func injectsThroughALoopDeviceAndRefusesWhileMounted() throws {
+        let image = try DiskImage()
+        let loop = try Shell.must(["losetup", "--find", "--show", image.path]).trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? Shell.run(["losetup", "-d", loop]) }
+        let report = try Injector.inject(target: loop, root: .label("rootfs"), users: [
+            UserSpec(name: "lab", password: .generate(PasswordPolicy())),
+        ], now: InjectorTests.now)
+        #expect(report.partition == 2 && report.offset == image.rootOffset)
+        #expect(try Injector.check(target: loop, root: .partition(2)).clean)
+        #expect(try image.debugfs("cat /etc/passwd").contains("lab:x:1000:1000::/home/lab:/bin/bash\n"))
+
+        // While the kernel has the root mounted, the exclusive open fails: never edit
+        // a filesystem under a mounted kernel driver.
+        let dir = try TemporaryDirectory()
+        let mount = try MountedImage(image: image.path, partition: 2, in: dir)
+        defer { mount.close() }
+        let before = try sha256(image.path)
+        #expect(throws: AccountsError.self) {
+            _ = try Injector.inject(target: mount.loop, root: .partition(2), users: [UserSpec(name: "x", password: .locked)])
+        }
+        #expect(try sha256(image.path) == before)
+    }
+}

@@ -96,3 +96,24 @@ struct PartitionTableTests {
         #expect(CRC32.checksum(Array("123456789".utf8)) == 0xCBF4_3926)
     }
 }
+
+@Suite("4Kn GPT")
+struct NativeSectorGPTTests {
+    @Test func gptWith4096ByteSectorsIsFoundInAnImageFile() throws {
+        let dir = try TemporaryDirectory()
+        let path = dir.file("4kn.img")
+        try Shell.must(["truncate", "-s", "64M", path])
+        // A loop device with 4096-byte logical blocks is a 4Kn disk: sfdisk writes its GPT
+        // in 4096-byte LBAs, and the device path is read with BLKSSZGET.
+        let loop = try Shell.must(["losetup", "--find", "--show", "--sector-size", "4096", path])
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? Shell.run(["losetup", "-d", loop]) }
+        try Shell.must(["sfdisk", "-q", "--no-reread", loop], stdin: "label: gpt\nstart=256, size=2048, type=L\nstart=2304, type=L\n")
+        for source in [loop, path] {
+            let table = try PartitionTable.parse(path: source)
+            #expect(table.scheme == .gpt && table.sectorSize == 4096, "\(source)")
+            #expect(table.partitions.map(\.start) == [256 * 4096, 2304 * 4096], "\(source)")
+            #expect(table.partitions[0].size == 2048 * 4096, "\(source)")
+        }
+    }
+}
