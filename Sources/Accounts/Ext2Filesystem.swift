@@ -70,6 +70,8 @@ final class Ext2Filesystem {
     var blockSize: Int { Int(handle.pointee.blocksize) }
     var freeBlocks: UInt64 { UInt64(ext2fs_free_blocks_count(handle.pointee.super)) }
     var freeInodes: UInt64 { UInt64(superblock.s_free_inodes_count) }
+    /// Bytes the filesystem claims to span, from its superblock.
+    var byteSize: UInt64 { UInt64(ext2fs_blocks_count(handle.pointee.super)) * UInt64(blockSize) }
     static let rootInode = ext2_ino_t(EXT2_ROOT_INO)
 
     static func message(_ code: errcode_t) -> String {
@@ -94,6 +96,16 @@ final class Ext2Filesystem {
         if code == errcode_t(EXT2_ET_FILE_NOT_FOUND) || code == errcode_t(EXT2_ET_NO_DIRECTORY) { return nil }
         try check(code, "looking up \(path)")
         return ino
+    }
+
+    /// The file type bits (LINUX_S_IFMT) of what is at `path`, without following a
+    /// symlink in the last component; nil when nothing is there.
+    func fileType(at path: String) throws(AccountsError) -> UInt16? {
+        var ino: ext2_ino_t = 0
+        let code = ext2fs_namei(handle, Self.rootInode, Self.rootInode, path, &ino)
+        if code == errcode_t(EXT2_ET_FILE_NOT_FOUND) || code == errcode_t(EXT2_ET_NO_DIRECTORY) { return nil }
+        try check(code, "looking up \(path)")
+        return try inode(ino).i_mode & UInt16(LINUX_S_IFMT)
     }
 
     func inode(_ ino: ext2_ino_t) throws(AccountsError) -> ext2_inode {

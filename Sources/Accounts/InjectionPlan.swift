@@ -37,6 +37,41 @@ struct InjectionPlan {
         return (blocks, inodes)
     }
 
+    /// Checks every path the operations touch, so a write cannot fail halfway on
+    /// something visible now: a home that is a file, a symlinked /etc/shadow, a parent
+    /// directory that neither exists nor is made by an earlier operation.
+    func preflight(_ fs: Ext2Filesystem) throws(AccountsError) {
+        let directory = UInt16(0o040000), regular = UInt16(0o100000)
+        var made = Set<String>()
+        for operation in operations {
+            let path = operation.path
+            let parent = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+            if !parent.isEmpty, !made.contains(parent), try fs.fileType(at: parent) != directory {
+                throw AccountsError(.filesystem, "\(parent) in \(fs.source) is not a directory; cannot create \(path)")
+            }
+            let existing = try made.contains(path) ? nil : fs.fileType(at: path)
+            switch operation {
+            case .file:
+                if let existing, existing != regular {
+                    throw AccountsError(.filesystem, """
+                        \(path) in \(fs.source) exists but is not a regular file (a symlink or directory?); \
+                        fix the image: it must be a plain file
+                        """)
+                }
+            case .directory:
+                if let existing, existing != directory {
+                    throw AccountsError(.filesystem, "\(path) in \(fs.source) exists but is not a directory")
+                }
+                made.insert(path)
+            case .symlink:
+                if existing != nil {
+                    throw AccountsError(.filesystem, "\(path) in \(fs.source) already exists; cannot place the skel symlink")
+                }
+            }
+            made.insert(path)
+        }
+    }
+
     static func build(filesystem fs: Ext2Filesystem, users specs: [UserSpec], hashMethod: HashMethod,
                       now: Date) throws(AccountsError) -> InjectionPlan {
         var seen = Set<String>()

@@ -17,7 +17,16 @@ public enum Injector {
         let fs = try Ext2Filesystem(path: target, offset: located.partition.start, writable: true)
         let plan: InjectionPlan
         do throws(AccountsError) {
+            // A filesystem that claims more bytes than its partition holds would have
+            // libext2fs write into the next partition: a damaged table or a wrong image.
+            guard fs.byteSize <= located.partition.size else {
+                throw AccountsError(.filesystem, """
+                    the filesystem in partition \(located.partition.number) of \(target) spans \(fs.byteSize) bytes \
+                    but the partition holds \(located.partition.size): refusing to write past the partition
+                    """)
+            }
             plan = try InjectionPlan.build(filesystem: fs, users: users, hashMethod: hashMethod, now: now)
+            try plan.preflight(fs)
             let need = plan.worstCase(blockSize: fs.blockSize)
             guard need.blocks <= fs.freeBlocks, need.inodes <= fs.freeInodes else {
                 throw AccountsError(.noSpace, """

@@ -115,3 +115,42 @@ struct InjectorFailureTests {
         try expectUnchanged(try DiskImage(), users: [Self.user, Self.user], code: .invalidSpec, message: "listed twice")
     }
 }
+
+@Suite("Injection refuses what would fail halfway", .serialized)
+struct InjectorPreflightTests {
+    @Test func homePathThatIsAFileIsRefusedBeforeWriting() throws {
+        var options = DiskImage.Options()
+        options.files["home/lab"] = "not a directory\n"
+        let image = try DiskImage(options)
+        let before = try sha256(image.path)
+        #expect {
+            _ = try Injector.inject(target: image.path, root: .partition(2),
+                                    users: [UserSpec(name: "lab", password: .locked, sshKeys: [InjectorTests.key])])
+        } throws: { ($0 as! AccountsError).message.contains("/home/lab in") }
+        #expect(try sha256(image.path) == before)
+    }
+
+    @Test func symlinkedShadowIsRefusedBeforeWriting() throws {
+        let image = try DiskImage()
+        let target = "\(image.path)?offset=\(image.rootOffset)"
+        try Shell.must(["debugfs", "-w", "-R", "rm /etc/shadow", target])
+        try Shell.must(["debugfs", "-w", "-R", "symlink /etc/shadow /etc/shadow.real", target])
+        try Shell.must(["debugfs", "-w", "-R", "write /dev/null /etc/shadow.real", target])
+        let before = try sha256(image.path)
+        #expect {
+            _ = try Injector.inject(target: image.path, root: .partition(2), users: [UserSpec(name: "lab", password: .locked)])
+        } throws: { ($0 as! AccountsError).message.contains("/etc/shadow in") }
+        #expect(try sha256(image.path) == before)
+    }
+
+    @Test func filesystemLargerThanItsPartitionIsRefused() throws {
+        let image = try DiskImage()
+        // Shrink partition 2 in the table so the ext4 inside claims more than it holds.
+        try Shell.must(["sfdisk", "-q", "-N", "2", image.path], stdin: "start=\(DiskImage.rootStartSector), size=20000\n")
+        let before = try sha256(image.path)
+        #expect {
+            _ = try Injector.inject(target: image.path, root: .partition(2), users: [UserSpec(name: "lab", password: .locked)])
+        } throws: { ($0 as! AccountsError).message.contains("refusing to write past the partition") }
+        #expect(try sha256(image.path) == before)
+    }
+}
