@@ -4,13 +4,15 @@ import Testing
 /// `provision inject` as an operator runs it: the built executable, real images.
 @Suite("provision inject (offline CLI)", .serialized)
 struct InjectCommandTests {
-    /// The executable `swift build --build-tests` put next to the test bundle.
+    /// The executable `swift build --build-tests` put next to the test bundle (the test
+    /// runner is `.build/<triple>/debug/provisionPackageTests.xctest`).
     static var provision: String {
+        let runner = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
+        let besideRunner = runner.deletingLastPathComponent().appendingPathComponent("provision").path
+        if FileManager.default.isExecutableFile(atPath: besideRunner) { return besideRunner }
         let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
             .deletingLastPathComponent()
-        let bin = (try? Shell.must(["swift", "build", "--show-bin-path", "--package-path", root.path]))?
-            .trimmingCharacters(in: .whitespacesAndNewlines) ?? root.path + "/.build/debug"
-        return bin + "/provision"
+        return root.path + "/.build/debug/provision"
     }
 
     @Test func generatedPasswordIsPrintedOnceAndExported() throws {
