@@ -88,3 +88,30 @@ struct AccountFileTests {
         #expect(throws: AccountsError.self) { _ = try LoginDefs(text: "UID_MIN 7000\nUID_MAX 6000\n") }
     }
 }
+
+@Suite("Round trip of this machine's own account files")
+struct HostAccountFileTests {
+    /// The Debian files this test runs on are real-world input: whatever they hold must
+    /// come back byte for byte.
+    @Test(arguments: [("/etc/passwd", 7), ("/etc/shadow", 9), ("/etc/group", 4), ("/etc/gshadow", 4),
+                      ("/etc/passwd-", 7), ("/etc/group-", 4)])
+    func hostFileRendersByteIdentical(path: String, minimumFields: Int) throws {
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let file = try ColonSeparatedFile(path: path, text: text, minimumFields: minimumFields)
+        #expect(file.rendered() == text)
+        #expect(!file.records.isEmpty)
+    }
+
+    @Test func hostDatabaseAndLoginDefsParse() throws {
+        func read(_ path: String) throws -> String { try String(contentsOfFile: path, encoding: .utf8) }
+        let defs = try LoginDefs(text: try read("/etc/login.defs"))
+        let db = try AccountDatabase(passwd: try read("/etc/passwd"), shadow: try read("/etc/shadow"),
+                                     group: try read("/etc/group"), gshadow: try read("/etc/gshadow"), loginDefs: defs)
+        #expect(db.user(named: "root")?.uid == 0)
+        #expect(db.group(named: "shadow") != nil)
+        // The numbers the host's useradd would use come from the same file.
+        let expectedMin = Int(try Shell.must(["awk", "$1==\"UID_MIN\"{print $2}", "/etc/login.defs"])
+            .trimmingCharacters(in: .whitespacesAndNewlines)) ?? 1000
+        #expect(defs.uidMin == expectedMin)
+    }
+}

@@ -133,3 +133,29 @@ struct InventoryTests {
         #expect(throws: AccountsError.self) { try PasswordExport(path: dir.file("t.tsv")).append(unit: "a\tb", users: [user]) }
     }
 }
+
+@Suite("Inventory files on disk")
+struct InventoryFileTests {
+    @Test func inventoryIsLoadedFromAFileAndMissingFilesAreNamed() throws {
+        let dir = try TemporaryDirectory()
+        let path = try dir.write("inventory.toml", InventoryTests.toml)
+        let inventory = try Inventory.load(path: path)
+        #expect(inventory.passwordExport == "/var/lib/provision/passwords.tsv")
+        #expect(try inventory.assignment(serial: nil, slot: nil, sequence: 3).unitName == "lab-003")
+        #expect { _ = try Inventory.load(path: dir.file("missing.toml")) }
+            throws: { ($0 as! AccountsError).message.contains("missing.toml") }
+    }
+
+    /// The example in INVENTORY.md is the format's documentation: it must parse.
+    @Test func documentedExampleParses() throws {
+        let doc = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Sources/Accounts/INVENTORY.md")
+        let text = try String(contentsOf: doc, encoding: .utf8)
+        let toml = try #require(text.components(separatedBy: "```toml\n").dropFirst().first?.components(separatedBy: "```").first)
+            .replacingOccurrences(of: "$6$fixedsalt$…", with: "$6$fixedsalt$" + String(repeating: "a", count: 86))
+            .replacingOccurrences(of: "AAAA…", with: "AAAAkey")
+        let inventory = try Inventory(toml: toml, path: "INVENTORY.md")
+        let unit = try inventory.assignment(serial: "3a5f0c21", slot: nil, sequence: 1)
+        #expect(unit.unitName == "bench-scope" && unit.users.map(\.name) == ["lab", "scope"])
+    }
+}
