@@ -56,7 +56,7 @@ let package = Package(
             "CExt2fs", "CCrypt", "ProvisionCShims",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "TOMLKit", package: "TOMLKit"),
-        ]),
+        ], exclude: ["INVENTORY.md"]),
         .target(name: "Tegra", dependencies: [
             "CUSB",
             .product(name: "Crypto", package: "swift-crypto"),

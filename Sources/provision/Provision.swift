@@ -16,6 +16,7 @@ struct Provision: AsyncParsableCommand {
             ReloadCommand.self,
             ConfigCommand.self,
             TegraCommand.self,
+            InjectCommand.self,
         ]
     )
 }

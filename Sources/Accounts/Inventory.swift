@@ -1,0 +1,193 @@
+import Foundation
+import TOMLKit
+
+/// The operator's inventory: which users every unit gets, and per-unit overrides keyed by
+/// card serial, slot name or running sequence number. TOML; see INVENTORY.md beside this
+/// file for the full format. In short:
+///
+/// ```toml
+/// name_pattern = "lab-{seq:03}"          # {seq}, {seq:0N}, {serial}, {slot}
+/// password_export = "/var/lib/provision/passwords.tsv"
+/// hash = "sha512"                         # or "yescrypt"
+/// [password_policy]
+/// length = 20
+/// [[users]]
+/// name = "lab"
+/// groups = ["sudo"]
+/// password = "generate"                   # "generate", "locked" or a crypt hash
+/// ssh_keys = ["ssh-ed25519 AAAA… op@bench"]
+/// [serial."3a5f0c21".users.lab]
+/// password = "$6$…"
+/// [slot."usb-1.2"]
+/// name = "bench-camera"
+/// [seq.7.users.guest]
+/// password = "locked"
+/// ```
+///
+/// Overrides stack from the least to the most specific: sequence, then slot, then serial.
+/// The running sequence number is the caller's (the daemon's ledger counts units);
+/// the inventory file is only read, never written.
+public struct Inventory: Sendable, Equatable {
+    public var namePattern: String
+    public var passwordExport: String?
+    public var hashMethod: HashMethod
+    public var passwordPolicy: PasswordPolicy
+    public var users: [UserSpec]
+    var overrides: [String: [String: UnitOverride]]
+
+    struct File: Decodable {
+        var name_pattern: String?
+        var password_export: String?
+        var hash: String?
+        var sha512_rounds: Int?
+        var yescrypt_cost: Int?
+        var password_policy: Policy?
+        var users: [User]?
+        var serial: [String: UnitOverride]?
+        var slot: [String: UnitOverride]?
+        var seq: [String: UnitOverride]?
+    }
+
+    struct Policy: Decodable { var length: Int?; var alphabet: String? }
+
+    struct User: Decodable, Equatable {
+        var name: String?
+        var uid: Int?
+        var groups: [String]?
+        var create_missing_groups: Bool?
+        var shell: String?
+        var gecos: String?
+        var home: String?
+        var password: String?
+        var ssh_keys: [String]?
+    }
+
+    struct UnitOverride: Decodable, Equatable, Sendable {
+        var name: String?
+        /// Per-user changes keyed by user name; a name not among the defaults adds a user.
+        var users: [String: User]?
+    }
+
+    public static func load(path: String) throws(AccountsError) -> Inventory {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw AccountsError(.inventory, "cannot read the inventory \(path): \(error.localizedDescription)")
+        }
+        return try Inventory(toml: text, path: path)
+    }
+
+    public init(toml: String, path: String = "inventory") throws(AccountsError) {
+        let file: File
+        do { file = try TOMLDecoder().decode(File.self, from: toml) } catch {
+            throw AccountsError(.inventory, "\(path) is not a valid inventory: \(error)")
+        }
+        namePattern = file.name_pattern ?? "unit-{seq:03}"
+        passwordExport = file.password_export
+        switch file.hash ?? "sha512" {
+        case "sha512": hashMethod = .sha512(rounds: file.sha512_rounds)
+        case "yescrypt": hashMethod = .yescrypt(cost: file.yescrypt_cost)
+        case let other:
+            throw AccountsError(.inventory, "\(path): hash \"\(other)\" is not supported; use \"sha512\" or \"yescrypt\"")
+        }
+        passwordPolicy = PasswordPolicy(length: file.password_policy?.length ?? 20,
+                                        alphabet: file.password_policy?.alphabet ?? PasswordPolicy.unambiguousAlphabet)
+        try passwordPolicy.validate()
+        overrides = ["serial": file.serial ?? [:], "slot": file.slot ?? [:], "seq": file.seq ?? [:]]
+        users = []
+        for (index, user) in (file.users ?? []).enumerated() {
+            guard let name = user.name else {
+                throw AccountsError(.inventory, "\(path): user \(index + 1) in [[users]] has no name")
+            }
+            users.append(try Self.spec(name: name, from: user, base: nil, policy: passwordPolicy, path: path))
+        }
+        for key in overrides["seq"]!.keys where Int(key) == nil {
+            throw AccountsError(.inventory, "\(path): [seq.\(key)] is not a sequence number")
+        }
+        _ = try Self.format(namePattern, sequence: 1, serial: "s", slot: "s", path: path)
+    }
+
+    /// The name and users of one unit.
+    public struct Assignment: Sendable, Equatable {
+        public var unitName: String
+        public var users: [UserSpec]
+    }
+
+    public func assignment(serial: String?, slot: String?, sequence: Int) throws(AccountsError) -> Assignment {
+        var name = try Self.format(namePattern, sequence: sequence, serial: serial ?? "", slot: slot ?? "", path: "inventory")
+        var specs = users
+        let layers = [("seq", String(sequence)), ("slot", slot), ("serial", serial)]
+        for case let (kind, key?) in layers {
+            guard let override = overrides[kind]?[key] else { continue }
+            if let newName = override.name {
+                name = try Self.format(newName, sequence: sequence, serial: serial ?? "", slot: slot ?? "", path: "inventory")
+            }
+            for (userName, change) in (override.users ?? [:]).sorted(by: { $0.key < $1.key }) {
+                let context = "[\(kind).\"\(key)\".users.\(userName)]"
+                if let index = specs.firstIndex(where: { $0.name == userName }) {
+                    specs[index] = try Self.spec(name: userName, from: change, base: specs[index],
+                                                 policy: passwordPolicy, path: context)
+                } else {
+                    specs.append(try Self.spec(name: userName, from: change, base: nil,
+                                               policy: passwordPolicy, path: context))
+                }
+            }
+        }
+        return Assignment(unitName: name, users: specs)
+    }
+
+    static func spec(name: String, from user: User, base: UserSpec?, policy: PasswordPolicy,
+                     path: String) throws(AccountsError) -> UserSpec {
+        let password: PasswordSource
+        switch user.password {
+        case nil:
+            guard let inherited = base?.password else {
+                throw AccountsError(.inventory, "\(path): user \(name) needs a password (\"generate\", \"locked\" or a crypt hash)")
+            }
+            password = inherited
+        case "generate": password = .generate(policy)
+        case "locked": password = .locked
+        case let hash?:
+            do { try HashFormat.validate(hash) } catch {
+                throw AccountsError(.inventory, "\(path): user \(name): \(error.message)")
+            }
+            password = .hash(hash)
+        }
+        let spec = UserSpec(name: name, uid: user.uid ?? base?.uid, groups: user.groups ?? base?.groups ?? [],
+                            createMissingGroups: user.create_missing_groups ?? base?.createMissingGroups ?? false,
+                            shell: user.shell ?? base?.shell, gecos: user.gecos ?? base?.gecos,
+                            home: user.home ?? base?.home, password: password,
+                            sshKeys: user.ssh_keys ?? base?.sshKeys ?? [])
+        do { try spec.validate() } catch {
+            throw AccountsError(.inventory, "\(path): \(error.message)")
+        }
+        return spec
+    }
+
+    /// Expands `{seq}`, `{seq:0N}` (zero-padded to N digits), `{serial}` and `{slot}`.
+    static func format(_ pattern: String, sequence: Int, serial: String, slot: String,
+                       path: String) throws(AccountsError) -> String {
+        var out = ""
+        var rest = Substring(pattern)
+        while let open = rest.firstIndex(of: "{") {
+            out += rest[..<open]
+            guard let close = rest[open...].firstIndex(of: "}") else {
+                throw AccountsError(.inventory, "\(path): name pattern \"\(pattern)\" has an unclosed '{'")
+            }
+            let token = rest[rest.index(after: open)..<close]
+            switch token {
+            case "seq": out += String(sequence)
+            case "serial": out += serial
+            case "slot": out += slot
+            default:
+                guard token.hasPrefix("seq:0"), let width = Int(token.dropFirst(5)), (1...12).contains(width) else {
+                    throw AccountsError(.inventory,
+                        "\(path): name pattern \"\(pattern)\" has an unknown placeholder {\(token)}; use {seq}, {seq:03}, {serial} or {slot}")
+                }
+                let digits = String(sequence)
+                out += String(repeating: "0", count: max(0, width - digits.count)) + digits
+            }
+            rest = rest[rest.index(after: close)...]
+        }
+        return out + rest
+    }
+}
