@@ -7,15 +7,9 @@ extension Profile {
             guard image != nil else {
                 throw reader.error("image", "missing: an sd profile needs image = \"…\" (the image to write)")
             }
-            if reader.contains("tegra") {
-                throw reader.error("tegra", "[tegra] is only for kind = \"tegra\"")
-            }
         case .tegra:
             guard tegra != nil else {
                 throw reader.error("tegra", "missing: kind = \"tegra\" needs a [tegra] table (soc, miniloader, bct, uboot, …)")
-            }
-            for key in ["blobs", "users", "root"] where reader.contains(key) {
-                throw reader.error(key, "not supported for kind = \"tegra\": the Tegra flow writes only the BCT and U-Boot")
             }
         }
 
