@@ -6,7 +6,16 @@ struct Provision: AsyncParsableCommand {
         commandName: "provision",
         abstract: "Write, verify and provision SD cards and Tegra boards.",
         subcommands: [
-            // Each subcommand lives in its own file.
+            WriteCommand.self,
+            StatusCommand.self,
+            WatchCommand.self,
+            JobsCommand.self,
+            DevicesCommand.self,
+            FlashCommand.self,
+            CancelCommand.self,
+            ReloadCommand.self,
+            ConfigCommand.self,
+            TegraCommand.self,
         ]
     )
 }

@@ -1,0 +1,110 @@
+import Foundation
+
+/// The control socket's language (DESIGN.md §7): newline-delimited JSON over AF_UNIX.
+/// The daemon speaks first with a `hello`; then every request line gets one reply line with
+/// the same `id`; `watch` turns the connection into a stream of `event` lines.
+public enum ControlProtocol {
+    /// Bumped on any incompatible change; the CLI refuses a daemon with another major.
+    public static let version = 1
+    /// Longest accepted line; longer ones get an error reply and the connection is closed.
+    public static let maxLineLength = 1 << 20
+    public static let defaultSocketPath = "/run/provision/control.sock"
+}
+
+public enum Method: String, Codable, Sendable, CaseIterable {
+    case status, devices, jobs, watch, flash, cancel, reload
+
+    /// Changing calls need root or the admin group; reading ones the socket's group.
+    public var changesState: Bool {
+        switch self {
+        case .status, .devices, .jobs, .watch: return false
+        case .flash, .cancel, .reload: return true
+        }
+    }
+}
+
+public struct Request: Codable, Sendable, Equatable {
+    public var id: Int
+    public var method: String
+    public var params: Params?
+
+    public init(id: Int, method: Method, params: Params? = nil) {
+        self.id = id
+        self.method = method.rawValue
+        self.params = params
+    }
+
+    public struct Params: Codable, Sendable, Equatable {
+        // jobs
+        public var state: String?
+        public var slot: String?
+        public var device: String?
+        public var limit: Int?
+        // flash
+        public var profile: String?
+        public var image: String?
+        // cancel
+        public var job: Int64?
+
+        public init(state: String? = nil, slot: String? = nil, device: String? = nil, limit: Int? = nil,
+                    profile: String? = nil, image: String? = nil, job: Int64? = nil) {
+            self.state = state; self.slot = slot; self.device = device; self.limit = limit
+            self.profile = profile; self.image = image; self.job = job
+        }
+    }
+}
+
+/// One line from the daemon: a hello, a reply, or an event.
+public struct ServerMessage: Codable, Sendable {
+    public var hello: Hello?
+    public var id: Int?
+    public var ok: Bool?
+    public var result: ResultPayload?
+    public var error: ErrorPayload?
+    public var event: Event?
+
+    public init(hello: Hello) { self.hello = hello }
+    public init(id: Int?, result: ResultPayload) { self.id = id; self.ok = true; self.result = result }
+    public init(id: Int?, error: ErrorPayload) { self.id = id; self.ok = false; self.error = error }
+    public init(event: Event) { self.event = event }
+}
+
+public struct Hello: Codable, Sendable, Equatable {
+    public var protocolVersion: Int
+    public var daemon: String
+    public var station: String
+    /// What this connection may do, from SO_PEERCRED: "read" or "admin".
+    public var access: String
+
+    public init(protocolVersion: Int = ControlProtocol.version, daemon: String, station: String, access: String) {
+        self.protocolVersion = protocolVersion; self.daemon = daemon; self.station = station; self.access = access
+    }
+}
+
+public struct ErrorPayload: Codable, Sendable, Equatable, Error, CustomStringConvertible {
+    public enum Code: String, Codable, Sendable {
+        case badRequest = "bad-request"
+        case unknownMethod = "unknown-method"
+        case permissionDenied = "permission-denied"
+        case notFound = "not-found"
+        case refused
+        case conflict
+        case internalError = "internal"
+    }
+    public var code: Code
+    public var message: String
+    public init(_ code: Code, _ message: String) { self.code = code; self.message = message }
+    public var description: String { message }
+}
+
+public struct ResultPayload: Codable, Sendable {
+    public var status: StationStatus?
+    public var devices: [DeviceStatus]?
+    public var jobs: [JobRecord]?
+    public var job: JobRecord?
+    public var message: String?
+
+    public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil) {
+        self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message
+    }
+}

@@ -1,0 +1,169 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLZMA
+import CZstd
+import SystemPackage
+
+/// An image file read as a stream of its uncompressed bytes. The format is found by magic
+/// bytes; decompression happens while reading, with no temporary file.
+///
+/// Not thread-safe: one reader thread owns it.
+public final class ImageSource: @unchecked Sendable {
+    public let path: String
+    public let format: ImageFormat
+    /// The compressed (on-disk) size of the file.
+    public let fileSize: UInt64
+    /// The uncompressed size when the container says so (raw: the file size; zstd: the frame
+    /// header; xz: the stream index; gzip: ISIZE when it cannot have wrapped). Used to refuse
+    /// a card that is too small before the first byte is written.
+    public let uncompressedSizeHint: UInt64?
+
+    private let fd: Int32
+    private let decoder: StreamDecoder?
+    private let input: UnsafeMutableRawBufferPointer
+    private var inputStart = 0
+    private var inputEnd = 0
+    private var inputAtEOF = false
+    private var streamFinished = false
+    /// Bytes of the file consumed by the decoder (for "corrupt at offset N").
+    public private(set) var compressedOffset: UInt64 = 0
+    /// Uncompressed bytes delivered so far.
+    public private(set) var position: UInt64 = 0
+
+    public init(path: String) throws(ImageIOError) {
+        self.path = path
+        let fd: Int32
+        switch Syscall.open(path, flags: O_RDONLY) {
+        case .success(let f): fd = f
+        case .failure(.noSuchFileOrDirectory):
+            throw ImageIOError(.imageMissing, "image not found: \(path)")
+        case .failure(let e):
+            throw ImageIOError(.imageUnreadable, "cannot open image \(path): \(e)", errno: e)
+        }
+        guard case .success(let st) = Syscall.fstat(fd), (st.st_mode & S_IFMT) == S_IFREG || (st.st_mode & S_IFMT) == S_IFBLK else {
+            Syscall.close(fd)
+            throw ImageIOError(.imageUnreadable, "image \(path) is not a regular file")
+        }
+        var magic = [UInt8](repeating: 0, count: 8)
+        let got = magic.withUnsafeMutableBytes { Syscall.preadFully(fd, $0.baseAddress!, 8, 0) }
+        guard case .success(let n) = got else {
+            Syscall.close(fd)
+            throw ImageIOError(.imageUnreadable, "cannot read image \(path)")
+        }
+        self.fd = fd
+        self.fileSize = UInt64(st.st_size)
+        self.format = n == 0 ? .raw : ImageFormat(magic: magic.prefix(n))
+        self.decoder = makeDecoder(format)
+        self.input = .allocate(byteCount: decoder == nil ? 0 : 1 << 20, alignment: 64)
+        self.uncompressedSizeHint = ImageSource.sizeHint(fd: fd, format: format, fileSize: UInt64(st.st_size))
+    }
+
+    deinit {
+        Syscall.close(fd)
+        input.deallocate()
+    }
+
+    /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
+    public func read(into destination: UnsafeMutableRawPointer, count: Int) throws(ImageIOError) -> Int {
+        guard let decoder else {
+            switch Syscall.preadFully(fd, destination, count, position) {
+            case .success(let n): position += UInt64(n); return n
+            case .failure(let e): throw ImageIOError(.imageUnreadable, "cannot read image \(path) at offset \(position): \(e)", offset: position, errno: e)
+            }
+        }
+        var filled = 0
+        while filled < count && !streamFinished {
+            if inputStart == inputEnd && !inputAtEOF { try refill() }
+            let inBuf = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(input)[inputStart..<inputEnd])
+            let outBuf = UnsafeMutableRawBufferPointer(start: destination + filled, count: count - filled)
+            do {
+                let r = try decoder.decode(input: inBuf, output: outBuf, atEndOfInput: inputAtEOF && inputStart == inputEnd || (inputAtEOF && inBuf.isEmpty))
+                inputStart += r.consumed
+                compressedOffset += UInt64(r.consumed)
+                filled += r.produced
+                if r.finished { streamFinished = true }
+                if r.consumed == 0 && r.produced == 0 && inputAtEOF && inputStart == inputEnd {
+                    // Input exhausted without the stream ending properly.
+                    let again = try decoder.decode(input: UnsafeRawBufferPointer(start: nil, count: 0), output: outBuf, atEndOfInput: true)
+                    filled += again.produced
+                    if again.finished { streamFinished = true }
+                    if again.produced == 0 && !again.finished { throw DecodeFailure.truncated }
+                }
+            } catch DecodeFailure.truncated {
+                throw ImageIOError(.compressedStreamTruncated, "\(format.rawValue) stream in \(path) is truncated: it ends at byte \(compressedOffset) of the file after \(position + UInt64(filled)) uncompressed bytes", offset: compressedOffset)
+            } catch DecodeFailure.corrupt(let why) {
+                throw ImageIOError(.compressedStreamCorrupt, "\(format.rawValue) stream in \(path) is corrupt near byte \(compressedOffset) of the file (\(why))", offset: compressedOffset)
+            } catch {
+                throw ImageIOError(.imageUnreadable, "cannot read image \(path): \(error)")
+            }
+        }
+        position += UInt64(filled)
+        return filled
+    }
+
+    /// Skips `count` uncompressed bytes (an unmapped bmap range): a seek for raw images,
+    /// decode-and-discard for compressed ones.
+    public func skip(_ count: UInt64, scratch: UnsafeMutableRawBufferPointer) throws(ImageIOError) {
+        if decoder == nil { position += count; return }
+        var left = count
+        while left > 0 {
+            let n = try read(into: scratch.baseAddress!, count: Int(min(left, UInt64(scratch.count))))
+            if n == 0 { return }
+            left -= UInt64(n)
+        }
+    }
+
+    private func refill() throws(ImageIOError) {
+        // Move what is left to the front, then read behind it.
+        let left = inputEnd - inputStart
+        if left > 0 && inputStart > 0 {
+            input.baseAddress!.copyMemory(from: input.baseAddress! + inputStart, byteCount: left)
+        }
+        inputStart = 0
+        inputEnd = left
+        switch Syscall.read(fd, input.baseAddress! + inputEnd, input.count - inputEnd) {
+        case .success(0): inputAtEOF = true
+        case .success(let n): inputEnd += n
+        case .failure(let e): throw ImageIOError(.imageUnreadable, "cannot read image \(path): \(e)", errno: e)
+        }
+    }
+
+    private static func sizeHint(fd: Int32, format: ImageFormat, fileSize: UInt64) -> UInt64? {
+        func bytes(at offset: UInt64, _ count: Int) -> [UInt8]? {
+            var b = [UInt8](repeating: 0, count: count)
+            let r = b.withUnsafeMutableBytes { Syscall.preadFully(fd, $0.baseAddress!, count, offset) }
+            guard case .success(count) = r else { return nil }
+            return b
+        }
+        switch format {
+        case .raw:
+            return fileSize
+        case .gzip:
+            // ISIZE is the size modulo 2^32. gzip cannot expand more than ~1032:1, so when the
+            // file is small enough it cannot have wrapped and the value is exact.
+            guard fileSize >= 18, fileSize * 1032 < (1 << 32), let t = bytes(at: fileSize - 4, 4) else { return nil }
+            return UInt64(t[0]) | UInt64(t[1]) << 8 | UInt64(t[2]) << 16 | UInt64(t[3]) << 24
+        case .zstd:
+            guard let h = bytes(at: 0, min(18, Int(fileSize))) else { return nil }
+            let size = h.withUnsafeBytes { ZSTD_getFrameContentSize($0.baseAddress, $0.count) }
+            // Unknown or error values are the top two UInt64s.
+            return size >= UInt64.max - 1 ? nil : size
+        case .xz:
+            // Footer: CRC32, backward size, flags, "YZ". The index before it gives the size.
+            guard fileSize >= 24, let footer = bytes(at: fileSize - 12, 12), footer[10] == 0x59, footer[11] == 0x5A else { return nil }
+            let stored = UInt64(footer[4]) | UInt64(footer[5]) << 8 | UInt64(footer[6]) << 16 | UInt64(footer[7]) << 24
+            let indexSize = (stored + 1) * 4
+            guard indexSize + 12 <= fileSize, indexSize < (64 << 20), let index = bytes(at: fileSize - 12 - indexSize, Int(indexSize)) else { return nil }
+            var idx: OpaquePointer?
+            var memlimit = UInt64.max
+            var pos = 0
+            let rc = index.withUnsafeBytes { lzma_index_buffer_decode(&idx, &memlimit, nil, $0.baseAddress!.assumingMemoryBound(to: UInt8.self), &pos, $0.count) }
+            guard rc == LZMA_OK, let idx else { return nil }
+            defer { lzma_index_end(idx, nil) }
+            // Only trust it for single-stream files: the index covers its own stream alone.
+            guard lzma_index_file_size(idx) == fileSize else { return nil }
+            return lzma_index_uncompressed_size(idx)
+        }
+    }
+}

@@ -1,0 +1,367 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Crypto
+import Foundation
+import SystemPackage
+
+/// Writes one image to one target and proves it (DESIGN.md §4).
+///
+/// Two threads: a reader that decompresses into a bounded ring of aligned buffers and hashes
+/// each chunk as it goes by, and the calling thread, which writes them with `pwrite`. The
+/// chunk holding offset 0 (the partition table) is held back and written only after
+/// everything else is on the card and synced: an interrupted write then leaves a card that
+/// does not boot, rather than one that boots into half an image.
+public enum ImageWriter {
+    public static func write(source: ImageSource, to target: WriteTarget, options: WriteOptions = WriteOptions(),
+                             progress: @escaping @Sendable (WriteProgress) -> Void = { _ in }) throws(ImageIOError) -> WriteResult {
+        let job = WriteJob(source: source, target: target, options: options, progress: progress)
+        return try job.run()
+    }
+}
+
+/// The state of one write; lives for the duration of `ImageWriter.write`.
+final class WriteJob: @unchecked Sendable {
+    let source: ImageSource
+    let target: WriteTarget
+    let options: WriteOptions
+    let progress: @Sendable (WriteProgress) -> Void
+    let pool: BufferPool
+    let queue = ChunkQueue()
+    /// Unit of direct I/O: lengths and offsets must be multiples of it.
+    let ioUnit: Int
+
+    private let chunksLock = NSLock()
+    private var chunks: [WrittenChunk] = []
+    private var streamEnd: UInt64 = 0
+
+    init(source: ImageSource, target: WriteTarget, options: WriteOptions, progress: @escaping @Sendable (WriteProgress) -> Void) {
+        self.source = source
+        self.target = target
+        self.options = options
+        self.progress = progress
+        self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
+        let size = max(options.chunkSize / target.alignment, 1) * target.alignment
+        self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
+    }
+
+    /// The uncompressed size the image claims, for the too-small check and the progress total.
+    var expectedImageSize: UInt64? { options.bmap?.imageSize ?? source.uncompressedSizeHint }
+
+    func run() throws(ImageIOError) -> WriteResult {
+        try preflight()
+        let started = ContinuousClock.now
+        let readerDone = DispatchSemaphore(value: 0)
+        let reader = Thread { [self] in
+            do throws(ImageIOError) { try readStream(); queue.finish() } catch { queue.finish(error: error); pool.close() }
+            readerDone.signal()
+        }
+        reader.name = "provision-reader"
+        reader.start()
+
+        do throws(ImageIOError) {
+            try writeAll()
+        } catch {
+            options.cancellation.cancel()
+            pool.close()
+            readerDone.wait()
+            throw error
+        }
+        readerDone.wait()
+        let written = ContinuousClock.now
+
+        if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
+        let synced = ContinuousClock.now
+        var verifySeconds = 0.0
+        if options.verify {
+            options.testHookBeforeVerify?(target)
+            let v0 = ContinuousClock.now
+            let recorded = chunksLock.withLock { chunks }
+            try Verifier(job: self, chunks: recorded).run()
+            verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
+        }
+        progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
+        return WriteResult(imageFormat: source.format.rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
+                           bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
+                           writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
+                           verifySeconds: verifySeconds + (synced - synced) / .seconds(1))
+    }
+
+    // MARK: - Before the first byte
+
+    private func preflight() throws(ImageIOError) {
+        if let bmap = options.bmap {
+            if source.format == .raw, source.fileSize != bmap.imageSize {
+                throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: it describes \(bmap.imageSize) bytes, \(source.path) has \(source.fileSize)")
+            }
+            if source.format != .raw, let hint = source.uncompressedSizeHint, hint != bmap.imageSize {
+                throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: it describes \(bmap.imageSize) bytes, \(source.path) decompresses to \(hint)")
+            }
+            if bmap.blockSize % UInt64(ioUnit) != 0 {
+                throw ImageIOError(.bmapInvalid, "bmap block size \(bmap.blockSize) is not a multiple of \(target.path)'s \(ioUnit)-byte blocks")
+            }
+        }
+        if let size = target.size {
+            let needed = max(expectedImageSize ?? 0, options.blobs.map { $0.offset + UInt64($0.bytes.count) }.max() ?? 0)
+            if needed > size {
+                throw ImageIOError(.deviceTooSmall, "card too small: image needs \(needed) bytes, card \(target.path) has \(size)")
+            }
+        }
+        for blob in options.blobs where blob.offset % UInt64(ioUnit) != 0 {
+            throw ImageIOError(.invalidArgument, "raw blob \(blob.name) at offset \(blob.offset) is not aligned to the card's \(ioUnit)-byte blocks")
+        }
+        do { try options.beforeFirstWrite?(target) } catch let e as ImageIOError { throw e } catch {
+            throw ImageIOError(.deviceChanged, "\(target.path): \(error)")
+        }
+    }
+
+    // MARK: - Reader thread: decompress, overlay blobs, hash
+
+    private var blobCoverage: [[Range<UInt64>]] = []
+
+    private func readStream() throws(ImageIOError) {
+        blobCoverage = Array(repeating: [], count: options.blobs.count)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
+        defer { scratch.deallocate() }
+        var rangeCheck = options.bmap.map { BmapRangeChecker(bmap: $0) }
+
+        if let bmap = options.bmap {
+            for extent in bmap.mappedByteRanges {
+                if extent.start > source.position { try source.skip(extent.start - source.position, scratch: scratch) }
+                var pos = extent.start
+                while pos < extent.end {
+                    guard let buf = acquire() else { return }
+                    let n = Int(min(UInt64(pool.bufferSize), extent.end - pos))
+                    let got = try source.read(into: buf.bytes, count: n)
+                    guard got == n else {
+                        pool.release(buf)
+                        throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: \(source.path) ends at byte \(pos + UInt64(got)), the bmap maps data up to \(extent.end)")
+                    }
+                    buf.offset = pos
+                    buf.count = got
+                    try rangeCheck?.feed(UnsafeRawBufferPointer(start: buf.bytes, count: got), at: pos)
+                    try emit(buf)
+                    pos += UInt64(got)
+                }
+            }
+            streamEnd = bmap.imageSize
+        } else {
+            var pos: UInt64 = 0
+            while true {
+                guard let buf = acquire() else { return }
+                let got = try source.read(into: buf.bytes, count: pool.bufferSize)
+                if got == 0 { pool.release(buf); break }
+                buf.offset = pos
+                buf.count = got
+                try emit(buf)
+                pos += UInt64(got)
+                if got < pool.bufferSize { break }
+            }
+            streamEnd = pos
+        }
+        try emitUncoveredBlobs()
+    }
+
+    private func acquire() -> AlignedBuffer? {
+        if options.cancellation.isCancelled { return nil }
+        return pool.acquire()
+    }
+
+    /// Overlays blob bytes, hashes the chunk, hands it to the writer.
+    private func emit(_ buf: AlignedBuffer) throws(ImageIOError) {
+        let range = buf.offset..<(buf.offset + UInt64(buf.count))
+        for (i, blob) in options.blobs.enumerated() {
+            let blobRange = blob.offset..<(blob.offset + UInt64(blob.bytes.count))
+            let overlap = range.clamped(to: blobRange)
+            guard !overlap.isEmpty else { continue }
+            blob.bytes.withUnsafeBytes { src in
+                (buf.bytes + Int(overlap.lowerBound - buf.offset)).copyMemory(
+                    from: src.baseAddress! + Int(overlap.lowerBound - blob.offset), byteCount: overlap.count)
+            }
+            blobCoverage[i].append(overlap)
+        }
+        if buf.offset == 0, let inspect = options.inspectFirstChunk {
+            do { try inspect(buf.buffer) } catch let e as ImageIOError { pool.release(buf); throw e } catch {
+                pool.release(buf)
+                throw ImageIOError(.invalidArgument, "\(error)")
+            }
+        }
+        let digest = Array(SHA256.hash(data: buf.buffer))
+        chunksLock.withLock { chunks.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: digest)) }
+        queue.put(buf)
+    }
+
+    /// Blob bytes that no image chunk carried (an unmapped area, or beyond the image end).
+    private func emitUncoveredBlobs() throws(ImageIOError) {
+        for (i, blob) in options.blobs.enumerated() {
+            var gaps: [Range<UInt64>] = []
+            var cursor = blob.offset
+            for c in blobCoverage[i].sorted(by: { $0.lowerBound < $1.lowerBound }) {
+                if c.lowerBound > cursor { gaps.append(cursor..<c.lowerBound) }
+                cursor = max(cursor, c.upperBound)
+            }
+            let end = blob.offset + UInt64(blob.bytes.count)
+            if cursor < end { gaps.append(cursor..<end) }
+            for gap in gaps {
+                guard gap.lowerBound % UInt64(ioUnit) == 0 else {
+                    throw ImageIOError(.invalidArgument, "raw blob \(blob.name) continues at offset \(gap.lowerBound), which is not aligned to \(ioUnit)-byte blocks")
+                }
+                var pos = gap.lowerBound
+                while pos < gap.upperBound {
+                    guard let buf = acquire() else { return }
+                    let n = Int(min(UInt64(pool.bufferSize), gap.upperBound - pos))
+                    blob.bytes.withUnsafeBytes { src in buf.bytes.copyMemory(from: src.baseAddress! + Int(pos - blob.offset), byteCount: n) }
+                    buf.offset = pos
+                    buf.count = n
+                    let digest = Array(SHA256.hash(data: buf.buffer))
+                    chunksLock.withLock { chunks.append(WrittenChunk(offset: pos, count: n, sha256: digest)) }
+                    queue.put(buf)
+                    pos += UInt64(n)
+                }
+            }
+        }
+    }
+
+    // MARK: - Writer (calling thread)
+
+    private(set) var bytesWrittenSoFar: UInt64 = 0
+    private var syncSeconds = 0.0
+    private lazy var tailBlock = AlignedBuffer(capacity: max(ioUnit, target.alignment), alignment: target.alignment)
+
+    private func writeAll() throws(ImageIOError) {
+        let total = options.bmap.map { $0.mappedBytes } ?? expectedImageSize
+        var meter = PhaseMeter(phase: .writing, total: total)
+        progress(meter.progress)
+        var firstChunk: AlignedBuffer?
+        var lastReport = ContinuousClock.now
+        while true {
+            let next: AlignedBuffer?
+            do { next = try queue.take() } catch let e as ImageIOError { throw e } catch { throw ImageIOError(.ioError, "\(error)") }
+            guard let buf = next else { break }
+            if options.cancellation.isCancelled { pool.release(buf); throw cancelledError(after: bytesWrittenSoFar) }
+            if buf.offset == 0 && firstChunk == nil {
+                firstChunk = buf  // written last; see the type's comment
+                continue
+            }
+            try writeChunk(buf)
+            meter.add(UInt64(buf.count))
+            pool.release(buf)
+            if ContinuousClock.now - lastReport > .milliseconds(200) {
+                lastReport = ContinuousClock.now
+                progress(meter.progress)
+            }
+        }
+        if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
+        let s0 = ContinuousClock.now
+        progress(WriteProgress(phase: .syncing, bytesDone: meter.done, bytesTotal: total, bytesPerSecond: 0, secondsRemaining: nil))
+        try sync()
+        if let first = firstChunk {
+            try writeChunk(first)
+            meter.add(UInt64(first.count))
+            pool.release(first)
+        }
+        if target.kind == .regularFile {
+            // Like bmaptool: the file ends where the image ends (unmapped tail becomes a hole).
+            let end = options.bmap?.imageSize ?? streamEnd
+            let blobEnd = options.blobs.map { $0.offset + UInt64($0.bytes.count) }.max() ?? 0
+            if ftruncate(target.fd, off_t(max(end, blobEnd))) != 0 {
+                throw ImageIOError.device(Errno(rawValue: errno), operation: "truncate", path: target.path, offset: nil)
+            }
+        }
+        try sync()
+        syncSeconds = (ContinuousClock.now - s0) / .seconds(1)
+        var p = meter.progress
+        p.bytesTotal = meter.done
+        progress(p)
+    }
+
+    private func writeChunk(_ buf: AlignedBuffer) throws(ImageIOError) {
+        let end = buf.offset + UInt64(buf.count)
+        if let size = target.size, end > size {
+            throw ImageIOError(.deviceTooSmall, "card too small: the image continues past byte \(size), the end of \(target.path)", offset: size)
+        }
+        let body = buf.count / ioUnit * ioUnit
+        if body > 0, case .failure(let e) = Syscall.pwriteAll(target.fd, buf.bytes, body, buf.offset) {
+            throw target.failure(e, operation: "write", offset: buf.offset)
+        }
+        let tail = buf.count - body
+        if tail > 0 {
+            // Read-modify-write the last block: direct I/O writes whole blocks, and the bytes of
+            // the card beyond the image's end must stay what they were.
+            let block = tailBlock
+            let at = buf.offset + UInt64(body)
+            memset(block.bytes, 0, ioUnit)
+            if case .failure(let e) = Syscall.preadFully(target.fd, block.bytes, ioUnit, at) {
+                throw target.failure(e, operation: "read before write", offset: at)
+            }
+            block.bytes.copyMemory(from: buf.bytes + body, byteCount: tail)
+            if case .failure(let e) = Syscall.pwriteAll(target.fd, block.bytes, ioUnit, at) {
+                throw target.failure(e, operation: "write", offset: at)
+            }
+        }
+        bytesWrittenSoFar += UInt64(buf.count)
+    }
+
+    private func sync() throws(ImageIOError) {
+        if case .failure(let e) = Syscall.fdatasync(target.fd) {
+            throw target.failure(e, operation: "sync", offset: nil)
+        }
+    }
+
+    func cancelledError(after bytes: UInt64) -> ImageIOError {
+        ImageIOError(.cancelled, "cancelled after writing \(bytes) bytes to \(target.path): the card is incomplete and will not boot; write it again", offset: bytes)
+    }
+
+    /// The bytes that should be at `offset`: read again from the image, used only to name
+    /// the first differing byte after a hash mismatch (raw: a pread; compressed: decode up to
+    /// there once more — an error path, never the normal one).
+    func expectedBytes(offset: UInt64, count: Int) throws(ImageIOError) -> [UInt8] {
+        let again = try ImageSource(path: source.path)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
+        defer { scratch.deallocate() }
+        try again.skip(offset, scratch: scratch)
+        let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 64)
+        defer { raw.deallocate() }
+        let got = try again.read(into: raw.baseAddress!, count: count)
+        var out = Array(raw.prefix(got))
+        for blob in options.blobs {
+            let r = (offset..<offset + UInt64(count)).clamped(to: blob.offset..<blob.offset + UInt64(blob.bytes.count))
+            for o in r { if Int(o - offset) < out.count { out[Int(o - offset)] = blob.bytes[Int(o - blob.offset)] } else { out.append(blob.bytes[Int(o - blob.offset)]) } }
+        }
+        return out
+    }
+}
+
+/// Checks every mapped range of the source against the bmap's checksum as it streams by.
+/// A mismatch means the image (or its bmap) is damaged — not the card.
+struct BmapRangeChecker {
+    let bmap: Bmap
+    private var index = 0
+    private var sha256 = SHA256()
+    private var sha1 = Insecure.SHA1()
+
+    init(bmap: Bmap) { self.bmap = bmap }
+
+    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
+        var cursor = 0
+        while cursor < bytes.count, index < bmap.ranges.count {
+            let range = bmap.ranges[index]
+            let (start, end) = bmap.mappedByteRanges[index]
+            let here = offset + UInt64(cursor)
+            guard here >= start, here < end else { index += 1; continue }
+            let n = Int(min(UInt64(bytes.count - cursor), end - here))
+            let slice = UnsafeRawBufferPointer(rebasing: bytes[cursor..<(cursor + n)])
+            if bmap.checksumType == .sha256 { sha256.update(bufferPointer: slice) } else { sha1.update(bufferPointer: slice) }
+            cursor += n
+            if here + UInt64(n) == end {
+                let digest = bmap.checksumType == .sha256 ? sha256.finalize().hex : sha1.finalize().hex
+                sha256 = SHA256()
+                sha1 = Insecure.SHA1()
+                index += 1
+                if let expected = range.checksum, expected != digest {
+                    throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of \(bmap.path.isEmpty ? "the image" : "the image") do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: start)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+import Foundation
+
+/// What a write is doing now, for progress bars, JSON lines and the daemon's status.
+public enum WritePhase: String, Sendable, Codable {
+    case preparing, writing, syncing, verifying, done
+}
+
+public struct WriteProgress: Sendable, Codable, Equatable {
+    public var phase: WritePhase
+    /// Bytes done in this phase and the phase's total (nil when a compressed image does not
+    /// say its size).
+    public var bytesDone: UInt64
+    public var bytesTotal: UInt64?
+    /// Average bytes per second over the phase so far.
+    public var bytesPerSecond: Double
+    /// Seconds left in this phase, when the total is known and the rate is measurable.
+    public var secondsRemaining: Double?
+
+    public init(phase: WritePhase, bytesDone: UInt64, bytesTotal: UInt64?, bytesPerSecond: Double, secondsRemaining: Double?) {
+        self.phase = phase
+        self.bytesDone = bytesDone
+        self.bytesTotal = bytesTotal
+        self.bytesPerSecond = bytesPerSecond
+        self.secondsRemaining = secondsRemaining
+    }
+
+    public var fraction: Double? {
+        guard let bytesTotal, bytesTotal > 0 else { return nil }
+        return min(1, Double(bytesDone) / Double(bytesTotal))
+    }
+}
+
+/// Turns byte counts into rate and ETA for one phase.
+struct PhaseMeter {
+    let phase: WritePhase
+    let total: UInt64?
+    let started = ContinuousClock.now
+    private(set) var done: UInt64 = 0
+
+    init(phase: WritePhase, total: UInt64?) {
+        self.phase = phase
+        self.total = total
+    }
+
+    mutating func add(_ n: UInt64) { done += n }
+
+    var progress: WriteProgress {
+        let elapsed = (ContinuousClock.now - started) / .seconds(1)
+        let rate = elapsed > 0.05 ? Double(done) / elapsed : 0
+        var eta: Double? = nil
+        if let total, rate > 0 { eta = Double(total > done ? total - done : 0) / rate }
+        return WriteProgress(phase: phase, bytesDone: done, bytesTotal: total, bytesPerSecond: rate, secondsRemaining: eta)
+    }
+}
+
+/// A flag any thread may raise to stop a write between two chunks (Ctrl-C, `provision
+/// cancel`, a card pulled in the daemon).
+public final class CancellationFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var raised = false
+
+    public init() {}
+
+    public func cancel() { lock.withLock { raised = true } }
+
+    public var isCancelled: Bool { lock.withLock { raised } }
+}

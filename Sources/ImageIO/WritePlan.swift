@@ -1,0 +1,58 @@
+/// Raw bytes to place at a byte offset on the card after the image (a boot loader at 8 KiB,
+/// say), written and verified with the image.
+public struct RawBlob: Sendable, Equatable {
+    public let name: String
+    public let offset: UInt64
+    public let bytes: [UInt8]
+
+    public init(name: String, offset: UInt64, bytes: [UInt8]) {
+        self.name = name
+        self.offset = offset
+        self.bytes = bytes
+    }
+}
+
+/// Knobs of one write. The defaults are what an operator wants; the test hooks exist so the
+/// tests can prove the verifier catches a card that lies.
+public struct WriteOptions: @unchecked Sendable {
+    /// Bytes per write; 4 MiB suits SD cards (their erase blocks are 4 MiB or smaller).
+    public var chunkSize = 4 << 20
+    /// Buffers in the ring between decompressor and writer. Memory = chunkSize × bufferCount.
+    public var bufferCount = 6
+    public var verify = true
+    public var bmap: Bmap?
+    public var blobs: [RawBlob] = []
+    public var cancellation = CancellationFlag()
+    /// Called with the image's first chunk before anything is written (partition-table
+    /// checks, e.g. that raw blobs do not overlap a partition). Throwing aborts the write.
+    public var inspectFirstChunk: ((UnsafeRawBufferPointer) throws -> Void)?
+    /// Called after the target is opened and before its first byte is written: the caller's
+    /// last chance to check the device is still the one the safety verdict was made for.
+    public var beforeFirstWrite: ((WriteTarget) throws -> Void)?
+    /// Test-only: runs after the final sync and before verification.
+    public var testHookBeforeVerify: ((WriteTarget) -> Void)?
+
+    public init() {}
+}
+
+/// What a finished write did, for the CLI's summary, JSON output and the ledger.
+public struct WriteResult: Sendable, Codable, Equatable {
+    public var imageFormat: String
+    /// Uncompressed image size (bmap ImageSize, or the bytes the stream held).
+    public var imageSize: UInt64
+    /// Bytes actually written to the device (mapped ranges and blobs).
+    public var bytesWritten: UInt64
+    public var bmapPath: String?
+    public var verified: Bool
+    public var writeSeconds: Double
+    public var syncSeconds: Double
+    public var verifySeconds: Double
+}
+
+/// A written range and the hash of the bytes that should be there, taken from the source
+/// stream as it went by, so verification needs no second decompression.
+struct WrittenChunk: Sendable {
+    let offset: UInt64
+    let count: Int
+    let sha256: [UInt8]
+}

@@ -1,0 +1,126 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ProvisionCShims
+import SystemPackage
+
+/// The device (or file) an image is written to, opened for direct I/O.
+///
+/// Block devices are opened `O_DIRECT | O_EXCL`: direct so that what we read back comes from
+/// the card and not the page cache, exclusive so the kernel itself refuses a device that is
+/// mounted or held by another writer. Regular files work too (image to image), with direct
+/// I/O where the filesystem supports it.
+public final class WriteTarget: @unchecked Sendable {
+    public enum Kind: Sendable { case blockDevice, regularFile }
+
+    public let path: String
+    public let kind: Kind
+    public let fd: Int32
+    /// Device size in bytes; nil for regular files (they grow).
+    public let size: UInt64?
+    public let logicalBlockSize: Int
+    /// Device number of the block device (st_rdev) and its disk sequence number: together
+    /// they name one piece of media, so a different card on a reused node is noticed.
+    public let deviceNumber: UInt64?
+    public let diskSequence: UInt64?
+    public let direct: Bool
+    /// Buffer alignment for O_DIRECT: max(logical block size, 4096).
+    public var alignment: Int { max(logicalBlockSize, 4096) }
+
+    public static func open(path: String) throws(ImageIOError) -> WriteTarget {
+        var st = stat()
+        let exists = stat(path, &st) == 0
+        if exists && (st.st_mode & S_IFMT) == S_IFBLK {
+            let flags = O_RDWR | Syscall.oDirect | Syscall.oExclusive
+            let fd: Int32
+            switch Syscall.open(path, flags: flags) {
+            case .success(let f): fd = f
+            case .failure(.resourceBusy):
+                throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
+            case .failure(.readOnlyFileSystem), .failure(.permissionDenied) where isReadOnly(path: path):
+                throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
+            case .failure(let e):
+                throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
+            }
+            var bytes: UInt64 = 0
+            var lbs: Int32 = 512
+            var ro: Int32 = 0
+            var seq: UInt64 = 0
+            guard provision_blk_getsize64(fd, &bytes) == 0, provision_blk_logical_block_size(fd, &lbs) == 0 else {
+                let e = Errno(rawValue: errno)
+                Syscall.close(fd)
+                throw ImageIOError.device(e, operation: "reading its size", path: path, offset: nil)
+            }
+            _ = provision_blk_readonly(fd, &ro)
+            if ro != 0 {
+                Syscall.close(fd)
+                throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
+            }
+            let hasSeq = provision_blk_diskseq(fd, &seq) == 0
+            return WriteTarget(path: path, kind: .blockDevice, fd: fd, size: bytes, logicalBlockSize: Int(lbs),
+                               deviceNumber: UInt64(st.st_rdev), diskSequence: hasSeq ? seq : nil, direct: true)
+        }
+        if exists && (st.st_mode & S_IFMT) != S_IFREG {
+            throw ImageIOError(.invalidArgument, "\(path) is neither a block device nor a regular file")
+        }
+        // A regular file: try direct I/O, fall back where the filesystem refuses it (tmpfs).
+        var direct = true
+        var fd: Int32
+        switch Syscall.open(path, flags: O_RDWR | O_CREAT | Syscall.oDirect, mode: 0o644) {
+        case .success(let f): fd = f
+        case .failure(.invalidArgument):
+            direct = false
+            switch Syscall.open(path, flags: O_RDWR | O_CREAT, mode: 0o644) {
+            case .success(let f): fd = f
+            case .failure(let e): throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
+            }
+        case .failure(let e): throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
+        }
+        return WriteTarget(path: path, kind: .regularFile, fd: fd, size: nil, logicalBlockSize: 512,
+                           deviceNumber: nil, diskSequence: nil, direct: direct)
+    }
+
+    private init(path: String, kind: Kind, fd: Int32, size: UInt64?, logicalBlockSize: Int, deviceNumber: UInt64?, diskSequence: UInt64?, direct: Bool) {
+        self.path = path
+        self.kind = kind
+        self.fd = fd
+        self.size = size
+        self.logicalBlockSize = logicalBlockSize
+        self.deviceNumber = deviceNumber
+        self.diskSequence = diskSequence
+        self.direct = direct
+    }
+
+    deinit { Syscall.close(fd) }
+
+    private static func isReadOnly(path: String) -> Bool {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var ro: Int32 = 0
+        return provision_blk_readonly(fd, &ro) == 0 && ro != 0
+    }
+
+    /// True when the node still names the media we opened. A failing write on a node that
+    /// is gone, or now has another disk sequence, means the card was pulled.
+    func stillPresent() -> Bool {
+        guard kind == .blockDevice else { return true }
+        let probe = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard probe >= 0 else { return false }
+        defer { Glibc.close(probe) }
+        var bytes: UInt64 = 0
+        // A pulled card leaves a node of size 0 (or a different size: other media).
+        guard provision_blk_getsize64(probe, &bytes) == 0, bytes > 0, bytes == size else { return false }
+        var seq: UInt64 = 0
+        if let diskSequence, provision_blk_diskseq(probe, &seq) == 0, seq != diskSequence { return false }
+        return true
+    }
+
+    /// Classifies a failed device operation: a vanished card is "removed", not "I/O error".
+    func failure(_ e: Errno, operation: String, offset: UInt64?) -> ImageIOError {
+        if kind == .blockDevice, e == .ioError || e == .noSuchAddressOrDevice || e == .noSpace, !stillPresent() {
+            return .device(.noSuchAddressOrDevice, operation: operation, path: path, offset: offset)
+        }
+        return .device(e, operation: operation, path: path, offset: offset)
+    }
+}

@@ -1,0 +1,117 @@
+import BlockDevices
+import ControlProtocol
+import Foundation
+import ImageIO
+import Tegra
+
+/// Everything a job thread needs; the station stays the only owner of shared state.
+public struct JobContext: Sendable {
+    public let record: JobRecord
+    /// The card, for SD jobs.
+    public let facts: DeviceFacts!
+    /// The board, for Tegra jobs.
+    public var usb: RecoveryUSBDevice? = nil
+    public let profile: Profile?
+    public let imageOverride: String?
+    public let cancellation: CancellationFlag
+    public let station: Station
+
+    /// Reports a state change and waits until the ledger holds it.
+    func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [InjectedUser]? = nil, progress: JobProgress? = nil) {
+        let station = station, id = record.id
+        blockingAwait { await station.transition(id, to: state, message: message, unit: unit, users: users, progress: progress) }
+    }
+
+    func report(_ p: JobProgress) {
+        let station = station, id = record.id
+        blockingAwait { await station.progress(id, p) }
+    }
+}
+
+/// How jobs are executed; the daemon uses `DefaultJobRunner`, tests may substitute.
+public protocol JobRunning: Sendable {
+    func start(_ context: JobContext)
+}
+
+/// One thread per job: SD cards through ImageIO, Tegra boards through libusb.
+public struct DefaultJobRunner: JobRunning {
+    /// Where Tegra jobs find their board; the daemon uses libusb, tests the simulated boot ROM.
+    let tegraSource: @Sendable (RecoveryUSBDevice, [UInt16]) -> any TegraDeviceSource
+
+    public init(tegraSource: @escaping @Sendable (RecoveryUSBDevice, [UInt16]) -> any TegraDeviceSource = { usb, ids in
+        LibUSBDeviceSource(selector: .busAddress(bus: UInt8(truncatingIfNeeded: usb.busNumber), address: UInt8(truncatingIfNeeded: usb.deviceAddress)), productIDs: ids)
+    }) {
+        self.tegraSource = tegraSource
+    }
+
+    public func start(_ context: JobContext) {
+        let source = tegraSource
+        let thread = Thread {
+            if let usb = context.usb { TegraJob(context: context, usb: usb, source: source).run() } else { SDJob(context: context).run() }
+        }
+        thread.name = "provision-job-\(context.record.id)"
+        thread.start()
+    }
+}
+
+/// One card: write, verify, then (when the profile has users) inject and check.
+struct SDJob {
+    let context: JobContext
+
+    func run() {
+        let facts: DeviceFacts = context.facts
+        do {
+            let imagePath = context.imageOverride ?? context.profile?.image?.file
+            guard let imagePath else { throw ImageIOError(.invalidArgument, "profile \(context.profile?.name ?? "?") names no image") }
+            let source = try ImageSource(path: imagePath)
+            var options = WriteOptions()
+            options.cancellation = context.cancellation
+            options.verify = context.profile?.image?.verify ?? true
+            options.bmap = try bmap(for: imagePath)
+            // The verdict was made for this media: refuse if the node now holds another card.
+            options.beforeFirstWrite = { target in
+                if target.deviceNumber != facts.deviceNumber || (facts.diskSequence != nil && target.diskSequence != facts.diskSequence) {
+                    throw ImageIOError(.deviceChanged, "\(target.path) now holds a different card than the one checked; nothing was written")
+                }
+            }
+            let target = try WriteTarget.open(path: facts.devnode)
+            context.transition(.writing, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
+            let phase = PhaseBox()
+            _ = try ImageWriter.write(source: source, to: target, options: options) { p in
+                let state: JobState = switch p.phase {
+                case .syncing: .syncing
+                case .verifying: .verifying
+                case .done: .verifying
+                default: .writing
+                }
+                let progress = JobProgress(bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, bytesPerSecond: p.bytesPerSecond, secondsRemaining: p.secondsRemaining)
+                if state != phase.state {
+                    phase.state = state
+                    context.transition(state, progress: progress)
+                } else {
+                    context.report(progress)
+                }
+            }
+            context.transition(.done, "done — remove card")
+        } catch let e as ImageIOError {
+            context.transition(e.code == .cancelled ? .cancelled : .failed, e.message)
+        } catch {
+            context.transition(.failed, "\(error)")
+        }
+    }
+
+    func bmap(for imagePath: String) throws(ImageIOError) -> Bmap? {
+        switch context.profile?.image?.bmap ?? .discover {
+        case .none: return nil
+        case .file(let path): return try Bmap.load(path: path)
+        case .discover:
+            // A bare image (manual flash) only uses a bmap that sits next to it.
+            return try Bmap.locate(forImage: imagePath).map { (p: String) throws(ImageIOError) in try Bmap.load(path: p) }
+        }
+    }
+}
+
+/// The phase last announced; touched only by the job's own thread.
+private final class PhaseBox: @unchecked Sendable {
+    var state = JobState.writing
+}

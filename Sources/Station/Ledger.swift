@@ -1,0 +1,196 @@
+import ControlProtocol
+import Foundation
+import GRDB
+
+/// The station's memory (DESIGN.md §8): every job and every state change is a row, written
+/// before it is announced, so `status` never claims what the ledger does not hold and a
+/// daemon killed mid-write knows, when it comes back, which card to flag for rewriting.
+///
+/// GRDB runs each access on its own serial queue, off Swift's cooperative pool.
+public final class Ledger: Sendable {
+    private let db: DatabaseQueue
+    public let path: String
+
+    public init(path: String) throws {
+        self.path = path
+        try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        var config = Configuration()
+        config.busyMode = .timeout(5)
+        db = try DatabaseQueue(path: path, configuration: config)
+        try db.writeWithoutTransaction { db in
+            // WAL: readers (status) never wait for the writer; NORMAL is durable across a
+            // daemon crash, which is the failure this ledger is for.
+            try db.execute(sql: "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL")
+        }
+        try Self.migrator.migrate(db)
+    }
+
+    private static var migrator: DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1") { db in
+            try db.create(table: "job") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("kind", .text).notNull()
+                t.column("slot", .text)
+                t.column("device", .text).notNull()
+                t.column("deviceNumber", .integer)
+                t.column("diskSequence", .integer)
+                t.column("serial", .text)
+                t.column("unit", .text)
+                t.column("profile", .text)
+                t.column("image", .text)
+                t.column("state", .text).notNull()
+                t.column("message", .text)
+                t.column("bytesTotal", .integer)
+                t.column("created", .datetime).notNull()
+                t.column("updated", .datetime).notNull()
+            }
+            try db.create(index: "job_state", on: "job", columns: ["state"])
+            try db.create(index: "job_media", on: "job", columns: ["deviceNumber", "diskSequence"])
+            try db.create(table: "jobEvent") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.belongsTo("job").notNull()
+                t.column("state", .text).notNull()
+                t.column("message", .text)
+                t.column("at", .datetime).notNull()
+            }
+            // Which accounts each unit got: name, uid and hash — never a plaintext password.
+            try db.create(table: "jobUser") { t in
+                t.belongsTo("job").notNull()
+                t.column("name", .text).notNull()
+                t.column("uid", .integer).notNull()
+                t.column("hash", .text).notNull()
+            }
+        }
+        return m
+    }
+
+    public struct NewJob: Sendable {
+        public var kind: String
+        public var slot: String?
+        public var device: String
+        public var deviceNumber: UInt64?
+        public var diskSequence: UInt64?
+        public var serial: String?
+        public var unit: String?
+        public var profile: String?
+        public var image: String?
+        public init(kind: String, slot: String?, device: String, deviceNumber: UInt64?, diskSequence: UInt64?, serial: String?, unit: String?, profile: String?, image: String?) {
+            self.kind = kind; self.slot = slot; self.device = device; self.deviceNumber = deviceNumber; self.diskSequence = diskSequence
+            self.serial = serial; self.unit = unit; self.profile = profile; self.image = image
+        }
+    }
+
+    /// Records a new job in state `queued` and returns it.
+    public func insert(_ job: NewJob, at now: Date = Date()) async throws -> JobRecord {
+        try await db.write { db in
+            try db.execute(sql: """
+                INSERT INTO job (kind, slot, device, deviceNumber, diskSequence, serial, unit, profile, image, state, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
+                """, arguments: [job.kind, job.slot, job.device, job.deviceNumber.map { Int64(bitPattern: $0) }, job.diskSequence.map { Int64(bitPattern: $0) },
+                                 job.serial, job.unit, job.profile, job.image, now, now])
+            let id = db.lastInsertedRowID
+            try db.execute(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)", arguments: [id, now])
+            return JobRecord(id: id, kind: job.kind, slot: job.slot, device: job.device, serial: job.serial, unit: job.unit,
+                             profile: job.profile, image: job.image, state: .queued, created: now, updated: now)
+        }
+    }
+
+    /// Records a state change (and its message) for a job.
+    public func record(job id: Int64, state: JobState, message: String?, unit: String? = nil, bytesTotal: UInt64? = nil, at now: Date = Date()) async throws {
+        try await db.write { db in
+            try db.execute(sql: "UPDATE job SET state = ?, message = ?, updated = ?, unit = COALESCE(?, unit), bytesTotal = COALESCE(?, bytesTotal) WHERE id = ?",
+                           arguments: [state.rawValue, message, now, unit, bytesTotal.map { Int64(bitPattern: $0) }, id])
+            try db.execute(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, ?, ?, ?)", arguments: [id, state.rawValue, message, now])
+        }
+    }
+
+    public func recordUsers(job id: Int64, users: [(name: String, uid: Int, hash: String)]) async throws {
+        try await db.write { db in
+            for u in users {
+                try db.execute(sql: "INSERT INTO jobUser (jobId, name, uid, hash) VALUES (?, ?, ?, ?)", arguments: [id, u.name, u.uid, u.hash])
+            }
+        }
+    }
+
+    /// At start-up: jobs that were running when the daemon died are marked interrupted.
+    @discardableResult
+    public func markInterrupted(at now: Date = Date()) async throws -> [JobRecord] {
+        try await db.write { db in
+            let finals = JobState.allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
+            let rows = try Row.fetchAll(db, sql: "SELECT * FROM job WHERE state NOT IN (\(finals))")
+            let message = "interrupted — rewrite card (provisiond stopped while this job ran)"
+            for row in rows {
+                let id: Int64 = row["id"]
+                try db.execute(sql: "UPDATE job SET state = 'interrupted', message = ?, updated = ? WHERE id = ?", arguments: [message, now, id])
+                try db.execute(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, 'interrupted', ?, ?)", arguments: [id, message, now])
+            }
+            return try rows.map { row in
+                var r = Self.record(row)
+                r.state = .interrupted
+                r.message = message
+                return r
+            }
+        }
+    }
+
+    public struct Filter: Sendable {
+        public var state: String?
+        public var slot: String?
+        public var device: String?
+        public var limit: Int
+        public init(state: String? = nil, slot: String? = nil, device: String? = nil, limit: Int = 50) {
+            self.state = state; self.slot = slot; self.device = device; self.limit = limit
+        }
+    }
+
+    /// Job history, newest first.
+    public func jobs(_ filter: Filter = Filter()) async throws -> [JobRecord] {
+        try await db.read { db in
+            var clauses: [String] = []
+            var args: [(any DatabaseValueConvertible)?] = []
+            if let s = filter.state { clauses.append("state = ?"); args.append(s) }
+            if let s = filter.slot { clauses.append("slot = ?"); args.append(s) }
+            if let d = filter.device { clauses.append("device = ?"); args.append(d) }
+            let whereSQL = clauses.isEmpty ? "" : "WHERE " + clauses.joined(separator: " AND ")
+            args.append(max(1, min(filter.limit, 10_000)))
+            let rows = try Row.fetchAll(db, sql: "SELECT * FROM job \(whereSQL) ORDER BY id DESC LIMIT ?", arguments: StatementArguments(args))
+            var records = rows.map(Self.record)
+            for i in records.indices {
+                let users = try Row.fetchAll(db, sql: "SELECT name, uid FROM jobUser WHERE jobId = ?", arguments: [records[i].id])
+                if !users.isEmpty { records[i].users = users.map { InjectedUser(name: $0["name"], uid: $0["uid"]) } }
+            }
+            return records
+        }
+    }
+
+    /// The last job written to this piece of media (same node number and disk sequence),
+    /// so that a `change` event or a daemon restart does not rewrite a finished card.
+    public func lastJob(deviceNumber: UInt64, diskSequence: UInt64) async throws -> JobRecord? {
+        try await db.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM job WHERE deviceNumber = ? AND diskSequence = ? ORDER BY id DESC LIMIT 1",
+                             arguments: [Int64(bitPattern: deviceNumber), Int64(bitPattern: diskSequence)]).map(Self.record)
+        }
+    }
+
+    public func events(job id: Int64) async throws -> [(state: JobState, message: String?, at: Date)] {
+        try await db.read { db in
+            try Row.fetchAll(db, sql: "SELECT state, message, at FROM jobEvent WHERE jobId = ? ORDER BY id", arguments: [id]).map {
+                (JobState(rawValue: $0["state"]) ?? .failed, $0["message"], $0["at"])
+            }
+        }
+    }
+
+    public func users(job id: Int64) async throws -> [(name: String, uid: Int, hash: String)] {
+        try await db.read { db in
+            try Row.fetchAll(db, sql: "SELECT name, uid, hash FROM jobUser WHERE jobId = ?", arguments: [id]).map { ($0["name"], $0["uid"], $0["hash"]) }
+        }
+    }
+
+    private static func record(_ row: Row) -> JobRecord {
+        return JobRecord(id: row["id"], kind: row["kind"], slot: row["slot"], device: row["device"], serial: row["serial"], unit: row["unit"],
+                         profile: row["profile"], image: row["image"], state: JobState(rawValue: row["state"]) ?? .failed,
+                         progress: nil,
+                         message: row["message"], created: row["created"], updated: row["updated"])
+    }
+}

@@ -1,0 +1,285 @@
+import BlockDevices
+import ControlProtocol
+import Foundation
+import ImageIO
+import Logging
+
+/// The station: devices seen, slots, jobs. An actor owns all of it; blocking work (writing,
+/// verifying, injecting) runs on one thread per job, which reports back through the actor.
+/// Every state change is recorded in the ledger before it is announced (DESIGN.md §8).
+public actor Station {
+    public private(set) var config: StationConfig
+    let ledger: Ledger
+    let logger: Logger
+    let hub = EventHub()
+    let jobRunner: JobRunning
+
+    struct DeviceEntry {
+        var facts: DeviceFacts
+        var slot: String?
+        var refusals: [SafetyPolicy.Refusal]
+        /// The job for the media now in the device (running or finished).
+        var jobID: Int64?
+    }
+
+    struct RunningJob {
+        var record: JobRecord
+        let cancellation: CancellationFlag
+        var deviceNumber: UInt64?
+        var removed = false
+    }
+
+    var devices: [UInt64: DeviceEntry] = [:]
+    var running: [Int64: RunningJob] = [:]
+    /// The latest record of every job that a present device points at.
+    var finished: [Int64: JobRecord] = [:]
+    /// USB ports (sysfs paths) with a Tegra job running.
+    var tegraPorts: Set<String> = []
+
+    public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner()) {
+        self.config = config
+        self.ledger = ledger
+        self.logger = logger
+        self.jobRunner = jobRunner
+    }
+
+    var policy: SafetyPolicy {
+        SafetyPolicy(mode: .station(allowLoopDevices: config.allowLoopDevices), maxDeviceSize: config.maxDeviceSize)
+    }
+
+    /// At start-up, before devices are enumerated.
+    public func recoverFromLedger() async throws {
+        let interrupted = try await ledger.markInterrupted()
+        for job in interrupted {
+            logger.warning("job \(job.id) on \(job.device) was interrupted by a daemon stop: rewrite that card", metadata: ["job": "\(job.id)", "device": "\(job.device)"])
+        }
+    }
+
+    public func subscribe() -> AsyncStream<Event> { hub.subscribe() }
+
+    // MARK: - Devices
+
+    public func handle(_ event: DeviceEvent) async {
+        switch event {
+        case .block(.remove, let facts):
+            await deviceGone(facts.deviceNumber, reason: "card removed")
+        case .block(_, let facts):
+            if facts.size == 0 {
+                // A reader that keeps its node when the card is pulled reports size 0.
+                await deviceGone(facts.deviceNumber, reason: "card removed")
+                return
+            }
+            await deviceSeen(facts)
+        case .recovery(let action, let usb):
+            await recoveryDevice(action, usb)
+        }
+    }
+
+    func deviceSeen(_ facts: DeviceFacts) async {
+        if let old = devices[facts.deviceNumber], old.facts.diskSequence == facts.diskSequence, old.facts.size == facts.size {
+            // Same media: e.g. the `change` udev emits when a written card is closed. Not a new card.
+            devices[facts.deviceNumber]?.facts = facts
+            return
+        }
+        let slot = config.slot(forSlotPath: facts.slotPath)
+        let profile = slot.flatMap { config.profiles[$0.profile] }
+        var refusals = policy.refusals(for: facts, minimumSize: profile.flatMap { minimumSize(of: $0) })
+        if slot == nil, refusals.isEmpty {
+            refusals.append(.init(rule: .notEligible, reason: "in no configured slot (slot path \(facts.slotPath ?? "unknown"))"))
+        }
+        var entry = DeviceEntry(facts: facts, slot: slot?.name, refusals: refusals, jobID: nil)
+        defer { publish(.init(kind: .device, device: deviceStatus(entry))) }
+        guard refusals.isEmpty, let slot, let profile else {
+            devices[facts.deviceNumber] = entry
+            if isCandidate(facts) {
+                logger.notice("refusing \(facts.devnode): \(refusals.map(\.reason).joined(separator: "; "))", metadata: ["device": "\(facts.devnode)"])
+            }
+            return
+        }
+        // Media we already wrote (a daemon restart with the card still in): show its job, do not rewrite.
+        if let seq = facts.diskSequence, let last = try? await ledger.lastJob(deviceNumber: facts.deviceNumber, diskSequence: seq) {
+            entry.jobID = last.id
+            finished[last.id] = last
+            devices[facts.deviceNumber] = entry
+            return
+        }
+        devices[facts.deviceNumber] = entry
+        do {
+            let job = try await startJob(kind: "sd", slot: slot.name, facts: facts, profile: profile, image: nil)
+            devices[facts.deviceNumber]?.jobID = job.id
+        } catch {
+            logger.error("cannot start a job on \(facts.devnode): \(error)")
+        }
+    }
+
+    func deviceGone(_ devnum: UInt64, reason: String) async {
+        guard let entry = devices.removeValue(forKey: devnum) else { return }
+        if let id = entry.jobID {
+            finished.removeValue(forKey: id)
+            if running[id] != nil {
+                running[id]?.removed = true
+                running[id]?.cancellation.cancel()
+            }
+        }
+        publish(.init(kind: .deviceRemoved, device: deviceStatus(entry), message: reason))
+    }
+
+    /// Whether an operator cares about a refusal: devices that look like cards.
+    func isCandidate(_ f: DeviceFacts) -> Bool {
+        f.tags.contains("provision") || (f.isLoop && config.allowLoopDevices && f.size > 0) || config.slot(forSlotPath: f.slotPath) != nil
+    }
+
+    private var sizeCache: [String: UInt64?] = [:]
+
+    /// What the image needs on the card, known before writing: bmap ImageSize or the
+    /// container's size; the profile's own minimum when larger.
+    func minimumSize(of profile: Profile) -> UInt64? {
+        guard let image = profile.image else { return nil }
+        let key = image.file
+        if let cached = sizeCache[key] { return max(cached ?? 0, image.minDeviceSize ?? 0) }
+        var size: UInt64?
+        if case .file(let b) = image.bmap, let bmap = try? Bmap.load(path: b) { size = bmap.imageSize }
+        else if case .discover = image.bmap, let b = Bmap.locate(forImage: image.file), let bmap = try? Bmap.load(path: b) { size = bmap.imageSize }
+        else { size = (try? ImageSource(path: image.file))?.uncompressedSizeHint }
+        sizeCache[key] = size
+        return max(size ?? 0, image.minDeviceSize ?? 0)
+    }
+
+    // MARK: - Jobs
+
+    func startJob(kind: String, slot: String?, facts: DeviceFacts, profile: Profile?, image: String?) async throws -> JobRecord {
+        let record = try await ledger.insert(.init(kind: kind, slot: slot, device: facts.devnode, deviceNumber: facts.deviceNumber,
+                                                   diskSequence: facts.diskSequence, serial: facts.serial, unit: nil,
+                                                   profile: profile?.name, image: image ?? profile?.image?.file))
+        let flag = CancellationFlag()
+        running[record.id] = RunningJob(record: record, cancellation: flag, deviceNumber: facts.deviceNumber)
+        logger.info("job \(record.id): writing \(record.image ?? "?") to \(facts.devnode)", metadata: ["job": "\(record.id)", "device": "\(facts.devnode)", "slot": "\(slot ?? "")"])
+        publish(.init(kind: .job, job: record))
+        jobRunner.start(JobContext(record: record, facts: facts, profile: profile, imageOverride: image, cancellation: flag, station: self))
+        return record
+    }
+
+    /// A job thread reports a new state: recorded first, then announced.
+    public func transition(_ id: Int64, to state: JobState, message: String? = nil, unit: String? = nil, users: [InjectedUser]? = nil, progress: JobProgress? = nil) async {
+        guard var job = running[id] else { return }
+        var state = state
+        var message = message
+        if state == .failed || state == .cancelled, job.removed {
+            state = .failed
+            message = "card removed during \(job.record.state.rawValue); the card is incomplete"
+        }
+        do {
+            try await ledger.record(job: id, state: state, message: message, unit: unit, bytesTotal: progress?.bytesTotal)
+        } catch {
+            logger.error("ledger write failed for job \(id): \(error)")
+        }
+        job.record.state = state
+        job.record.message = message
+        job.record.updated = Date()
+        if let unit { job.record.unit = unit }
+        if let users { job.record.users = users }
+        if let progress { job.record.progress = progress }
+        if state.isFinal {
+            running.removeValue(forKey: id)
+            finished[id] = job.record
+            let level: Logger.Level = state == .done ? .info : .error
+            logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")", metadata: ["job": "\(id)", "device": "\(job.record.device)", "slot": "\(job.record.slot ?? "")"])
+        } else {
+            running[id] = job
+        }
+        publish(.init(kind: .job, job: job.record))
+    }
+
+    /// Progress within a state: not ledgered (it is not a state change), only announced.
+    public func progress(_ id: Int64, _ p: JobProgress) {
+        guard running[id] != nil else { return }
+        running[id]?.record.progress = p
+        publish(.init(kind: .job, job: running[id]!.record))
+    }
+
+    public func cancel(job id: Int64) async throws(ErrorPayload) -> JobRecord {
+        guard let job = running[id] else {
+            throw ErrorPayload(.notFound, "job \(id) is not running")
+        }
+        job.cancellation.cancel()
+        return job.record
+    }
+
+    /// A manual job: a profile (or a bare image) onto a device, outside the slots.
+    public func flash(device: String, profileName: String?, image: String?) async throws(ErrorPayload) -> JobRecord {
+        let facts: DeviceFacts
+        do { facts = try DeviceFacts.read(path: device) } catch { throw ErrorPayload(.notFound, error.description) }
+        var profile: Profile?
+        if let profileName {
+            guard let p = config.profiles[profileName] else { throw ErrorPayload(.notFound, "no profile named \(profileName)") }
+            profile = p
+        }
+        guard profile != nil || image != nil else { throw ErrorPayload(.badRequest, "flash needs a profile or an image") }
+        if running.values.contains(where: { $0.deviceNumber == facts.deviceNumber }) {
+            throw ErrorPayload(.conflict, "\(device) is already being written")
+        }
+        var minimum: UInt64?
+        if let profile { minimum = minimumSize(of: profile) } else if let image { minimum = (try? ImageSource(path: image))?.uncompressedSizeHint }
+        let refusals = policy.refusals(for: facts, minimumSize: minimum)
+        guard refusals.isEmpty else {
+            throw ErrorPayload(.refused, "refusing \(device): " + refusals.map(\.reason).joined(separator: "; "))
+        }
+        let slot = config.slot(forSlotPath: facts.slotPath)?.name
+        do {
+            let job = try await startJob(kind: "sd", slot: slot, facts: facts, profile: profile, image: image)
+            devices[facts.deviceNumber, default: DeviceEntry(facts: facts, slot: slot, refusals: [], jobID: nil)].jobID = job.id
+            return job
+        } catch {
+            throw ErrorPayload(.internalError, "\(error)")
+        }
+    }
+
+    public func reload(_ newConfig: StationConfig) {
+        config = newConfig
+        sizeCache = [:]
+        publish(.init(kind: .reload, message: "configuration reloaded from \(newConfig.file)"))
+    }
+
+    // MARK: - Status
+
+    func deviceStatus(_ e: DeviceEntry) -> DeviceStatus {
+        DeviceStatus(device: e.facts.devnode, summary: e.facts.summary, size: e.facts.size, serial: e.facts.serial, slot: e.slot,
+                     slotPath: e.facts.slotPath, eligible: e.refusals.isEmpty, refusals: e.refusals.map(\.reason))
+    }
+
+    func record(for id: Int64?) -> JobRecord? {
+        guard let id else { return nil }
+        return running[id]?.record ?? finished[id]
+    }
+
+    public func status() -> StationStatus {
+        var slots: [SlotStatus] = []
+        var shownJobs: Set<Int64> = []
+        for slot in config.slots {
+            let entry = devices.values.first { $0.slot == slot.name }
+            let job = record(for: entry?.jobID)
+            if let job { shownJobs.insert(job.id) }
+            slots.append(SlotStatus(name: slot.name, profile: slot.profile, device: entry?.facts.devnode, job: job,
+                                    refusals: entry.flatMap { $0.refusals.isEmpty ? nil : $0.refusals.map(\.reason) }))
+        }
+        let others = running.values.map(\.record).filter { !shownJobs.contains($0.id) }.sorted { $0.id < $1.id }
+        let refused = devices.values.filter { !$0.refusals.isEmpty && isCandidate($0.facts) && $0.slot == nil }
+            .map(deviceStatus).sorted { $0.device < $1.device }
+        return StationStatus(station: config.name, slots: slots, otherJobs: others, refused: refused)
+    }
+
+    public func deviceList() -> [DeviceStatus] {
+        devices.values.map(deviceStatus).sorted { $0.device < $1.device }
+    }
+
+    public func jobs(_ filter: Ledger.Filter) async throws -> [JobRecord] {
+        var list = try await ledger.jobs(filter)
+        // Live progress for the running ones.
+        for i in list.indices { if let live = running[list[i].id] { list[i] = live.record } }
+        return list
+    }
+
+    public var runningJobCount: Int { running.count }
+
+    func publish(_ event: Event) { hub.publish(event) }
+}

@@ -1,0 +1,51 @@
+import Crypto
+import _CryptoExtras
+import Foundation
+
+/// AES-128-CMAC (RFC 4493), the signature Tegra boot ROMs check on RCM messages of
+/// boards without secure boot (key all zero).
+///
+/// swift-crypto has no CMAC, but CMAC is CBC-MAC with a twist on the last block, so
+/// `AES._CBC` with a zero IV and no padding gives both the subkey block function and the
+/// chained MAC in one call over the whole message.
+public enum AESCMAC {
+    /// The key of boards without secure boot.
+    public static let zeroKey = [UInt8](repeating: 0, count: 16)
+
+    /// The 16-byte CMAC of `message` under the 16-byte `key` (AES-128).
+    public static func mac(_ message: [UInt8], key keyBytes: [UInt8] = zeroKey) throws -> [UInt8] {
+        let key = SymmetricKey(data: keyBytes)
+        let zeroIV = try AES._CBC.IV(ivBytes: [UInt8](repeating: 0, count: 16))
+        let l = [UInt8](try AES._CBC.encrypt([UInt8](repeating: 0, count: 16), using: key, iv: zeroIV,
+                                             noPadding: true))
+        let k1 = doubled(l)
+        let k2 = doubled(k1)
+
+        // Last block: complete → XOR K1; partial or empty → pad 0x80 00… and XOR K2.
+        let blockCount = max(1, (message.count + 15) / 16)
+        let lastIsComplete = !message.isEmpty && message.count % 16 == 0
+        var padded = message
+        if !lastIsComplete {
+            padded.append(0x80)
+            padded.append(contentsOf: [UInt8](repeating: 0, count: blockCount * 16 - padded.count))
+        }
+        let subkey = lastIsComplete ? k1 : k2
+        let lastStart = (blockCount - 1) * 16
+        for i in 0..<16 { padded[lastStart + i] ^= subkey[i] }
+
+        let chained = try AES._CBC.encrypt(padded, using: key, iv: zeroIV, noPadding: true)
+        return [UInt8](chained.suffix(16))
+    }
+
+    /// Multiplication by x in GF(2^128) as RFC 4493 derives K1 and K2.
+    private static func doubled(_ block: [UInt8]) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: 16)
+        var carry: UInt8 = 0
+        for i in stride(from: 15, through: 0, by: -1) {
+            out[i] = (block[i] << 1) | carry
+            carry = block[i] >> 7
+        }
+        if block[0] & 0x80 != 0 { out[15] ^= 0x87 }
+        return out
+    }
+}

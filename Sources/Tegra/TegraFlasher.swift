@@ -1,0 +1,194 @@
+import Foundation
+import Synchronization
+
+/// The steps of a Tegra job, in order, as `provision status` shows them.
+public enum TegraPhase: String, Sendable, CaseIterable, CustomStringConvertible {
+    case rcm, miniloader, bct, bootloader, flashingOnDevice
+
+    public var description: String {
+        switch self {
+        case .rcm: "rcm"
+        case .miniloader: "miniloader"
+        case .bct: "bct"
+        case .bootloader: "bootloader"
+        case .flashingOnDevice: "flashing-on-device"
+        }
+    }
+}
+
+/// What a finished run did.
+public struct TegraFlashReport: Sendable {
+    /// The chip UID as hex: the unit's identity.
+    public let uid: String
+    public let chip: TegraChip
+    /// The boot ROM's RCM version, nil when the miniloader was already running.
+    public let rcmVersion: UInt32?
+    public let miniloaderWasRunning: Bool
+    public let platformInfo: TegraPlatformInfo
+    public let bootloaderBytes: Int
+    public let flashImageBytes: Int
+    public let flashImageCRC32: UInt32
+    /// The script the flasher U-Boot now runs (its `>>>` lines show on the serial console).
+    public let script: String
+    public let seconds: Double
+}
+
+/// Drives one board from recovery mode to "flasher U-Boot running".
+///
+/// Blocking: call `run()` on a dedicated thread. `cancel()` may be called from any thread;
+/// it takes effect between transfers (each bounded by the transfer timeout).
+public final class TegraFlasher: Sendable {
+    private let source: any TegraDeviceSource
+    private let inputs: TegraFlashInputs
+    private let progress: @Sendable (TegraPhase, Double) -> Void
+    private let timeoutMilliseconds: Int
+    private let reenumerationTimeoutSeconds: Double
+    private let cancelled = Atomic<Bool>(false)
+
+    public init(source: any TegraDeviceSource, inputs: TegraFlashInputs,
+                timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds,
+                reenumerationTimeoutSeconds: Double = 10,
+                progress: @escaping @Sendable (TegraPhase, Double) -> Void = { _, _ in }) {
+        self.source = source
+        self.inputs = inputs
+        self.timeoutMilliseconds = timeoutMilliseconds
+        self.reenumerationTimeoutSeconds = reenumerationTimeoutSeconds
+        self.progress = progress
+    }
+
+    public func cancel() { cancelled.store(true, ordering: .relaxed) }
+
+    private var isCancelled: Bool { cancelled.load(ordering: .relaxed) }
+
+    private func checkCancelled(_ phase: TegraPhase) throws {
+        if isCancelled { throw TegraError(.cancelled, "cancelled before phase \(phase)") }
+    }
+
+    public func run() throws -> TegraFlashReport {
+        let started = Date()
+        progress(.rcm, 0)
+        let bringUp = try MiniloaderBringUp(source: source, chip: inputs.chip, productIDs: inputs.usbProductIDs,
+                                            miniloader: inputs.miniloader, miniloaderEntry: inputs.miniloaderEntry,
+                                            timeoutMilliseconds: timeoutMilliseconds,
+                                            reenumerationTimeoutSeconds: reenumerationTimeoutSeconds,
+                                            shouldStop: { [self] in self.isCancelled },
+                                            progress: progress)
+        let transport = bringUp.transport
+        defer { transport.close() }
+        let session = Nv3pSession(transport: transport, timeoutMilliseconds: timeoutMilliseconds,
+                                  shouldStop: { [self] in self.isCancelled })
+        let info = try session.getPlatformInfo()
+        try info.checkFlashable()
+        let uid = bringUp.uid?.hexString ?? info.uidHex
+
+        try checkCancelled(.bct)
+        progress(.bct, 0)
+        try session.downloadBCT(inputs.bct) { [progress] in progress(.bct, $0) }
+
+        try checkCancelled(.bootloader)
+        let payload = try FlasherPayload(inputs: inputs, environment: inputs.substitutedEnvironment(uid: uid))
+        progress(.bootloader, 0)
+        try session.downloadBootloader(payload.bytes, loadAddress: inputs.loadAddress, entry: inputs.loadAddress) {
+            [progress] in progress(.bootloader, $0)
+        }
+        // From here the flasher U-Boot runs on its own; only its serial console shows the rest.
+        progress(.flashingOnDevice, 0)
+        return TegraFlashReport(uid: uid, chip: inputs.chip, rcmVersion: bringUp.rcmVersion,
+                                miniloaderWasRunning: bringUp.uid == nil, platformInfo: info,
+                                bootloaderBytes: payload.bytes.count, flashImageBytes: payload.flashImage.count,
+                                flashImageCRC32: CRC32.checksum(payload.flashImage), script: payload.script,
+                                seconds: Date().timeIntervalSince(started))
+    }
+
+    /// Platform info of a board in recovery mode (`provision tegra info`): needs the miniloader,
+    /// because only the miniloader answers nv3p. Leaves the board with the miniloader running.
+    public static func platformInfo(source: any TegraDeviceSource, chip: TegraChip, miniloader: [UInt8],
+                                    miniloaderEntry: UInt32? = nil,
+                                    timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds,
+                                    reenumerationTimeoutSeconds: Double = 10) throws -> (uid: String, info: TegraPlatformInfo) {
+        let bringUp = try MiniloaderBringUp(source: source, chip: chip, productIDs: [], miniloader: miniloader,
+                                            miniloaderEntry: miniloaderEntry ?? chip.miniloaderEntry,
+                                            timeoutMilliseconds: timeoutMilliseconds,
+                                            reenumerationTimeoutSeconds: reenumerationTimeoutSeconds,
+                                            shouldStop: { false }, progress: { _, _ in })
+        defer { bringUp.transport.close() }
+        let info = try Nv3pSession(transport: bringUp.transport, timeoutMilliseconds: timeoutMilliseconds).getPlatformInfo()
+        return (bringUp.uid?.hexString ?? info.uidHex, info)
+    }
+}
+
+/// Opens the device, talks to the boot ROM and gets the miniloader running (or finds it running).
+struct MiniloaderBringUp {
+    let transport: any USBTransport
+    let uid: [UInt8]?
+    let rcmVersion: UInt32?
+
+    init(source: any TegraDeviceSource, chip: TegraChip, productIDs: [UInt16], miniloader: [UInt8],
+         miniloaderEntry: UInt32, timeoutMilliseconds: Int, reenumerationTimeoutSeconds: Double,
+         shouldStop: () -> Bool, progress: (TegraPhase, Double) -> Void) throws {
+        var transport = try source.open()
+        var handedOver = false
+        defer { if !handedOver { transport.close() } }
+
+        guard let deviceChip = transport.chip, deviceChip == chip,
+              productIDs.isEmpty || productIDs.contains(transport.productID) else {
+            let found = transport.chip.map { "\($0)" } ?? "an unknown chip"
+            throw TegraError(.invalidInput,
+                "\(transport.location) is \(found) (product id 0x\(String(transport.productID, radix: 16))); "
+                + "the profile is for \(chip)" + (productIDs.isEmpty ? "" : " with product ids \(productIDs.map { "0x" + String($0, radix: 16) }.joined(separator: ", "))"))
+        }
+        let rom = BootROMSession(transport: transport, chip: chip, timeoutMilliseconds: timeoutMilliseconds)
+        let uid = try rom.readUID()
+        var rcmVersion: UInt32?
+        if uid != nil {
+            rcmVersion = try rom.queryRCMVersion()
+            progress(.rcm, 1)
+            if shouldStop() { throw TegraError(.cancelled, "\(transport.location): cancelled before the miniloader") }
+            progress(.miniloader, 0)
+            try rom.sendMiniloader(miniloader, entry: miniloaderEntry, shouldStop: shouldStop) { progress(.miniloader, $0) }
+            // The miniloader takes over USB: the device drops off and comes back.
+            transport.close()
+            handedOver = true
+            transport = try source.reopenAfterReenumeration(timeoutSeconds: reenumerationTimeoutSeconds)
+            handedOver = false
+        } else {
+            progress(.rcm, 1)
+            progress(.miniloader, 1)
+        }
+        self.transport = transport
+        self.uid = uid
+        self.rcmVersion = rcmVersion
+        handedOver = true
+    }
+}
+
+/// What `probe` learns from the boot ROM without starting anything on the board.
+public struct TegraProbeResult: Sendable {
+    public let location: String
+    public let productID: UInt16
+    public let chip: TegraChip
+    /// Nil when the first read timed out: the miniloader is already running.
+    public let uid: String?
+    /// The boot ROM's answer to the (zero-key signed) RCM version query.
+    public let rcmVersion: UInt32?
+}
+
+extension TegraFlasher {
+    /// Reads the UID and asks the RCM version: proves the board is in recovery and accepts
+    /// zero-key CMAC messages. The board stays in the boot ROM (nothing is executed).
+    public static func probe(source: any TegraDeviceSource,
+                             timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds) throws -> TegraProbeResult {
+        let transport = try source.open()
+        defer { transport.close() }
+        guard let chip = transport.chip else {
+            throw TegraError(.invalidInput, "\(transport.location) is not a supported Tegra (product id 0x\(String(transport.productID, radix: 16)))")
+        }
+        let rom = BootROMSession(transport: transport, chip: chip, timeoutMilliseconds: timeoutMilliseconds)
+        guard let uid = try rom.readUID() else {
+            return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip, uid: nil, rcmVersion: nil)
+        }
+        let version = try rom.queryRCMVersion()
+        return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip,
+                                uid: uid.hexString, rcmVersion: version)
+    }
+}

@@ -1,0 +1,114 @@
+import ArgumentParser
+import BlockDevices
+import ControlProtocol
+@preconcurrency import Dispatch
+import Foundation
+import Logging
+import ServiceLifecycle
+import Station
+
+/// provisiond: wiring only (DESIGN.md §1). Config, ledger, discovery, the control socket and
+/// systemd integration, each a Service in one ServiceGroup that stops on SIGTERM/SIGINT.
+@main
+struct Provisiond: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "provisiond",
+        abstract: "The provision daemon: writes, verifies and provisions cards as they are plugged in.",
+        discussion: """
+        Reads the station config (TOML), watches udev for cards and Tegra boards in recovery mode, \
+        and answers `provision` on a Unix socket. Under systemd it uses socket activation, \
+        sd_notify (READY, STATUS, WATCHDOG) and logs to the journal with PROVISION_* fields. \
+        SIGHUP reloads the config.
+        """)
+
+    @Option(help: "Station config file.")
+    var config: String = StationConfig.defaultPath
+
+    @Option(help: "Control socket path (ignored when systemd passes a socket).")
+    var socket: String = ControlProtocol.defaultSocketPath
+
+    @Option(help: "Group whose members may read status (the socket's group).")
+    var socketGroup: String = "provision"
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler: LogHandler = JournalLogHandler.isConnected ? JournalLogHandler(label: label) : StderrLogHandler(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "provisiond")
+
+        let stationConfig: StationConfig
+        do {
+            stationConfig = try StationConfig.load(file: config)
+        } catch {
+            FileHandle.standardError.write(Data("provisiond: \(error)\n".utf8))
+            throw ExitCode(78)  // EX_CONFIG
+        }
+        let ledger: Ledger
+        do {
+            ledger = try Ledger(path: stationConfig.ledgerPath)
+        } catch {
+            FileHandle.standardError.write(Data("provisiond: cannot open the ledger \(stationConfig.ledgerPath): \(error)\n".utf8))
+            throw ExitCode(73)  // EX_CANTCREAT
+        }
+        let station = Station(config: stationConfig, ledger: ledger, logger: logger)
+        try await station.recoverFromLedger()
+
+        let notifier = SystemdNotifier(station: station, logger: logger)
+        let discovery = try Discovery(station: station, logger: logger)
+        let server = ControlServer(station: station, socketPath: socket, socketGroup: socketGroup, configPath: config,
+                                   notifier: notifier, logger: logger)
+        let reloader = Reloader(station: station, configPath: config, logger: logger)
+        let group = ServiceGroup(configuration: .init(
+            services: [
+                .init(service: discovery),
+                .init(service: server),
+                .init(service: notifier),
+                .init(service: reloader),
+            ],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        logger.info("provisiond starting: station \(stationConfig.name), \(stationConfig.slots.count) slot(s), ledger \(stationConfig.ledgerPath)")
+        try await group.run()
+        logger.info("provisiond stopped")
+    }
+}
+
+/// SIGHUP: read the config again; a broken file keeps the running config and says why.
+struct Reloader: Service {
+    let station: Station
+    let configPath: String
+    let logger: Logger
+
+    func run() async throws {
+        let signals = AsyncStream<Void> { continuation in
+            let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .global())
+            signal(SIGHUP, SIG_IGN)
+            source.setEventHandler { continuation.yield() }
+            source.resume()
+            continuation.onTermination = { _ in source.cancel() }
+        }
+        await withGracefulShutdownHandler {
+            for await _ in signals.cancelOnGracefulShutdown() {
+                _ = await reload(station: station, configPath: configPath, logger: logger)
+            }
+        } onGracefulShutdown: {}
+    }
+}
+
+func reload(station: Station, configPath: String, logger: Logger) async -> Result<StationConfig, Error> {
+    do {
+        let config = try StationConfig.load(file: configPath)
+        await station.reload(config)
+        logger.notice("configuration reloaded from \(configPath)")
+        return .success(config)
+    } catch {
+        logger.error("reload failed, keeping the running configuration: \(error)")
+        return .failure(error)
+    }
+}

@@ -1,0 +1,55 @@
+import ControlProtocol
+import Foundation
+import Logging
+import ProvisionCShims
+import ServiceLifecycle
+import Station
+
+/// sd_notify: READY once the socket is bound, STATUS on every job change, WATCHDOG at half
+/// the interval systemd asked for. Outside systemd every call is a no-op (no NOTIFY_SOCKET).
+/// The watchdog timer is the daemon's only periodic wake-up.
+final class SystemdNotifier: Service, @unchecked Sendable {
+    let station: Station
+    let logger: Logger
+    private let readySignal = AsyncStream<Void>.makeStream()
+
+    init(station: Station, logger: Logger) {
+        self.station = station
+        self.logger = logger
+    }
+
+    static func notify(_ state: String) {
+        _ = state.withCString { provision_sd_notify($0) }
+    }
+
+    func ready() { readySignal.continuation.yield() }
+
+    func run() async throws {
+        let watchdog = provision_sd_watchdog_usec()
+        await withGracefulShutdownHandler {
+            await withTaskGroup(of: Void.self) { group in
+                if watchdog > 0 {
+                    group.addTask {
+                        let interval = Duration.microseconds(Int64(watchdog / 2))
+                        while !Task.isCancelled {
+                            Self.notify("WATCHDOG=1")
+                            try? await Task.sleep(for: interval)
+                        }
+                    }
+                }
+                group.addTask { [station] in
+                    var iterator = self.readySignal.stream.makeAsyncIterator()
+                    _ = await iterator.next()
+                    Self.notify("READY=1\nSTATUS=ready: waiting for cards")
+                    for await event in await station.subscribe() where event.kind == .job {
+                        let running = await station.runningJobCount
+                        Self.notify("STATUS=\(running) job(s) running" + (event.job.map { "; job \($0.id) \($0.state.rawValue)" } ?? ""))
+                    }
+                }
+                await group.waitForAll()
+            }
+        } onGracefulShutdown: {
+            Self.notify("STOPPING=1")
+        }
+    }
+}

@@ -1,0 +1,130 @@
+@testable import BlockDevices
+import Foundation
+import Testing
+import TestSupport
+
+/// The safety policy against real devices: loop cards made here, and the machine's own
+/// system disk (only its facts are read; nothing is ever opened for writing).
+@Suite("Safety policy", .serialized)
+struct SafetyPolicyTests {
+    let offline = SafetyPolicy(mode: .offline)
+
+    func sh(_ args: String...) throws -> String {
+        let r = try Command.run(args)
+        guard r.succeeded else { throw PolicyTestError(description: r.description) }
+        return r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    @Test("a plain loop card passes offline, and in the station only when loop devices are enabled")
+    func acceptsLoopCard() throws {
+        let card = try LoopCard(label: "ok", size: 16 << 20)
+        defer { card.close() }
+        let facts = try DeviceFacts.read(path: card.devicePath)
+        #expect(facts.size == 16 << 20 && !facts.isPartition && facts.isLoop)
+        #expect(offline.refusals(for: facts, minimumSize: 1 << 20).isEmpty)
+        #expect(SafetyPolicy(mode: .station(allowLoopDevices: true)).refusals(for: facts, minimumSize: nil).isEmpty)
+        #expect(SafetyPolicy(mode: .station(allowLoopDevices: false)).refusals(for: facts, minimumSize: nil).map(\.rule) == [.notEligible])
+    }
+
+    @Test("refuses the disk that holds /")
+    func refusesSystemDisk() throws {
+        let root = try sh("findmnt", "-n", "-o", "SOURCE", "/")
+        let parent = try sh("lsblk", "-n", "-d", "-o", "PKNAME", root)
+        let disk = parent.isEmpty ? root : "/dev/" + parent
+        let facts = try DeviceFacts.read(path: disk)
+        let refusals = offline.refusals(for: facts, minimumSize: nil)
+        #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("holds /") }, "\(refusals)")
+        #expect(refusals.contains { $0.rule == .notEligible }, "a fixed virtio disk is not a card: \(refusals)")
+    }
+
+    @Test("refuses a mounted card, naming the mount point")
+    func refusesMountedCard() throws {
+        let card = try LoopCard(label: "mounted", size: 16 << 20)
+        defer { card.close() }
+        _ = try sh("mkfs.ext4", "-q", "-F", card.devicePath)
+        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        _ = try sh("mount", card.devicePath, mnt)
+        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
+        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+        #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+    }
+
+    @Test("refuses a partition, and the whole disk when one of its partitions is mounted")
+    func refusesPartitionAndItsMountedDisk() throws {
+        let card = try LoopCard(label: "parts", size: 32 << 20, options: .init(partitionScan: true))
+        defer { card.close() }
+        _ = try Command.run(["sfdisk", "--quiet", card.devicePath], input: "label: dos\n,16M,L\n,,L\n")
+        try card.rescanPartitions()
+        _ = try sh("udevadm", "settle", "--timeout=5")
+        let part = card.devicePath + "p1"
+        try #require(FileManager.default.fileExists(atPath: part), "partition node \(part) did not appear")
+        let partFacts = try DeviceFacts.read(path: part)
+        #expect(offline.refusals(for: partFacts, minimumSize: nil).contains { $0.rule == .partition })
+
+        _ = try sh("mkfs.ext4", "-q", part)
+        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        _ = try sh("mount", part, mnt)
+        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
+        let diskRefusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+        #expect(diskRefusals.contains { $0.rule == .inUse && $0.reason.contains(mnt) }, "\(diskRefusals)")
+    }
+
+    @Test("refuses a write-protected card")
+    func refusesReadOnly() throws {
+        let card = try LoopCard(label: "ro", size: 16 << 20, options: .init(readOnly: true))
+        defer { card.close() }
+        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+        #expect(refusals.map(\.rule) == [.readOnly])
+        #expect(refusals[0].reason.contains("write-protected"))
+    }
+
+    @Test("refuses a card smaller than the image, with both sizes")
+    func refusesTooSmall() throws {
+        let card = try LoopCard(label: "small", size: 16 << 20)
+        defer { card.close() }
+        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: 20 << 20)
+        #expect(refusals.map(\.reason) == ["card too small: image needs \(20 << 20) bytes, card has \(16 << 20)"])
+    }
+
+    @Test("refuses a device larger than the station maximum")
+    func refusesTooLarge() throws {
+        let card = try LoopCard(label: "large", size: 64 << 20)
+        defer { card.close() }
+        let policy = SafetyPolicy(mode: .offline, maxDeviceSize: 32 << 20)
+        #expect(policy.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil).map(\.rule) == [.tooLarge])
+    }
+
+    @Test("refuses a device with holders (device-mapper, md, LVM)")
+    func refusesHeldDevice() throws {
+        // No device-mapper driver on the test machines: the holder list is set on real facts.
+        let card = try LoopCard(label: "held", size: 16 << 20)
+        defer { card.close() }
+        var facts = try DeviceFacts.read(path: card.devicePath)
+        #expect(facts.holders.isEmpty)
+        facts.holders = ["dm-0"]
+        #expect(offline.refusals(for: facts, minimumSize: nil).contains { $0.rule == .inUse && $0.reason.contains("dm-0") })
+    }
+
+    @Test("an empty reader slot (size 0) is 'no medium'")
+    func refusesEmptySlot() throws {
+        let card = try LoopCard(label: "empty", size: 16 << 20)
+        defer { card.close() }
+        var facts = try DeviceFacts.read(path: card.devicePath)
+        facts.size = 0
+        #expect(offline.refusals(for: facts, minimumSize: nil).map(\.rule) == [.noMedium])
+    }
+
+    @Test("sizes parse the way operators write them")
+    func parsesSizes() {
+        #expect(ByteCount.parse("512GiB") == 512 << 30)
+        #expect(ByteCount.parse("4MiB") == 4 << 20)
+        #expect(ByteCount.parse("1G") == 1 << 30)
+        #expect(ByteCount.parse("100") == 100)
+        #expect(ByteCount.parse("12 parsecs") == nil)
+        #expect(ByteCount.human(32 << 20) == "32 MiB")
+    }
+}
+
+struct PolicyTestError: Error, CustomStringConvertible { let description: String }

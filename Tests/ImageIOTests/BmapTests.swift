@@ -1,0 +1,180 @@
+import Crypto
+import Foundation
+@testable import ImageIO
+import Testing
+import TestSupport
+
+/// bmap handling checked against the real bmaptool: its bmap files, its copies.
+@Suite("bmap files, against bmaptool", .serialized)
+struct BmapTests {
+    let scratch: Scratch
+    init() throws { scratch = try Scratch() }
+
+    /// A 32 MiB sparse image with data in three places, and its bmap by `bmaptool create`.
+    func sparseImage() throws -> (image: String, bmap: String, data: [(UInt64, [UInt8])]) {
+        let image = scratch.path("sparse.img")
+        try run("truncate", "-s", "32M", image)
+        let pieces: [(UInt64, [UInt8])] = [(0, patternBytes(64 << 10, seed: 1)), (5 << 20, patternBytes(3 << 20, seed: 2)), (30 << 20 + 4096, patternBytes(8192, seed: 3))]
+        let h = FileHandle(forUpdatingAtPath: image)!
+        for (offset, bytes) in pieces { try h.seek(toOffset: offset); h.write(Data(bytes)) }
+        try h.close()
+        let bmap = image + ".bmap"
+        try run("bmaptool", "create", "-o", bmap, image)
+        return (image, bmap, pieces)
+    }
+
+    @Test("a bmap made by bmaptool create parses, with its ranges and checksums")
+    func parsesBmaptoolOutput() throws {
+        let (_, bmapPath, _) = try sparseImage()
+        let bmap = try Bmap.load(path: bmapPath)
+        #expect(bmap.version.hasPrefix("2."))
+        #expect(bmap.imageSize == 32 << 20 && bmap.blockSize == 4096)
+        #expect(bmap.checksumType == .sha256)
+        #expect(bmap.mappedBytes == UInt64(64 << 10) + UInt64(3 << 20) + 8192)
+        #expect(bmap.ranges.allSatisfy { $0.checksum?.count == 64 })
+    }
+
+    @Test("with a bmap, the card equals what bmaptool copy produces, and unmapped blocks are not written")
+    func matchesBmaptoolCopy() throws {
+        let (image, bmapPath, pieces) = try sparseImage()
+        let fill = scratch.path("fill.img")
+        try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
+        let ours = try LoopCard(label: "bmap-ours", size: 48 << 20, image: fill)
+        defer { ours.close() }
+        let theirs = try LoopCard(label: "bmap-theirs", size: 48 << 20, image: fill)
+        defer { theirs.close() }
+
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        let result = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
+        #expect(result.bytesWritten == options.bmap!.mappedBytes)
+        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
+
+        #expect(try ours.sha256() == theirs.sha256())
+        // Provably not written: an unmapped block still holds the 0xAA fill, not the image's zeros.
+        #expect(try readBytes(ours.devicePath, offset: 2 << 20, count: 4096) == [UInt8](repeating: 0xAA, count: 4096))
+        for (offset, bytes) in pieces {
+            #expect(try readBytes(ours.devicePath, offset: offset, count: bytes.count) == bytes)
+        }
+    }
+
+    @Test("bmap is found next to the image like bmaptool: IMAGE.bmap, then with extensions stripped")
+    func locatesLikeBmaptool() throws {
+        let image = scratch.path("disk.img.xz")
+        try write([1], to: image)
+        #expect(Bmap.locate(forImage: image) == nil)
+        try write([1], to: scratch.path("disk.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.path("disk.bmap"))
+        try write([1], to: scratch.path("disk.img.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.path("disk.img.bmap"))
+        try write([1], to: scratch.path("disk.img.xz.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.path("disk.img.xz.bmap"))
+    }
+
+    @Test("a compressed image with its bmap writes only mapped ranges and checks them as they stream by")
+    func compressedWithBmap() throws {
+        let (image, bmapPath, _) = try sparseImage()
+        try run("zstd", "-q", "-f", image, "-o", image + ".zst")
+        let card = try LoopCard(label: "bmap-zst", size: 48 << 20)
+        defer { card.close() }
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        let result = try ImageWriter.write(source: try ImageSource(path: image + ".zst"), to: try WriteTarget.open(path: card.devicePath), options: options)
+        #expect(result.verified && result.bytesWritten == options.bmap!.mappedBytes)
+        #expect(try card.sha256(bytes: 32 << 20) == sha256(file: image))
+    }
+
+    @Test("a bmap of a different size is 'belongs to a different image'")
+    func bmapSizeMismatch() throws {
+        let (_, bmapPath, _) = try sparseImage()
+        let other = scratch.path("other.img")
+        try run("truncate", "-s", "16M", other)
+        let card = try LoopCard(label: "bmap-mismatch", size: 48 << 20)
+        defer { card.close() }
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        do {
+            _ = try ImageWriter.write(source: try ImageSource(path: other), to: try WriteTarget.open(path: card.devicePath), options: options)
+            Issue.record("wrong bmap accepted")
+        } catch {
+            #expect(error.code == .bmapMismatch && error.message.contains("different image"))
+        }
+    }
+
+    @Test("a damaged mapped range is 'image corrupt: blocks A–B', not a card error")
+    func damagedImageRange() throws {
+        let (image, bmapPath, _) = try sparseImage()
+        let h = FileHandle(forUpdatingAtPath: image)!
+        try h.seek(toOffset: 6 << 20)
+        h.write(Data([0x42]))
+        try h.close()
+        let card = try LoopCard(label: "bmap-corrupt", size: 48 << 20)
+        defer { card.close() }
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        do {
+            _ = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: card.devicePath), options: options)
+            Issue.record("corrupt image accepted")
+        } catch {
+            #expect(error.code == .imageCorrupt)
+            #expect(error.message.contains("image corrupt: blocks 1280–2047"), "\(error)")
+        }
+    }
+
+    @Test("a hand-edited bmap fails its own checksum")
+    func editedBmapRejected() throws {
+        let (_, bmapPath, _) = try sparseImage()
+        var text = try String(contentsOfFile: bmapPath, encoding: .utf8)
+        text = text.replacingOccurrences(of: "<MappedBlocksCount>", with: "<!-- edited --><MappedBlocksCount>")
+        try text.write(toFile: bmapPath, atomically: true, encoding: .utf8)
+        #expect(throws: ImageIOError.self) { try Bmap.load(path: bmapPath) }
+    }
+
+    @Test("a version 1.3 bmap with SHA-1 checksums works, and bmaptool itself accepts it")
+    func version1Bmap() throws {
+        let (image, bmap2Path, _) = try sparseImage()
+        let v2 = try Bmap.load(path: bmap2Path)
+        let data = try Data(contentsOf: URL(fileURLWithPath: image))
+        var ranges = ""
+        for r in v2.ranges {
+            let bytes = data[Int(r.first * 4096)..<Int(min((r.last + 1) * 4096, v2.imageSize))]
+            let sha1 = Insecure.SHA1.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+            ranges += "        <Range sha1=\"\(sha1)\"> \(r.first == r.last ? "\(r.first)" : "\(r.first)-\(r.last)") </Range>\n"
+        }
+        let zero = String(repeating: "0", count: 40)
+        func doc(_ sum: String) -> String {
+            """
+            <?xml version="1.0" ?>
+            <bmap version="1.3">
+                <ImageSize> \(v2.imageSize) </ImageSize>
+                <BlockSize> 4096 </BlockSize>
+                <BlocksCount> \(v2.blocksCount) </BlocksCount>
+                <MappedBlocksCount> \(v2.mappedBlocksCount) </MappedBlocksCount>
+                <BmapFileSHA1> \(sum) </BmapFileSHA1>
+                <BlockMap>
+            \(ranges)    </BlockMap>
+            </bmap>
+
+            """
+        }
+        let fileSum = Insecure.SHA1.hash(data: Data(doc(zero).utf8)).map { String(format: "%02x", $0) }.joined()
+        let v1Path = scratch.path("v1.bmap")
+        try doc(fileSum).write(toFile: v1Path, atomically: true, encoding: .utf8)
+        let v1 = try Bmap.load(path: v1Path)
+        #expect(v1.checksumType == .sha1 && v1.ranges.count == v2.ranges.count)
+
+        let card = try LoopCard(label: "bmap-v1", size: 48 << 20)
+        defer { card.close() }
+        var options = WriteOptions()
+        options.bmap = v1
+        #expect(try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: card.devicePath), options: options).verified)
+        // The peer agrees this is a valid 1.4 bmap for the image.
+        let out = scratch.path("copy-v1.img")
+        try run("bmaptool", "copy", "--bmap", v1Path, image, out)
+        #expect(try sha256(file: out) == sha256(file: image))
+    }
+
+    func sha256(file: String) throws -> String {
+        SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: file))).map { String(format: "%02x", $0) }.joined()
+    }
+}

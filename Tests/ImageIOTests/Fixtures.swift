@@ -1,0 +1,51 @@
+import Foundation
+import TestSupport
+
+/// A temp directory that removes itself.
+final class Scratch: @unchecked Sendable {
+    let url: URL
+    init() throws {
+        url = FileManager.default.temporaryDirectory.appendingPathComponent("provision-test-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+    }
+    deinit { try? FileManager.default.removeItem(at: url) }
+    func path(_ name: String) -> String { url.appendingPathComponent(name).path }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+func patternBytes(_ count: Int, seed: UInt64 = 0x9E37_79B9_7F4A_7C15) -> [UInt8] {
+    var x = seed
+    var out = [UInt8](repeating: 0, count: count)
+    var i = 0
+    while i < count {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        withUnsafeBytes(of: x) { w in for b in w where i < count { out[i] = b; i += 1 } }
+    }
+    return out
+}
+
+func write(_ bytes: [UInt8], to path: String) throws {
+    try Data(bytes).write(to: URL(fileURLWithPath: path))
+}
+
+/// Reads `count` bytes at `offset` of a file or device (buffered; the device cache is
+/// dropped first so the bytes come from the medium).
+func readBytes(_ path: String, offset: UInt64 = 0, count: Int) throws -> [UInt8] {
+    _ = try? run("blockdev", "--flushbufs", path)
+    let h = try FileHandle(forReadingFrom: URL(fileURLWithPath: path))
+    defer { try? h.close() }
+    try h.seek(toOffset: offset)
+    return Array(h.readData(ofLength: count))
+}
+
+@discardableResult
+func run(_ args: String...) throws -> String {
+    let r = try Command.run(args)
+    guard r.succeeded else { throw FixtureError(r.description) }
+    return r.stdout
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}

@@ -1,0 +1,235 @@
+// The LoopCard fixture itself: the other targets' tests rely on its throttle, its hash and
+// its simulated card removal doing what they say.
+
+import Dispatch
+import Foundation
+import Testing
+import TestSupport
+
+/// Runs a blocking command on a GCD thread (not on Swift's cooperative pool).
+func runInBackground(_ arguments: [String]) async throws -> CommandOutput {
+    try await withCheckedThrowingContinuation { continuation in
+        DispatchQueue.global().async {
+            continuation.resume(with: Result { try Command.run(arguments, timeout: .seconds(120)) })
+        }
+    }
+}
+
+/// A file of `size` bytes, all 0xAB: written data that a zero-filled card does not have.
+func patternFile(in directory: TemporaryDirectory, size: Int) throws -> String {
+    let path = directory.path + "/pattern.bin"
+    try Data(repeating: 0xAB, count: size).write(to: URL(fileURLWithPath: path))
+    return path
+}
+
+@Suite("LoopCard fixture")
+struct LoopCardTests {
+    @Test func createsASparseAttachedCardOfTheRequestedSize() throws {
+        let card = try LoopCard(label: "size check", size: 24 << 20)
+        defer { card.close() }
+        #expect(card.isAttached)
+        #expect(card.deviceSize == 24 << 20)
+        #expect(card.devicePath.hasPrefix("/dev/loop"))
+        #expect(card.label == "size_check")
+        let fileName = URL(fileURLWithPath: card.backingFile).lastPathComponent
+        #expect(fileName.hasPrefix("provision-card-size_check-") && fileName.hasSuffix(".img"))
+        var info = stat()
+        #expect(stat(card.backingFile, &info) == 0)
+        #expect(info.st_blocks == 0, "backing file is not sparse")
+        #expect(card.diskSequence != nil)
+    }
+
+    @Test func usesDirectIOByDefaultAndReadOnlyOnRequest() throws {
+        let card = try LoopCard(label: "ro", size: 8 << 20, options: .init(readOnly: true))
+        defer { card.close() }
+        let listing = try Command.check(["losetup", "--list", "--noheadings", "--output", "RO,DIO", card.devicePath])
+        #expect(listing.stdout.split(separator: " ", omittingEmptySubsequences: true).map(String.init)
+            .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) } == ["1", "1"])
+        let write = try Command.run(["dd", "if=/dev/zero", "of=\(card.devicePath)", "bs=4096", "count=1",
+                                     "oflag=direct", "status=none"])
+        #expect(!write.succeeded)
+        #expect(write.stderr.contains("Read-only file system") || write.stderr.contains("Operation not permitted"))
+    }
+
+    @Test func hashesWhatWasWrittenThroughTheDevice() throws {
+        let directory = try TemporaryDirectory("provision-hash")
+        defer { directory.remove() }
+        let pattern = try patternFile(in: directory, size: 4 << 20)
+        let card = try LoopCard(label: "hash", size: 8 << 20)
+        defer { card.close() }
+        let before = try card.sha256()
+        try Command.check(["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
+        let expected = try Command.check(["sha256sum", pattern]).stdout.prefix(64)
+        #expect(try card.sha256(bytes: 4 << 20) == String(expected))
+        #expect(try card.backingFileSHA256(bytes: 4 << 20) == String(expected))
+        #expect(try card.sha256() != before)
+        #expect(throws: LoopCardError.self) { try card.sha256(bytes: 1000) }
+    }
+
+    @Test func startsFromAnImageWhenGivenOne() throws {
+        let directory = try TemporaryDirectory("provision-image")
+        defer { directory.remove() }
+        let pattern = try patternFile(in: directory, size: 1 << 20)
+        let card = try LoopCard(label: "from-image", size: 4 << 20, image: pattern)
+        defer { card.close() }
+        #expect(card.deviceSize == 4 << 20)
+        let expected = try Command.check(["sha256sum", pattern]).stdout.prefix(64)
+        #expect(try card.sha256(bytes: 1 << 20) == String(expected))
+    }
+
+    @Test func throttleLimitsDirectWrites() throws {
+        // 8 MiB at 4 MB/s is 2.1 s; ≥ 1.5 s leaves room for the throttle's first slice.
+        let card = try LoopCard(label: "slow", size: 16 << 20)
+        defer { card.close() }
+        try card.throttle(writeBytesPerSecond: 4_000_000)
+        let rule = try String(contentsOfFile: "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device", encoding: .utf8)
+        #expect(rule.contains("\(card.major):\(card.minor) 4000000"))
+        let throttled = try timed {
+            try Command.check(["dd", "if=/dev/zero", "of=\(card.devicePath)", "bs=1M", "count=8", "oflag=direct", "status=none"])
+        }
+        print("LoopCard: 8 MiB O_DIRECT write at a 4 MB/s throttle took \(throttled)")
+        #expect(throttled >= .milliseconds(1500))
+
+        try card.removeThrottle()
+        let after = try String(contentsOfFile: "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device", encoding: .utf8)
+        #expect(!after.contains("\(card.major):\(card.minor) "))
+        let free = try timed {
+            try Command.check(["dd", "if=/dev/zero", "of=\(card.devicePath)", "bs=1M", "count=8", "oflag=direct", "status=none"])
+        }
+        print("LoopCard: the same write without the throttle took \(free)")
+        #expect(free < throttled)
+    }
+
+    @Test func throttleLimitsDirectReads() throws {
+        let card = try LoopCard(label: "slow-read", size: 16 << 20)
+        defer { card.close() }
+        try card.throttle(writeBytesPerSecond: nil, readBytesPerSecond: 4_000_000)
+        let elapsed = try timed {
+            try Command.check(["dd", "if=\(card.devicePath)", "of=/dev/null", "bs=1M", "count=8", "iflag=direct", "status=none"])
+        }
+        #expect(elapsed >= .milliseconds(1500))
+    }
+
+    @Test func detachIsIdempotentAndDropsTheThrottle() throws {
+        let card = try LoopCard(label: "detach", size: 8 << 20)
+        defer { card.close() }
+        // An odd rate, so that the check below cannot see another test's throttle on a
+        // card that got the same loop device after ours was detached.
+        try card.throttle(writeBytesPerSecond: 1_234_567)
+        try card.detach()
+        #expect(!card.isAttached)
+        let rules = try String(contentsOfFile: "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device", encoding: .utf8)
+        #expect(!rules.contains("\(card.major):\(card.minor) 1234567"))
+        try card.detach()
+        #expect(throws: LoopCardError.self) { try card.throttle(writeBytesPerSecond: 1) }
+        #expect(throws: LoopCardError.self) { try card.sha256() }
+        #expect(throws: LoopCardError.self) { try card.pull() }
+    }
+
+    @Test func closeDeletesTheBackingFile() throws {
+        let card = try LoopCard(label: "close", size: 8 << 20)
+        let file = card.backingFile
+        card.close()
+        #expect(!FileManager.default.fileExists(atPath: file))
+        #expect(!card.isAttached)
+        card.close()
+    }
+
+    @Test func showsThePartitionsOfAPartitionedImage() throws {
+        let directory = try TemporaryDirectory("provision-partscan")
+        defer { directory.remove() }
+        let image = directory.path + "/gpt.img"
+        try Command.check(["truncate", "--size=32M", image])
+        try Command.check(["sfdisk", "--quiet", image], input: "label: gpt\n,8M\n,8M\n,\n")
+        let card = try LoopCard(label: "gpt", size: 32 << 20, image: image, options: .init(partitionScan: true))
+        defer { card.close() }
+        for number in 1...3 {
+            #expect(FileManager.default.fileExists(atPath: "/sys/block/\(card.name)/\(card.name)p\(number)"))
+        }
+        // A blank card has no partition table: not an error.
+        let blank = try LoopCard(label: "blank", size: 8 << 20, options: .init(partitionScan: true))
+        blank.close()
+    }
+
+    @Test func pullingTheCardFailsAWriterMidWriteAndKeepsWhatWasWritten() async throws {
+        let directory = try TemporaryDirectory("provision-pull")
+        defer { directory.remove() }
+        let pattern = try patternFile(in: directory, size: 16 << 20)
+        let card = try LoopCard(label: "pulled", size: 16 << 20)
+        defer { card.close() }
+        // 16 MiB at 2 MB/s takes 8 s: the pull lands in the middle.
+        try card.throttle(writeBytesPerSecond: 2_000_000)
+        async let writer = runInBackground(
+            ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
+        try await waitUntilWritten(card, bytes: 2 << 20)
+        try card.pull()
+        let output = try await writer
+
+        #expect(!output.succeeded)
+        // The write the throttle was holding fails with EIO; had dd gone on, ENOSPC.
+        #expect(output.stderr.contains("Input/output error") || output.stderr.contains("No space left on device"),
+                "dd said: \(output.stderr)")
+        #expect(!output.stderr.contains("16777216 bytes"), "dd finished before the pull")
+        #expect(card.deviceSize == 0)
+        // What reached the card before the pull is still in the backing file.
+        let firstMiB = try Command.check(["bash", "-c", "head -c 1048576 \"$1\" | sha256sum", "h", pattern])
+            .stdout.prefix(64)
+        #expect(try card.backingFileSHA256(bytes: 1 << 20) == String(firstMiB))
+        // The writer has closed the device: the lazy detach completed.
+        let detachDeadline = ContinuousClock.now.advanced(by: .seconds(5))
+        while card.isAttached && ContinuousClock.now < detachDeadline { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(!card.isAttached)
+    }
+
+    @Test func plainLosetupDetachDoesNotStopAWriter() async throws {
+        // Why pull() exists: losetup -d on a busy device only sets autoclear.
+        let directory = try TemporaryDirectory("provision-lazy")
+        defer { directory.remove() }
+        let pattern = try patternFile(in: directory, size: 8 << 20)
+        let card = try LoopCard(label: "lazy", size: 8 << 20)
+        defer { card.close() }
+        try card.throttle(writeBytesPerSecond: 4_000_000)
+        async let writer = runInBackground(
+            ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
+        try await waitUntilWritten(card, bytes: 1 << 20)
+        try Command.check(["losetup", "--detach", card.devicePath])
+        let output = try await writer
+        #expect(output.succeeded, "\(output)")
+        let expected = try Command.check(["sha256sum", pattern]).stdout.prefix(64)
+        #expect(try card.backingFileSHA256() == String(expected))
+    }
+
+    @Test func aPulledCardThatNobodyHoldsLosesItsTagAtOnce() async throws {
+        _ = try provisionGroupID()
+        let udevd = try Udevd.ensureRunning()
+        let rules = try udevd.installRules(Udevd.projectRuleFiles())
+        defer { try? rules.remove() }
+        let card = try LoopCard(label: "pulled-udev", size: 8 << 20)
+        defer { card.close() }
+        _ = try udevd.waitForProperties(of: card.devicePath) { $0["CURRENT_TAGS"]?.contains(":provision:") == true }
+        try card.pull()
+        // Nobody had it open: detached at once, and udev drops the tag.
+        let properties = try udevd.waitForProperties(of: card.devicePath) {
+            $0["CURRENT_TAGS"]?.contains(":provision:") == false
+        }
+        #expect(!Udevd.tags(from: properties["CURRENT_TAGS"]).contains("provision"))
+        #expect(!card.isAttached)
+    }
+}
+
+/// Waits until `bytes` have reached the card's (sparse) backing file: the writer has
+/// the device open and is under way, however slowly the machine started it.
+func waitUntilWritten(_ card: LoopCard, bytes: Int) async throws {
+    let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+    var info = stat()
+    while stat(card.backingFile, &info) == 0, Int(info.st_blocks) * 512 < bytes, ContinuousClock.now < deadline {
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    #expect(Int(info.st_blocks) * 512 >= bytes, "the writer did not get going")
+}
+
+func timed(_ body: () throws -> Void) rethrows -> Duration {
+    let start = ContinuousClock.now
+    try body()
+    return ContinuousClock.now - start
+}

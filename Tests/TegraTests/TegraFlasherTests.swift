@@ -1,0 +1,217 @@
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+@testable import Tegra
+
+/// The whole T124 sequence against the simulated boot ROM and miniloader, and every fault.
+@Suite struct TegraFlasherTests {
+    final class PhaseLog: Sendable {
+        let entries = Mutex<[(TegraPhase, Double)]>([])
+        func add(_ phase: TegraPhase, _ fraction: Double) { entries.withLock { $0.append((phase, fraction)) } }
+        var phases: [TegraPhase] {
+            entries.withLock { list in list.map(\.0).reduce(into: []) { if $0.last != $1 { $0.append($1) } } }
+        }
+    }
+
+    func flasher(_ device: SimulatedTegra, _ inputs: TegraFlashInputs, log: PhaseLog = PhaseLog()) -> TegraFlasher {
+        TegraFlasher(source: device.source, inputs: inputs, timeoutMilliseconds: 50,
+                     reenumerationTimeoutSeconds: 0.3) { log.add($0, $1) }
+    }
+
+    @Test func flashesABoardFromRecoveryToFlasherUBoot() throws {
+        let directory = try TemporaryDirectory()
+        let inputs = try syntheticInputs(in: directory)
+        let device = SimulatedTegra()
+        let log = PhaseLog()
+        let report = try flasher(device, inputs, log: log).run()
+        let record = device.record
+
+        #expect(record.violations.isEmpty, "\(record.violations)")
+        #expect(report.uid == "101112131415161718191a1b1c1d1e1f")
+        #expect(report.rcmVersion == 0x0040_0001 && !report.miniloaderWasRunning)
+        #expect(report.platformInfo.bootDeviceName == "eMMC")
+        #expect(log.phases == [.rcm, .miniloader, .bct, .bootloader, .flashingOnDevice])
+
+        #expect(record.rcmMessages.map(\.opcode) == [6, 4])
+        #expect(record.rcmMessages[0].transferSizes == [1028])
+        #expect(record.rcmMessages[1].transferSizes == Array(repeating: 4096, count: 33) + [2404])
+        #expect(record.miniloader == inputs.miniloader && record.miniloaderEntry == 0x4000_E000)
+        #expect(record.reenumerations == 1 && record.opens == 2)
+
+        #expect(record.nv3pCommands == [0x01, 0x04, 0x06])
+        #expect(record.bct == inputs.bct)
+        let payload = try FlasherPayload(inputs: inputs, environment: inputs.substitutedEnvironment(uid: report.uid))
+        #expect(record.bootloader == payload.bytes)
+        #expect(record.bootloaderLoadAddress == 0x8010_8000 && record.bootloaderEntry == 0x8010_8000)
+        let full = payload.bytes.count / 65_536
+        #expect(record.hostDataPacketLengths == [8192] + Array(repeating: 65_536, count: full) + [payload.bytes.count % 65_536])
+        #expect(report.script.contains("setenv hostname 'bench-07'"))
+        #expect(report.script.contains("setenv unit_uid '\(report.uid)'"))
+    }
+
+    @Test func skipsRCMWhenTheMiniloaderIsAlreadyRunning() throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra(faults: [.miniloaderAlreadyRunning])
+        let report = try flasher(device, try syntheticInputs(in: directory)).run()
+        #expect(report.miniloaderWasRunning && report.rcmVersion == nil)
+        #expect(report.uid == "101112131415161718191a1b1c1d1e1f", "UID from platform info")
+        #expect(device.record.rcmMessages.isEmpty && device.record.violations.isEmpty)
+    }
+
+    @Test func readsPlatformInfoForTegraInfo() throws {
+        let device = SimulatedTegra()
+        let (uid, info) = try TegraFlasher.platformInfo(source: device.source, chip: .t124, miniloader: pattern(136_920, seed: 1),
+                                                        timeoutMilliseconds: 50, reenumerationTimeoutSeconds: 0.3)
+        #expect(uid == "101112131415161718191a1b1c1d1e1f" && info.chipID == 0x40 && info.operatingMode == 3)
+        #expect(device.record.nv3pCommands == [0x01] && device.record.violations.isEmpty)
+    }
+
+    func failure(_ faults: [SimulatedTegra.Fault], chip: TegraChip = .t124, productID: UInt16 = 0x7140,
+                 uidLength: Int = 16, mutate: (inout TegraFlashInputs) -> Void = { _ in }) throws -> (TegraError, SimulatedTegra) {
+        let directory = try TemporaryDirectory()
+        var inputs = try syntheticInputs(in: directory)
+        mutate(&inputs)
+        let device = SimulatedTegra(chip: chip, productID: productID, uid: Array(0x10..<(0x10 + UInt8(uidLength))), faults: faults)
+        let started = Date()
+        let error = try #require(throws: TegraError.self) { try flasher(device, inputs).run() }
+        #expect(Date().timeIntervalSince(started) < 5, "a fault must end quickly, not hang")
+        #expect(!error.message.isEmpty)
+        return (error, device)
+    }
+
+    @Test func wrongUIDLengthIsAClearError() throws {
+        let (error, _) = try failure([.uidLength(12)])
+        #expect(error.kind == .unexpectedUIDLength(12))
+        #expect(error.message.contains("12-byte UID"))
+    }
+
+    @Test func secureBootBoardIsRefusedWithAnExplanation() throws {
+        let (error, device) = try failure([.secureBoot])
+        #expect(error.kind == .secureBoot)
+        #expect(error.message.contains("secure boot") && error.message.contains("RSA-PSS"))
+        #expect(device.record.miniloader == nil, "nothing sent after the rejection")
+    }
+
+    @Test func silentRCMVersionReplyTimesOut() throws {
+        let (error, _) = try failure([.silentAt(.rcmVersionReply)])
+        #expect(error.kind == .timeout && error.message.contains("RCM version query"))
+    }
+
+    @Test func silentMiniloaderReplyTimesOut() throws {
+        let (error, _) = try failure([.silentAt(.miniloaderReply)])
+        #expect(error.kind == .timeout && error.message.contains("miniloader"))
+    }
+
+    @Test func unplugDuringMiniloaderUploadIsDeviceGone() throws {
+        let (error, _) = try failure([.disconnect(.miniloaderUpload, afterBytes: 50_000)])
+        #expect(error.kind == .deviceGone)
+    }
+
+    @Test func deviceThatNeverComesBackAfterTheMiniloaderIsAnError() throws {
+        let (error, _) = try failure([.neverReenumerates])
+        #expect(error.kind == .reenumerationTimeout && error.message.contains("did not come back"))
+    }
+
+    @Test func silentPlatformInfoTimesOut() throws {
+        let (error, _) = try failure([.silentAt(.platformInfo)])
+        #expect(error.kind == .timeout)
+    }
+
+    @Test func corruptPlatformInfoChecksumIsAProtocolViolation() throws {
+        let (error, _) = try failure([.corruptPlatformInfoChecksum])
+        #expect(error.kind == .protocolViolation && error.message.contains("checksum"))
+    }
+
+    @Test(arguments: [0, 2, 7] as [UInt32])
+    func lockedOperatingModeStopsBeforeTheBCT(mode: UInt32) throws {
+        let (error, device) = try failure([.operatingMode(mode)])
+        #expect(error.kind == .unsupportedOperatingMode(mode))
+        #expect(device.record.bct == nil)
+    }
+
+    @Test func nackOfTheBCTDownloadIsReported() throws {
+        let (error, _) = try failure([.nack(command: 0x04, code: 3)])
+        #expect(error.kind == .nack(3) && error.message.contains("bad data"))
+    }
+
+    @Test func nackOfPlatformInfoIsReported() throws {
+        let (error, _) = try failure([.nack(command: 0x01, code: 2)])
+        #expect(error.kind == .nack(2) && error.message.contains("bad command"))
+    }
+
+    @Test func invalidBCTStatusIsReported() throws {
+        let (error, device) = try failure([.badStatus(command: 0x04, code: 0x0C)])
+        #expect(error.kind == .status(0x0C) && error.message.contains("invalid BCT"))
+        #expect(device.record.bootloader == nil)
+    }
+
+    @Test func badStatusOfTheBootloaderDownloadIsReported() throws {
+        let (error, _) = try failure([.badStatus(command: 0x06, code: 2)])
+        #expect(error.kind == .status(2) && error.message.contains("device failure"))
+    }
+
+    @Test func badStatusOfPlatformInfoIsReported() throws {
+        let (error, _) = try failure([.badStatus(command: 0x01, code: 4)])
+        #expect(error.kind == .status(4) && error.message.contains("invalid state"))
+    }
+
+    @Test func silentBCTStatusTimesOut() throws {
+        let (error, _) = try failure([.silentAt(.bctStatus)])
+        #expect(error.kind == .timeout)
+    }
+
+    @Test func silentBootloaderStatusTimesOut() throws {
+        let (error, _) = try failure([.silentAt(.bootloaderStatus)])
+        #expect(error.kind == .timeout)
+    }
+
+    @Test func missingDataAcksTimeOut() throws {
+        let (error, _) = try failure([.silentAt(.bootloaderData)])
+        #expect(error.kind == .timeout)
+    }
+
+    @Test func unplugDuringBootloaderDownloadIsDeviceGone() throws {
+        let (error, device) = try failure([.disconnect(.bootloaderData, afterBytes: 200_000)])
+        #expect(error.kind == .deviceGone)
+        #expect(device.record.bootloader == nil)
+    }
+
+    @Test func profileForAnotherChipIsRefusedBeforeAnyTransfer() throws {
+        let (error, device) = try failure([], chip: .t30, productID: 0x7030, uidLength: 8)
+        #expect(error.kind == .invalidInput && error.message.contains("T30"))
+        #expect(device.record.rcmMessages.isEmpty)
+    }
+
+    @Test func productIDOutsideTheProfileListIsRefused() throws {
+        let (error, _) = try failure([], mutate: { $0.usbProductIDs = [0x7740] })
+        #expect(error.kind == .invalidInput && error.message.contains("0x7740"))
+    }
+
+    @Test func cancelStopsBetweenTransfers() throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra()
+        let box = Mutex<TegraFlasher?>(nil)
+        let flasher = TegraFlasher(source: device.source, inputs: try syntheticInputs(in: directory),
+                                   timeoutMilliseconds: 50, reenumerationTimeoutSeconds: 0.3) { phase, _ in
+            if phase == .bct { box.withLock { $0?.cancel() } }
+        }
+        box.withLock { $0 = flasher }
+        let error = try #require(throws: TegraError.self) { try flasher.run() }
+        #expect(error.kind == .cancelled)
+        #expect(device.record.bootloader == nil)
+    }
+
+    @Test func chipsBelowT124SpeakTheirOwnRCMVersion() throws {
+        // A T30 answers the v1 version query; the flow up to the miniloader uses v1 messages.
+        let directory = try TemporaryDirectory()
+        var inputs = try syntheticInputs(in: directory)
+        inputs.chip = .t30
+        inputs.usbProductIDs = [0x7030]
+        inputs.miniloaderEntry = 0x4000_A000
+        let device = SimulatedTegra(chip: .t30, productID: 0x7030, uid: Array(1...8))
+        let report = try flasher(device, inputs).run()
+        #expect(report.rcmVersion == 0x0001_0000 && report.uid == "0102030405060708")
+        #expect(device.record.violations.isEmpty, "\(device.record.violations)")
+    }
+}

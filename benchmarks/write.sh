@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# benchmarks/write.sh — provision write against dd and bmaptool, measured in the same run.
+#
+# Cards are loop devices (--direct-io=on), unthrottled and throttled with the blkio v1
+# cgroup to SD-card speeds. Images: (a) 512 MiB random raw; (b) 2 GiB with ~20% mapped and
+# its bmap; (c) the image of (b) as .zst and .xz (with the bmap).
+# Prints a table with wall time, peak RSS and ratios. Needs root.
+#
+#   benchmarks/write.sh [--quick] [--write-mbps 20] [--read-mbps 40] [--keep DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0; WMBPS=20; RMBPS=40; WORK=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --write-mbps) WMBPS=$2; shift ;;
+    --read-mbps) RMBPS=$2; shift ;;
+    --keep) WORK=$2; shift ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 64 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "benchmarks/write.sh needs root (loop devices, blkio cgroup)" >&2; exit 77; }
+
+make -s deps >/dev/null
+swift build -c release --product provision >/dev/null
+PROVISION=$(swift build -c release --show-bin-path)/provision
+
+if [ $QUICK = 1 ]; then A_MB=128; B_MB=512; else A_MB=512; B_MB=2048; fi
+WORK=${WORK:-$(mktemp -d /var/tmp/provision-bench.XXXXXX)}
+mkdir -p "$WORK"
+LOOPS=()
+cleanup() {
+  for l in "${LOOPS[@]}"; do
+    unthrottle "$l" 2>/dev/null || true
+    losetup -d "$l" 2>/dev/null || true
+  done
+  [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+BLKIO=/sys/fs/cgroup/blkio
+throttle() { # loopdev write_Bps read_Bps
+  local mm; mm=$(lsblk -dno MAJ:MIN "$1" | tr -d ' ')
+  echo "$mm $2" > $BLKIO/blkio.throttle.write_bps_device
+  echo "$mm $3" > $BLKIO/blkio.throttle.read_bps_device
+}
+unthrottle() { throttle "$1" 0 0; }
+
+card() { # size_mb -> prints loop device
+  local f; f=$(mktemp "$WORK/provision-card-XXXXXX.img")
+  truncate -s "$1M" "$f"
+  local l; l=$(losetup --find --show --direct-io=on "$f")
+  LOOPS+=("$l")
+  echo "$l"
+}
+
+echo ">>> building images in $WORK"
+A="$WORK/a-random.img"
+head -c $((A_MB << 20)) /dev/urandom > "$A"
+B="$WORK/b-sparse.img"
+truncate -s "${B_MB}M" "$B"
+# ~20% mapped: 4 MiB of random data in every 20 MiB, so bmap ranges are spread over the card.
+for ((off = 0; off < B_MB; off += 20)); do
+  dd if=/dev/urandom of="$B" bs=1M count=4 seek=$off conv=notrunc status=none
+done
+bmaptool create -o "$B.bmap" "$B" 2>/dev/null
+zstd -q -T0 -f "$B" -o "$B.zst"
+xz -T0 -k -f -1 "$B"
+cp "$B.bmap" "$B.zst.bmap"; cp "$B.bmap" "$B.xz.bmap"
+
+# run LABEL CMD... : wall seconds and peak RSS (KiB) of the command
+declare -A WALL RSS
+run() {
+  local label=$1; shift
+  sync; echo 3 > /proc/sys/vm/drop_caches
+  local out; out=$(mktemp)
+  /usr/bin/time -v -o "$out" "$@" >/dev/null 2>"$out.err" || { echo "FAILED: $label: $*"; cat "$out.err"; exit 1; }
+  WALL[$label]=$(awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i]; print s }' "$out")
+  RSS[$label]=$(awk -F': ' '/Maximum resident set size/ { print $2 }' "$out")
+  rm -f "$out" "$out.err"
+  printf '    %-34s %8.2f s  %7d KiB\n' "$label" "${WALL[$label]}" "${RSS[$label]}"
+}
+
+ddwr() { # image dev bytes: dd write + O_DIRECT read-back, as a person would verify by hand
+  dd if="$1" of="$2" bs=4M oflag=direct conv=fsync status=none
+  dd if="$2" of=/dev/null bs=4M iflag=direct count=$(( ($3 + 4194303) / 4194304 )) status=none
+}
+export -f ddwr
+
+bench_speed() { # name write_Bps read_Bps
+  local name=$1 wbps=$2 rbps=$3
+  echo ">>> $name"
+  local c; c=$(card $((B_MB + 64)))
+  [ "$wbps" = 0 ] || throttle "$c" "$wbps" "$rbps"
+  run "$name a dd+readback" bash -c "ddwr '$A' '$c' $((A_MB << 20))"
+  run "$name a bmaptool copy" bmaptool copy --nobmap "$A" "$c"
+  run "$name a provision write" "$PROVISION" write --yes --nobmap "$A" "$c"
+  run "$name b dd+readback" bash -c "ddwr '$B' '$c' $((B_MB << 20))"
+  run "$name b bmaptool copy" bmaptool copy --bmap "$B.bmap" "$B" "$c"
+  run "$name b provision write" "$PROVISION" write --yes "$B" "$c"
+  run "$name c bmaptool copy zst" bmaptool copy --bmap "$B.bmap" "$B.zst" "$c"
+  run "$name c provision write zst" "$PROVISION" write --yes "$B.zst" "$c"
+  run "$name c bmaptool copy xz" bmaptool copy --bmap "$B.bmap" "$B.xz" "$c"
+  run "$name c provision write xz" "$PROVISION" write --yes "$B.xz" "$c"
+  unthrottle "$c"
+}
+
+bench_speed "fast" 0 0
+bench_speed "sd" $((WMBPS * 1000000)) $((RMBPS * 1000000))
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+maxrss=0
+for k in "${!RSS[@]}"; do case "$k" in *provision*) [ "${RSS[$k]}" -gt $maxrss ] && maxrss=${RSS[$k]} ;; esac; done
+echo
+echo "## provision write vs dd and bmaptool (a: ${A_MB} MiB random; b: ${B_MB} MiB, 20% mapped, bmap; c: b as zst/xz)"
+echo
+echo "| card | case | dd write+read | bmaptool copy | provision write (+verify) | vs dd | vs bmaptool | target |"
+echo "|---|---|---|---|---|---|---|---|"
+for s in fast sd; do
+  lbl=$s; [ $s = sd ] && lbl="SD ${WMBPS}/${RMBPS} MB/s"
+  echo "| $lbl | a raw | ${WALL[$s a dd+readback]} s | ${WALL[$s a bmaptool copy]} s | ${WALL[$s a provision write]} s | $(ratio "${WALL[$s a provision write]}" "${WALL[$s a dd+readback]}") | $(ratio "${WALL[$s a provision write]}" "${WALL[$s a bmaptool copy]}") | ≤ 1.03× dd |"
+  echo "| $lbl | b bmap | ${WALL[$s b dd+readback]} s | ${WALL[$s b bmaptool copy]} s | ${WALL[$s b provision write]} s | $(ratio "${WALL[$s b provision write]}" "${WALL[$s b dd+readback]}") | $(ratio "${WALL[$s b provision write]}" "${WALL[$s b bmaptool copy]}") | ≤ 1.0× bmaptool |"
+  echo "| $lbl | c zst | – | ${WALL[$s c bmaptool copy zst]} s | ${WALL[$s c provision write zst]} s | – | $(ratio "${WALL[$s c provision write zst]}" "${WALL[$s c bmaptool copy zst]}") | ≤ 1.05× raw: $(ratio "${WALL[$s c provision write zst]}" "${WALL[$s b provision write]}")× |"
+  echo "| $lbl | c xz | – | ${WALL[$s c bmaptool copy xz]} s | ${WALL[$s c provision write xz]} s | – | $(ratio "${WALL[$s c provision write xz]}" "${WALL[$s c bmaptool copy xz]}") | (xz: $(ratio "${WALL[$s c provision write xz]}" "${WALL[$s b provision write]}")× raw) |"
+done
+echo
+echo "peak RSS of provision write over all runs: $((maxrss / 1024)) MiB (target ≤ 64 MiB); bmaptool: $(( ${RSS[sd b bmaptool copy]} / 1024 )) MiB"
