@@ -87,3 +87,18 @@ struct ProfileTreeTests {
         try Profile.checkBlobPlacements([uboot], against: extents)
     }
 }
+
+extension ProfileTreeTests {
+    @Test func missingProfileDirectoryIsAnError() throws {
+        #expect(throws: ConfigError.self) { try ProfileCatalog.load(directory: "/nonexistent/provision-images") }
+    }
+
+    @Test func unreadableProfileFileNamesTheFile() throws {
+        do {
+            _ = try Profile.load(file: "/nonexistent/board/profile.toml")
+            Issue.record("a missing profile file must be an error")
+        } catch let error as ConfigError {
+            #expect(error.file == "/nonexistent/board/profile.toml" && error.message.contains("cannot read"))
+        }
+    }
+}

@@ -187,6 +187,9 @@ struct ProfileTests {
     @Test func missingImageIsAnError() throws {
         let error = try #require(failure("name = \"board\"\nkind = \"sd\"\n"))
         #expect(error.keyPath == "image")
+        #expect(error.line == 2)
+        let withoutKind = try #require(failure("# board\nname = \"board\"\ndescription = \"x\"\n"))
+        #expect(withoutKind.line == 2)
         #expect(error.message.contains("missing"))
     }
 

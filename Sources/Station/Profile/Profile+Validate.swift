@@ -5,7 +5,13 @@ extension Profile {
         switch kind {
         case .sd:
             guard image != nil else {
-                throw reader.error("image", "missing: an sd profile needs image = \"…\" (the image to write)")
+                var error = reader.error("image", "missing: an sd profile needs image = \"…\" (the image to write)")
+                // At the top of a profile file there is no enclosing table line to point at;
+                // the line that makes this an sd profile is the next best place.
+                if error.line == nil {
+                    error.line = ["kind", "name"].lazy.compactMap { reader.document.locator.line(of: reader.path($0)) }.first
+                }
+                throw error
             }
         case .tegra:
             guard tegra != nil else {
