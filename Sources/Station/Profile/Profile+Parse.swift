@@ -80,6 +80,7 @@ extension Profile {
         guard let kind = Kind(rawValue: kindText) else {
             throw reader.error("kind", "unknown kind \"\(kindText)\"; expected \"sd\" or \"tegra\"")
         }
+        try checkTablesFit(kind, reader)
         let image = try parseImage(reader)
         let partitions = try (reader.tables("partitions") ?? []).map(parsePartition)
         let blobs = try (reader.tables("blobs") ?? []).map(parseBlob)
@@ -94,6 +95,19 @@ extension Profile {
                               location: reader.document.location(of: reader.path))
         try profile.validate(reader, explicitInject: injectSetting)
         return profile
+    }
+
+    /// Tables that belong to the other kind are refused before their contents are read, so the
+    /// error says "wrong kind" rather than complaining about a key inside.
+    static func checkTablesFit(_ kind: Kind, _ reader: TOMLTableReader) throws {
+        switch kind {
+        case .sd:
+            if reader.contains("tegra") { throw reader.error("tegra", "[tegra] is only for kind = \"tegra\"") }
+        case .tegra:
+            for key in ["blobs", "users", "root"] where reader.contains(key) {
+                throw reader.error(key, "not supported for kind = \"tegra\": the Tegra flow writes only the BCT and U-Boot")
+            }
+        }
     }
 
     /// A setting that may be written at the top level or inside `[image]`, but not both.

@@ -5,17 +5,17 @@ extension Profile {
         switch kind {
         case .sd:
             guard image != nil else {
-                throw reader.error("image", "missing: an sd profile needs image = \"…\" (the image to write)")
-            }
-            if reader.contains("tegra") {
-                throw reader.error("tegra", "[tegra] is only for kind = \"tegra\"")
+                var error = reader.error("image", "missing: an sd profile needs image = \"…\" (the image to write)")
+                // At the top of a profile file there is no enclosing table line to point at;
+                // the line that makes this an sd profile is the next best place.
+                if error.line == nil {
+                    error.line = ["kind", "name"].lazy.compactMap { reader.document.locator.line(of: reader.path($0)) }.first
+                }
+                throw error
             }
         case .tegra:
             guard tegra != nil else {
                 throw reader.error("tegra", "missing: kind = \"tegra\" needs a [tegra] table (soc, miniloader, bct, uboot, …)")
-            }
-            for key in ["blobs", "users", "root"] where reader.contains(key) {
-                throw reader.error(key, "not supported for kind = \"tegra\": the Tegra flow writes only the BCT and U-Boot")
             }
         }
 

@@ -14,6 +14,7 @@ public struct Profile: Sendable, Equatable {
     }
 
     public var name: String
+    /// The `description` key: one line for people (status, logs).
     public var summary: String?
     public var kind: Kind
     /// Required for `sd` profiles.
