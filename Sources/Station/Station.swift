@@ -281,5 +281,16 @@ public actor Station {
 
     public var runningJobCount: Int { running.count }
 
+    /// At shutdown: cancels every running job and waits until each has recorded its end.
+    public func cancelAll(waitingUpTo limit: Duration) async -> Int {
+        let count = running.count
+        for job in running.values { job.cancellation.cancel() }
+        let deadline = ContinuousClock.now + limit
+        while !running.isEmpty && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return count
+    }
+
     func publish(_ event: Event) { hub.publish(event) }
 }

@@ -52,6 +52,8 @@ struct ControlServer: Service {
         notifier.ready()
 
         try await withGracefulShutdownHandler {
+            // Watch sessions never end by themselves: a graceful shutdown cancels them all.
+            try await cancelWhenGracefulShutdown {
             try await withThrowingDiscardingTaskGroup { group in
                 try await server.executeThenClose { inbound in
                     for try await connection in inbound.cancelOnGracefulShutdown() {
@@ -61,6 +63,7 @@ struct ControlServer: Service {
                         }
                     }
                 }
+            }
             }
         } onGracefulShutdown: {
             if provision_sd_listen_fds() < 1 { unlink(socketPath) }

@@ -75,6 +75,9 @@ struct Provisiond: AsyncParsableCommand {
             logger: logger))
         logger.info("provisiond starting: station \(stationConfig.name), \(stationConfig.slots.count) slot(s), ledger \(stationConfig.ledgerPath)")
         try await group.run()
+        // Jobs still writing are cancelled, so the ledger says "cancelled", not "interrupted".
+        let cancelled = await station.cancelAll(waitingUpTo: .seconds(10))
+        if cancelled > 0 { logger.notice("cancelled \(cancelled) running job(s) at shutdown") }
         logger.info("provisiond stopped")
     }
 }

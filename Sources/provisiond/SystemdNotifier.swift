@@ -27,6 +27,8 @@ final class SystemdNotifier: Service, @unchecked Sendable {
     func run() async throws {
         let watchdog = provision_sd_watchdog_usec()
         await withGracefulShutdownHandler {
+          // Both loops below run forever; a graceful shutdown cancels them.
+          try? await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 if watchdog > 0 {
                     group.addTask {
@@ -37,7 +39,7 @@ final class SystemdNotifier: Service, @unchecked Sendable {
                         }
                     }
                 }
-                group.addTask { [station] in
+                group.addTask { [station = self.station] in
                     var iterator = self.readySignal.stream.makeAsyncIterator()
                     _ = await iterator.next()
                     Self.notify("READY=1\nSTATUS=ready: waiting for cards")
@@ -48,6 +50,7 @@ final class SystemdNotifier: Service, @unchecked Sendable {
                 }
                 await group.waitForAll()
             }
+          }
         } onGracefulShutdown: {
             Self.notify("STOPPING=1")
         }
