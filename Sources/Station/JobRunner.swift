@@ -15,9 +15,12 @@ public struct JobContext: Sendable {
     public let imageOverride: String?
     public let cancellation: CancellationFlag
     public let station: Station
+    /// From the station config: the operator's inventory and the password export file.
+    public var inventoryPath: String? = nil
+    public var passwordExportPath: String? = nil
 
     /// Reports a state change and waits until the ledger holds it.
-    func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [InjectedUser]? = nil, progress: JobProgress? = nil) {
+    func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [UnitAccount]? = nil, progress: JobProgress? = nil) {
         let station = station, id = record.id
         blockingAwait { await station.transition(id, to: state, message: message, unit: unit, users: users, progress: progress) }
     }
@@ -74,6 +77,21 @@ struct SDJob {
                     throw ImageIOError(.deviceChanged, "\(target.path) now holds a different card than the one checked; nothing was written")
                 }
             }
+            // Raw blobs (a boot loader at 8 KiB, say) go with the image; the first chunk's
+            // partition table is checked against them before anything is written.
+            if let profile = context.profile, !profile.blobs.isEmpty {
+                options.blobs = try profile.blobs.map { blob in
+                    guard let data = FileManager.default.contents(atPath: blob.file) else {
+                        throw ImageIOError(.imageMissing, "raw blob not found: \(blob.file) (profile \(profile.name))")
+                    }
+                    return RawBlob(name: (blob.file as NSString).lastPathComponent, offset: blob.offset, bytes: [UInt8](data))
+                }
+                options.inspectFirstChunk = { chunk in try profile.checkBlobs(againstImageStart: chunk) }
+            }
+            let plan = try context.profile.flatMap { profile in
+                try UnitPlan.make(profile: profile, inventoryPath: context.inventoryPath, exportPath: context.passwordExportPath,
+                                  serial: facts.serial, slot: context.record.slot, sequence: context.record.id)
+            }
             let target = try WriteTarget.open(path: facts.devnode)
             context.transition(.writing, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
             let phase = PhaseBox()
@@ -92,7 +110,10 @@ struct SDJob {
                     context.report(progress)
                 }
             }
-            context.transition(.done, "done — remove card")
+            target.close()
+            var users: [UnitAccount]? = nil
+            if let plan { users = try provision(plan, device: facts.devnode) }
+            context.transition(.done, "done — remove card", unit: plan?.unitName, users: users)
         } catch let e as ImageIOError {
             context.transition(e.code == .cancelled ? .cancelled : .failed, e.message)
         } catch {
