@@ -47,6 +47,7 @@ allow_loop_devices = true          # the demo's cards are loop devices
 ledger = "$DEMO/ledger.sqlite"
 admin_group = "provision-admin"
 inventory = "$DEMO/inventory.toml"  # unit names and per-unit accounts
+cache_dir = "$DEMO/cache"           # the .zst is decompressed once for all cards
 
 [profiles.rpi]
 image = "$DEMO/rpi-test.img.zst"   # its bmap rpi-test.img.bmap is found next to it

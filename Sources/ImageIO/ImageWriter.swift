@@ -81,7 +81,7 @@ final class WriteJob: @unchecked Sendable {
             verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
         }
         progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
-        return WriteResult(imageFormat: source.format.rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
+        return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
                            bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
                            writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
                            verifySeconds: verifySeconds + (synced - synced) / .seconds(1))

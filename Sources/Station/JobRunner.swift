@@ -18,6 +18,10 @@ public struct JobContext: Sendable {
     /// From the station config: the operator's inventory and the password export file.
     public var inventoryPath: String? = nil
     public var passwordExportPath: String? = nil
+    /// The station's decompressed-image cache (nil: each job decodes its image itself).
+    public var cache: ImageCacheStore? = nil
+    /// Jobs running when this one started, for sizing its buffers.
+    public var concurrentJobs = 1
 
     /// Reports a state change and waits until the ledger holds it.
     func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [UnitAccount]? = nil, progress: JobProgress? = nil) {
@@ -66,11 +70,19 @@ struct SDJob {
         do {
             let imagePath = context.imageOverride ?? context.profile?.image?.file
             guard let imagePath else { throw ImageIOError(.invalidArgument, "profile \(context.profile?.name ?? "?") names no image") }
-            let source = try ImageSource(path: imagePath)
             var options = WriteOptions()
             options.cancellation = context.cancellation
             options.verify = context.profile?.image?.verify ?? true
             options.bmap = try bmap(for: imagePath)
+            // Buffers for all cards together stay within 48 MiB: 8 cards get 3 × 2 MiB each.
+            if context.concurrentJobs >= 3 {
+                options.bufferCount = 3
+                options.chunkSize = context.concurrentJobs >= 5 ? 2 << 20 : 4 << 20
+            }
+            // Compressed images are decompressed once per station into the cache; this card
+            // reads the cache at its own speed.
+            let (source, cacheKey) = try context.cache?.source(for: imagePath, bmap: options.bmap) ?? (try ImageSource(path: imagePath), nil)
+            defer { context.cache?.release(cacheKey) }
             // The verdict was made for this media: refuse if the node now holds another card.
             options.beforeFirstWrite = { target in
                 if target.deviceNumber != facts.deviceNumber || (facts.diskSequence != nil && target.diskSequence != facts.diskSequence) {

@@ -13,6 +13,7 @@ public actor Station {
     let logger: Logger
     let hub = EventHub()
     let jobRunner: JobRunning
+    let cache: ImageCacheStore?
 
     struct DeviceEntry {
         var facts: DeviceFacts
@@ -36,7 +37,8 @@ public actor Station {
     /// USB ports (sysfs paths) with a Tegra job running.
     var tegraPorts: Set<String> = []
 
-    public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner()) {
+    public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner(), cache: ImageCacheStore? = nil) {
+        self.cache = cache
         self.config = config
         self.ledger = ledger
         self.logger = logger
@@ -158,6 +160,8 @@ public actor Station {
         var context = JobContext(record: record, facts: facts, profile: profile, imageOverride: image, cancellation: flag, station: self)
         context.inventoryPath = config.inventoryPath
         context.passwordExportPath = config.passwordExportPath
+        context.cache = cache
+        context.concurrentJobs = running.count
         jobRunner.start(context)
         return record
     }
