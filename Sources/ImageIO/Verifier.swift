@@ -4,70 +4,102 @@ import Glibc
 import Crypto
 import Foundation
 
-/// Reads back exactly the written ranges with O_DIRECT (never the page cache: the target fd
-/// is direct) after the final sync, and compares each with the hash taken from the source
-/// stream. A reader thread keeps the device busy while this thread hashes.
-struct Verifier {
-    let job: WriteJob
-    let chunks: [WrittenChunk]
+/// Reads back written ranges with O_DIRECT (never the page cache: the target fd is direct) and
+/// compares each with the hash taken from the source stream. Only ranges the writer has
+/// synced are submitted, so what is read is what the card holds. Runs on its own thread, so
+/// that it can overlap the writing of later ranges.
+final class BackgroundVerifier: @unchecked Sendable {
+    private let job: WriteJob
+    private let condition = NSCondition()
+    private var queue: [WrittenChunk] = []
+    private var closed = false
+    private var stopped = false
+    private var error: ImageIOError?
+    private var verified: UInt64 = 0
+    private var submitted: UInt64 = 0
+    private let done = DispatchSemaphore(value: 0)
 
-    func run() throws(ImageIOError) {
+    init(job: WriteJob) {
+        self.job = job
+        let thread = Thread { [self] in run() }
+        thread.name = "provision-verify"
+        thread.start()
+    }
+
+    func submit(_ chunks: [WrittenChunk]) {
+        condition.lock()
+        queue.append(contentsOf: chunks)
+        submitted += chunks.reduce(0) { $0 + UInt64($1.count) }
+        condition.signal()
+        condition.unlock()
+    }
+
+    var failure: ImageIOError? { condition.withLock { error } }
+
+    /// No more chunks: waits until all are verified, reporting progress, and throws the first
+    /// mismatch or read error.
+    func finish(reportingTo progress: @Sendable (WriteProgress) -> Void) throws(ImageIOError) {
+        condition.lock()
+        closed = true
+        condition.signal()
+        let total = submitted
+        condition.unlock()
+        let start = ContinuousClock.now
+        let alreadyVerified = condition.withLock { verified }
+        while done.wait(timeout: .now() + .milliseconds(200)) == .timedOut {
+            let now = condition.withLock { verified }
+            let elapsed = (ContinuousClock.now - start) / .seconds(1)
+            let rate = elapsed > 0.05 ? Double(now - alreadyVerified) / elapsed : 0
+            progress(WriteProgress(phase: .verifying, bytesDone: now, bytesTotal: total, bytesPerSecond: rate,
+                                   secondsRemaining: rate > 0 ? Double(total - now) / rate : nil))
+        }
+        done.signal()  // leave it signalled for stop()
+        if let error = failure { throw error }
+        if job.options.cancellation.isCancelled { throw job.cancelledError(after: job.bytesWrittenSoFar) }
+        progress(WriteProgress(phase: .verifying, bytesDone: total, bytesTotal: total, bytesPerSecond: 0, secondsRemaining: 0))
+    }
+
+    /// Ends the thread (early when the write failed) and waits for it: it must not read the
+    /// target's descriptor after the caller closes it.
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.signal()
+        condition.unlock()
+        done.wait()
+        done.signal()
+    }
+
+    private func run() {
+        defer { done.signal() }
         let target = job.target
-        let total = chunks.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-        var meter = PhaseMeter(phase: .verifying, total: total)
-        job.progress(meter.progress)
-        let ordered = chunks.sorted { $0.offset < $1.offset }
         let unit = job.ioUnit
-        let filled = ChunkQueue()
-        let pool = job.pool
-        let stop = CancellationFlag()
-        let done = DispatchSemaphore(value: 0)
+        let buffer = AlignedBuffer(capacity: job.pool.bufferSize, alignment: target.alignment)
+        while true {
+            condition.lock()
+            while queue.isEmpty && !closed && !stopped { condition.wait() }
+            if stopped || (queue.isEmpty && closed) || error != nil { condition.unlock(); return }
+            let chunk = queue.removeFirst()
+            condition.unlock()
+            if job.options.cancellation.isCancelled { return }
 
-        let reader = Thread {
-            defer { done.signal() }
-            for chunk in ordered {
-                if stop.isCancelled || job.options.cancellation.isCancelled { break }
-                guard let buf = pool.acquire() else { break }
-                let length = (chunk.count + unit - 1) / unit * unit
-                switch Syscall.preadFully(target.fd, buf.bytes, length, chunk.offset) {
-                case .failure(let e):
-                    pool.release(buf)
-                    filled.finish(error: target.failure(e, operation: "read-back", offset: chunk.offset))
-                    return
-                case .success(let n):
-                    buf.offset = chunk.offset
-                    buf.count = min(n, chunk.count)
-                    filled.put(buf)
-                }
+            let length = (chunk.count + unit - 1) / unit * unit
+            switch Syscall.preadFully(target.fd, buffer.bytes, length, chunk.offset) {
+            case .failure(let e):
+                condition.withLock { error = target.failure(e, operation: "read-back", offset: chunk.offset) }
+                return
+            case .success(let n):
+                buffer.count = min(n, chunk.count)
             }
-            filled.finish()
+            let digest = Array(SHA256.hash(data: buffer.buffer))
+            if buffer.count != chunk.count || digest != chunk.sha256 {
+                let failure: ImageIOError
+                do { failure = try mismatch(chunk: chunk, actual: Array(buffer.buffer)) } catch let e { failure = e }
+                condition.withLock { error = failure }
+                return
+            }
+            condition.withLock { verified += UInt64(chunk.count) }
         }
-        reader.name = "provision-verify"
-        reader.start()
-        defer { stop.cancel(); pool.close(); done.wait() }
-
-        var lastReport = ContinuousClock.now
-        for chunk in ordered {
-            let next: AlignedBuffer?
-            do { next = try filled.take() } catch let e as ImageIOError { throw e } catch { throw ImageIOError(.ioError, "\(error)") }
-            guard let buf = next else {
-                if job.options.cancellation.isCancelled { throw job.cancelledError(after: job.bytesWrittenSoFar) }
-                throw ImageIOError(.ioError, "read-back of \(target.path) ended early at offset \(chunk.offset)", offset: chunk.offset)
-            }
-            let digest = Array(SHA256.hash(data: buf.buffer))
-            if buf.count != chunk.count || digest != chunk.sha256 {
-                let actual = Array(buf.buffer)
-                pool.release(buf)
-                throw try mismatch(chunk: chunk, actual: actual)
-            }
-            pool.release(buf)
-            meter.add(UInt64(chunk.count))
-            if ContinuousClock.now - lastReport > .milliseconds(200) {
-                lastReport = ContinuousClock.now
-                job.progress(meter.progress)
-            }
-        }
-        job.progress(meter.progress)
     }
 
     private func mismatch(chunk: WrittenChunk, actual: [UInt8]) throws(ImageIOError) -> ImageIOError {

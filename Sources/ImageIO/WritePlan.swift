@@ -20,6 +20,11 @@ public struct WriteOptions: @unchecked Sendable {
     /// Buffers in the ring between decompressor and writer. Memory = chunkSize × bufferCount.
     public var bufferCount = 6
     public var verify = true
+    /// Verify while writing: every `syncInterval` bytes the card is synced and what is now on
+    /// it is read back by a second thread while the writer goes on. A card's read and write
+    /// paths are separate budgets, so most of the read-back hides behind the write. nil:
+    /// verify everything after the final sync.
+    public var syncInterval: UInt64? = 64 << 20
     public var bmap: Bmap?
     public var blobs: [RawBlob] = []
     public var cancellation = CancellationFlag()

@@ -50,10 +50,11 @@ public final class ImageCacheStore: @unchecked Sendable {
     /// A raw source for `imagePath`: the image itself when it is raw, else its cache file,
     /// started (one decompressor thread) by the first job that asks and shared by the rest.
     /// Call `release` with the same path when the job no longer reads it.
-    public func source(for imagePath: String, bmap: Bmap?) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?) {
+    public func source(for imagePath: String, bmap: Bmap?) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?, note: String) {
         let original = try ImageSource(path: imagePath)
         guard original.format != .raw, let size = bmap?.imageSize ?? original.uncompressedSizeHint else {
-            return (original, nil)  // raw (the page cache shares it), or size unknown: decode per card
+            // Raw: the page cache shares it. Size unknown: this card decodes on its own.
+            return (original, nil, original.format == .raw ? "raw image" : "decompressing \(original.format.rawValue) for this card alone (size unknown)")
         }
         let key = Self.key(imagePath: imagePath, bmap: bmap)
         let (entry, start) = lock.withLock { () -> (Entry, Bool) in
@@ -76,7 +77,9 @@ public final class ImageCacheStore: @unchecked Sendable {
             thread.start()
         }
         do {
-            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: size), key)
+            let note = start ? "decompressing \(original.format.rawValue) once for every card (cache \(key.prefix(12)))"
+                             : "sharing the \(original.format.rawValue) decompression already under way (cache \(key.prefix(12)))"
+            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: size), key, note)
         } catch {
             release(key)
             throw error

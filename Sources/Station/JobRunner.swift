@@ -81,7 +81,7 @@ struct SDJob {
             }
             // Compressed images are decompressed once per station into the cache; this card
             // reads the cache at its own speed.
-            let (source, cacheKey) = try context.cache?.source(for: imagePath, bmap: options.bmap) ?? (try ImageSource(path: imagePath), nil)
+            let (source, cacheKey, note) = try context.cache?.source(for: imagePath, bmap: options.bmap) ?? (try ImageSource(path: imagePath), nil, "")
             defer { context.cache?.release(cacheKey) }
             // The verdict was made for this media: refuse if the node now holds another card.
             options.beforeFirstWrite = { target in
@@ -105,7 +105,7 @@ struct SDJob {
                                   serial: facts.serial, slot: context.record.slot, sequence: context.record.id)
             }
             let target = try WriteTarget.open(path: facts.devnode)
-            context.transition(.writing, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
+            context.transition(.writing, note.isEmpty ? nil : note, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
             let phase = PhaseBox()
             _ = try ImageWriter.write(source: source, to: target, options: options) { p in
                 let state: JobState = switch p.phase {
