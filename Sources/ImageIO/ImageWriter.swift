@@ -250,7 +250,8 @@ final class WriteJob: @unchecked Sendable {
             unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: buf.digest))
             pool.release(buf)
             bytesSinceSync += UInt64(buf.count)
-            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval {
+            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval,
+               meter.progress.bytesPerSecond < options.overlapBelowRate {
                 // What is synced may be read back now, while the writer goes on.
                 if let failure = verifier.failure { throw failure }
                 try sync()

@@ -18,6 +18,8 @@ final class BackgroundVerifier: @unchecked Sendable {
     private var verified: UInt64 = 0
     private var submitted: UInt64 = 0
     private let done = DispatchSemaphore(value: 0)
+    /// Chunks read and waiting for the hasher, in order.
+    private let pending = LockedQueue()
 
     init(job: WriteJob) {
         self.job = job
@@ -70,11 +72,34 @@ final class BackgroundVerifier: @unchecked Sendable {
         done.signal()
     }
 
+    /// Two threads: this one reads chunk N+1 from the card while a hasher checks chunk N, so
+    /// on a fast target hashing does not add to the read time.
     private func run() {
         defer { done.signal() }
         let target = job.target
         let unit = job.ioUnit
-        let buffer = AlignedBuffer(capacity: job.pool.bufferSize, alignment: target.alignment)
+        let pool = BufferPool(count: 2, bufferSize: job.pool.bufferSize, alignment: target.alignment)
+        let filled = ChunkQueue()
+        let hasherDone = DispatchSemaphore(value: 0)
+        let hasher = Thread { [self] in
+            defer { hasherDone.signal() }
+            while let next = try? filled.take() {
+                let (buffer, chunk) = (next, pending.withLock { $0.removeFirst() })
+                let digest = Array(SHA256.hash(data: buffer.buffer))
+                if buffer.count != chunk.count || digest != chunk.sha256 {
+                    let failure: ImageIOError
+                    do throws(ImageIOError) { failure = try mismatch(chunk: chunk, actual: Array(buffer.buffer)) } catch { failure = error }
+                    condition.withLock { error = failure }
+                    pool.close()
+                    return
+                }
+                pool.release(buffer)
+                condition.withLock { verified += UInt64(chunk.count) }
+            }
+        }
+        hasher.name = "provision-verify-hash"
+        hasher.start()
+        defer { filled.finish(); pool.close(); hasherDone.wait() }
         while true {
             condition.lock()
             while queue.isEmpty && !closed && !stopped { condition.wait() }
@@ -82,23 +107,18 @@ final class BackgroundVerifier: @unchecked Sendable {
             let chunk = queue.removeFirst()
             condition.unlock()
             if job.options.cancellation.isCancelled { return }
-
+            guard let buffer = pool.acquire() else { return }
             let length = (chunk.count + unit - 1) / unit * unit
             switch Syscall.preadFully(target.fd, buffer.bytes, length, chunk.offset) {
             case .failure(let e):
+                pool.release(buffer)
                 condition.withLock { error = target.failure(e, operation: "read-back", offset: chunk.offset) }
                 return
             case .success(let n):
                 buffer.count = min(n, chunk.count)
             }
-            let digest = Array(SHA256.hash(data: buffer.buffer))
-            if buffer.count != chunk.count || digest != chunk.sha256 {
-                let failure: ImageIOError
-                do { failure = try mismatch(chunk: chunk, actual: Array(buffer.buffer)) } catch let e { failure = e }
-                condition.withLock { error = failure }
-                return
-            }
-            condition.withLock { verified += UInt64(chunk.count) }
+            pending.withLock { $0.append(chunk) }
+            filled.put(buffer)
         }
     }
 
@@ -111,4 +131,11 @@ final class BackgroundVerifier: @unchecked Sendable {
         }
         return ImageIOError(.verifyMismatch, "verification failed: \(job.target.path) differs from the image at byte offset \(first) (0x\(String(first, radix: 16))); the card is faulty or was altered — do not use it", offset: first)
     }
+}
+
+/// A tiny locked FIFO of chunk records shared by the verifier's two threads.
+final class LockedQueue: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [WrittenChunk] = []
+    func withLock<T>(_ body: (inout [WrittenChunk]) -> T) -> T { lock.withLock { body(&items) } }
 }
