@@ -101,6 +101,12 @@ final class StationBench: Sendable {
         return point
     }
 
+    /// Unmounts what `mount` mounted (also done by `close()`).
+    func unmount(_ point: String) throws {
+        try Command.check(["umount", point])
+        state.withLock { $0.mounts.removeAll { $0 == point } }
+    }
+
     // MARK: - Config and daemon
 
     struct Slot {
