@@ -1,0 +1,83 @@
+import ControlProtocol
+import Foundation
+import Testing
+import TestSupport
+
+extension IntegrationTests {
+    @Suite("crash and restart")
+    struct RestartTests {
+        @Test("after kill -9 mid-write the restarted daemon flags the card 'interrupted — rewrite card' and keeps history")
+        func killedMidWriteIsInterruptedAfterRestart() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let small = try bench.image("small.img", bytes: 4 << 20)
+            let big = try bench.image("big.img", bytes: 64 << 20)
+            try bench.writeConfig([.init(name: "HIST", image: small), .init(name: "SLOW", image: big)])
+            // 64 MiB at 4 MB/s: the daemon is killed long before it finishes.
+            let slow = try bench.card(slot: "SLOW", size: 96 << 20)
+            try slow.throttle(writeBytesPerSecond: 4_000_000)
+            try bench.card(slot: "HIST", size: 16 << 20)
+            let first = try bench.startDaemon()
+
+            let before = try bench.waitForStatus("HIST done and SLOW writing") {
+                $0.slot("HIST")?.job?.state == .done
+                    && $0.slot("SLOW")?.job?.state == .writing && ($0.slot("SLOW")?.job?.progress?.bytesDone ?? 0) > 0
+            }
+            let history = try #require(before.slot("HIST")?.job)
+            let interrupted = try #require(before.slot("SLOW")?.job)
+            let diskSequence = slow.diskSequence
+            #expect(first.kill() == 128 + SIGKILL)
+            #expect(FileManager.default.fileExists(atPath: bench.socketPath), "a killed daemon leaves its socket file")
+            #expect(try bench.cli(["status"]).status == 69, "nobody answers on the stale socket")
+
+            try bench.startDaemon()
+            let after = try bench.waitForStatus("SLOW to show its interrupted job") { $0.slot("SLOW")?.job != nil }
+            let slot = try #require(after.slot("SLOW"))
+            #expect(slot.device == slow.devicePath)
+            #expect(slow.diskSequence == diskSequence, "the card was not replaced")
+            #expect(slot.job?.id == interrupted.id)
+            #expect(slot.job?.state == .interrupted)
+            #expect(try bench.statusLine(slot: "SLOW").contains("interrupted — rewrite card"))
+
+            var jobs = try bench.jobs()
+            let record = try #require(jobs.first { $0.id == interrupted.id })
+            #expect(record.state == .interrupted)
+            #expect(record.message?.contains("rewrite card") == true, "message: \(record.message ?? "none")")
+            #expect(jobs.first { $0.id == history.id }?.state == .done, "history survives the restart")
+            #expect(after.slot("HIST")?.job?.id == history.id)
+            #expect(after.slot("HIST")?.job?.state == .done)
+
+            // The card is the same media: it must not be rewritten behind the operator's back.
+            Thread.sleep(forTimeInterval: 2)
+            try Udevd.ensureRunning().trigger(slow.devicePath, action: "change")
+            Thread.sleep(forTimeInterval: 1)
+            jobs = try bench.jobs()
+            #expect(jobs.count == 2, "jobs after restart: \(jobs.map { "\($0.id) \($0.state)" })")
+            #expect(try bench.status().slot("SLOW")?.job?.state == .interrupted)
+        }
+
+        @Test("SIGTERM mid-write records the job as cancelled, and a restart does not rewrite the card")
+        func gracefulStopCancelsRunningJob() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let big = try bench.image("big.img", bytes: 64 << 20)
+            try bench.writeConfig([.init(name: "SLOW", image: big)])
+            let slow = try bench.card(slot: "SLOW", size: 96 << 20)
+            try slow.throttle(writeBytesPerSecond: 4_000_000)
+            let first = try bench.startDaemon()
+            let writing = try bench.waitForStatus("SLOW writing") {
+                $0.slot("SLOW")?.job?.state == .writing && ($0.slot("SLOW")?.job?.progress?.bytesDone ?? 0) > 0
+            }
+            let job = try #require(writing.slot("SLOW")?.job)
+            #expect(first.stop() == 0, "provisiond exits 0 on SIGTERM; log:\n\(bench.log)")
+            #expect(!FileManager.default.fileExists(atPath: bench.socketPath), "a stopped daemon removes its socket")
+
+            try bench.startDaemon()
+            let after = try bench.waitForStatus("SLOW to show its job") { $0.slot("SLOW")?.job != nil }
+            #expect(after.slot("SLOW")?.job?.id == job.id)
+            #expect(after.slot("SLOW")?.job?.state == .cancelled)
+            #expect(try bench.statusLine(slot: "SLOW").contains("cancelled — card incomplete"))
+            #expect(try bench.jobs().count == 1)
+        }
+    }
+}
