@@ -121,6 +121,7 @@ final class StationBench: Sendable {
             name = "integration-\(token)"
             allow_loop_devices = true
             ledger = "\(ledgerPath)"
+            cache_dir = "\(directory)/cache"
             admin_group = "provision-admin"
 
             """
