@@ -78,11 +78,14 @@ public actor Station {
     }
 
     func deviceSeen(_ facts: DeviceFacts) async {
-        if let old = devices[facts.deviceNumber], old.facts.diskSequence == facts.diskSequence, old.facts.size == facts.size {
+        if let old = devices[facts.deviceNumber], old.facts.diskSequence == facts.diskSequence, old.facts.size == facts.size,
+           old.jobID != nil || old.refusals.isEmpty {
             // Same media: e.g. the `change` udev emits when a written card is closed. Not a new card.
             devices[facts.deviceNumber]?.facts = facts
             return
         }
+        // A refused card is judged again on every event for it: unmounting it, for one,
+        // ends with a `change` (udev's watch), and "mounted at …" must not outlive the mount.
         let slot = config.slot(forSlotPath: facts.slotPath)
         let profile = slot.flatMap { config.profiles[$0.profile] }
         var refusals = policy.refusals(for: facts, minimumSize: profile.flatMap { minimumSize(of: $0) })

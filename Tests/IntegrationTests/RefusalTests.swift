@@ -73,17 +73,12 @@ extension IntegrationTests {
             // Unmounting closes the card after writing: udevd sends a `change` for it.
             try bench.unmount(point)
             try Udevd.ensureRunning().trigger(card.devicePath, action: "change")
-            withKnownIssue("""
-                Station.deviceSeen treats every event for the same media (same disk sequence and \
-                size) as a repeat and returns before the safety policy runs again, so a refusal \
-                made once stays forever, with a stale reason ("mounted at …" after the umount)
-                """) {
-                let status = try bench.waitForStatus("the unmounted card to be written", timeout: .seconds(15)) {
-                    $0.slot("MNT")?.job?.state.isFinal == true
-                }
-                #expect(status.slot("MNT")?.job?.state == .done)
-                #expect(status.slot("MNT")?.refusals == nil)
+
+            let status = try bench.waitForStatus("the unmounted card to be written", timeout: .seconds(15)) {
+                $0.slot("MNT")?.job?.state.isFinal == true
             }
+            #expect(status.slot("MNT")?.job?.state == .done)
+            #expect(status.slot("MNT")?.refusals == nil)
         }
 
         @Test("a card smaller than the image is refused as too small")
