@@ -74,10 +74,12 @@ struct SDJob {
             options.cancellation = context.cancellation
             options.verify = context.profile?.image?.verify ?? true
             options.bmap = try bmap(for: imagePath)
-            // Buffers for all cards together stay within 48 MiB: 8 cards get 3 × 2 MiB each.
+            // Buffers for all cards together stay within 48 MiB (issue 7): each job holds
+            // `bufferCount` chunks plus 2 in its verifier. Up to 2 cards: 6 × 4 MiB each;
+            // 3–4 cards: 5 × 2 MiB; 5 or more (a full 8-slot reader): 5 × 1 MiB.
             if context.concurrentJobs >= 3 {
                 options.bufferCount = 3
-                options.chunkSize = context.concurrentJobs >= 5 ? 2 << 20 : 4 << 20
+                options.chunkSize = context.concurrentJobs >= 5 ? 1 << 20 : 2 << 20
             }
             // Compressed images are decompressed once per station into the cache; this card
             // reads the cache at its own speed.

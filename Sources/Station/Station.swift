@@ -164,7 +164,9 @@ public actor Station {
         context.inventoryPath = config.inventoryPath
         context.passwordExportPath = config.passwordExportPath
         context.cache = cache
-        context.concurrentJobs = running.count
+        // Size for the batch this job may be part of: the jobs running now, or every slot
+        // of the station filled at once, whichever is more.
+        context.concurrentJobs = max(running.count, config.slots.count)
         jobRunner.start(context)
         return record
     }
