@@ -65,6 +65,7 @@ let package = Package(
         .target(name: "ControlProtocol"),
         .target(name: "Station", dependencies: [
             "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol",
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),

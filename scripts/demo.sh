@@ -46,10 +46,18 @@ name = "demo-bench"
 allow_loop_devices = true          # the demo's cards are loop devices
 ledger = "$DEMO/ledger.sqlite"
 admin_group = "provision-admin"
+inventory = "$DEMO/inventory.toml"  # unit names and per-unit accounts
+cache_dir = "$DEMO/cache"           # the .zst is decompressed once for all cards
 
 [profiles.rpi]
 image = "$DEMO/rpi-test.img.zst"   # its bmap rpi-test.img.bmap is found next to it
 verify = true
+[profiles.rpi.root]                # users go into the ext4 root filesystem, partition 2
+partition = 2
+[[profiles.rpi.users]]
+name = "pi"
+groups = ["users"]
+password = "generate"             # a different random password on every card
 
 [[slots]]
 name = "A1"
@@ -66,6 +74,11 @@ name = "B1"
 match = "loop:*provision-card-B1*"
 profile = "rpi"
 TOML
+cat > "$DEMO/inventory.toml" <<TOML
+name_pattern = "bench-{seq:03}"
+password_export = "$DEMO/passwords.tsv"
+TOML
+rm -f "$DEMO/passwords.tsv"
 "$BIN/provision" config check "$DEMO/station.toml"
 
 say "starting provisiond"
@@ -94,7 +107,16 @@ say "provision status"
 "$BIN/provision" status
 say "provision jobs (the ledger)"
 "$BIN/provision" jobs
-say "the cards equal the image (sha256 of the image vs. the first bytes of each card)"
-size=$(stat -c %s "$DEMO/rpi-test.img")
-echo "    image  $(sha256sum < "$DEMO/rpi-test.img" | cut -c1-16)"
-for l in "${LOOPS[@]}"; do echo "    $l $(head -c "$size" "$l" | sha256sum | cut -c1-16)"; done
+say "generated passwords, exported 0600 for the operator (never in the ledger or the log)"
+ls -l "$DEMO/passwords.tsv" | cut -d' ' -f1,9
+sqlite3 "$DEMO/ledger.sqlite" "SELECT 'ledger: job ' || jobId || ' user ' || name || ' uid ' || uid || ' hash ' || substr(hash, 1, 12) || '…' FROM jobUser"
+say "each card's root filesystem: e2fsck -fn clean, and its own /etc/shadow entry (debugfs, no mount)"
+for l in "${LOOPS[@]}"; do
+  start=$(sfdisk --json "$l" | python3 -c 'import json,sys; p=json.load(sys.stdin)["partitiontable"]["partitions"][1]; print(p["start"] * 512)')
+  e2fsck -fn "$l?offset=$start" >/dev/null 2>&1 && fsck=clean || fsck=DIRTY
+  echo "    $l: e2fsck $fsck; $(debugfs -R 'cat /etc/shadow' "$l?offset=$start" 2>/dev/null | grep '^pi:' | cut -c1-28)…"
+done
+say "the boot partition equals the image's (the root partition now differs: it has the unit's users)"
+size=$((100 << 20))
+echo "    image      $(head -c "$size" "$DEMO/rpi-test.img" | sha256sum | cut -c1-16)"
+for l in "${LOOPS[@]}"; do echo "    $l $(dd if="$l" iflag=direct bs=1M count=100 status=none | sha256sum | cut -c1-16)"; done

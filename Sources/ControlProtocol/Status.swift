@@ -28,7 +28,7 @@ public struct JobProgress: Codable, Sendable, Equatable {
     }
 }
 
-public struct InjectedUser: Codable, Sendable, Equatable {
+public struct UnitAccount: Codable, Sendable, Equatable {
     public var name: String
     public var uid: Int
     /// Shown once, to admins, in the job's result; never stored by the daemon.
@@ -50,10 +50,10 @@ public struct JobRecord: Codable, Sendable, Equatable {
     public var message: String?
     public var created: Date
     public var updated: Date
-    public var users: [InjectedUser]?
+    public var users: [UnitAccount]?
 
     public init(id: Int64, kind: String, slot: String?, device: String, serial: String?, unit: String?, profile: String?, image: String?,
-                state: JobState, progress: JobProgress? = nil, message: String? = nil, created: Date, updated: Date, users: [InjectedUser]? = nil) {
+                state: JobState, progress: JobProgress? = nil, message: String? = nil, created: Date, updated: Date, users: [UnitAccount]? = nil) {
         self.id = id; self.kind = kind; self.slot = slot; self.device = device; self.serial = serial; self.unit = unit
         self.profile = profile; self.image = image; self.state = state; self.progress = progress; self.message = message
         self.created = created; self.updated = updated; self.users = users

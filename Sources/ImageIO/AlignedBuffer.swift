@@ -17,6 +17,8 @@ public final class AlignedBuffer: @unchecked Sendable {
     public var offset: UInt64 = 0
     /// Number of image bytes held (≤ capacity; may be unaligned at the very end of an image).
     public var count: Int = 0
+    /// SHA-256 of the held bytes, taken by the reader for verification.
+    var digest: [UInt8] = []
 
     public init(capacity: Int, alignment: Int) {
         precondition(capacity % alignment == 0, "capacity must be a multiple of the alignment")

@@ -31,8 +31,25 @@ public final class ImageSource: @unchecked Sendable {
     /// Uncompressed bytes delivered so far.
     public private(set) var position: UInt64 = 0
 
-    public init(path: String) throws(ImageIOError) {
+    /// Set when this source is a cache file still being filled by a decompressor: reads wait
+    /// until the bytes they need are there.
+    private let fill: CacheFill?
+    /// The format of the original image, when this is a decompressed cache of it.
+    public let originalFormat: ImageFormat?
+
+    /// Opens a decompressed cache file that another thread may still be filling.
+    public convenience init(cachePath: String, filling: CacheFill, originalFormat: ImageFormat, size: UInt64) throws(ImageIOError) {
+        try self.init(path: cachePath, fill: filling, originalFormat: originalFormat, sizeHint: size)
+    }
+
+    public convenience init(path: String) throws(ImageIOError) {
+        try self.init(path: path, fill: nil, originalFormat: nil, sizeHint: nil)
+    }
+
+    private init(path: String, fill: CacheFill?, originalFormat: ImageFormat?, sizeHint: UInt64?) throws(ImageIOError) {
         self.path = path
+        self.fill = fill
+        self.originalFormat = originalFormat
         let fd: Int32
         switch Syscall.open(path, flags: O_RDONLY) {
         case .success(let f): fd = f
@@ -52,11 +69,13 @@ public final class ImageSource: @unchecked Sendable {
             throw ImageIOError(.imageUnreadable, "cannot read image \(path)")
         }
         self.fd = fd
-        self.fileSize = UInt64(st.st_size)
-        self.format = n == 0 ? .raw : ImageFormat(magic: magic.prefix(n))
+        // A cache file may not be sized yet by its filler: it will be `sizeHint` bytes.
+        self.fileSize = fill != nil ? (sizeHint ?? UInt64(st.st_size)) : UInt64(st.st_size)
+        // A cache file is raw by construction (its first bytes may still be a hole).
+        self.format = fill != nil || n == 0 ? .raw : ImageFormat(magic: magic.prefix(n))
         self.decoder = makeDecoder(format)
         self.input = .allocate(byteCount: decoder == nil ? 0 : 1 << 20, alignment: 64)
-        self.uncompressedSizeHint = ImageSource.sizeHint(fd: fd, format: format, fileSize: UInt64(st.st_size))
+        self.uncompressedSizeHint = sizeHint ?? ImageSource.sizeHint(fd: fd, format: format, fileSize: UInt64(st.st_size))
     }
 
     deinit {
@@ -67,6 +86,7 @@ public final class ImageSource: @unchecked Sendable {
     /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
     public func read(into destination: UnsafeMutableRawPointer, count: Int) throws(ImageIOError) -> Int {
         guard let decoder else {
+            try fill?.wait(upTo: position + UInt64(count))
             switch Syscall.preadFully(fd, destination, count, position) {
             case .success(let n): position += UInt64(n); return n
             case .failure(let e): throw ImageIOError(.imageUnreadable, "cannot read image \(path) at offset \(position): \(e)", offset: position, errno: e)

@@ -31,9 +31,8 @@ final class WriteJob: @unchecked Sendable {
     /// Unit of direct I/O: lengths and offsets must be multiples of it.
     let ioUnit: Int
 
-    private let chunksLock = NSLock()
-    private var chunks: [WrittenChunk] = []
     private var streamEnd: UInt64 = 0
+    private(set) var verifier: BackgroundVerifier?
 
     init(source: ImageSource, target: WriteTarget, options: WriteOptions, progress: @escaping @Sendable (WriteProgress) -> Void) {
         self.source = source
@@ -50,6 +49,8 @@ final class WriteJob: @unchecked Sendable {
 
     func run() throws(ImageIOError) -> WriteResult {
         try preflight()
+        if options.verify { verifier = BackgroundVerifier(job: self) }
+        defer { verifier?.stop() }
         let started = ContinuousClock.now
         let readerDone = DispatchSemaphore(value: 0)
         let reader = Thread { [self] in
@@ -71,20 +72,20 @@ final class WriteJob: @unchecked Sendable {
         let written = ContinuousClock.now
 
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
-        let synced = ContinuousClock.now
         var verifySeconds = 0.0
-        if options.verify {
+        if let verifier {
             options.testHookBeforeVerify?(target)
             let v0 = ContinuousClock.now
-            let recorded = chunksLock.withLock { chunks }
-            try Verifier(job: self, chunks: recorded).run()
+            verifier.submit(unverified)
+            unverified = []
+            try verifier.finish(reportingTo: progress)
             verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
         }
         progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
-        return WriteResult(imageFormat: source.format.rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
+        return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
                            bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
                            writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
-                           verifySeconds: verifySeconds + (synced - synced) / .seconds(1))
+                           verifySeconds: verifySeconds)
     }
 
     // MARK: - Before the first byte
@@ -186,8 +187,7 @@ final class WriteJob: @unchecked Sendable {
                 throw ImageIOError(.invalidArgument, "\(error)")
             }
         }
-        let digest = Array(SHA256.hash(data: buf.buffer))
-        chunksLock.withLock { chunks.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: digest)) }
+        buf.digest = Array(SHA256.hash(data: buf.buffer))
         queue.put(buf)
     }
 
@@ -213,8 +213,7 @@ final class WriteJob: @unchecked Sendable {
                     blob.bytes.withUnsafeBytes { src in buf.bytes.copyMemory(from: src.baseAddress! + Int(pos - blob.offset), byteCount: n) }
                     buf.offset = pos
                     buf.count = n
-                    let digest = Array(SHA256.hash(data: buf.buffer))
-                    chunksLock.withLock { chunks.append(WrittenChunk(offset: pos, count: n, sha256: digest)) }
+                    buf.digest = Array(SHA256.hash(data: buf.buffer))
                     queue.put(buf)
                     pos += UInt64(n)
                 }
@@ -226,6 +225,9 @@ final class WriteJob: @unchecked Sendable {
 
     private(set) var bytesWrittenSoFar: UInt64 = 0
     private var syncSeconds = 0.0
+    /// Written since the last sync, not yet handed to the verifier.
+    private var unverified: [WrittenChunk] = []
+    private var bytesSinceSync: UInt64 = 0
     private lazy var tailBlock = AlignedBuffer(capacity: max(ioUnit, target.alignment), alignment: target.alignment)
 
     private func writeAll() throws(ImageIOError) {
@@ -245,7 +247,18 @@ final class WriteJob: @unchecked Sendable {
             }
             try writeChunk(buf)
             meter.add(UInt64(buf.count))
+            unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: buf.digest))
             pool.release(buf)
+            bytesSinceSync += UInt64(buf.count)
+            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval,
+               meter.progress.bytesPerSecond < options.overlapBelowRate {
+                // What is synced may be read back now, while the writer goes on.
+                if let failure = verifier.failure { throw failure }
+                try sync()
+                verifier.submit(unverified)
+                unverified = []
+                bytesSinceSync = 0
+            }
             if ContinuousClock.now - lastReport > .milliseconds(200) {
                 lastReport = ContinuousClock.now
                 progress(meter.progress)
@@ -258,6 +271,7 @@ final class WriteJob: @unchecked Sendable {
         if let first = firstChunk {
             try writeChunk(first)
             meter.add(UInt64(first.count))
+            unverified.append(WrittenChunk(offset: first.offset, count: first.count, sha256: first.digest))
             pool.release(first)
         }
         if target.kind == .regularFile {

@@ -4,70 +4,122 @@ import Glibc
 import Crypto
 import Foundation
 
-/// Reads back exactly the written ranges with O_DIRECT (never the page cache: the target fd
-/// is direct) after the final sync, and compares each with the hash taken from the source
-/// stream. A reader thread keeps the device busy while this thread hashes.
-struct Verifier {
-    let job: WriteJob
-    let chunks: [WrittenChunk]
+/// Reads back written ranges with O_DIRECT (never the page cache: the target fd is direct) and
+/// compares each with the hash taken from the source stream. Only ranges the writer has
+/// synced are submitted, so what is read is what the card holds. Runs on its own thread, so
+/// that it can overlap the writing of later ranges.
+final class BackgroundVerifier: @unchecked Sendable {
+    private let job: WriteJob
+    private let condition = NSCondition()
+    private var queue: [WrittenChunk] = []
+    private var closed = false
+    private var stopped = false
+    private var error: ImageIOError?
+    private var verified: UInt64 = 0
+    private var submitted: UInt64 = 0
+    private let done = DispatchSemaphore(value: 0)
+    /// Chunks read and waiting for the hasher, in order.
+    private let pending = LockedQueue()
 
-    func run() throws(ImageIOError) {
+    init(job: WriteJob) {
+        self.job = job
+        let thread = Thread { [self] in run() }
+        thread.name = "provision-verify"
+        thread.start()
+    }
+
+    func submit(_ chunks: [WrittenChunk]) {
+        condition.lock()
+        queue.append(contentsOf: chunks)
+        submitted += chunks.reduce(0) { $0 + UInt64($1.count) }
+        condition.signal()
+        condition.unlock()
+    }
+
+    var failure: ImageIOError? { condition.withLock { error } }
+
+    /// No more chunks: waits until all are verified, reporting progress, and throws the first
+    /// mismatch or read error.
+    func finish(reportingTo progress: @Sendable (WriteProgress) -> Void) throws(ImageIOError) {
+        condition.lock()
+        closed = true
+        condition.signal()
+        let total = submitted
+        condition.unlock()
+        let start = ContinuousClock.now
+        let alreadyVerified = condition.withLock { verified }
+        while done.wait(timeout: .now() + .milliseconds(200)) == .timedOut {
+            let now = condition.withLock { verified }
+            let elapsed = (ContinuousClock.now - start) / .seconds(1)
+            let rate = elapsed > 0.05 ? Double(now - alreadyVerified) / elapsed : 0
+            progress(WriteProgress(phase: .verifying, bytesDone: now, bytesTotal: total, bytesPerSecond: rate,
+                                   secondsRemaining: rate > 0 ? Double(total - now) / rate : nil))
+        }
+        done.signal()  // leave it signalled for stop()
+        if let error = failure { throw error }
+        if job.options.cancellation.isCancelled { throw job.cancelledError(after: job.bytesWrittenSoFar) }
+        progress(WriteProgress(phase: .verifying, bytesDone: total, bytesTotal: total, bytesPerSecond: 0, secondsRemaining: 0))
+    }
+
+    /// Ends the thread (early when the write failed) and waits for it: it must not read the
+    /// target's descriptor after the caller closes it.
+    func stop() {
+        condition.lock()
+        stopped = true
+        condition.signal()
+        condition.unlock()
+        done.wait()
+        done.signal()
+    }
+
+    /// Two threads: this one reads chunk N+1 from the card while a hasher checks chunk N, so
+    /// on a fast target hashing does not add to the read time.
+    private func run() {
+        defer { done.signal() }
         let target = job.target
-        let total = chunks.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-        var meter = PhaseMeter(phase: .verifying, total: total)
-        job.progress(meter.progress)
-        let ordered = chunks.sorted { $0.offset < $1.offset }
         let unit = job.ioUnit
+        let pool = BufferPool(count: 2, bufferSize: job.pool.bufferSize, alignment: target.alignment)
         let filled = ChunkQueue()
-        let pool = job.pool
-        let stop = CancellationFlag()
-        let done = DispatchSemaphore(value: 0)
-
-        let reader = Thread {
-            defer { done.signal() }
-            for chunk in ordered {
-                if stop.isCancelled || job.options.cancellation.isCancelled { break }
-                guard let buf = pool.acquire() else { break }
-                let length = (chunk.count + unit - 1) / unit * unit
-                switch Syscall.preadFully(target.fd, buf.bytes, length, chunk.offset) {
-                case .failure(let e):
-                    pool.release(buf)
-                    filled.finish(error: target.failure(e, operation: "read-back", offset: chunk.offset))
+        let hasherDone = DispatchSemaphore(value: 0)
+        let hasher = Thread { [self] in
+            defer { hasherDone.signal() }
+            while let next = try? filled.take() {
+                let (buffer, chunk) = (next, pending.withLock { $0.removeFirst() })
+                let digest = Array(SHA256.hash(data: buffer.buffer))
+                if buffer.count != chunk.count || digest != chunk.sha256 {
+                    let failure: ImageIOError
+                    do throws(ImageIOError) { failure = try mismatch(chunk: chunk, actual: Array(buffer.buffer)) } catch { failure = error }
+                    condition.withLock { error = failure }
+                    pool.close()
                     return
-                case .success(let n):
-                    buf.offset = chunk.offset
-                    buf.count = min(n, chunk.count)
-                    filled.put(buf)
                 }
-            }
-            filled.finish()
-        }
-        reader.name = "provision-verify"
-        reader.start()
-        defer { stop.cancel(); pool.close(); done.wait() }
-
-        var lastReport = ContinuousClock.now
-        for chunk in ordered {
-            let next: AlignedBuffer?
-            do { next = try filled.take() } catch let e as ImageIOError { throw e } catch { throw ImageIOError(.ioError, "\(error)") }
-            guard let buf = next else {
-                if job.options.cancellation.isCancelled { throw job.cancelledError(after: job.bytesWrittenSoFar) }
-                throw ImageIOError(.ioError, "read-back of \(target.path) ended early at offset \(chunk.offset)", offset: chunk.offset)
-            }
-            let digest = Array(SHA256.hash(data: buf.buffer))
-            if buf.count != chunk.count || digest != chunk.sha256 {
-                let actual = Array(buf.buffer)
-                pool.release(buf)
-                throw try mismatch(chunk: chunk, actual: actual)
-            }
-            pool.release(buf)
-            meter.add(UInt64(chunk.count))
-            if ContinuousClock.now - lastReport > .milliseconds(200) {
-                lastReport = ContinuousClock.now
-                job.progress(meter.progress)
+                pool.release(buffer)
+                condition.withLock { verified += UInt64(chunk.count) }
             }
         }
-        job.progress(meter.progress)
+        hasher.name = "provision-verify-hash"
+        hasher.start()
+        defer { filled.finish(); pool.close(); hasherDone.wait() }
+        while true {
+            condition.lock()
+            while queue.isEmpty && !closed && !stopped { condition.wait() }
+            if stopped || (queue.isEmpty && closed) || error != nil { condition.unlock(); return }
+            let chunk = queue.removeFirst()
+            condition.unlock()
+            if job.options.cancellation.isCancelled { return }
+            guard let buffer = pool.acquire() else { return }
+            let length = (chunk.count + unit - 1) / unit * unit
+            switch Syscall.preadFully(target.fd, buffer.bytes, length, chunk.offset) {
+            case .failure(let e):
+                pool.release(buffer)
+                condition.withLock { error = target.failure(e, operation: "read-back", offset: chunk.offset) }
+                return
+            case .success(let n):
+                buffer.count = min(n, chunk.count)
+            }
+            pending.withLock { $0.append(chunk) }
+            filled.put(buffer)
+        }
     }
 
     private func mismatch(chunk: WrittenChunk, actual: [UInt8]) throws(ImageIOError) -> ImageIOError {
@@ -79,4 +131,11 @@ struct Verifier {
         }
         return ImageIOError(.verifyMismatch, "verification failed: \(job.target.path) differs from the image at byte offset \(first) (0x\(String(first, radix: 16))); the card is faulty or was altered — do not use it", offset: first)
     }
+}
+
+/// A tiny locked FIFO of chunk records shared by the verifier's two threads.
+final class LockedQueue: @unchecked Sendable {
+    private let lock = NSLock()
+    private var items: [WrittenChunk] = []
+    func withLock<T>(_ body: (inout [WrittenChunk]) -> T) -> T { lock.withLock { body(&items) } }
 }

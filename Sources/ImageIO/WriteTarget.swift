@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
 import ProvisionCShims
 import SystemPackage
 
@@ -100,7 +101,17 @@ public final class WriteTarget: @unchecked Sendable {
         self.direct = direct
     }
 
-    deinit { Syscall.close(fd) }
+    private let closeLock = NSLock()
+    private var closed = false
+
+    deinit { close() }
+
+    /// Closes the device now (another program — the injector — may need it exclusively).
+    public func close() {
+        closeLock.withLock {
+            if !closed { Syscall.close(fd); closed = true }
+        }
+    }
 
     private static func isReadOnly(path: String) -> Bool {
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)

@@ -15,9 +15,16 @@ public struct JobContext: Sendable {
     public let imageOverride: String?
     public let cancellation: CancellationFlag
     public let station: Station
+    /// From the station config: the operator's inventory and the password export file.
+    public var inventoryPath: String? = nil
+    public var passwordExportPath: String? = nil
+    /// The station's decompressed-image cache (nil: each job decodes its image itself).
+    public var cache: ImageCacheStore? = nil
+    /// Jobs running when this one started, for sizing its buffers.
+    public var concurrentJobs = 1
 
     /// Reports a state change and waits until the ledger holds it.
-    func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [InjectedUser]? = nil, progress: JobProgress? = nil) {
+    func transition(_ state: JobState, _ message: String? = nil, unit: String? = nil, users: [UnitAccount]? = nil, progress: JobProgress? = nil) {
         let station = station, id = record.id
         blockingAwait { await station.transition(id, to: state, message: message, unit: unit, users: users, progress: progress) }
     }
@@ -63,19 +70,42 @@ struct SDJob {
         do {
             let imagePath = context.imageOverride ?? context.profile?.image?.file
             guard let imagePath else { throw ImageIOError(.invalidArgument, "profile \(context.profile?.name ?? "?") names no image") }
-            let source = try ImageSource(path: imagePath)
             var options = WriteOptions()
             options.cancellation = context.cancellation
             options.verify = context.profile?.image?.verify ?? true
             options.bmap = try bmap(for: imagePath)
+            // Buffers for all cards together stay within 48 MiB: 8 cards get 3 × 2 MiB each.
+            if context.concurrentJobs >= 3 {
+                options.bufferCount = 3
+                options.chunkSize = context.concurrentJobs >= 5 ? 2 << 20 : 4 << 20
+            }
+            // Compressed images are decompressed once per station into the cache; this card
+            // reads the cache at its own speed.
+            let (source, cacheKey, note) = try context.cache?.source(for: imagePath, bmap: options.bmap) ?? (try ImageSource(path: imagePath), nil, "")
+            defer { context.cache?.release(cacheKey) }
             // The verdict was made for this media: refuse if the node now holds another card.
             options.beforeFirstWrite = { target in
                 if target.deviceNumber != facts.deviceNumber || (facts.diskSequence != nil && target.diskSequence != facts.diskSequence) {
                     throw ImageIOError(.deviceChanged, "\(target.path) now holds a different card than the one checked; nothing was written")
                 }
             }
+            // Raw blobs (a boot loader at 8 KiB, say) go with the image; the first chunk's
+            // partition table is checked against them before anything is written.
+            if let profile = context.profile, !profile.blobs.isEmpty {
+                options.blobs = try profile.blobs.map { blob in
+                    guard let data = FileManager.default.contents(atPath: blob.file) else {
+                        throw ImageIOError(.imageMissing, "raw blob not found: \(blob.file) (profile \(profile.name))")
+                    }
+                    return RawBlob(name: (blob.file as NSString).lastPathComponent, offset: blob.offset, bytes: [UInt8](data))
+                }
+                options.inspectFirstChunk = { chunk in try profile.checkBlobs(againstImageStart: chunk) }
+            }
+            let plan = try context.profile.flatMap { profile in
+                try UnitPlan.make(profile: profile, inventoryPath: context.inventoryPath, exportPath: context.passwordExportPath,
+                                  serial: facts.serial, slot: context.record.slot, sequence: context.record.id)
+            }
             let target = try WriteTarget.open(path: facts.devnode)
-            context.transition(.writing, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
+            context.transition(.writing, note.isEmpty ? nil : note, progress: JobProgress(bytesDone: 0, bytesTotal: options.bmap?.mappedBytes ?? source.uncompressedSizeHint, bytesPerSecond: 0, secondsRemaining: nil))
             let phase = PhaseBox()
             _ = try ImageWriter.write(source: source, to: target, options: options) { p in
                 let state: JobState = switch p.phase {
@@ -92,7 +122,10 @@ struct SDJob {
                     context.report(progress)
                 }
             }
-            context.transition(.done, "done — remove card")
+            target.close()
+            var users: [UnitAccount]? = nil
+            if let plan { users = try provision(plan, device: facts.devnode) }
+            context.transition(.done, "done — remove card", unit: plan?.unitName, users: users)
         } catch let e as ImageIOError {
             context.transition(e.code == .cancelled ? .cancelled : .failed, e.message)
         } catch {

@@ -158,7 +158,7 @@ public final class Ledger: Sendable {
             var records = rows.map(Self.record)
             for i in records.indices {
                 let users = try Row.fetchAll(db, sql: "SELECT name, uid FROM jobUser WHERE jobId = ?", arguments: [records[i].id])
-                if !users.isEmpty { records[i].users = users.map { InjectedUser(name: $0["name"], uid: $0["uid"]) } }
+                if !users.isEmpty { records[i].users = users.map { UnitAccount(name: $0["name"], uid: $0["uid"]) } }
             }
             return records
         }

@@ -13,6 +13,7 @@ public actor Station {
     let logger: Logger
     let hub = EventHub()
     let jobRunner: JobRunning
+    let cache: ImageCacheStore?
 
     struct DeviceEntry {
         var facts: DeviceFacts
@@ -36,7 +37,8 @@ public actor Station {
     /// USB ports (sysfs paths) with a Tegra job running.
     var tegraPorts: Set<String> = []
 
-    public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner()) {
+    public init(config: StationConfig, ledger: Ledger, logger: Logger, jobRunner: JobRunning = DefaultJobRunner(), cache: ImageCacheStore? = nil) {
+        self.cache = cache
         self.config = config
         self.ledger = ledger
         self.logger = logger
@@ -155,12 +157,17 @@ public actor Station {
         running[record.id] = RunningJob(record: record, cancellation: flag, deviceNumber: facts.deviceNumber)
         logger.info("job \(record.id): writing \(record.image ?? "?") to \(facts.devnode)", metadata: ["job": "\(record.id)", "device": "\(facts.devnode)", "slot": "\(slot ?? "")"])
         publish(.init(kind: .job, job: record))
-        jobRunner.start(JobContext(record: record, facts: facts, profile: profile, imageOverride: image, cancellation: flag, station: self))
+        var context = JobContext(record: record, facts: facts, profile: profile, imageOverride: image, cancellation: flag, station: self)
+        context.inventoryPath = config.inventoryPath
+        context.passwordExportPath = config.passwordExportPath
+        context.cache = cache
+        context.concurrentJobs = running.count
+        jobRunner.start(context)
         return record
     }
 
     /// A job thread reports a new state: recorded first, then announced.
-    public func transition(_ id: Int64, to state: JobState, message: String? = nil, unit: String? = nil, users: [InjectedUser]? = nil, progress: JobProgress? = nil) async {
+    public func transition(_ id: Int64, to state: JobState, message: String? = nil, unit: String? = nil, users: [UnitAccount]? = nil, progress: JobProgress? = nil) async {
         guard var job = running[id] else { return }
         var state = state
         var message = message
@@ -181,13 +188,23 @@ public actor Station {
         if let progress { job.record.progress = progress }
         if state.isFinal {
             running.removeValue(forKey: id)
-            finished[id] = job.record
+            // Generated passwords are shown once, in this announcement, and not kept.
+            var kept = job.record
+            kept.users = kept.users?.map { UnitAccount(name: $0.name, uid: $0.uid) }
+            finished[id] = kept
             let level: Logger.Level = state == .done ? .info : .error
             logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")", metadata: ["job": "\(id)", "device": "\(job.record.device)", "slot": "\(job.record.slot ?? "")"])
         } else {
             running[id] = job
         }
         publish(.init(kind: .job, job: job.record))
+    }
+
+    /// Which accounts a unit got (name, uid, hash — never a password), before "done" is announced.
+    public func recordUsers(_ id: Int64, _ users: [(name: String, uid: Int, hash: String)]) async {
+        do { try await ledger.recordUsers(job: id, users: users) } catch {
+            logger.error("ledger write failed for job \(id)'s users: \(error)")
+        }
     }
 
     /// Progress within a state: not ledgered (it is not a state change), only announced.

@@ -11,6 +11,8 @@ import TOMLKit
 /// max_device_size = "512GiB"
 /// ledger = "/var/lib/provision/ledger.sqlite"
 /// admin_group = "provision-admin"
+/// cache_dir = "/var/cache/provision"   # decompressed images shared by a batch
+/// cache_limit = "16GiB"
 /// profiles_dir = "/usr/share/provision/images"   # optional: */profile.toml found there
 ///
 /// [profiles.demo]
@@ -37,6 +39,9 @@ public struct StationConfig: Sendable {
     public var ledgerPath: String
     public var adminGroup: String
     public var inventoryPath: String?
+    /// Decompressed images shared by the cards of a batch, and the most disk they may take.
+    public var cacheDirectory: String
+    public var cacheLimit: UInt64
     public var passwordExportPath: String?
     public var profiles: [String: Profile]
     public var slots: [Slot]
@@ -57,7 +62,7 @@ public struct StationConfig: Sendable {
         try root.rejectUnknownKeys(["station", "profiles", "slots"])
 
         let station = try root.table("station")
-        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export"])
+        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit"])
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
@@ -66,6 +71,8 @@ public struct StationConfig: Sendable {
             ledgerPath: (try station?.string("ledger")).map { document.resolve(path: $0) } ?? "/var/lib/provision/ledger.sqlite",
             adminGroup: try station?.string("admin_group") ?? "provision-admin",
             inventoryPath: (try station?.string("inventory")).map { document.resolve(path: $0) },
+            cacheDirectory: (try station?.string("cache_dir")).map { document.resolve(path: $0) } ?? "/var/cache/provision",
+            cacheLimit: try station?.byteSize("cache_limit") ?? 16 << 30,
             passwordExportPath: (try station?.string("password_export")).map { document.resolve(path: $0) },
             profiles: [:], slots: [])
 

@@ -134,7 +134,7 @@ struct ControlSession {
                     }
                     if method == .watch {
                         try await send(ServerMessage(id: request.id, result: ResultPayload(status: await station.status())))
-                        try await streamEvents(to: outbound, until: connection.channel.closeFuture)
+                        try await streamEvents(to: outbound, until: connection.channel.closeFuture, admin: access == .admin)
                         return
                     }
                     do {
@@ -154,11 +154,13 @@ struct ControlSession {
 
     /// Streams events until the client goes away. The inbound stream already has its one
     /// iterator (the request loop), so the end is seen through the channel's close future.
-    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, until closed: EventLoopFuture<Void>) async throws {
+    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, until closed: EventLoopFuture<Void>, admin: Bool) async throws {
         let events = await station.subscribe()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                for await event in events {
+                for await var event in events {
+                    // Generated passwords are for admins' eyes only.
+                    if !admin, let users = event.job?.users { event.job?.users = users.map { UnitAccount(name: $0.name, uid: $0.uid) } }
                     try await outbound.write(ByteBuffer(bytes: try LineCodec.encode(ServerMessage(event: event))))
                 }
             }

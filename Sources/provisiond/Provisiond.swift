@@ -56,7 +56,14 @@ struct Provisiond: AsyncParsableCommand {
             FileHandle.standardError.write(Data("provisiond: cannot open the ledger \(stationConfig.ledgerPath): \(error)\n".utf8))
             throw ExitCode(73)  // EX_CANTCREAT
         }
-        let station = Station(config: stationConfig, ledger: ledger, logger: logger)
+        let cache: ImageCacheStore
+        do {
+            cache = try ImageCacheStore(directory: stationConfig.cacheDirectory, limit: stationConfig.cacheLimit)
+        } catch {
+            FileHandle.standardError.write(Data("provisiond: cannot use the image cache \(stationConfig.cacheDirectory): \(error)\n".utf8))
+            throw ExitCode(73)
+        }
+        let station = Station(config: stationConfig, ledger: ledger, logger: logger, cache: cache)
         try await station.recoverFromLedger()
 
         let notifier = SystemdNotifier(station: station, logger: logger)

@@ -24,9 +24,9 @@ func filler(_ count: Int, seed: UInt8) -> [UInt8] {
     (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) }
 }
 
-/// Waits for events until `done` says so, or fails after `seconds`.
-func waitFor(_ station: Station, seconds: Double = 30, until done: @escaping @Sendable (Event) -> Bool) async throws {
-    let events = await station.subscribe()
+/// Waits for events of an already subscribed stream until `done` says so, or fails after
+/// `seconds` (subscribe before causing the events, or they may pass unseen).
+func waitFor(_ events: AsyncStream<Event>, seconds: Double = 120, until done: @escaping @Sendable (Event) -> Bool) async throws {
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask {
             for await e in events where done(e) { return }

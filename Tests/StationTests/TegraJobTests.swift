@@ -48,12 +48,11 @@ struct TegraJobTests {
         let scratch = try StationScratch()
         let simulator = SimulatedTegra()
         let station = try makeStation(scratch, simulator: simulator)
-        async let finished: Void = waitFor(station) { $0.job?.state.isFinal == true }
-        try await Task.sleep(for: .milliseconds(50))
+        let events = await station.subscribe()
         await station.handle(.recovery(.add, board))
         // Re-enumeration (remove + add on the same port) must not start a second job.
         await station.handle(.recovery(.add, board))
-        try await finished
+        try await waitFor(events) { $0.job?.state.isFinal == true }
         let jobs = try await station.jobs(.init())
         #expect(jobs.count == 1)
         let job = try #require(jobs.first)
@@ -71,10 +70,9 @@ struct TegraJobTests {
         let scratch = try StationScratch()
         let simulator = SimulatedTegra(faults: [.nack(command: 0x04, code: 3)])
         let station = try makeStation(scratch, simulator: simulator)
-        async let finished: Void = waitFor(station) { $0.job?.state.isFinal == true }
-        try await Task.sleep(for: .milliseconds(50))
+        let events = await station.subscribe()
         await station.handle(.recovery(.add, board))
-        try await finished
+        try await waitFor(events) { $0.job?.state.isFinal == true }
         let job = try #require(try await station.jobs(.init()).first)
         #expect(job.state == .failed)
         #expect(job.message?.isEmpty == false)

@@ -120,3 +120,19 @@ extension Profile {
 func range(_ start: UInt64, _ end: UInt64) -> String {
     "bytes \(start)–\(end - 1)"
 }
+
+import Accounts
+
+extension Profile {
+    /// `checkBlobs` against the partition table found in the image's first bytes (the
+    /// write engine hands over its first chunk before writing anything).
+    public func checkBlobs(againstImageStart bytes: UnsafeRawBufferPointer) throws {
+        let head = [UInt8](bytes.prefix(1 << 20))
+        guard let table = try? PartitionTable.parse(bytes: head) else {
+            try checkBlobs(against: [], partitionTable: .mbr)
+            return
+        }
+        try checkBlobs(against: table.partitions.map { ($0.number, $0.start, $0.size) },
+                       partitionTable: table.scheme == .gpt ? .gpt : .mbr)
+    }
+}

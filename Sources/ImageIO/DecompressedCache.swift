@@ -1,0 +1,87 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+
+/// How far a cache file has been filled: readers of a growing file wait on it.
+///
+/// One decompressor writes the image once into a (sparse) cache file; every card's writer
+/// reads that file at its own speed, waiting here only when it has caught up with the
+/// decompressor. That is what lets a batch decompress once without the slowest card holding
+/// the others back (DESIGN.md §4, issue 7).
+public final class CacheFill: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var watermark: UInt64 = 0
+    private var finished = false
+    private var failure: ImageIOError?
+
+    public init() {}
+
+    /// Blocks until every byte below `offset` is in the file (or the fill ended).
+    public func wait(upTo offset: UInt64) throws(ImageIOError) {
+        condition.lock()
+        defer { condition.unlock() }
+        while watermark < offset && !finished && failure == nil { condition.wait() }
+        if let failure { throw failure }
+    }
+
+    func advance(to offset: UInt64) {
+        condition.lock()
+        watermark = max(watermark, offset)
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func finish(error: ImageIOError? = nil) {
+        condition.lock()
+        finished = true
+        failure = error
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public var isComplete: Bool { condition.withLock { finished && failure == nil } }
+    public var error: ImageIOError? { condition.withLock { failure } }
+}
+
+/// Decompresses an image once into a cache file: only the bmap's mapped ranges when there is
+/// a bmap (the rest stays a hole), all of it otherwise. Runs on the calling thread.
+public enum CacheFiller {
+    public static func fill(source: ImageSource, bmap: Bmap?, size: UInt64, into path: String, progress: CacheFill) {
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            progress.finish(error: ImageIOError(.ioError, "cannot create the image cache file \(path): \(String(cString: strerror(errno)))"))
+            return
+        }
+        defer { close(fd) }
+        let chunk = 4 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        do throws(ImageIOError) {
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                throw ImageIOError(.ioError, "cannot size the image cache file \(path): \(String(cString: strerror(errno)))")
+            }
+            let ranges: [(start: UInt64, end: UInt64)] = bmap?.mappedByteRanges ?? [(start: UInt64(0), end: size)]
+            for (start, end) in ranges {
+                if start > source.position { try source.skip(start - source.position, scratch: buffer) }
+                progress.advance(to: start)
+                var pos = start
+                while pos < end {
+                    let n = try source.read(into: buffer.baseAddress!, count: Int(min(UInt64(chunk), end - pos)))
+                    if n == 0 { break }
+                    if case .failure(let e) = Syscall.pwriteAll(fd, buffer.baseAddress!, n, pos) {
+                        throw ImageIOError(.ioError, "cannot write the image cache file \(path) at offset \(pos): \(e)", offset: pos, errno: e)
+                    }
+                    pos += UInt64(n)
+                    progress.advance(to: pos)
+                }
+                if pos < end && bmap != nil {
+                    throw ImageIOError(.bmapMismatch, "bmap \(bmap!.path) belongs to a different image: \(source.path) ends at byte \(pos), the bmap maps data up to \(end)")
+                }
+            }
+            progress.finish()
+        } catch {
+            progress.finish(error: error)
+        }
+    }
+}

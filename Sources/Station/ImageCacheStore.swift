@@ -1,0 +1,133 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Crypto
+import Foundation
+import ImageIO
+
+/// The station's decompressed-image cache (issue 7): a compressed image is decompressed once,
+/// into a sparse file on the station's disk, and every card that needs it reads that file at
+/// its own speed. A card that arrives mid-batch joins the same file.
+///
+/// Why a file and not a shared ring in memory: with a ring, the slowest card holds every
+/// other card back (Etcher's behaviour) or memory grows with the spread between cards. A
+/// file costs one write of the mapped data to the station's disk — far faster than any SD
+/// card — and keeps memory flat whatever the number of cards and the image size.
+///
+/// Entries are keyed by the SHA-256 of the image file's identity (device, inode, size,
+/// modification time) and of its bmap, so a rebuilt image never reuses a stale cache. The
+/// total size (allocated blocks) is kept under `limit` by dropping the least recently used
+/// entries that no job is reading; the directory is emptied when the daemon starts.
+public final class ImageCacheStore: @unchecked Sendable {
+    public let directory: String
+    public let limit: UInt64
+    private let lock = NSLock()
+    private var entries: [String: Entry] = [:]
+
+    final class Entry: @unchecked Sendable {
+        let key: String
+        let path: String
+        let fill = CacheFill()
+        let size: UInt64
+        let originalFormat: ImageFormat
+        var users = 0
+        var lastUsed = Date()
+        init(key: String, path: String, size: UInt64, originalFormat: ImageFormat) {
+            self.key = key; self.path = path; self.size = size; self.originalFormat = originalFormat
+        }
+    }
+
+    public init(directory: String, limit: UInt64) throws {
+        self.directory = directory
+        self.limit = limit
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        // Files from an earlier run may be half-filled: nothing records how far they got.
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".img") {
+            try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(name))
+        }
+    }
+
+    /// A raw source for `imagePath`: the image itself when it is raw, else its cache file,
+    /// started (one decompressor thread) by the first job that asks and shared by the rest.
+    /// Call `release` with the same path when the job no longer reads it.
+    public func source(for imagePath: String, bmap: Bmap?) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?, note: String) {
+        let original = try ImageSource(path: imagePath)
+        guard original.format != .raw, let size = bmap?.imageSize ?? original.uncompressedSizeHint else {
+            // Raw: the page cache shares it. Size unknown: this card decodes on its own.
+            return (original, nil, original.format == .raw ? "raw image" : "decompressing \(original.format.rawValue) for this card alone (size unknown)")
+        }
+        let key = Self.key(imagePath: imagePath, bmap: bmap)
+        let (entry, start) = lock.withLock { () -> (Entry, Bool) in
+            if let e = entries[key], e.fill.error == nil {
+                e.users += 1
+                e.lastUsed = Date()
+                return (e, false)
+            }
+            let e = Entry(key: key, path: (directory as NSString).appendingPathComponent(key + ".img"), size: size, originalFormat: original.format)
+            e.users = 1
+            entries[key] = e
+            return (e, true)
+        }
+        if start {
+            evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
+            let thread = Thread { CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill) }
+            thread.name = "provision-decompress"
+            // The cache file must exist before a reader opens it.
+            _ = FileManager.default.createFile(atPath: entry.path, contents: nil, attributes: [.posixPermissions: 0o600])
+            thread.start()
+        }
+        do {
+            let note = start ? "decompressing \(original.format.rawValue) once for every card (cache \(key.prefix(12)))"
+                             : "sharing the \(original.format.rawValue) decompression already under way (cache \(key.prefix(12)))"
+            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: size), key, note)
+        } catch {
+            release(key)
+            throw error
+        }
+    }
+
+    public func release(_ key: String?) {
+        guard let key else { return }
+        lock.withLock {
+            guard let e = entries[key] else { return }
+            e.users -= 1
+            e.lastUsed = Date()
+            // A failed fill is of no use to anyone.
+            if e.users == 0, e.fill.error != nil {
+                entries.removeValue(forKey: key)
+                try? FileManager.default.removeItem(atPath: e.path)
+            }
+        }
+    }
+
+    /// Bytes the cache files take on disk (sparse: allocated blocks only).
+    public var diskUsage: UInt64 {
+        lock.withLock { entries.values.reduce(0) { $0 + Self.allocated($1.path) } }
+    }
+
+    public var entryCount: Int { lock.withLock { entries.count } }
+
+    private func evict(keeping key: String, incoming: UInt64) {
+        lock.withLock {
+            var total = entries.values.filter { $0.key != key }.reduce(UInt64(0)) { $0 + Self.allocated($1.path) } + incoming
+            for e in entries.values.sorted(by: { $0.lastUsed < $1.lastUsed }) where total > limit && e.users == 0 && e.key != key {
+                total -= min(total, Self.allocated(e.path))
+                entries.removeValue(forKey: e.key)
+                try? FileManager.default.removeItem(atPath: e.path)
+            }
+        }
+    }
+
+    static func allocated(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_blocks) * 512 : 0
+    }
+
+    static func key(imagePath: String, bmap: Bmap?) -> String {
+        var st = stat()
+        _ = stat(imagePath, &st)
+        var identity = "\(imagePath)\u{0}\(st.st_dev)\u{0}\(st.st_ino)\u{0}\(st.st_size)\u{0}\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+        if let bmap { identity += "\u{0}\(bmap.path)\u{0}\(bmap.imageSize)\u{0}\(bmap.mappedBlocksCount)" }
+        return SHA256.hash(data: Data(identity.utf8)).map { String(format: "%02x", $0) }.joined()
+    }
+}

@@ -1,0 +1,323 @@
+#!/usr/bin/env bash
+# benchmarks/batch.sh — batch imaging (issue 7): one provisiond writing 8 cards of mixed
+# speeds from one compressed image, against each card alone and against 8 parallel
+# `bmaptool copy` runs, measured in the same run.
+#
+# Cards are 8 loop devices (--direct-io=on, backing files provision-card-S1…S8-batchbench-*),
+# throttled with the blkio v1 cgroup: S1–S3 10 MB/s, S4–S6 20 MB/s, S7–S8 40 MB/s write
+# (read 2× write). Image: 1 GiB, ~300 MiB mapped in 4 MiB runs spread over the image
+# (content: a tar stream of /usr, compressible like a root filesystem), its bmap, and .zst
+# and .xz copies. With --quick: 256 MiB, 72 MiB mapped. The images are kept in
+# .build/batch-bench/ for the next run (--fresh-images rebuilds them).
+#
+# For each format: one card of each speed class alone (a fresh daemon and a fresh cache
+# each time, so decompression is included); all 8 cards together on one fresh daemon; then
+# 8 parallel `bmaptool copy --bmap` of the same compressed image to the same cards.
+# Prints one markdown table per format, PASS/FAIL per target. Needs root. Cleans up the
+# daemons, loop devices, throttles, rule files and scratch files, also on failure. A
+# systemd-udevd it had to start is left running (as TestSupport.Udevd does).
+#
+#   benchmarks/batch.sh [--quick] [--formats zst,xz] [--fresh-images] [--keep DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0; FORMATS="zst,xz"; FRESH=0; KEEP=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --formats) FORMATS=$2; shift ;;
+    --fresh-images) FRESH=1 ;;
+    --keep) KEEP=$2; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "unknown option $1 (see --help)" >&2; exit 64 ;;
+  esac
+  shift
+done
+[ "$(id -u)" = 0 ] || { echo "benchmarks/batch.sh needs root (loop devices, blkio cgroup, udev rules)" >&2; exit 77; }
+BLKIO=/sys/fs/cgroup/blkio
+[ -w $BLKIO/blkio.throttle.write_bps_device ] || { echo "no blkio v1 cgroup at $BLKIO: cannot throttle the cards" >&2; exit 77; }
+
+say() { printf '>>> %s\n' "$*" >&2; }
+
+say "dependencies and release build"
+make -s deps >/dev/null
+swift build -c release --product provisiond >/dev/null
+swift build -c release --product provision >/dev/null
+BIN=$(swift build -c release --show-bin-path)
+PROVISIOND=$BIN/provisiond
+PROVISION=$BIN/provision
+
+if [ $QUICK = 1 ]; then IMG_MB=256; CHUNKS=18; else IMG_MB=1024; CHUNKS=75; fi
+CHUNK_MB=4
+MAPPED_MB=$((CHUNKS * CHUNK_MB))
+SLOTS=(S1 S2 S3 S4 S5 S6 S7 S8)
+declare -A WBPS=([S1]=10 [S2]=10 [S3]=10 [S4]=20 [S5]=20 [S6]=20 [S7]=40 [S8]=40)  # MB/s write
+ALONE_OF=(S1 S4 S7)  # one card per speed class runs alone
+TAG=batchbench-$$
+TCK=$(getconf CLK_TCK)
+
+WORK=${KEEP:-$(mktemp -d /var/tmp/provision-batch.XXXXXX)}
+mkdir -p "$WORK"
+LOOPS=(); RULES=(); DAEMON=""; SAMPLER=""; PEERS=()
+# The bmaptool runs go into their own cpuacct cgroup: bmaptool does not always wait for its
+# decompressor (xz, zstd), so /usr/bin/time misses that CPU; the cgroup counts every process.
+CPUCG=/sys/fs/cgroup/cpuacct/provision-batchbench-$$
+LOCK=/run/provision-test-udevd.lock   # the lock TestSupport.Udevd takes around rule changes
+
+unthrottle() {
+  local mm; mm=$(lsblk -dno MAJ:MIN "$1" 2>/dev/null | tr -d ' ') || return 0
+  [ -n "$mm" ] || return 0
+  echo "$mm 0" > $BLKIO/blkio.throttle.write_bps_device 2>/dev/null
+  echo "$mm 0" > $BLKIO/blkio.throttle.read_bps_device 2>/dev/null
+  return 0
+}
+stop_daemon() { # SIGTERM, then SIGKILL after 10 s
+  [ -n "$DAEMON" ] || return 0
+  kill "$DAEMON" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$DAEMON" 2>/dev/null || true
+  wait "$DAEMON" 2>/dev/null || true
+  DAEMON=""
+  [ -z "$SAMPLER" ] || { wait "$SAMPLER" 2>/dev/null || true; SAMPLER=""; }
+}
+cleanup() {
+  set +e
+  trap - EXIT INT TERM
+  stop_daemon
+  # PEERS are /usr/bin/time processes: stop the bmaptool each one runs, then it.
+  for p in "${PEERS[@]}"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  for l in "${LOOPS[@]}"; do unthrottle "$l"; losetup -d "$l" 2>/dev/null; done
+  if [ -d "$CPUCG" ]; then
+    for p in $(cat "$CPUCG/cgroup.procs" 2>/dev/null); do kill "$p" 2>/dev/null; done
+    for _ in $(seq 50); do [ -z "$(cat "$CPUCG/cgroup.procs" 2>/dev/null)" ] && break; sleep 0.1; done
+    rmdir "$CPUCG" 2>/dev/null
+  fi
+  if [ ${#RULES[@]} -gt 0 ]; then
+    flock "$LOCK" sh -c 'rm -f "$@"; udevadm control --reload' sh "${RULES[@]}" 2>/dev/null
+  fi
+  [ -n "$KEEP" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- image
+IMGDIR=.build/batch-bench/img-${IMG_MB}m-${MAPPED_MB}m
+IMG=$IMGDIR/batch.img   # batch.img.bmap serves batch.img.zst and batch.img.xz
+[ $FRESH = 0 ] || rm -rf "$IMGDIR"
+if [ ! -e "$IMGDIR/complete" ]; then
+  say "building a ${IMG_MB} MiB image with ${MAPPED_MB} MiB mapped in $IMGDIR (kept for the next run)"
+  rm -rf "$IMGDIR"; mkdir -p "$IMGDIR"
+  # Root-filesystem-like content: binaries, libraries and text from /usr.
+  { tar -cf - -C / usr/lib usr/share 2>/dev/null || true; } | head -c $((MAPPED_MB << 20)) > "$IMGDIR/payload"
+  [ "$(stat -c %s "$IMGDIR/payload")" = $((MAPPED_MB << 20)) ] || { echo "could not read ${MAPPED_MB} MiB from /usr for the image" >&2; exit 1; }
+  truncate -s "${IMG_MB}M" "$IMG"
+  stride=$((IMG_MB / CHUNKS))
+  for ((i = 0; i < CHUNKS; i++)); do
+    dd if="$IMGDIR/payload" of="$IMG" bs=1M count=$CHUNK_MB skip=$((i * CHUNK_MB)) seek=$((i * stride)) conv=notrunc status=none
+  done
+  rm -f "$IMGDIR/payload"
+  bmaptool create -o "$IMG.bmap" "$IMG" 2>/dev/null
+  zstd -q -T0 -f "$IMG" -o "$IMG.zst"
+  xz -T0 -3 -k -c "$IMG" > "$IMG.xz"
+  rm -f "$IMG"
+  touch "$IMGDIR/complete"
+fi
+say "image: $(ls -s --block-size=M "$IMG".zst "$IMG".xz | tr '\n' ' ')(bmap: $(sed -n 's:.*<MappedBlocksCount> *\([0-9]*\) *</MappedBlocksCount>.*:\1:p' "$IMG.bmap") blocks of 4 KiB mapped)"
+
+# ---------------------------------------------------------------- udev and cards
+getent group provision >/dev/null || groupadd --system provision
+getent group provision-admin >/dev/null || groupadd --system provision-admin
+if ! udevadm control --ping >/dev/null 2>&1; then
+  say "starting systemd-udevd (left running afterwards, like the tests' fixture)"
+  flock "$LOCK" sh -c 'udevadm control --ping >/dev/null 2>&1 || /lib/systemd/systemd-udevd --daemon'
+  for _ in $(seq 50); do udevadm control --ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+mkdir -p /run/udev/rules.d
+for r in udev-rules/70-provision.rules udev-rules/99-provision-test-loop.rules; do
+  dest=/run/udev/rules.d/$(basename "${r%.rules}")-$TAG.rules
+  RULES+=("$dest")
+  flock "$LOCK" cp "$r" "$dest"
+done
+flock "$LOCK" udevadm control --reload
+
+declare -A DEV
+for s in "${SLOTS[@]}"; do
+  f=$WORK/provision-card-$s-$TAG.img
+  truncate -s $((IMG_MB + 16))M "$f"
+  l=$(losetup --find --show --direct-io=on "$f"); LOOPS+=("$l"); DEV[$s]=$l
+  mm=$(lsblk -dno MAJ:MIN "$l" | tr -d ' ')
+  echo "$mm $((WBPS[$s] * 1000000))" > $BLKIO/blkio.throttle.write_bps_device
+  echo "$mm $((WBPS[$s] * 2000000))" > $BLKIO/blkio.throttle.read_bps_device
+done
+udevadm settle --timeout=10 || true
+say "cards: $(for s in "${SLOTS[@]}"; do printf '%s=%s@%sMB/s ' "$s" "${DEV[$s]#/dev/}" "${WBPS[$s]}"; done)"
+
+# ---------------------------------------------------------------- runs
+declare -A T CPUU CPUS RSSK ANONK CACHEK   # results, keyed "fmt/run/slot" or "fmt/run"
+
+# Peak anonymous RSS (KiB) of PID, sampled every 0.1 s into FILE: VmHWM also counts code
+# and libraries, RssAnon is what the daemon allocated (buffers among it).
+sample_anon() { # PID FILE
+  local peak=0 v
+  while v=$(awk '/^RssAnon:/ { print $2 }' "/proc/$1/status" 2>/dev/null) && [ -n "$v" ]; do
+    [ "$v" -gt "$peak" ] && { peak=$v; echo "$peak" > "$2"; }
+    sleep 0.1
+  done
+}
+
+# start_daemon DIR: provisiond on DIR/station.toml, answering on DIR/control.sock.
+start_daemon() {
+  "$PROVISIOND" --config "$1/station.toml" --socket "$1/control.sock" > "$1/provisiond.log" 2>&1 &
+  DAEMON=$!
+  echo 0 > "$1/anon-peak"
+  sample_anon "$DAEMON" "$1/anon-peak" &
+  SAMPLER=$!
+  export PROVISION_SOCKET=$1/control.sock
+  for _ in $(seq 100); do "$PROVISION" status >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "FAILED: provisiond did not answer on $1/control.sock" >&2; cat "$1/provisiond.log" >&2; exit 1
+}
+
+# record_daemon KEY DIR: CPU (from /proc/PID/stat: utime and stime are fields 14 and 15,
+# 12 and 13 after "pid (comm) "), peak RSS and peak anonymous RSS of the running daemon.
+record_daemon() {
+  local ut st
+  read -r ut st < <(sed 's/.*) //' /proc/$DAEMON/stat | awk '{ print $12, $13 }')
+  CPUU[$1]=$(awk -v t="$ut" -v h="$TCK" 'BEGIN { printf "%.2f", t / h }')
+  CPUS[$1]=$(awk -v t="$st" -v h="$TCK" 'BEGIN { printf "%.2f", t / h }')
+  RSSK[$1]=$(awk '/^VmHWM:/ { print $2 }' /proc/$DAEMON/status)
+  local now; now=$(awk '/^RssAnon:/ { print $2 }' /proc/$DAEMON/status)
+  ANONK[$1]=$(cat "$2/anon-peak"); [ "$now" -gt "${ANONK[$1]}" ] && ANONK[$1]=$now
+  return 0
+}
+
+# The idle daemon (no slots): its memory is the baseline the cards' buffers add to.
+idle=$WORK/idle; mkdir -p "$idle"
+printf '[station]\nname = "batch-bench"\nallow_loop_devices = true\nledger = "%s"\ncache_dir = "%s"\n' "$idle/ledger.sqlite" "$idle/cache" > "$idle/station.toml"
+start_daemon "$idle"; sleep 1; record_daemon idle "$idle"; stop_daemon
+say "idle daemon: user CPU ${CPUU[idle]} s, peak RSS $((RSSK[idle] / 1024)) MiB, anonymous $((ANONK[idle] / 1024)) MiB"
+
+# daemon_run FMT RUN SLOT... : one fresh daemon, fresh ledger and cache, the given slots only
+# (the other cards are present but in no configured slot, so the daemon leaves them alone).
+daemon_run() {
+  local fmt=$1 run=$2; shift 2
+  local dir=$WORK/$fmt-$run
+  mkdir -p "$dir"
+  {
+    cat <<TOML
+[station]
+name = "batch-bench"
+allow_loop_devices = true
+ledger = "$dir/ledger.sqlite"
+cache_dir = "$dir/cache"
+
+[profiles.bench]
+image = "$PWD/$IMG.$fmt"
+bmap = "$PWD/$IMG.bmap"
+verify = true
+TOML
+    for s in "$@"; do printf '\n[[slots]]\nname = "%s"\nmatch = "loop:%s"\nprofile = "bench"\n' "$s" "$WORK/provision-card-$s-$TAG.img"; done
+  } > "$dir/station.toml"
+  "$PROVISION" config check "$dir/station.toml" >/dev/null
+  sync
+  start_daemon "$dir"
+  if ! timeout 900 "$PROVISION" watch --until-idle --expect-jobs $# > "$dir/watch.log" 2>&1; then
+    echo "FAILED: $fmt $run: provision watch did not end cleanly" >&2; cat "$dir/watch.log" "$dir/provisiond.log" >&2; exit 1
+  fi
+  record_daemon "$fmt/$run" "$dir"
+  CACHEK[$fmt/$run]=$(du -sk "$dir/cache" | cut -f1)
+  "$PROVISION" jobs --json > "$dir/jobs.json"
+  stop_daemon
+  # Durations from the ledger (millisecond timestamps): job created → final state.
+  local bad=0
+  while IFS='|' read -r slot state secs; do
+    T[$fmt/$run/$slot]=$secs
+    [ "$state" = done ] || { echo "FAILED: $fmt $run: job in slot $slot ended '$state'" >&2; bad=1; }
+  done < <(sqlite3 "$dir/ledger.sqlite" "SELECT slot, state, printf('%.2f', (julianday(updated) - julianday(created)) * 86400) FROM job")
+  for s in "$@"; do [ -n "${T[$fmt/$run/$s]:-}" ] || { echo "FAILED: $fmt $run: no job for slot $s" >&2; bad=1; }; done
+  if [ $bad = 1 ]; then
+    sqlite3 "$dir/ledger.sqlite" "SELECT jobId, state, message, at FROM jobEvent" >&2; tail -30 "$dir/provisiond.log" >&2; exit 1
+  fi
+  say "$fmt $run: $(for s in "$@"; do printf '%s %ss  ' "$s" "${T[$fmt/$run/$s]}"; done)user CPU ${CPUU[$fmt/$run]} s, sys ${CPUS[$fmt/$run]} s, peak RSS $((RSSK[$fmt/$run] / 1024)) MiB (anonymous $((ANONK[$fmt/$run] / 1024)) MiB), cache $((CACHEK[$fmt/$run] / 1024)) MiB"
+}
+
+# peer_run FMT: 8 parallel bmaptool copy runs, each timed by /usr/bin/time.
+peer_run() {
+  local fmt=$1 dir=$WORK/$1-bmaptool s
+  mkdir -p "$dir"
+  sync
+  PEERS=()
+  mkdir -p "$CPUCG"
+  local u0 s0; read -r u0 s0 < <(awk '{ print $2 }' "$CPUCG/cpuacct.stat" | paste -sd' ')
+  for s in "${SLOTS[@]}"; do
+    ( echo "$BASHPID" > "$CPUCG/cgroup.procs"
+      exec /usr/bin/time -f "%e %U %S" -o "$dir/time.$s" bmaptool -q copy --bmap "$IMG.bmap" "$IMG.$fmt" "${DEV[$s]}" > "$dir/log.$s" 2>&1 ) &
+    PEERS+=($!)
+  done
+  local i=0 u=0 sy=0
+  for s in "${SLOTS[@]}"; do
+    wait "${PEERS[$i]}" || { echo "FAILED: bmaptool copy to ${DEV[$s]} ($s)" >&2; cat "$dir/log.$s" "$dir/time.$s" >&2; exit 1; }
+    i=$((i + 1))
+  done
+  PEERS=()
+  # Orphaned decompressors end on SIGPIPE; wait for them so their CPU is in the count.
+  for _ in $(seq 300); do [ -z "$(cat "$CPUCG/cgroup.procs")" ] && break; sleep 0.1; done
+  local u1 s1; read -r u1 s1 < <(awk '{ print $2 }' "$CPUCG/cpuacct.stat" | paste -sd' ')
+  CPUU[$fmt/bmaptool-cg]=$(awk -v a="$u0" -v b="$u1" -v h="$TCK" 'BEGIN { printf "%.2f", (b - a) / h }')
+  CPUS[$fmt/bmaptool-cg]=$(awk -v a="$s0" -v b="$s1" -v h="$TCK" 'BEGIN { printf "%.2f", (b - a) / h }')
+  for s in "${SLOTS[@]}"; do
+    read -r e uu ss < <(tail -1 "$dir/time.$s")
+    T[$fmt/bmaptool/$s]=$e
+    u=$(awk -v a="$u" -v b="$uu" 'BEGIN { print a + b }'); sy=$(awk -v a="$sy" -v b="$ss" 'BEGIN { print a + b }')
+  done
+  CPUU[$fmt/bmaptool]=$(printf '%.2f' "$u"); CPUS[$fmt/bmaptool]=$(printf '%.2f' "$sy")
+  say "$fmt bmaptool: $(for s in "${SLOTS[@]}"; do printf '%s %ss  ' "$s" "${T[$fmt/bmaptool/$s]}"; done)user CPU ${CPUU[$fmt/bmaptool]} s, sys ${CPUS[$fmt/bmaptool]} s (/usr/bin/time); with the decompressors: user ${CPUU[$fmt/bmaptool-cg]} s, sys ${CPUS[$fmt/bmaptool-cg]} s (cpuacct)"
+}
+
+IFS=, read -r -a FMTS <<< "$FORMATS"
+for fmt in "${FMTS[@]}"; do
+  [ -e "$IMG.$fmt" ] || { echo "no $IMG.$fmt (formats: zst, xz)" >&2; exit 64; }
+  for s in "${ALONE_OF[@]}"; do daemon_run "$fmt" "alone-$s" "$s"; done
+  daemon_run "$fmt" batch "${SLOTS[@]}"
+  peer_run "$fmt"
+done
+
+# ---------------------------------------------------------------- report
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
+verdict() { if le "$1" "$2"; then echo PASS; else echo "**FAIL**"; fi; }
+classof() { case ${WBPS[$1]} in 10) echo S1 ;; 20) echo S4 ;; 40) echo S7 ;; esac; }
+REPORT=$WORK/report.md
+echo
+for fmt in "${FMTS[@]}"; do
+  name=$([ "$fmt" = zst ] && echo zstd || echo xz)
+  echo "### Batch imaging, $name image: ${IMG_MB} MiB, ${MAPPED_MB} MiB mapped (bmap), 8 loop cards throttled with blkio"
+  echo
+  echo "Times in seconds. provisiond writes every mapped block and then verifies it by reading it back from the card"
+  echo "(O_DIRECT); \`bmaptool copy\` only writes (it does not read the card back), so its column covers less work."
+  echo "Alone: the card is the only one on a fresh daemon with an empty cache (decompression included); batch: all 8 on one fresh daemon."
+  echo
+  echo "| card | speed (write/read MB/s) | alone | batch | batch/alone (≤ 1.05) | bmaptool copy (8 parallel, no read-back) |"
+  echo "|---|---|---|---|---|---|"
+  worst=0
+  for s in "${SLOTS[@]}"; do
+    a=${T[$fmt/alone-$(classof "$s")/$(classof "$s")]}; b=${T[$fmt/batch/$s]}; r=$(ratio "$b" "$a")
+    le "$r" "$worst" || worst=$r
+    echo "| $s | ${WBPS[$s]}/$((WBPS[$s] * 2)) | $a | $b | $r $(verdict "$r" 1.05) | ${T[$fmt/bmaptool/$s]} |"
+  done
+  u1=$(awk -v a="${CPUU[$fmt/alone-S1]}" -v b="${CPUU[$fmt/alone-S4]}" -v c="${CPUU[$fmt/alone-S7]}" 'BEGIN { printf "%.2f", (a + b + c) / 3 }')
+  echo
+  echo "| total | value | target | result |"
+  echo "|---|---|---|---|"
+  echo "| slowest batch/alone ratio | $worst | ≤ 1.05 | $(verdict "$worst" 1.05) |"
+  echo "| provisiond user CPU, 1 card (alone runs 10/20/40 MB/s: ${CPUU[$fmt/alone-S1]}, ${CPUU[$fmt/alone-S4]}, ${CPUU[$fmt/alone-S7]} s; mean) | $u1 s | | |"
+  echo "| provisiond user CPU, 8 cards (sys ${CPUS[$fmt/batch]} s; user+sys $(awk -v a="${CPUU[$fmt/batch]}" -v b="${CPUS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${CPUU[$fmt/batch]} s | ≤ 1.5 × 1 card | $(ratio "${CPUU[$fmt/batch]}" "$u1")× $(verdict "$(ratio "${CPUU[$fmt/batch]}" "$u1")" 1.5) |"
+  echo "| bmaptool user CPU, 8 cards, with its decompressor processes (cpuacct cgroup; sys ${CPUS[$fmt/bmaptool-cg]} s; /usr/bin/time alone sees user ${CPUU[$fmt/bmaptool]} s, sys ${CPUS[$fmt/bmaptool]} s) | ${CPUU[$fmt/bmaptool-cg]} s | – | $(ratio "${CPUU[$fmt/bmaptool-cg]}" "${CPUU[$fmt/batch]}")× provisiond's |"
+  buf=$(( (ANONK[$fmt/batch] - ANONK[idle]) / 1024 ))
+  echo "| provisiond peak RSS (VmHWM), 8 cards (1 card: $((RSSK[$fmt/alone-S1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $((RSSK[$fmt/batch] / 1024)) MiB | – | |"
+  echo "| buffers: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-S1] - ANONK[idle]) / 1024 )) MiB) | $buf MiB | ≤ 64 MiB | $(verdict "$buf" 64) |"
+  echo "| decompressed cache on disk after the batch (du -sk) | $((CACHEK[$fmt/batch] / 1024)) MiB | ≈ mapped data (${MAPPED_MB} MiB) | |"
+  echo
+done | tee "$REPORT"
+echo "machine: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end (shared machines give noisy numbers)"
+FAILS=$(grep -c 'FAIL' "$REPORT" || true)
+[ "$FAILS" = 0 ] && echo "all targets: PASS" || echo "rows with a failed target: $FAILS"
