@@ -210,7 +210,7 @@ xs.sort(); print("%.1f %.1f" % (xs[len(xs) // 2], xs[int(0.99 * (len(xs) - 1))])
 PY
 )
 status_of() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$DAEMON/status"; }
-BUSY_RSS=$(status_of VmRSS); BUSY_HWM=$(status_of VmHWM)
+BUSY_RSS=$(status_of VmRSS); BUSY_HWM=$(status_of VmHWM); BUSY_ANON=$(status_of RssAnon); BUSY_FILE=$(status_of RssFile)
 BUSY_THREADS=$(status_of Threads)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$DAEMON/stat"; }
 T0=$(cpu_ticks); sleep 5; BUSY_CPU=$(( $(cpu_ticks) - T0 ))
@@ -294,6 +294,7 @@ printf '%-52s %14s %12s %s\n' "status p50/p99, fresh: connect+hello+reply (ms)" 
 printf '%-52s %14s %12s %s\n' "provision status CLI p50/p99, process incl. (ms)" "${CLI_MS/ //}" "" ""
 printf '%-52s %14s %12s %s\n' "CPU with $SLOTS jobs running (% of one core, 5 s)" "$(awk "BEGIN { printf \"%.1f\", $BUSY_CPU * 100 / $HZ / 5 }")" "" ""
 printf '%-52s %14s %12s %s\n' "VmRSS / VmHWM with $SLOTS jobs (MiB)" "$((BUSY_RSS / 1024))/$((BUSY_HWM / 1024))" "" ""
+printf '%-52s %14s %12s %s\n' "  RssAnon / RssFile with $SLOTS jobs (MiB)" "$((BUSY_ANON / 1024))/$((BUSY_FILE / 1024))" "" ""
 printf '%-52s %14s %12s %s\n' "threads with $SLOTS jobs / idle" "$BUSY_THREADS/$(status_of Threads)" "" ""
 printf '%-52s %14s %12s %s\n' "idle CPU over $IDLE s (% of one core)" "$(awk "BEGIN { printf \"%.3f\", $IDLE_TICKS * 100 / $HZ / $IDLE }")" "<= 0.1" "$R4"
 printf '%-52s %14s %12s %s\n' "idle wake-ups over $IDLE s: all threads (ctx switches)" "$IDLE_CTX" "" ""
@@ -302,4 +303,8 @@ printf '%-52s %14s %12s %s\n' "  of which the daemon's own threads" "$IDLE_OTHER
 printf '%-52s %14s %12s %s\n' "  udev block events meanwhile (other programs)" "$UDEV_EVENTS" "" ""
 printf '%-52s %14s %12s %s\n' "  threads started / retired meanwhile" "$BORN/$GONE" "" ""
 printf '%-52s %14s %12s %s\n' "VmRSS / VmHWM idle (MiB)" "$((IDLE_RSS / 1024))/$((IDLE_HWM / 1024))" "" ""
+if [ "$UDEV_EVENTS" -gt 0 ]; then
+  echo "note: $UDEV_EVENTS udev block events of other programs fell into the idle window and woke the daemon;"
+  echo "      on a quiet machine the idle figures are the daemon's alone."
+fi
 [ "$R1$R2$R3$R4" = PASSPASSPASSPASS ]
