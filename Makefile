@@ -9,12 +9,12 @@ BIN = $(shell $(SWIFT) build -c $(CONFIG) --show-bin-path 2>/dev/null)
 DEB_LIBS = pkg-config libudev-dev libusb-1.0-0-dev libsystemd-dev libext2fs-dev libcrypt-dev \
            liblzma-dev libzstd-dev zlib1g-dev libsqlite3-dev
 DEB_TOOLS = udev systemd bmap-tools whois openssl e2fsprogs fdisk dosfstools mtools \
-            busybox-static zstd xz-utils gzip time passwd util-linux sqlite3 \
+            busybox-static zstd xz-utils gzip time passwd util-linux sqlite3 python3 cpio \
             device-tree-compiler umockdev libumockdev-dev nix-bin
 STAMP = .build/.deps-installed
 
 .PHONY: deps build test demo bench clean
-$(STAMP):
+$(STAMP): Makefile
 	@if ! dpkg -s $(DEB_LIBS) $(DEB_TOOLS) >/dev/null 2>&1; then \
 	  echo ">>> installing Debian packages"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
