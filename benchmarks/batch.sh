@@ -86,12 +86,12 @@ cleanup() {
   stop_daemon
   # PEERS are /usr/bin/time processes: stop the bmaptool each one runs, then it.
   for p in "${PEERS[@]}"; do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
-  for l in "${LOOPS[@]}"; do unthrottle "$l"; losetup -d "$l" 2>/dev/null; done
   if [ -d "$CPUCG" ]; then
     for p in $(cat "$CPUCG/cgroup.procs" 2>/dev/null); do kill "$p" 2>/dev/null; done
     for _ in $(seq 50); do [ -z "$(cat "$CPUCG/cgroup.procs" 2>/dev/null)" ] && break; sleep 0.1; done
     rmdir "$CPUCG" 2>/dev/null
   fi
+  for l in "${LOOPS[@]}"; do unthrottle "$l"; losetup -d "$l" 2>/dev/null; done
   if [ ${#RULES[@]} -gt 0 ]; then
     flock "$LOCK" sh -c 'rm -f "$@"; udevadm control --reload' sh "${RULES[@]}" 2>/dev/null
   fi
@@ -220,7 +220,8 @@ TOML
   "$PROVISION" config check "$dir/station.toml" >/dev/null
   sync
   start_daemon "$dir"
-  if ! timeout 900 "$PROVISION" watch --until-idle --expect-jobs $# > "$dir/watch.log" 2>&1; then
+  # --foreground: timeout keeps watch in our process group, so Ctrl-C stops it and the trap cleans up.
+  if ! timeout --foreground 900 "$PROVISION" watch --until-idle --expect-jobs $# > "$dir/watch.log" 2>&1; then
     echo "FAILED: $fmt $run: provision watch did not end cleanly" >&2; cat "$dir/watch.log" "$dir/provisiond.log" >&2; exit 1
   fi
   record_daemon "$fmt/$run" "$dir"
