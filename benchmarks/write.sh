@@ -33,9 +33,11 @@ WORK=${WORK:-$(mktemp -d /var/tmp/provision-bench.XXXXXX)}
 mkdir -p "$WORK"
 LOOPS=()
 cleanup() {
+  udevadm settle 2>/dev/null || true
   for l in "${LOOPS[@]}"; do
     unthrottle "$l" 2>/dev/null || true
-    losetup -d "$l" 2>/dev/null || true
+    # udev may still be probing the card: retry until it lets go.
+    for _ in $(seq 20); do losetup -d "$l" 2>/dev/null && break; sleep 0.2; done
   done
   [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }

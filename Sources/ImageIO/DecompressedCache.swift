@@ -48,7 +48,8 @@ public final class CacheFill: @unchecked Sendable {
 /// a bmap (the rest stays a hole), all of it otherwise. Runs on the calling thread.
 public enum CacheFiller {
     public static func fill(source: ImageSource, bmap: Bmap?, size: UInt64, into path: String, progress: CacheFill) {
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        // No O_TRUNC: readers may already have the (empty) file open.
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             progress.finish(error: ImageIOError(.ioError, "cannot create the image cache file \(path): \(String(cString: strerror(errno)))"))
             return
@@ -62,6 +63,8 @@ public enum CacheFiller {
                 throw ImageIOError(.ioError, "cannot size the image cache file \(path): \(String(cString: strerror(errno)))")
             }
             let ranges: [(start: UInt64, end: UInt64)] = bmap?.mappedByteRanges ?? [(start: UInt64(0), end: size)]
+            // The bmap's checksums are checked here, once for every card reading the cache.
+            var rangeCheck = bmap.map { BmapRangeChecker(bmap: $0) }
             for (start, end) in ranges {
                 if start > source.position { try source.skip(start - source.position, scratch: buffer) }
                 progress.advance(to: start)
@@ -69,6 +72,7 @@ public enum CacheFiller {
                 while pos < end {
                     let n = try source.read(into: buffer.baseAddress!, count: Int(min(UInt64(chunk), end - pos)))
                     if n == 0 { break }
+                    try rangeCheck?.feed(UnsafeRawBufferPointer(start: buffer.baseAddress!, count: n), at: pos)
                     if case .failure(let e) = Syscall.pwriteAll(fd, buffer.baseAddress!, n, pos) {
                         throw ImageIOError(.ioError, "cannot write the image cache file \(path) at offset \(pos): \(e)", offset: pos, errno: e)
                     }

@@ -30,6 +30,14 @@ final class WriteJob: @unchecked Sendable {
     let queue = ChunkQueue()
     /// Unit of direct I/O: lengths and offsets must be multiples of it.
     let ioUnit: Int
+    /// Raw and cached sources can be read again at any offset: verification then compares
+    /// the card with the source bytes directly (exact offset, no hashing); compressed
+    /// streams are verified against SHA-256 hashes taken as they streamed by.
+    let compareWithSource: Bool
+    /// A second descriptor on a raw source, for verification's reads.
+    private lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
+
+    deinit { if compareWithSource, sourceFD >= 0 { Syscall.close(sourceFD) } }
 
     private var streamEnd: UInt64 = 0
     private(set) var verifier: BackgroundVerifier?
@@ -40,6 +48,7 @@ final class WriteJob: @unchecked Sendable {
         self.options = options
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
+        self.compareWithSource = source.format == .raw
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
     }
@@ -124,7 +133,7 @@ final class WriteJob: @unchecked Sendable {
         blobCoverage = Array(repeating: [], count: options.blobs.count)
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
         defer { scratch.deallocate() }
-        var rangeCheck = options.bmap.map { BmapRangeChecker(bmap: $0) }
+        var rangeCheck = options.sourceCheckedAgainstBmap ? nil : options.bmap.map { BmapRangeChecker(bmap: $0) }
 
         if let bmap = options.bmap {
             for extent in bmap.mappedByteRanges {
@@ -187,7 +196,7 @@ final class WriteJob: @unchecked Sendable {
                 throw ImageIOError(.invalidArgument, "\(error)")
             }
         }
-        buf.digest = Array(SHA256.hash(data: buf.buffer))
+        buf.digest = compareWithSource ? [] : Array(SHA256.hash(data: buf.buffer))
         queue.put(buf)
     }
 
@@ -213,7 +222,7 @@ final class WriteJob: @unchecked Sendable {
                     blob.bytes.withUnsafeBytes { src in buf.bytes.copyMemory(from: src.baseAddress! + Int(pos - blob.offset), byteCount: n) }
                     buf.offset = pos
                     buf.count = n
-                    buf.digest = Array(SHA256.hash(data: buf.buffer))
+                    buf.digest = compareWithSource ? [] : Array(SHA256.hash(data: buf.buffer))
                     queue.put(buf)
                     pos += UInt64(n)
                 }
@@ -330,14 +339,23 @@ final class WriteJob: @unchecked Sendable {
     /// the first differing byte after a hash mismatch (raw: a pread; compressed: decode up to
     /// there once more — an error path, never the normal one).
     func expectedBytes(offset: UInt64, count: Int) throws(ImageIOError) -> [UInt8] {
-        let again = try ImageSource(path: source.path)
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
-        defer { scratch.deallocate() }
-        try again.skip(offset, scratch: scratch)
-        let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 64)
-        defer { raw.deallocate() }
-        let got = try again.read(into: raw.baseAddress!, count: count)
-        var out = Array(raw.prefix(got))
+        var out: [UInt8]
+        if compareWithSource {
+            // Raw or cache file: read it at the offset (the page cache usually has it).
+            out = [UInt8](repeating: 0, count: count)
+            let got = out.withUnsafeMutableBytes { Syscall.preadFully(sourceFD, $0.baseAddress!, count, offset) }
+            guard case .success(let n) = got else { throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(offset)") }
+            out.removeLast(count - n)
+        } else {
+            let again = try ImageSource(path: source.path)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
+            defer { scratch.deallocate() }
+            try again.skip(offset, scratch: scratch)
+            let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: max(count, 1), alignment: 64)
+            defer { raw.deallocate() }
+            let got = try again.read(into: raw.baseAddress!, count: count)
+            out = Array(raw.prefix(got))
+        }
         for blob in options.blobs {
             let r = (offset..<offset + UInt64(count)).clamped(to: blob.offset..<blob.offset + UInt64(blob.bytes.count))
             for o in r { if Int(o - offset) < out.count { out[Int(o - offset)] = blob.bytes[Int(o - blob.offset)] } else { out.append(blob.bytes[Int(o - blob.offset)]) } }

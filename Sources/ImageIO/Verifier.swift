@@ -85,8 +85,13 @@ final class BackgroundVerifier: @unchecked Sendable {
             defer { hasherDone.signal() }
             while let next = try? filled.take() {
                 let (buffer, chunk) = (next, pending.withLock { $0.removeFirst() })
-                let digest = Array(SHA256.hash(data: buffer.buffer))
-                if buffer.count != chunk.count || digest != chunk.sha256 {
+                let same: Bool
+                if job.compareWithSource {
+                    same = buffer.count == chunk.count && matchesSource(buffer, chunk: chunk)
+                } else {
+                    same = buffer.count == chunk.count && Array(SHA256.hash(data: buffer.buffer)) == chunk.sha256
+                }
+                if !same {
                     let failure: ImageIOError
                     do throws(ImageIOError) { failure = try mismatch(chunk: chunk, actual: Array(buffer.buffer)) } catch { failure = error }
                     condition.withLock { error = failure }
@@ -120,6 +125,12 @@ final class BackgroundVerifier: @unchecked Sendable {
             pending.withLock { $0.append(chunk) }
             filled.put(buffer)
         }
+    }
+
+    /// Compares the read-back bytes with the source file (and blobs) at the same offset.
+    private func matchesSource(_ buffer: AlignedBuffer, chunk: WrittenChunk) -> Bool {
+        guard let expected = try? job.expectedBytes(offset: chunk.offset, count: chunk.count), expected.count == buffer.count else { return false }
+        return expected.withUnsafeBytes { memcmp($0.baseAddress!, buffer.bytes, buffer.count) == 0 }
     }
 
     private func mismatch(chunk: WrittenChunk, actual: [UInt8]) throws(ImageIOError) -> ImageIOError {

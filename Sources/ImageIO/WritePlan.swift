@@ -35,6 +35,9 @@ public struct WriteOptions: @unchecked Sendable {
     /// Called with the image's first chunk before anything is written (partition-table
     /// checks, e.g. that raw blobs do not overlap a partition). Throwing aborts the write.
     public var inspectFirstChunk: ((UnsafeRawBufferPointer) throws -> Void)?
+    /// The source's mapped ranges were already checked against the bmap (a cache file whose
+    /// filler checked them once for every card).
+    public var sourceCheckedAgainstBmap = false
     /// Called after the target is opened and before its first byte is written: the caller's
     /// last chance to check the device is still the one the safety verdict was made for.
     public var beforeFirstWrite: ((WriteTarget) throws -> Void)?

@@ -66,14 +66,14 @@ public final class ImageCacheStore: @unchecked Sendable {
             let e = Entry(key: key, path: (directory as NSString).appendingPathComponent(key + ".img"), size: size, originalFormat: original.format)
             e.users = 1
             entries[key] = e
+            // Created under the lock: a job joining right after must find the file.
+            _ = FileManager.default.createFile(atPath: e.path, contents: nil, attributes: [.posixPermissions: 0o600])
             return (e, true)
         }
         if start {
             evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
             let thread = Thread { CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill) }
             thread.name = "provision-decompress"
-            // The cache file must exist before a reader opens it.
-            _ = FileManager.default.createFile(atPath: entry.path, contents: nil, attributes: [.posixPermissions: 0o600])
             thread.start()
         }
         do {

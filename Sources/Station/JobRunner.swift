@@ -84,6 +84,7 @@ struct SDJob {
             // Compressed images are decompressed once per station into the cache; this card
             // reads the cache at its own speed.
             let (source, cacheKey, note) = try context.cache?.source(for: imagePath, bmap: options.bmap) ?? (try ImageSource(path: imagePath), nil, "")
+            options.sourceCheckedAgainstBmap = cacheKey != nil
             defer { context.cache?.release(cacheKey) }
             // The verdict was made for this media: refuse if the node now holds another card.
             options.beforeFirstWrite = { target in
