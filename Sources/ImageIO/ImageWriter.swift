@@ -35,7 +35,7 @@ final class WriteJob: @unchecked Sendable {
     /// streams are verified against SHA-256 hashes taken as they streamed by.
     let compareWithSource: Bool
     /// A second descriptor on a raw source, for verification's reads.
-    private lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
+    lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
 
     deinit { if compareWithSource, sourceFD >= 0 { Syscall.close(sourceFD) } }
 

@@ -163,6 +163,9 @@ struct LoopCardTests {
             ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
         try await waitUntilWritten(card, bytes: 2 << 20)
         try card.pull()
+        // Checked while dd still holds the device: once it exits, the lazy detach frees
+        // loopN, and a parallel test may attach another card to the same node.
+        #expect(card.deviceSize == 0)
         let output = try await writer
 
         #expect(!output.succeeded)
@@ -170,7 +173,6 @@ struct LoopCardTests {
         #expect(output.stderr.contains("Input/output error") || output.stderr.contains("No space left on device"),
                 "dd said: \(output.stderr)")
         #expect(!output.stderr.contains("16777216 bytes"), "dd finished before the pull")
-        #expect(card.deviceSize == 0)
         // What reached the card before the pull is still in the backing file.
         let firstMiB = try Command.check(["bash", "-c", "head -c 1048576 \"$1\" | sha256sum", "h", pattern])
             .stdout.prefix(64)
