@@ -212,6 +212,12 @@ public final class LoopCard: Sendable {
     /// Removes both throttles of this device (a value of 0 deletes the rule).
     public func removeThrottle() throws {
         guard state.withLock({ $0.throttled }) else { return }
+        // After a lazy detach loopN may already belong to another test's card: its
+        // throttle (keyed by MAJ:MIN) is not ours to clear.
+        guard isAttached else {
+            state.withLock { $0.throttled = false }
+            return
+        }
         try writeThrottle("write", 0)
         try writeThrottle("read", 0)
         state.withLock { $0.throttled = false }
