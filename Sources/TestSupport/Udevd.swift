@@ -114,7 +114,7 @@ public struct Udevd: Sendable {
     }
 
     /// `udevadm settle`: waits until udevd's event queue is empty.
-    public func settle(timeout: Duration = .seconds(30)) throws {
+    public func settle(timeout: Duration = .seconds(90)) throws {
         let seconds = max(1, Int(timeout.components.seconds))
         try Udevd.control(["udevadm", "settle", "--timeout=\(seconds)"])
     }
@@ -151,7 +151,7 @@ public struct Udevd: Sendable {
     /// or `timeout` passes; returns the last properties seen either way. Use it right after
     /// an attach or a detach: the kernel's uevent may reach udevd after `settle` returned.
     public func waitForProperties(
-        of devicePath: String, timeout: Duration = .seconds(10),
+        of devicePath: String, timeout: Duration = .seconds(60),
         until condition: ([String: String]) -> Bool
     ) throws -> [String: String] {
         try settle()
