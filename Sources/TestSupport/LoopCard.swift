@@ -213,10 +213,8 @@ public final class LoopCard: Sendable {
     public func removeThrottle() throws {
         guard state.withLock({ $0.throttled }) else { return }
         // After a lazy detach loopN may already belong to another test's card: its
-        // throttle (keyed by MAJ:MIN) is not ours to clear. A free node is cleared, so
-        // that no stale rule slows the next card there.
-        let nodeTaken = FileManager.default.fileExists(atPath: "/sys/block/\(name)/loop/backing_file")
-        guard isAttached || !nodeTaken else {
+        // throttle (keyed by MAJ:MIN) is not ours to clear.
+        guard isAttached else {
             state.withLock { $0.throttled = false }
             return
         }
