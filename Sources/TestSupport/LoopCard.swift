@@ -130,6 +130,12 @@ public final class LoopCard: Sendable {
             if ownsDirectory { rmdir(self.directory) }
             throw error
         }
+        // A card detached lazily while throttled (pulled mid-write, say) cannot drop its
+        // rule safely later (the node may be someone else's by then), so a rule keyed by
+        // this MAJ:MIN may be left over. The node is ours now: start unthrottled.
+        for direction in ["write", "read"] where Self.hasThrottleRule(direction, major: major, minor: minor) {
+            try? writeThrottle(direction, 0)
+        }
         if options.partitionScan {
             do { try rescanPartitions() } catch {
                 close()
@@ -333,6 +339,12 @@ public final class LoopCard: Sendable {
         } catch {
             throw LoopCardError(description: "cannot write the \(direction) throttle of \(devicePath) to \(file): \(error)")
         }
+    }
+
+    private static func hasThrottleRule(_ direction: String, major: UInt32, minor: UInt32) -> Bool {
+        let file = "/sys/fs/cgroup/blkio/blkio.throttle.\(direction)_bps_device"
+        guard let rules = try? String(contentsOfFile: file, encoding: .utf8) else { return false }
+        return rules.split(separator: "\n").contains { $0.hasPrefix("\(major):\(minor) ") }
     }
 
     private static func hash(path: String, bytes: Int64?, direct: Bool) throws -> String {

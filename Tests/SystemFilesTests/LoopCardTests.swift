@@ -6,12 +6,16 @@ import Foundation
 import Testing
 import TestSupport
 
-/// Runs a blocking command on a GCD thread (not on Swift's cooperative pool).
+/// Runs a blocking command on a thread of its own. Not on Swift's cooperative pool, and
+/// not on GCD's global queue either: under a full parallel test run both are 2 threads
+/// wide on this machine and busy with other tests' blocking work, and a writer queued
+/// behind them would not start before the test gave up on it.
 func runInBackground(_ arguments: [String]) async throws -> CommandOutput {
     try await withCheckedThrowingContinuation { continuation in
-        DispatchQueue.global().async {
+        let thread = Thread {
             continuation.resume(with: Result { try Command.run(arguments, timeout: .seconds(120)) })
         }
+        thread.start()
     }
 }
 
