@@ -34,6 +34,12 @@ final class WriteJob: @unchecked Sendable {
     /// the card with the source bytes directly (exact offset, no hashing); compressed
     /// streams are verified against SHA-256 hashes taken as they streamed by.
     let compareWithSource: Bool
+    /// A compressed source with a fully checksummed bmap and no blobs: the reader already
+    /// proves each mapped range of the stream equals the bmap's checksum, so the verifier
+    /// hashes what it reads back range by range and compares with the bmap — one SHA-256
+    /// pass over the data on the writing side instead of two. Chunks of a range that starts
+    /// at byte 0 still get their own hash: the first chunk is written (and read back) last.
+    let verifyAgainstBmap: Bool
     /// A second descriptor on a raw source, for verification's reads.
     lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
 
@@ -49,6 +55,8 @@ final class WriteJob: @unchecked Sendable {
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
         self.compareWithSource = source.format == .raw
+        self.verifyAgainstBmap = !compareWithSource && options.blobs.isEmpty
+            && options.bmap.map(BmapRangeHasher.coversEveryRange) == true
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
     }
@@ -196,8 +204,14 @@ final class WriteJob: @unchecked Sendable {
                 throw ImageIOError(.invalidArgument, "\(error)")
             }
         }
-        buf.digest = compareWithSource ? [] : Array(SHA256.hash(data: buf.buffer))
+        buf.digest = needsOwnDigest(buf) ? Array(SHA256.hash(data: buf.buffer)) : []
         queue.put(buf)
+    }
+
+    private func needsOwnDigest(_ buf: AlignedBuffer) -> Bool {
+        if compareWithSource { return false }
+        guard verifyAgainstBmap, let first = options.bmap?.mappedByteRanges.first else { return true }
+        return first.start == 0 && buf.offset < first.end
     }
 
     /// Blob bytes that no image chunk carried (an unmapped area, or beyond the image end).
@@ -259,8 +273,7 @@ final class WriteJob: @unchecked Sendable {
             unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: buf.digest))
             pool.release(buf)
             bytesSinceSync += UInt64(buf.count)
-            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval,
-               meter.progress.bytesPerSecond < options.overlapBelowRate {
+            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval {
                 // What is synced may be read back now, while the writer goes on.
                 if let failure = verifier.failure { throw failure }
                 try sync()
@@ -364,23 +377,37 @@ final class WriteJob: @unchecked Sendable {
     }
 }
 
-/// Checks every mapped range of the source against the bmap's checksum as it streams by.
-/// A mismatch means the image (or its bmap) is damaged — not the card.
-struct BmapRangeChecker {
+/// Hashes bytes that arrive in offset order range by range, as the bmap maps them, and
+/// says which range did not match its checksum. The reader uses it to check the source as
+/// it streams by; the verifier uses it to check what it reads back from the card.
+struct BmapRangeHasher {
     let bmap: Bmap
+    private let extents: [(start: UInt64, end: UInt64)]
     private var index = 0
     private var sha256 = SHA256()
     private var sha1 = Insecure.SHA1()
 
-    init(bmap: Bmap) { self.bmap = bmap }
+    init(bmap: Bmap) {
+        self.bmap = bmap
+        self.extents = bmap.mappedByteRanges
+    }
 
-    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
+    /// Every range has a checksum: the card can be verified against the bmap alone.
+    static func coversEveryRange(_ bmap: Bmap) -> Bool { bmap.ranges.allSatisfy { $0.checksum != nil } }
+
+    /// Feeds bytes at `offset`; returns the index of the first range completed here whose
+    /// digest differs from the bmap's. Bytes outside every mapped range are ignored.
+    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int? {
         var cursor = 0
-        while cursor < bytes.count, index < bmap.ranges.count {
-            let range = bmap.ranges[index]
-            let (start, end) = bmap.mappedByteRanges[index]
+        var mismatch: Int?
+        while cursor < bytes.count, index < extents.count {
+            let (start, end) = extents[index]
             let here = offset + UInt64(cursor)
-            guard here >= start, here < end else { index += 1; continue }
+            if here >= end { index += 1; continue }
+            if here < start {
+                cursor += Int(min(start - here, UInt64(bytes.count - cursor)))
+                continue
+            }
             let n = Int(min(UInt64(bytes.count - cursor), end - here))
             let slice = UnsafeRawBufferPointer(rebasing: bytes[cursor..<(cursor + n)])
             if bmap.checksumType == .sha256 { sha256.update(bufferPointer: slice) } else { sha1.update(bufferPointer: slice) }
@@ -389,11 +416,25 @@ struct BmapRangeChecker {
                 let digest = bmap.checksumType == .sha256 ? sha256.finalize().hex : sha1.finalize().hex
                 sha256 = SHA256()
                 sha1 = Insecure.SHA1()
+                if let expected = bmap.ranges[index].checksum, expected != digest, mismatch == nil { mismatch = index }
                 index += 1
-                if let expected = range.checksum, expected != digest {
-                    throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of \(bmap.path.isEmpty ? "the image" : "the image") do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: start)
-                }
             }
         }
+        return mismatch
+    }
+}
+
+/// Checks every mapped range of the source against the bmap's checksum as it streams by.
+/// A mismatch means the image (or its bmap) is damaged — not the card.
+struct BmapRangeChecker {
+    private var hasher: BmapRangeHasher
+
+    init(bmap: Bmap) { hasher = BmapRangeHasher(bmap: bmap) }
+
+    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
+        guard let index = hasher.feed(bytes, at: offset) else { return }
+        let bmap = hasher.bmap
+        let range = bmap.ranges[index]
+        throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of the image do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: bmap.mappedByteRanges[index].start)
     }
 }

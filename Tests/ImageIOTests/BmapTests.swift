@@ -174,6 +174,46 @@ struct BmapTests {
         #expect(try sha256(file: out) == sha256(file: image))
     }
 
+    @Test("a compressed image with a checksummed bmap is verified against the bmap's ranges, mismatches found to the byte",
+          arguments: [UInt64(5 << 20) + 1_234_567, UInt64(40_000)])
+    func compressedWithBmapVerifiesAgainstRanges(badOffset: UInt64) throws {
+        // 5 MiB + …: inside the 3 MiB range, checked by the range hash; 40 000: inside the
+        // range at byte 0, whose chunk is written last and keeps a hash of its own.
+        let (image, bmapPath, pieces) = try sparseImage()
+        try run("zstd", "-q", "-f", image, "-o", image + ".zst")
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        let source = try ImageSource(path: image + ".zst")
+        let card = try LoopCard(label: "bmap-zst", size: 48 << 20)
+        defer { card.close() }
+
+        let target = try WriteTarget.open(path: card.devicePath)
+        #expect(WriteJob(source: source, target: target, options: options, progress: { _ in }).verifyAgainstBmap)
+        let clean = try ImageWriter.write(source: source, to: target, options: options)
+        target.close()
+        #expect(clean.verified && clean.bytesWritten == options.bmap!.mappedBytes)
+        for (offset, bytes) in pieces {
+            #expect(try readBytes(card.devicePath, offset: offset, count: bytes.count) == bytes)
+        }
+
+        let expectedByte = pieces.first { badOffset >= $0.0 && badOffset < $0.0 + UInt64($0.1.count) }!
+        let original = expectedByte.1[Int(badOffset - expectedByte.0)]
+        options.testHookBeforeVerify = { target in
+            let h = FileHandle(forUpdatingAtPath: target.path)!
+            try? h.seek(toOffset: badOffset)
+            h.write(Data([original ^ 0x10]))
+            try? h.synchronize()
+            try? h.close()
+        }
+        do {
+            _ = try ImageWriter.write(source: try ImageSource(path: image + ".zst"), to: try WriteTarget.open(path: card.devicePath), options: options)
+            Issue.record("altered card passed verification")
+        } catch {
+            #expect(error.code == .verifyMismatch)
+            #expect(error.offset == badOffset, "\(error)")
+        }
+    }
+
     func sha256(file: String) throws -> String {
         SHA256.hash(data: try Data(contentsOf: URL(fileURLWithPath: file))).map { String(format: "%02x", $0) }.joined()
     }
