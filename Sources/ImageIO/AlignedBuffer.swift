@@ -18,7 +18,7 @@ public final class AlignedBuffer: @unchecked Sendable {
     /// Number of image bytes held (≤ capacity; may be unaligned at the very end of an image).
     public var count: Int = 0
     /// SHA-256 of the held bytes, taken by the reader for verification.
-    var digest: [UInt8] = []
+    var fingerprint: Fingerprint?
 
     public init(capacity: Int, alignment: Int) {
         precondition(capacity % alignment == 0, "capacity must be a multiple of the alignment")

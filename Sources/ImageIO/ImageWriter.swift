@@ -34,12 +34,6 @@ final class WriteJob: @unchecked Sendable {
     /// the card with the source bytes directly (exact offset, no hashing); compressed
     /// streams are verified against SHA-256 hashes taken as they streamed by.
     let compareWithSource: Bool
-    /// A compressed source with a fully checksummed bmap and no blobs: the reader already
-    /// proves each mapped range of the stream equals the bmap's checksum, so the verifier
-    /// hashes what it reads back range by range and compares with the bmap — one SHA-256
-    /// pass over the data on the writing side instead of two. Chunks of a range that starts
-    /// at byte 0 still get their own hash: the first chunk is written (and read back) last.
-    let verifyAgainstBmap: Bool
     /// A second descriptor on a raw source, for verification's reads.
     lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
 
@@ -47,6 +41,13 @@ final class WriteJob: @unchecked Sendable {
 
     private var streamEnd: UInt64 = 0
     private(set) var verifier: BackgroundVerifier?
+    /// The bmap range check of the source, unless a cache filler did it already.
+    var checksSourceAgainstBmap: Bool { options.bmap != nil && !options.sourceCheckedAgainstBmap }
+    /// Hashing (the bmap range check, chunk digests) runs on a thread of its own between the
+    /// decompressor and the writer, so that decompressing and hashing use both cores. With
+    /// blobs it stays on the reader: the range check must see the image's bytes before the
+    /// blobs are laid over them.
+    private lazy var checkStage: ChunkQueue? = options.blobs.isEmpty && (checksSourceAgainstBmap || (!compareWithSource && options.verify)) ? ChunkQueue() : nil
 
     init(source: ImageSource, target: WriteTarget, options: WriteOptions, progress: @escaping @Sendable (WriteProgress) -> Void) {
         self.source = source
@@ -55,8 +56,6 @@ final class WriteJob: @unchecked Sendable {
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
         self.compareWithSource = source.format == .raw
-        self.verifyAgainstBmap = !compareWithSource && options.blobs.isEmpty
-            && options.bmap.map(BmapRangeHasher.coversEveryRange) == true
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
     }
@@ -70,12 +69,22 @@ final class WriteJob: @unchecked Sendable {
         defer { verifier?.stop() }
         let started = ContinuousClock.now
         let readerDone = DispatchSemaphore(value: 0)
+        let stage = checkStage
         let reader = Thread { [self] in
-            do throws(ImageIOError) { try readStream(); queue.finish() } catch { queue.finish(error: error); pool.close() }
+            do throws(ImageIOError) { try readStream(); (stage ?? queue).finish() } catch { (stage ?? queue).finish(error: error); pool.close() }
             readerDone.signal()
         }
         reader.name = "provision-reader"
         reader.start()
+        let checkerDone = DispatchSemaphore(value: 0)
+        if let stage {
+            let checker = Thread { [self] in
+                check(stage)
+                checkerDone.signal()
+            }
+            checker.name = "provision-check"
+            checker.start()
+        }
 
         do throws(ImageIOError) {
             try writeAll()
@@ -83,9 +92,11 @@ final class WriteJob: @unchecked Sendable {
             options.cancellation.cancel()
             pool.close()
             readerDone.wait()
+            if stage != nil { checkerDone.wait() }
             throw error
         }
         readerDone.wait()
+        if stage != nil { checkerDone.wait() }
         let written = ContinuousClock.now
 
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
@@ -141,7 +152,7 @@ final class WriteJob: @unchecked Sendable {
         blobCoverage = Array(repeating: [], count: options.blobs.count)
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
         defer { scratch.deallocate() }
-        var rangeCheck = options.sourceCheckedAgainstBmap ? nil : options.bmap.map { BmapRangeChecker(bmap: $0) }
+        var rangeCheck = checksSourceAgainstBmap && checkStage == nil ? options.bmap.map { BmapRangeChecker(bmap: $0) } : nil
 
         if let bmap = options.bmap {
             for extent in bmap.mappedByteRanges {
@@ -204,14 +215,37 @@ final class WriteJob: @unchecked Sendable {
                 throw ImageIOError(.invalidArgument, "\(error)")
             }
         }
-        buf.digest = needsOwnDigest(buf) ? Array(SHA256.hash(data: buf.buffer)) : []
-        queue.put(buf)
+        if let checkStage {
+            checkStage.put(buf)
+        } else {
+            fingerprint(buf)
+            queue.put(buf)
+        }
     }
 
-    private func needsOwnDigest(_ buf: AlignedBuffer) -> Bool {
-        if compareWithSource { return false }
-        guard verifyAgainstBmap, let first = options.bmap?.mappedByteRanges.first else { return true }
-        return first.start == 0 && buf.offset < first.end
+    /// The checker thread: the bmap range check and chunk digests, in stream order.
+    private func check(_ stage: ChunkQueue) {
+        var rangeCheck = checksSourceAgainstBmap ? options.bmap.map { BmapRangeChecker(bmap: $0) } : nil
+        do {
+            while let buf = try stage.take() {
+                do throws(ImageIOError) {
+                    try rangeCheck?.feed(UnsafeRawBufferPointer(buf.buffer), at: buf.offset)
+                } catch {
+                    pool.release(buf)
+                    throw error
+                }
+                fingerprint(buf)
+                queue.put(buf)
+            }
+            queue.finish()
+        } catch {
+            queue.finish(error: error)
+            pool.close()
+        }
+    }
+
+    private func fingerprint(_ buf: AlignedBuffer) {
+        buf.fingerprint = compareWithSource || !options.verify ? nil : Fingerprint(buf.buffer)
     }
 
     /// Blob bytes that no image chunk carried (an unmapped area, or beyond the image end).
@@ -236,7 +270,7 @@ final class WriteJob: @unchecked Sendable {
                     blob.bytes.withUnsafeBytes { src in buf.bytes.copyMemory(from: src.baseAddress! + Int(pos - blob.offset), byteCount: n) }
                     buf.offset = pos
                     buf.count = n
-                    buf.digest = compareWithSource ? [] : Array(SHA256.hash(data: buf.buffer))
+                    fingerprint(buf)
                     queue.put(buf)
                     pos += UInt64(n)
                 }
@@ -270,7 +304,7 @@ final class WriteJob: @unchecked Sendable {
             }
             try writeChunk(buf)
             meter.add(UInt64(buf.count))
-            unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, sha256: buf.digest))
+            unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint))
             pool.release(buf)
             bytesSinceSync += UInt64(buf.count)
             if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval {
@@ -293,7 +327,7 @@ final class WriteJob: @unchecked Sendable {
         if let first = firstChunk {
             try writeChunk(first)
             meter.add(UInt64(first.count))
-            unverified.append(WrittenChunk(offset: first.offset, count: first.count, sha256: first.digest))
+            unverified.append(WrittenChunk(offset: first.offset, count: first.count, fingerprint: first.fingerprint))
             pool.release(first)
         }
         if target.kind == .regularFile {
@@ -378,8 +412,7 @@ final class WriteJob: @unchecked Sendable {
 }
 
 /// Hashes bytes that arrive in offset order range by range, as the bmap maps them, and
-/// says which range did not match its checksum. The reader uses it to check the source as
-/// it streams by; the verifier uses it to check what it reads back from the card.
+/// says which range did not match its checksum.
 struct BmapRangeHasher {
     let bmap: Bmap
     private let extents: [(start: UInt64, end: UInt64)]
@@ -391,9 +424,6 @@ struct BmapRangeHasher {
         self.bmap = bmap
         self.extents = bmap.mappedByteRanges
     }
-
-    /// Every range has a checksum: the card can be verified against the bmap alone.
-    static func coversEveryRange(_ bmap: Bmap) -> Bool { bmap.ranges.allSatisfy { $0.checksum != nil } }
 
     /// Feeds bytes at `offset`; returns the index of the first range completed here whose
     /// digest differs from the bmap's. Bytes outside every mapped range are ignored.

@@ -83,7 +83,6 @@ final class BackgroundVerifier: @unchecked Sendable {
         let hasherDone = DispatchSemaphore(value: 0)
         let hasher = Thread { [self] in
             defer { hasherDone.signal() }
-            var ranges = job.verifyAgainstBmap ? job.options.bmap.map(BmapRangeHasher.init) : nil
             while let next = try? filled.take() {
                 let (buffer, chunk) = (next, pending.withLock { $0.removeFirst() })
                 var failure: ImageIOError?
@@ -91,11 +90,8 @@ final class BackgroundVerifier: @unchecked Sendable {
                     failure = shortRead(chunk: chunk, got: buffer.count)
                 } else if job.compareWithSource {
                     if !matchesSource(buffer, chunk: chunk) { failure = mismatch(chunk: chunk, actual: Array(buffer.buffer)) }
-                } else if !chunk.sha256.isEmpty || ranges == nil {
-                    if Array(SHA256.hash(data: buffer.buffer)) != chunk.sha256 { failure = mismatch(chunk: chunk, actual: Array(buffer.buffer)) }
-                } else if let index = ranges?.feed(UnsafeRawBufferPointer(buffer.buffer), at: chunk.offset), let bmap = job.options.bmap {
-                    let (start, end) = bmap.mappedByteRanges[index]
-                    failure = rangeMismatch(start..<end)
+                } else if Fingerprint(buffer.buffer) != chunk.fingerprint {
+                    failure = mismatch(chunk: chunk, actual: Array(buffer.buffer))
                 }
                 if let failure {
                     condition.withLock { error = failure }
@@ -173,39 +169,6 @@ final class BackgroundVerifier: @unchecked Sendable {
         let removed = job.target.failure(.noSpace, operation: "read-back", offset: offset)
         if removed.code == .deviceRemoved { return removed }
         return ImageIOError(.ioError, "read-back of \(job.target.path) ended early at byte offset \(offset): the card is shorter than what was written to it", offset: offset)
-    }
-
-    /// A bmap range read back from the card did not hash to the bmap's checksum: finds the
-    /// first differing byte by decoding the image once more up to and through the range
-    /// (the error path, never the normal one) and reading the range back again.
-    private func rangeMismatch(_ range: Range<UInt64>) -> ImageIOError {
-        let piece = 1 << 20
-        let card = AlignedBuffer(capacity: piece, alignment: job.target.alignment)
-        let expected = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 64)
-        defer { expected.deallocate() }
-        do throws(ImageIOError) {
-            let again = try ImageSource(path: job.source.path)
-            try again.skip(range.lowerBound, scratch: expected)
-            var offset = range.lowerBound
-            while offset < range.upperBound {
-                let n = Int(min(UInt64(piece), range.upperBound - offset))
-                let want = try again.read(into: expected.baseAddress!, count: n)
-                let length = (n + job.ioUnit - 1) / job.ioUnit * job.ioUnit
-                guard case .success(let got) = Syscall.preadFully(job.target.fd, card.bytes, length, offset), got >= n, want == n else {
-                    return differsError(at: offset)
-                }
-                if memcmp(card.bytes, expected.baseAddress!, n) != 0 {
-                    for i in 0..<n where card.bytes.load(fromByteOffset: i, as: UInt8.self) != expected[i] {
-                        return differsError(at: offset + UInt64(i))
-                    }
-                }
-                offset += UInt64(n)
-            }
-        } catch {
-            return error
-        }
-        // Both reads agree now: the card returned different bytes the first time.
-        return ImageIOError(.verifyMismatch, "verification failed: \(job.target.path) returned different data for bytes \(range.lowerBound)–\(range.upperBound - 1) on two reads; the card is faulty — do not use it", offset: range.lowerBound)
     }
 }
 

@@ -58,10 +58,11 @@ public struct WriteResult: Sendable, Codable, Equatable {
     public var verifySeconds: Double
 }
 
-/// A written range and the hash of the bytes that should be there, taken from the source
-/// stream as it went by, so verification needs no second decompression.
+/// A written range and, for a compressed source, the fingerprint of the bytes that should be
+/// there, taken from the stream as it went by, so verification needs no second decompression.
+/// (Raw and cached sources are compared with the source file itself.)
 struct WrittenChunk: Sendable {
     let offset: UInt64
     let count: Int
-    let sha256: [UInt8]
+    let fingerprint: Fingerprint?
 }

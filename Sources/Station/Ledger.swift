@@ -125,7 +125,7 @@ public final class Ledger: Sendable {
                 try db.execute(sql: "UPDATE job SET state = 'interrupted', message = ?, updated = ? WHERE id = ?", arguments: [message, now, id])
                 try db.execute(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, 'interrupted', ?, ?)", arguments: [id, message, now])
             }
-            return try rows.map { row in
+            return rows.map { row in
                 var r = Self.record(row)
                 r.state = .interrupted
                 r.message = message
