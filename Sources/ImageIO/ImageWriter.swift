@@ -7,8 +7,10 @@ import SystemPackage
 
 /// Writes one image to one target and proves it (DESIGN.md §4).
 ///
-/// Two threads: a reader that decompresses into a bounded ring of aligned buffers and hashes
-/// each chunk as it goes by, and the calling thread, which writes them with `pwrite`. The
+/// A pipeline of threads: a reader that decompresses into a bounded ring of aligned buffers;
+/// a checker that checks the stream against the bmap and fingerprints each chunk (when there
+/// is anything to check); the calling thread, which writes them with `pwrite`; and the
+/// verifier's two threads, which read back what is synced and compare it. The
 /// chunk holding offset 0 (the partition table) is held back and written only after
 /// everything else is on the card and synced: an interrupted write then leaves a card that
 /// does not boot, rather than one that boots into half an image.

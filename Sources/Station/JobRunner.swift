@@ -63,6 +63,8 @@ public struct DefaultJobRunner: JobRunning {
 
 /// One card: write, verify, then (when the profile has users) inject and check.
 struct SDJob {
+    /// How often a running card's progress is announced (state changes go out at once).
+    static let progressInterval: Duration = .seconds(1)
     let context: JobContext
 
     func run() {
@@ -118,10 +120,16 @@ struct SDJob {
                 default: .writing
                 }
                 let progress = JobProgress(bytesDone: p.bytesDone, bytesTotal: p.bytesTotal, bytesPerSecond: p.bytesPerSecond, secondsRemaining: p.secondsRemaining)
+                let now = ContinuousClock.now
                 if state != phase.state {
                     phase.state = state
+                    phase.lastReport = now
                     context.transition(state, progress: progress)
-                } else {
+                } else if now - phase.lastReport >= Self.progressInterval {
+                    // Progress is announced to every watcher as JSON: once a second per
+                    // card is what a station screen needs, and with 8 cards at 5 Hz the
+                    // announcements cost more CPU than the cards' verification.
+                    phase.lastReport = now
                     context.report(progress)
                 }
             }
@@ -150,4 +158,5 @@ struct SDJob {
 /// The phase last announced; touched only by the job's own thread.
 private final class PhaseBox: @unchecked Sendable {
     var state = JobState.writing
+    var lastReport = ContinuousClock.now
 }
