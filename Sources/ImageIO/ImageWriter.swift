@@ -149,6 +149,11 @@ final class WriteJob: @unchecked Sendable {
     // MARK: - Reader thread: decompress, overlay blobs, hash
 
     private var blobCoverage: [[Range<UInt64>]] = []
+    /// The chunk at offset 0 is this long (see `WriteOptions.headSize`), aligned for direct I/O.
+    private var headSize: Int {
+        let aligned = max(options.headSize / target.alignment, 1) * target.alignment
+        return min(aligned, pool.bufferSize)
+    }
 
     private func readStream() throws(ImageIOError) {
         blobCoverage = Array(repeating: [], count: options.blobs.count)
@@ -162,7 +167,7 @@ final class WriteJob: @unchecked Sendable {
                 var pos = extent.start
                 while pos < extent.end {
                     guard let buf = acquire() else { return }
-                    let n = Int(min(UInt64(pool.bufferSize), extent.end - pos))
+                    let n = Int(min(UInt64(pos == 0 ? headSize : pool.bufferSize), extent.end - pos))
                     let got = try source.read(into: buf.bytes, count: n)
                     guard got == n else {
                         pool.release(buf)
@@ -180,13 +185,14 @@ final class WriteJob: @unchecked Sendable {
             var pos: UInt64 = 0
             while true {
                 guard let buf = acquire() else { return }
-                let got = try source.read(into: buf.bytes, count: pool.bufferSize)
+                let wanted = pos == 0 ? headSize : pool.bufferSize
+                let got = try source.read(into: buf.bytes, count: wanted)
                 if got == 0 { pool.release(buf); break }
                 buf.offset = pos
                 buf.count = got
                 try emit(buf)
                 pos += UInt64(got)
-                if got < pool.bufferSize { break }
+                if got < wanted { break }
             }
             streamEnd = pos
         }
@@ -309,7 +315,7 @@ final class WriteJob: @unchecked Sendable {
             unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint))
             pool.release(buf)
             bytesSinceSync += UInt64(buf.count)
-            if let verifier, let interval = options.syncInterval, bytesSinceSync >= interval {
+            if let verifier, let interval = options.syncInterval, bytesSinceSync >= syncInterval(interval, meter: meter) {
                 // What is synced may be read back now, while the writer goes on.
                 if let failure = verifier.failure { throw failure }
                 try sync()
@@ -345,6 +351,13 @@ final class WriteJob: @unchecked Sendable {
         var p = meter.progress
         p.bytesTotal = meter.done
         progress(p)
+    }
+
+    /// Near the end, sync and hand over every chunk: what is left unverified when the last
+    /// byte is written is what the card must still read back before the job is done.
+    private func syncInterval(_ interval: UInt64, meter: PhaseMeter) -> UInt64 {
+        guard let total = meter.total, total > meter.done else { return interval }
+        return total - meter.done <= 2 * interval ? UInt64(pool.bufferSize) : interval
     }
 
     private func writeChunk(_ buf: AlignedBuffer) throws(ImageIOError) {

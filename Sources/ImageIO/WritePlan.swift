@@ -26,6 +26,11 @@ public struct WriteOptions: @unchecked Sendable {
     /// fast disk the hashing and comparing hide behind the I/O (a sync costs ~1–2 ms there).
     /// nil: verify everything after the final sync.
     public var syncInterval: UInt64? = 16 << 20
+    /// The start of the image that is held back and written last, after everything else is
+    /// synced: the partition table and the boot loader area before the first partition
+    /// (partitions start at 1 MiB or later). Holding back only this much, not a whole chunk,
+    /// keeps what is written and read back after the final sync small.
+    public var headSize = 1 << 20
     public var bmap: Bmap?
     public var blobs: [RawBlob] = []
     public var cancellation = CancellationFlag()

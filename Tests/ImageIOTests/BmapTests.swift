@@ -197,6 +197,8 @@ struct BmapTests {
 
         let expectedByte = pieces.first { badOffset >= $0.0 && badOffset < $0.0 + UInt64($0.1.count) }!
         let original = expectedByte.1[Int(badOffset - expectedByte.0)]
+        // Nothing is read back before the hook: verification waits for the final sync.
+        options.syncInterval = nil
         options.testHookBeforeVerify = { target in
             let h = FileHandle(forUpdatingAtPath: target.path)!
             try? h.seek(toOffset: badOffset)
