@@ -117,6 +117,13 @@ public final class LoopCard: Sendable {
             attached = device
             devicePath = device
             name = URL(fileURLWithPath: device).lastPathComponent
+            // Trust the kernel, not losetup's output: the device must hold our file.
+            let bound = (try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8))?
+                .trimmingCharacters(in: .newlines)
+            guard bound == backingFile else {
+                attached = nil
+                throw LoopCardError(description: "losetup reported \(device) for \(backingFile), but it is attached to \(bound ?? "nothing")")
+            }
             let numbers = try String(contentsOfFile: "/sys/block/\(name)/dev", encoding: .utf8)
                 .trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":")
             guard numbers.count == 2, let major = UInt32(numbers[0]), let minor = UInt32(numbers[1]) else {

@@ -225,13 +225,20 @@ struct LoopCardTests {
 
 /// Waits until `bytes` have reached the card's (sparse) backing file: the writer has
 /// the device open and is under way, however slowly the machine started it.
+/// (A full parallel `make test` has shown a writer stall for 30 s right at the start of the
+/// run, when every suite starts at once; hence the long wait and the diagnostics.)
 func waitUntilWritten(_ card: LoopCard, bytes: Int) async throws {
-    let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+    let deadline = ContinuousClock.now.advanced(by: .seconds(90))
     var info = stat()
     while stat(card.backingFile, &info) == 0, Int(info.st_blocks) * 512 < bytes, ContinuousClock.now < deadline {
         try await Task.sleep(for: .milliseconds(20))
     }
-    #expect(Int(info.st_blocks) * 512 >= bytes, "the writer did not get going")
+    guard Int(info.st_blocks) * 512 < bytes else { return }
+    let rules = ["write", "read"].map { direction in
+        (try? String(contentsOfFile: "/sys/fs/cgroup/blkio/blkio.throttle.\(direction)_bps_device", encoding: .utf8)) ?? "?"
+    }
+    let loops = (try? Command.run(["losetup", "--list", "--output", "NAME,DIO,BACK-FILE"]).stdout) ?? "?"
+    Issue.record("the writer did not get going: \(Int(info.st_blocks) * 512) of \(bytes) bytes reached \(card.backingFile) on \(card.devicePath) (attached: \(card.isAttached)); throttle rules write [\(rules[0])] read [\(rules[1])]; loop devices:\n\(loops)")
 }
 
 func timed(_ body: () throws -> Void) rethrows -> Duration {
