@@ -6,7 +6,8 @@
 # its bmap; (c) the image of (b) as .zst and .xz (with the bmap).
 # Prints a table with wall time, peak RSS and ratios. Needs root.
 #
-# The unthrottled cases run --rounds times (default 5, interleaved) and report medians.
+# The unthrottled cases run --rounds times (default 5; the order of the tools rotates from
+# round to round) and report medians.
 #
 #   benchmarks/write.sh [--quick] [--rounds 5] [--write-mbps 20] [--read-mbps 40] [--keep DIR]
 set -euo pipefail
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     --read-mbps) RMBPS=$2; shift ;;
     --keep) WORK=$2; shift ;;
     --rounds) FAST_ROUNDS=$2; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -94,6 +95,7 @@ run() {
   local label=$1; shift
   sync; echo 3 > /proc/sys/vm/drop_caches
   warm_tools
+  sleep 1  # let the virtual disk finish the previous run's writes behind our back
   local out; out=$(mktemp)
   /usr/bin/time -v -o "$out" "$@" >/dev/null 2>"$out.err" || { echo "FAILED: $label: $*"; cat "$out.err"; exit 1; }
   local wall rss
@@ -112,24 +114,37 @@ ddwr() { # image dev bytes: dd write + O_DIRECT read-back, as a person would ver
 }
 export -f ddwr
 
+# rotate R ITEM... : the items, starting at position R (mod count): in round r each tool
+# goes first once in a while, so no tool always runs right after another's writes.
+rotate() { local r=$1; shift; local n=$#; local i; for ((i = 0; i < n; i++)); do local k=$(( (i + r) % n + 1 )); echo "${!k}"; done; }
+
 bench_speed() { # name write_Bps read_Bps rounds
   local name=$1 wbps=$2 rbps=$3 reps=$4
   echo ">>> $name ($reps round(s); the median is reported)"
   local c; c=$(card $((B_MB + 64)))
   [ "$wbps" = 0 ] || throttle "$c" "$wbps" "$rbps"
-  for ((r = 1; r <= reps; r++)); do
-    run "$name a dd+readback" bash -c "ddwr '$A' '$c' $((A_MB << 20))"
-    run "$name a bmaptool copy" bmaptool copy --nobmap "$A" "$c"
-    run "$name a provision write" "$PROVISION" write --yes --nobmap "$A" "$c"
+  local step
+  for ((r = 0; r < reps; r++)); do
+    while read -r step; do
+      case $step in
+        dd) run "$name a dd+readback" bash -c "ddwr '$A' '$c' $((A_MB << 20))" ;;
+        bmaptool) run "$name a bmaptool copy" bmaptool copy --nobmap "$A" "$c" ;;
+        provision) run "$name a provision write" "$PROVISION" write --yes --nobmap "$A" "$c" ;;
+      esac
+    done < <(rotate $r dd bmaptool provision)
   done
-  for ((r = 1; r <= reps; r++)); do
-    run "$name b dd+readback" bash -c "ddwr '$B' '$c' $((B_MB << 20))"
-    run "$name b bmaptool copy" bmaptool copy --bmap "$B.bmap" "$B" "$c"
-    run "$name b provision write" "$PROVISION" write --yes "$B" "$c"
-    run "$name c bmaptool copy zst" bmaptool copy --bmap "$B.bmap" "$B.zst" "$c"
-    run "$name c provision write zst" "$PROVISION" write --yes "$B.zst" "$c"
-    run "$name c bmaptool copy xz" bmaptool copy --bmap "$B.bmap" "$B.xz" "$c"
-    run "$name c provision write xz" "$PROVISION" write --yes "$B.xz" "$c"
+  for ((r = 0; r < reps; r++)); do
+    while read -r step; do
+      case $step in
+        dd) run "$name b dd+readback" bash -c "ddwr '$B' '$c' $((B_MB << 20))" ;;
+        bmaptool) run "$name b bmaptool copy" bmaptool copy --bmap "$B.bmap" "$B" "$c" ;;
+        provision) run "$name b provision write" "$PROVISION" write --yes "$B" "$c" ;;
+        bmaptool-zst) run "$name c bmaptool copy zst" bmaptool copy --bmap "$B.bmap" "$B.zst" "$c" ;;
+        provision-zst) run "$name c provision write zst" "$PROVISION" write --yes "$B.zst" "$c" ;;
+        bmaptool-xz) run "$name c bmaptool copy xz" bmaptool copy --bmap "$B.bmap" "$B.xz" "$c" ;;
+        provision-xz) run "$name c provision write xz" "$PROVISION" write --yes "$B.xz" "$c" ;;
+      esac
+    done < <(rotate $r dd bmaptool provision bmaptool-zst provision-zst bmaptool-xz provision-xz)
   done
   unthrottle "$c"
 }

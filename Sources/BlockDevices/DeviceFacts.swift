@@ -101,31 +101,6 @@ public struct DeviceFacts: Sendable, Codable, Equatable {
     }
 }
 
-public enum ByteCount {
-    /// "29.7 GiB", "512 MiB", "4096 B".
-    public static func human(_ bytes: UInt64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var v = Double(bytes)
-        var i = 0
-        while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
-        if i == 0 { return "\(bytes) B" }
-        return v >= 100 || v == v.rounded() ? String(format: "%.0f %@", v, units[i]) : String(format: "%.1f %@", v, units[i])
-    }
-
-    /// Parses "512MiB", "2 GiB", "1G", "4096" (binary multiples for K/M/G/T with or without "iB").
-    public static func parse(_ text: String) -> UInt64? {
-        let t = text.trimmingCharacters(in: .whitespaces)
-        let digits = t.prefix { $0.isNumber || $0 == "." }
-        guard let value = Double(digits) else { return nil }
-        let unit = t.dropFirst(digits.count).trimmingCharacters(in: .whitespaces).lowercased()
-        let k = 1024.0
-        let multipliers: [String: Double] = ["": 1, "b": 1, "k": k, "kib": k, "kb": 1e3, "m": k * k, "mib": k * k, "mb": 1e6,
-                                             "g": k * k * k, "gib": k * k * k, "gb": 1e9, "t": k * k * k * k, "tib": k * k * k * k, "tb": 1e12]
-        guard let m = multipliers[unit] else { return nil }
-        return UInt64(value * m)
-    }
-}
-
 public struct BlockDeviceError: Error, CustomStringConvertible, Sendable {
     public enum Code: String, Sendable { case notFound, notABlockDevice, udev }
     public let code: Code

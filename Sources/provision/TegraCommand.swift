@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
+import Station
 import Tegra
-import TOMLKit
 
 /// `provision tegra …`: Tegra boards in USB recovery mode, offline (no daemon).
 struct TegraCommand: ParsableCommand {
@@ -129,59 +129,23 @@ func TegraCommandFailure(error: TegraError) -> ExitCode {
     }
 }
 
-/// Reads the `[tegra]` table of a board profile into a `TegraProfile` (the Tegra library
-/// itself does not depend on TOMLKit).
+/// Reads a board profile with the station's own parser, so `provision tegra` and the daemon
+/// accept exactly the same files (same keys, same chip defaults, same file:line errors).
 enum TegraProfileFile {
     static func load(_ path: String) throws -> TegraProfile {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw TegraError(.missingInput, "cannot read the board profile \(path)")
         }
-        let document: TOMLTable
+        let directory = (path as NSString).deletingLastPathComponent
         do {
-            document = try TOMLTable(string: String(decoding: data, as: UTF8.self))
-        } catch let error as TOMLParseError {
-            throw TegraError(.invalidInput, "\(path): line \(error.source.begin.line): \(error.description)")
-        }
-        guard let tegra = document["tegra"]?.table else {
-            throw TegraError(.invalidInput, "\(path): no [tegra] table; is this a Tegra board profile?")
-        }
-        func string(_ key: String) throws -> String {
-            guard let value = tegra[key]?.string else { throw TegraError(.invalidInput, "\(path): [tegra] \(key) (a string) is missing") }
-            return value
-        }
-        func integer(_ key: String) throws -> Int {
-            guard let value = tegra[key]?.int else { throw TegraError(.invalidInput, "\(path): [tegra] \(key) (an integer) is missing") }
-            return value
-        }
-        func address(_ key: String) throws -> UInt32 {
-            let value = try integer(key)
-            guard let address = UInt32(exactly: value) else { throw TegraError(.invalidInput, "\(path): [tegra] \(key) = \(value) is not a 32-bit address") }
-            return address
-        }
-        let productIDs = try (tegra["usb_product_ids"]?.array).map { array in
-            try array.map { value -> UInt16 in
-                guard let id = value.int.flatMap({ UInt16(exactly: $0) }) else {
-                    throw TegraError(.invalidInput, "\(path): [tegra] usb_product_ids must be 16-bit integers")
-                }
-                return id
+            let profile = try Profile.parse(toml: String(decoding: data, as: UTF8.self), source: path,
+                                            baseDirectory: directory.isEmpty ? "." : directory)
+            guard profile.tegra != nil else {
+                throw TegraError(.invalidInput, "\(path): no [tegra] table; is this a Tegra board profile?")
             }
-        } ?? []
-        var environment: [(name: String, value: String)] = []
-        if let env = tegra["env"]?.table {
-            for key in env.keys {
-                guard let value = env[key]?.string else { throw TegraError(.invalidInput, "\(path): [tegra.env] \(key) must be a string") }
-                environment.append((key, value))
-            }
+            return try profile.tegraProfile()
+        } catch let error as ConfigError {
+            throw TegraError(.invalidInput, error.description)
         }
-        let bss = try integer("uboot_bss_size")
-        guard bss >= 0 else { throw TegraError(.invalidInput, "\(path): [tegra] uboot_bss_size is negative") }
-        return TegraProfile(
-            soc: try string("soc"), usbProductIDs: productIDs, miniloader: try string("miniloader"),
-            miniloaderEntry: tegra["miniloader_entry"] == nil ? nil : try address("miniloader_entry"),
-            bct: try string("bct"), uboot: try string("uboot"), ubootDTB: try string("uboot_dtb"),
-            ubootBSSSize: bss, loadAddress: try address("load_address"), ramBase: try address("ram_base"),
-            bootDevice: tegra["boot_device"]?.string ?? "emmc", environment: environment,
-            // Relative file names: against the profile's own directory (as Station's parser does).
-            baseDirectory: (path as NSString).deletingLastPathComponent.isEmpty ? "." : (path as NSString).deletingLastPathComponent)
     }
 }

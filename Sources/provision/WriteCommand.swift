@@ -49,7 +49,7 @@ struct WriteCommand: ParsableCommand {
 
     func validate() throws {
         if noBmap && bmap != nil { throw ValidationError("--bmap and --nobmap contradict each other") }
-        guard let c = ByteCount.parse(chunkSize), c >= 4096, c % 4096 == 0, c <= 64 << 20 else {
+        guard let c = try? ByteCount.parse(chunkSize), c >= 4096, c % 4096 == 0, c <= 64 << 20 else {
             throw ValidationError("--chunk-size must be a multiple of 4KiB up to 64MiB, e.g. 4MiB")
         }
     }
@@ -72,7 +72,7 @@ struct WriteCommand: ParsableCommand {
         let source = try ImageSource(path: image)
         var options = WriteOptions()
         options.verify = !noVerify
-        options.chunkSize = Int(ByteCount.parse(chunkSize)!)
+        options.chunkSize = Int((try? ByteCount.parse(chunkSize)) ?? 4 << 20)
         if !noBmap, let path = bmap ?? Bmap.locate(forImage: image) {
             options.bmap = try Bmap.load(path: path)
             output.note("using bmap \(path): \(ByteCount.human(options.bmap!.mappedBytes)) of \(ByteCount.human(options.bmap!.imageSize)) mapped")

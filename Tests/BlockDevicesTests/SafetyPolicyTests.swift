@@ -117,12 +117,12 @@ struct SafetyPolicyTests {
     }
 
     @Test("sizes parse the way operators write them")
-    func parsesSizes() {
-        #expect(ByteCount.parse("512GiB") == 512 << 30)
-        #expect(ByteCount.parse("4MiB") == 4 << 20)
-        #expect(ByteCount.parse("1G") == 1 << 30)
-        #expect(ByteCount.parse("100") == 100)
-        #expect(ByteCount.parse("12 parsecs") == nil)
+    func parsesSizes() throws {
+        #expect(try ByteCount.parse("512GiB") == 512 << 30)
+        #expect(try ByteCount.parse("4MiB") == 4 << 20)
+        #expect(try ByteCount.parse("1G") == 1 << 30)
+        #expect(try ByteCount.parse("100") == 100)
+        #expect(throws: ByteCount.ParseError.self) { try ByteCount.parse("12 parsecs") }
         #expect(ByteCount.human(32 << 20) == "32 MiB")
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import BlockDevices
 import TOMLKit
 @testable import Station
 
@@ -205,14 +206,14 @@ struct ProfileTests {
     }
 
     @Test func sizeStringsInEveryForm() throws {
-        #expect(try ByteSize.parse("512MiB") == 512 << 20)
-        #expect(try ByteSize.parse("2GiB") == 2 << 30)
-        #expect(try ByteSize.parse("1G") == 1 << 30)
-        #expect(try ByteSize.parse("8K") == 8192)
-        #expect(try ByteSize.parse("32GB") == 32_000_000_000)
-        #expect(try ByteSize.parse(" 4096 ") == 4096)
-        #expect(throws: ByteSize.ParseError.self) { try ByteSize.parse("1.5G") }
-        #expect(throws: ByteSize.ParseError.self) { try ByteSize.parse("") }
+        #expect(try ByteCount.parse("512MiB") == 512 << 20)
+        #expect(try ByteCount.parse("2GiB") == 2 << 30)
+        #expect(try ByteCount.parse("1G") == 1 << 30)
+        #expect(try ByteCount.parse("8K") == 8192)
+        #expect(try ByteCount.parse("32GB") == 32_000_000_000)
+        #expect(try ByteCount.parse(" 4096 ") == 4096)
+        #expect(throws: ByteCount.ParseError.self) { try ByteCount.parse("1.5G") }
+        #expect(throws: ByteCount.ParseError.self) { try ByteCount.parse("") }
     }
 
     @Test func rootWithBothPartitionAndLabelIsAnError() throws {

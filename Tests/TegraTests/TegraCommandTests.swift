@@ -61,15 +61,23 @@ import Testing
         let path = try directory.write("bad.toml", Array("[tegra]\nsoc = \"tegra124\"\nbct = \n".utf8))
         let result = try flash(path)
         #expect(result.status == 65)
-        #expect(result.stderr.contains("line 3"))
+        #expect(result.stderr.contains("bad.toml:3"), "\(result.stderr)")
     }
 
     @Test func missingKeyIsNamed() throws {
         let directory = try TemporaryDirectory()
         try writeInputs(in: directory)
-        let result = try flash(try profileCopy(in: directory, replacing: [("load_address = 0x80108000", "")]))
+        let result = try flash(try profileCopy(in: directory, replacing: [("uboot_dtb = ", "# uboot_dtb = ")]))
         #expect(result.status == 65)
-        #expect(result.stderr.contains("load_address"))
+        #expect(result.stderr.contains("uboot_dtb"), "\(result.stderr)")
+    }
+
+    @Test func unknownKeyIsRefusedWithItsLineLikeTheDaemonDoes() throws {
+        let directory = try TemporaryDirectory()
+        try writeInputs(in: directory)
+        let result = try flash(try profileCopy(in: directory, replacing: [("boot_device = ", "boot_devise = ")]))
+        #expect(result.status == 65)
+        #expect(result.stderr.contains("profile.toml:") && result.stderr.contains("boot_devise"), "\(result.stderr)")
     }
 
     @Test func productIDOfAnotherChipIsRefused() throws {

@@ -1,3 +1,4 @@
+import BlockDevices
 import Foundation
 
 extension Profile {
@@ -81,7 +82,7 @@ extension Profile {
             guard blob.length > 0 else { throw blob.location.error("blob \(name) is empty") }
             let (end, overflow) = blob.offset.addingReportingOverflow(blob.length)
             if overflow { throw blob.location.error("blob \(name) at offset \(blob.offset) is too large") }
-            let bytes = "\(name) (\(range(blob.offset, end)), \(ByteSize.format(blob.length)))"
+            let bytes = "\(name) (\(range(blob.offset, end)), \(ByteCount.exact(blob.length)))"
             if let size = diskSizeBytes, end > size {
                 throw blob.location.error("blob \(bytes) ends after the end of the disk (\(size) bytes)")
             }

@@ -1,3 +1,4 @@
+import BlockDevices
 import TOMLKit
 
 /// Typed, strict access to one table of a `TOMLDocument`: every getter either returns a value
@@ -67,9 +68,9 @@ public struct TOMLTableReader {
             throw mismatch(key, expected: "a size (an integer or a string like \"512MiB\")", found: value)
         }
         do {
-            return try ByteSize.parse(text)
-        } catch let problem as ByteSize.ParseError {
-            throw error(key, problem.description)
+            return try ByteCount.parse(text)
+        } catch {
+            throw self.error(key, error.description)
         }
     }
 
