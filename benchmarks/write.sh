@@ -35,7 +35,7 @@ PROVISION=$(swift build -c release --show-bin-path)/provision
 if [ $QUICK = 1 ]; then A_MB=128; B_MB=512; else A_MB=512; B_MB=2048; fi
 WORK=${WORK:-$(mktemp -d /var/tmp/provision-bench.XXXXXX)}
 mkdir -p "$WORK"
-LOOPS=()
+LOOPS=(); CARD=""
 cleanup() {
   udevadm settle 2>/dev/null || true
   for l in "${LOOPS[@]}"; do
@@ -55,12 +55,12 @@ throttle() { # loopdev write_Bps read_Bps
 }
 unthrottle() { throttle "$1" 0 0; }
 
-card() { # size_mb -> prints loop device
+card() { # size_mb -> sets CARD to a new loop device (not in a $(…) subshell: LOOPS must
+  # reach the cleanup trap)
   local f; f=$(mktemp "$WORK/provision-card-XXXXXX.img")
   truncate -s "$1M" "$f"
-  local l; l=$(losetup --find --show --direct-io=on "$f")
-  LOOPS+=("$l")
-  echo "$l"
+  CARD=$(losetup --find --show --direct-io=on "$f")
+  LOOPS+=("$CARD")
 }
 
 echo ">>> building images in $WORK"
@@ -121,7 +121,7 @@ rotate() { local r=$1; shift; local n=$#; local i; for ((i = 0; i < n; i++)); do
 bench_speed() { # name write_Bps read_Bps rounds
   local name=$1 wbps=$2 rbps=$3 reps=$4
   echo ">>> $name ($reps round(s); the median is reported)"
-  local c; c=$(card $((B_MB + 64)))
+  card $((B_MB + 64)); local c=$CARD
   [ "$wbps" = 0 ] || throttle "$c" "$wbps" "$rbps"
   local step
   for ((r = 0; r < reps; r++)); do
