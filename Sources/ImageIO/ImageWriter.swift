@@ -353,17 +353,13 @@ final class WriteJob: @unchecked Sendable {
         progress(p)
     }
 
-    /// How much to write between two syncs. On a card (tens of MB/s) `interval`; near the
-    /// end every chunk, because what is left unverified when the last byte is written is what
-    /// the card must still read back before the job is done (16 MiB: 0.4 s at 40 MB/s). On a
-    /// fast disk a sync costs more than reading back the tail (a few ms each, a journal commit
-    /// when the disk is a file), so there it syncs after about a tenth of a second of writing,
-    /// up to 4 × `interval`.
+    /// Near the end, sync and hand over every chunk: what is left unverified when the last
+    /// byte is written is what the card must still read back before the job is done (16 MiB:
+    /// 0.4 s at 40 MB/s). (Tried: longer intervals on fast disks, where a sync costs a few
+    /// ms; the larger tail cost more than the syncs saved.)
     private func syncInterval(_ interval: UInt64, meter: PhaseMeter) -> UInt64 {
-        let rate = meter.progress.bytesPerSecond
-        let scaled = min(max(interval, UInt64(rate / 10)), 4 * interval)
-        guard rate < 100e6, let total = meter.total, total > meter.done else { return scaled }
-        return total - meter.done <= 2 * scaled ? UInt64(pool.bufferSize) : scaled
+        guard let total = meter.total, total > meter.done else { return interval }
+        return total - meter.done <= 2 * interval ? UInt64(pool.bufferSize) : interval
     }
 
     private func writeChunk(_ buf: AlignedBuffer) throws(ImageIOError) {

@@ -1,4 +1,5 @@
 import Foundation
+import TestSupport
 
 /// A card image built the way the project's images are: a root tree packed with
 /// `mkfs.ext4 -d`, a vfat boot partition, a table written by sfdisk, all in one file.

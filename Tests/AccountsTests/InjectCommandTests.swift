@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `provision inject` as an operator runs it: the built executable, real images.
 @Suite("provision inject (offline CLI)", .serialized)

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Accounts
+import TestSupport
 
 /// Every refusal leaves the card byte-identical: the sha256 of the whole image before
 /// and after must match, and the error must say what to fix.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Accounts
+import TestSupport
 
 /// End to end on real images: libext2fs writes, then debugfs, e2fsck, a read-only loop
 /// mount with pwck/grpck and stat judge the result. Needs root for losetup and mount.

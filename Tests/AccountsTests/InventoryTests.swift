@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Accounts
+import TestSupport
 
 @Suite("Inventory and the password export file")
 struct InventoryTests {

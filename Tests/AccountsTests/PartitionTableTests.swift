@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Accounts
+import TestSupport
 
 @Suite("MBR and GPT partition tables, checked against sfdisk")
 struct PartitionTableTests {

@@ -52,30 +52,6 @@ struct FixtureError: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// A temporary directory removed when the test is done with it.
-final class TemporaryDirectory {
-    let path: String
-
-    init() throws {
-        var template = Array((NSTemporaryDirectory() + "accounts-test-XXXXXX").utf8CString)
-        guard let made = mkdtemp(&template) else { throw FixtureError("mkdtemp failed: errno \(errno)") }
-        path = String(cString: made)
-    }
-
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-
-    func file(_ name: String) -> String { path + "/" + name }
-
-    func write(_ name: String, _ text: String, mode: Int = 0o644) throws -> String {
-        let target = file(name)
-        try FileManager.default.createDirectory(atPath: (target as NSString).deletingLastPathComponent,
-                                                withIntermediateDirectories: true)
-        try Data(text.utf8).write(to: URL(fileURLWithPath: target))
-        try FileManager.default.setAttributes([.posixPermissions: mode], ofItemAtPath: target)
-        return target
-    }
-}
-
 func sha256(_ path: String) throws -> String {
     String(try Shell.must(["sha256sum", path]).prefix(64))
 }

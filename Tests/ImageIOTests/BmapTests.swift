@@ -7,12 +7,12 @@ import TestSupport
 /// bmap handling checked against the real bmaptool: its bmap files, its copies.
 @Suite("bmap files, against bmaptool", .serialized)
 struct BmapTests {
-    let scratch: Scratch
-    init() throws { scratch = try Scratch() }
+    let scratch: TemporaryDirectory
+    init() throws { scratch = try TemporaryDirectory("provision-test") }
 
     /// A 32 MiB sparse image with data in three places, and its bmap by `bmaptool create`.
     func sparseImage() throws -> (image: String, bmap: String, data: [(UInt64, [UInt8])]) {
-        let image = scratch.path("sparse.img")
+        let image = scratch.file("sparse.img")
         try run("truncate", "-s", "32M", image)
         let pieces: [(UInt64, [UInt8])] = [(0, patternBytes(64 << 10, seed: 1)), (5 << 20, patternBytes(3 << 20, seed: 2)), (30 << 20 + 4096, patternBytes(8192, seed: 3))]
         let h = FileHandle(forUpdatingAtPath: image)!
@@ -37,7 +37,7 @@ struct BmapTests {
     @Test("with a bmap, the card equals what bmaptool copy produces, and unmapped blocks are not written")
     func matchesBmaptoolCopy() throws {
         let (image, bmapPath, pieces) = try sparseImage()
-        let fill = scratch.path("fill.img")
+        let fill = scratch.file("fill.img")
         try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
         let ours = try LoopCard(label: "bmap-ours", size: 48 << 20, image: fill)
         defer { ours.close() }
@@ -60,15 +60,15 @@ struct BmapTests {
 
     @Test("bmap is found next to the image like bmaptool: IMAGE.bmap, then with extensions stripped")
     func locatesLikeBmaptool() throws {
-        let image = scratch.path("disk.img.xz")
+        let image = scratch.file("disk.img.xz")
         try write([1], to: image)
         #expect(Bmap.locate(forImage: image) == nil)
-        try write([1], to: scratch.path("disk.bmap"))
-        #expect(Bmap.locate(forImage: image) == scratch.path("disk.bmap"))
-        try write([1], to: scratch.path("disk.img.bmap"))
-        #expect(Bmap.locate(forImage: image) == scratch.path("disk.img.bmap"))
-        try write([1], to: scratch.path("disk.img.xz.bmap"))
-        #expect(Bmap.locate(forImage: image) == scratch.path("disk.img.xz.bmap"))
+        try write([1], to: scratch.file("disk.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.file("disk.bmap"))
+        try write([1], to: scratch.file("disk.img.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.file("disk.img.bmap"))
+        try write([1], to: scratch.file("disk.img.xz.bmap"))
+        #expect(Bmap.locate(forImage: image) == scratch.file("disk.img.xz.bmap"))
     }
 
     @Test("a compressed image with its bmap writes only mapped ranges and checks them as they stream by")
@@ -87,7 +87,7 @@ struct BmapTests {
     @Test("a bmap of a different size is 'belongs to a different image'")
     func bmapSizeMismatch() throws {
         let (_, bmapPath, _) = try sparseImage()
-        let other = scratch.path("other.img")
+        let other = scratch.file("other.img")
         try run("truncate", "-s", "16M", other)
         let card = try LoopCard(label: "bmap-mismatch", size: 48 << 20)
         defer { card.close() }
@@ -158,7 +158,7 @@ struct BmapTests {
             """
         }
         let fileSum = Insecure.SHA1.hash(data: Data(doc(zero).utf8)).map { String(format: "%02x", $0) }.joined()
-        let v1Path = scratch.path("v1.bmap")
+        let v1Path = scratch.file("v1.bmap")
         try doc(fileSum).write(toFile: v1Path, atomically: true, encoding: .utf8)
         let v1 = try Bmap.load(path: v1Path)
         #expect(v1.checksumType == .sha1 && v1.ranges.count == v2.ranges.count)
@@ -169,7 +169,7 @@ struct BmapTests {
         options.bmap = v1
         #expect(try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: card.devicePath), options: options).verified)
         // The peer agrees this is a valid 1.4 bmap for the image.
-        let out = scratch.path("copy-v1.img")
+        let out = scratch.file("copy-v1.img")
         try run("bmaptool", "copy", "--bmap", v1Path, image, out)
         #expect(try sha256(file: out) == sha256(file: image))
     }

@@ -6,8 +6,8 @@ import TestSupport
 /// Each failure an operator can meet gets its own code and a message that names the problem.
 @Suite("Write engine failures", .serialized)
 struct ErrorTests {
-    let scratch: Scratch
-    init() throws { scratch = try Scratch() }
+    let scratch: TemporaryDirectory
+    init() throws { scratch = try TemporaryDirectory("provision-test") }
 
     func attempt(_ image: String, on card: LoopCard, options: WriteOptions = WriteOptions()) -> ImageIOError? {
         do {
@@ -33,11 +33,11 @@ struct ErrorTests {
 
     @Test("a truncated compressed stream fails with the offset reached", arguments: ["gz", "xz", "zst"])
     func truncatedStream(format: String) throws {
-        let raw = scratch.path("t.raw")
+        let raw = scratch.file("t.raw")
         try write(patternBytes(6 << 20), to: raw)
         let compressed = try compress(raw, format)
         let bytes = try Data(contentsOf: URL(fileURLWithPath: compressed))
-        let cut = scratch.path("cut.\(format)")
+        let cut = scratch.file("cut.\(format)")
         try bytes.prefix(bytes.count * 2 / 3).write(to: URL(fileURLWithPath: cut))
         let card = try LoopCard(label: "trunc", size: 16 << 20)
         defer { card.close() }
@@ -48,12 +48,12 @@ struct ErrorTests {
 
     @Test("a corrupt compressed stream fails naming the place", arguments: ["gz", "xz", "zst"])
     func corruptStream(format: String) throws {
-        let raw = scratch.path("c.raw")
+        let raw = scratch.file("c.raw")
         try write(patternBytes(6 << 20), to: raw)
         let compressed = try compress(raw, format)
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: compressed)))
         for i in stride(from: bytes.count / 2, to: bytes.count / 2 + 64, by: 1) { bytes[i] ^= 0x5A }
-        let bad = scratch.path("bad.\(format)")
+        let bad = scratch.file("bad.\(format)")
         try write(bytes, to: bad)
         let card = try LoopCard(label: "corrupt", size: 16 << 20)
         defer { card.close() }
@@ -64,7 +64,7 @@ struct ErrorTests {
 
     @Test("a device held open exclusively by another program is 'busy'")
     func busyDevice() throws {
-        let raw = scratch.path("b.raw")
+        let raw = scratch.file("b.raw")
         try write(patternBytes(1 << 20), to: raw)
         let card = try LoopCard(label: "busy", size: 8 << 20)
         defer { card.close() }
@@ -77,7 +77,7 @@ struct ErrorTests {
 
     @Test("a read-only card is 'write-protected'")
     func readOnlyDevice() throws {
-        let raw = scratch.path("ro.raw")
+        let raw = scratch.file("ro.raw")
         try write(patternBytes(1 << 20), to: raw)
         let card = try LoopCard(label: "ro", size: 8 << 20, options: .init(readOnly: true))
         defer { card.close() }
@@ -87,7 +87,7 @@ struct ErrorTests {
 
     @Test("a card pulled mid-write is 'card removed', never success")
     func cardPulledMidWrite() throws {
-        let raw = scratch.path("p.raw")
+        let raw = scratch.file("p.raw")
         try write(patternBytes(24 << 20), to: raw)
         let card = try LoopCard(label: "pull", size: 32 << 20)
         defer { card.close() }
@@ -114,7 +114,7 @@ struct ErrorTests {
     func ioErrorAtOffset() throws {
         // The card's backing file lives on a 4 MiB tmpfs whose first 4 MiB are already
         // allocated: rewriting them works, the first write beyond fails (ENOSPC → EIO).
-        let mountpoint = scratch.path("tiny")
+        let mountpoint = scratch.file("tiny")
         try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
         try run("mount", "-t", "tmpfs", "-o", "size=4m", "provision-test", mountpoint)
         defer { _ = try? run("umount", "-l", mountpoint) }
@@ -123,7 +123,7 @@ struct ErrorTests {
         try run("truncate", "-s", "16M", backing)
         let loop = try run("losetup", "--find", "--show", backing).trimmingCharacters(in: .whitespacesAndNewlines)
         defer { _ = try? run("losetup", "-d", loop) }
-        let raw = scratch.path("io.raw")
+        let raw = scratch.file("io.raw")
         try write(patternBytes(12 << 20), to: raw)
         var options = WriteOptions()
         options.chunkSize = 1 << 20

@@ -8,12 +8,12 @@ import TestSupport
 /// test machines and CI have.
 @Suite("Write engine on loop-device cards", .serialized)
 struct WriteEngineTests {
-    let scratch: Scratch
-    init() throws { scratch = try Scratch() }
+    let scratch: TemporaryDirectory
+    init() throws { scratch = try TemporaryDirectory("provision-test") }
 
     /// Writes `imagePath` to a fresh card filled with 0xAA so that untouched bytes are visible.
     func writeToFreshCard(_ imagePath: String, size: Int64 = 64 << 20, options: WriteOptions = WriteOptions()) throws -> (LoopCard, Result<WriteResult, ImageIOError>) {
-        let fill = scratch.path("fill-\(UUID().uuidString.prefix(6)).img")
+        let fill = scratch.file("fill-\(UUID().uuidString.prefix(6)).img")
         try write([UInt8](repeating: 0xAA, count: Int(size)), to: fill)
         let card = try LoopCard(label: "engine", size: size, image: fill)
         let result: Result<WriteResult, ImageIOError>
@@ -30,7 +30,7 @@ struct WriteEngineTests {
     @Test("raw, gzip, xz and zstd images land byte-exact", arguments: ["raw", "gz", "xz", "zst"])
     func writesEveryFormatByteExact(format: String) throws {
         let data = patternBytes(9 << 20 + 12345 * 512)
-        let raw = scratch.path("image.raw")
+        let raw = scratch.file("image.raw")
         try write(data, to: raw)
         var image = raw
         switch format {
@@ -40,7 +40,7 @@ struct WriteEngineTests {
         default: break
         }
         // The name says nothing: rename compressed images to .img to prove magic bytes decide.
-        let disguised = scratch.path("disguised-\(format).img")
+        let disguised = scratch.file("disguised-\(format).img")
         try FileManager.default.copyItem(atPath: image, toPath: disguised)
         #expect(try ImageSource(path: disguised).format.rawValue == (format == "gz" ? "gzip" : format == "zst" ? "zstd" : format))
         let (card, result) = try writeToFreshCard(disguised)
@@ -56,7 +56,7 @@ struct WriteEngineTests {
     @Test("an image whose size is not a multiple of the block size is written exactly, the rest of its last block kept")
     func writesUnalignedTail() throws {
         let data = patternBytes(3 << 20 + 777)
-        let raw = scratch.path("odd.raw")
+        let raw = scratch.file("odd.raw")
         try write(data, to: raw)
         let (card, result) = try writeToFreshCard(raw)
         defer { card.close() }
@@ -69,7 +69,7 @@ struct WriteEngineTests {
     @Test("a card altered between write and verify is caught at the exact byte offset")
     func verificationCatchesAlteredCard() throws {
         let data = patternBytes(10 << 20)
-        let raw = scratch.path("v.raw")
+        let raw = scratch.file("v.raw")
         try write(data, to: raw)
         var options = WriteOptions()
         let badOffset: UInt64 = 6 * 1024 * 1024 + 4242
@@ -94,7 +94,7 @@ struct WriteEngineTests {
     @Test("a compressed image's mismatch offset is found too (decoded again only on failure)")
     func verificationMismatchOffsetForCompressed() throws {
         let data = patternBytes(5 << 20)
-        let raw = scratch.path("c.raw")
+        let raw = scratch.file("c.raw")
         try write(data, to: raw)
         try run("zstd", "-q", "-f", raw, "-o", raw + ".zst")
         var options = WriteOptions()
@@ -114,7 +114,7 @@ struct WriteEngineTests {
 
     @Test("--no-verify skips the read-back")
     func noVerifySkipsReadBack() throws {
-        let raw = scratch.path("nv.raw")
+        let raw = scratch.file("nv.raw")
         try write(patternBytes(1 << 20), to: raw)
         var options = WriteOptions()
         options.verify = false
@@ -129,9 +129,9 @@ struct WriteEngineTests {
     @Test("the partition-table chunk is written last: a cancelled write leaves offset 0 untouched")
     func cancelledWriteLeavesFirstChunkUnwritten() throws {
         let data = patternBytes(24 << 20)
-        let raw = scratch.path("cancel.raw")
+        let raw = scratch.file("cancel.raw")
         try write(data, to: raw)
-        let fill = scratch.path("fill-cancel.img")
+        let fill = scratch.file("fill-cancel.img")
         try write([UInt8](repeating: 0xAA, count: 64 << 20), to: fill)
         let card = try LoopCard(label: "cancel", size: 64 << 20, image: fill)
         defer { card.close() }
@@ -159,7 +159,7 @@ struct WriteEngineTests {
 
     @Test("a card smaller than the image is refused before the first byte")
     func refusesTooSmallCardBeforeWriting() throws {
-        let raw = scratch.path("big.raw")
+        let raw = scratch.file("big.raw")
         try write(patternBytes(40 << 20), to: raw)
         let (card, result) = try writeToFreshCard(raw, size: 32 << 20)
         defer { card.close() }
@@ -173,11 +173,11 @@ struct WriteEngineTests {
     func streamLargerThanCardFailsAtTheEnd() throws {
         // No bmap and a size hint the engine cannot see: a raw image in a pipe-like gzip stream
         // whose trailer lies (concatenated members make ISIZE cover only the last one).
-        let a = scratch.path("a.raw"), b = scratch.path("b.raw")
+        let a = scratch.file("a.raw"), b = scratch.file("b.raw")
         try write(patternBytes(20 << 20, seed: 1), to: a)
         try write(patternBytes(1 << 20, seed: 2), to: b)
         try run("gzip", "-f", a); try run("gzip", "-f", b)
-        let cat = scratch.path("cat.img.gz")
+        let cat = scratch.file("cat.img.gz")
         let joined = try Data(contentsOf: URL(fileURLWithPath: a + ".gz")) + Data(contentsOf: URL(fileURLWithPath: b + ".gz"))
         try joined.write(to: URL(fileURLWithPath: cat))
         let (card, result) = try writeToFreshCard(cat, size: 16 << 20)
@@ -189,10 +189,10 @@ struct WriteEngineTests {
     @Test("regular files are targets too")
     func writesRegularFile() throws {
         let data = patternBytes(3 << 20 + 100)
-        let raw = scratch.path("f.raw")
+        let raw = scratch.file("f.raw")
         try write(data, to: raw)
         try run("xz", "-k", "-0", raw)
-        let out = scratch.path("out.img")
+        let out = scratch.file("out.img")
         let result = try ImageWriter.write(source: try ImageSource(path: raw + ".xz"), to: try WriteTarget.open(path: out))
         #expect(result.verified)
         #expect(try Data(contentsOf: URL(fileURLWithPath: out)) == Data(data))
@@ -201,7 +201,7 @@ struct WriteEngineTests {
     @Test("raw blobs land at their offsets, inside and beyond the image, and are verified")
     func writesRawBlobs() throws {
         let data = patternBytes(2 << 20)
-        let raw = scratch.path("blob.raw")
+        let raw = scratch.file("blob.raw")
         try write(data, to: raw)
         var options = WriteOptions()
         let inside = patternBytes(5000, seed: 7), beyond = patternBytes(3000, seed: 8)

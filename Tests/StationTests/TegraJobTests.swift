@@ -10,7 +10,7 @@ import TestSupport
 /// here). The station sees the board as udev would report it and runs the whole T124 flow.
 @Suite("Tegra jobs in the station")
 struct TegraJobTests {
-    func makeStation(_ scratch: StationScratch, simulator: SimulatedTegra) throws -> Station {
+    func makeStation(_ scratch: TemporaryDirectory, simulator: SimulatedTegra) throws -> Station {
         try scratch.write("miniloader.bin", filler(136_920, seed: 1))
         try scratch.write("board.bct", filler(8192, seed: 2))
         try scratch.write("u-boot-nodtb-tegra.bin", filler(300_000, seed: 3))
@@ -45,7 +45,7 @@ struct TegraJobTests {
 
     @Test("a board in recovery mode becomes one job that goes rcm → miniloader → bct → bootloader → done, named by its chip UID")
     func flashesBoardThroughAllPhases() async throws {
-        let scratch = try StationScratch()
+        let scratch = try TemporaryDirectory("provision-station")
         let simulator = SimulatedTegra()
         let station = try makeStation(scratch, simulator: simulator)
         let events = await station.subscribe()
@@ -67,7 +67,7 @@ struct TegraJobTests {
 
     @Test("a board that NACKs the BCT fails its job with the reason, and the station goes on")
     func failingBoardFailsItsJob() async throws {
-        let scratch = try StationScratch()
+        let scratch = try TemporaryDirectory("provision-station")
         let simulator = SimulatedTegra(faults: [.nack(command: 0x04, code: 3)])
         let station = try makeStation(scratch, simulator: simulator)
         let events = await station.subscribe()
@@ -81,7 +81,7 @@ struct TegraJobTests {
 
     @Test("a board with no matching tegra profile starts nothing")
     func unknownBoardIsIgnored() async throws {
-        let scratch = try StationScratch()
+        let scratch = try TemporaryDirectory("provision-station")
         let station = try makeStation(scratch, simulator: SimulatedTegra())
         var t30 = board
         t30.productID = 0x7030

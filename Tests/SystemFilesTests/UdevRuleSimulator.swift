@@ -117,21 +117,6 @@ struct SimulationError: Error, CustomStringConvertible {
     let description: String
 }
 
-/// A directory under /tmp that the test deletes again.
-struct TemporaryDirectory {
-    let path: String
-
-    init(_ prefix: String) throws {
-        var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw SimulationError(description: "mkdtemp failed in /tmp")
-        }
-        path = String(cString: made)
-    }
-
-    func remove() { try? FileManager.default.removeItem(atPath: path) }
-}
-
 /// udevd resolves GROUP= names when it loads rules: the group must exist first.
 func provisionGroupID() throws -> String {
     try Command.check(["groupadd", "--force", "--system", "provision"])

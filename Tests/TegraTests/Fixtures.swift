@@ -1,5 +1,6 @@
 import Foundation
 import Tegra
+import TestSupport
 
 /// Runs a peer tool and returns its stdout; a failure is a thrown error with its stderr.
 func run(_ tool: String, _ arguments: [String], stdin: [UInt8]? = nil) throws -> (status: Int32, stdout: String, stderr: String) {
@@ -21,22 +22,6 @@ func run(_ tool: String, _ arguments: [String], stdin: [UInt8]? = nil) throws ->
 
 struct ToolFailed: Error, CustomStringConvertible {
     let description: String
-}
-
-/// A temporary directory removed when the value goes away.
-final class TemporaryDirectory {
-    let path: String
-    init() throws {
-        path = NSTemporaryDirectory() + "tegra-tests-" + UUID().uuidString
-        try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-    }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
-    func file(_ name: String) -> String { path + "/" + name }
-    func write(_ name: String, _ bytes: [UInt8]) throws -> String {
-        let full = file(name)
-        try Data(bytes).write(to: URL(fileURLWithPath: full))
-        return full
-    }
 }
 
 /// Compiles device tree source with dtc into a DTB (the Debian device-tree-compiler).

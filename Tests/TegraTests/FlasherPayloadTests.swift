@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Tegra
+import TestSupport
 
 @Suite struct FlasherPayloadTests {
     @Test func crc32MatchesTheStandardCheckValueAndPython() throws {

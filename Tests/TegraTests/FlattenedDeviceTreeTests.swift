@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Tegra
+import TestSupport
 
 @Suite struct FlattenedDeviceTreeTests {
     /// `fdtget [options] FILE args…`: options are the arguments starting with "-" and their values.

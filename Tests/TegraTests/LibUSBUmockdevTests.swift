@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Tegra
+import TestSupport
 
 /// The real libusb code path (LibUSBTransport / LibUSBDeviceSource, through `provision tegra info`)
 /// against a Jetson TK1 boot ROM emulated by umockdev: sysfs device + usbdevfs URB replay.

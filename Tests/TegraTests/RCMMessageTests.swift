@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Tegra
+import TestSupport
 
 @Suite struct RCMMessageTests {
     @Test func rcmVersionQueryReproducesTheSpecVector() throws {

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Tegra
+import TestSupport
 
 /// `provision tegra flash` offline: the profile is read and checked before any USB access.
 @Suite struct TegraCommandTests {
