@@ -17,7 +17,7 @@ public final class AlignedBuffer: @unchecked Sendable {
     public var offset: UInt64 = 0
     /// Number of image bytes held (≤ capacity; may be unaligned at the very end of an image).
     public var count: Int = 0
-    /// SHA-256 of the held bytes, taken by the reader for verification.
+    /// Fingerprint of the held bytes (compressed sources), taken from the stream for verification.
     var fingerprint: Fingerprint?
 
     public init(capacity: Int, alignment: Int) {

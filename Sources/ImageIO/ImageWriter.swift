@@ -34,7 +34,7 @@ final class WriteJob: @unchecked Sendable {
     let ioUnit: Int
     /// Raw and cached sources can be read again at any offset: verification then compares
     /// the card with the source bytes directly (exact offset, no hashing); compressed
-    /// streams are verified against SHA-256 hashes taken as they streamed by.
+    /// streams are verified against fingerprints taken as they streamed by.
     let compareWithSource: Bool
     /// A second descriptor on a raw source, for verification's reads.
     lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
@@ -146,7 +146,7 @@ final class WriteJob: @unchecked Sendable {
         }
     }
 
-    // MARK: - Reader thread: decompress, overlay blobs, hash
+    // MARK: - Reader thread: decompress, overlay blobs; checker thread: bmap check, fingerprint
 
     private var blobCoverage: [[Range<UInt64>]] = []
     /// The chunk at offset 0 is this long (see `WriteOptions.headSize`), aligned for direct I/O.
@@ -292,7 +292,6 @@ final class WriteJob: @unchecked Sendable {
     private var syncSeconds = 0.0
     /// Written since the last sync, not yet handed to the verifier.
     private var unverified: [WrittenChunk] = []
-    private var bytesSinceSync: UInt64 = 0
     private lazy var tailBlock = AlignedBuffer(capacity: max(ioUnit, target.alignment), alignment: target.alignment)
 
     private func writeAll() throws(ImageIOError) {
@@ -314,14 +313,13 @@ final class WriteJob: @unchecked Sendable {
             meter.add(UInt64(buf.count))
             unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint))
             pool.release(buf)
-            bytesSinceSync += UInt64(buf.count)
-            if let verifier, let interval = options.syncInterval, bytesSinceSync >= syncInterval(interval, meter: meter) {
+            if let verifier, let interval = options.syncInterval,
+               unverified.reduce(0, { $0 + UInt64($1.count) }) >= syncInterval(interval, meter: meter) {
                 // What is synced may be read back now, while the writer goes on.
                 if let failure = verifier.failure { throw failure }
                 try sync()
                 verifier.submit(unverified)
                 unverified = []
-                bytesSinceSync = 0
             }
             if ContinuousClock.now - lastReport > .milliseconds(200) {
                 lastReport = ContinuousClock.now
@@ -428,9 +426,10 @@ final class WriteJob: @unchecked Sendable {
     }
 }
 
-/// Hashes bytes that arrive in offset order range by range, as the bmap maps them, and
-/// says which range did not match its checksum.
-struct BmapRangeHasher {
+/// Checks every mapped range of the source against the bmap's checksum as it streams by
+/// (bytes arrive in offset order; bytes outside every mapped range are ignored). A mismatch
+/// means the image (or its bmap) is damaged — not the card.
+struct BmapRangeChecker {
     let bmap: Bmap
     private let extents: [(start: UInt64, end: UInt64)]
     private var index = 0
@@ -442,11 +441,8 @@ struct BmapRangeHasher {
         self.extents = bmap.mappedByteRanges
     }
 
-    /// Feeds bytes at `offset`; returns the index of the first range completed here whose
-    /// digest differs from the bmap's. Bytes outside every mapped range are ignored.
-    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) -> Int? {
+    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
         var cursor = 0
-        var mismatch: Int?
         while cursor < bytes.count, index < extents.count {
             let (start, end) = extents[index]
             let here = offset + UInt64(cursor)
@@ -459,29 +455,15 @@ struct BmapRangeHasher {
             let slice = UnsafeRawBufferPointer(rebasing: bytes[cursor..<(cursor + n)])
             if bmap.checksumType == .sha256 { sha256.update(bufferPointer: slice) } else { sha1.update(bufferPointer: slice) }
             cursor += n
-            if here + UInt64(n) == end {
-                let digest = bmap.checksumType == .sha256 ? sha256.finalize().hex : sha1.finalize().hex
-                sha256 = SHA256()
-                sha1 = Insecure.SHA1()
-                if let expected = bmap.ranges[index].checksum, expected != digest, mismatch == nil { mismatch = index }
-                index += 1
+            guard here + UInt64(n) == end else { continue }
+            let digest = bmap.checksumType == .sha256 ? sha256.finalize().hex : sha1.finalize().hex
+            sha256 = SHA256()
+            sha1 = Insecure.SHA1()
+            let range = bmap.ranges[index]
+            index += 1
+            if let expected = range.checksum, expected != digest {
+                throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of the image do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: start)
             }
         }
-        return mismatch
-    }
-}
-
-/// Checks every mapped range of the source against the bmap's checksum as it streams by.
-/// A mismatch means the image (or its bmap) is damaged — not the card.
-struct BmapRangeChecker {
-    private var hasher: BmapRangeHasher
-
-    init(bmap: Bmap) { hasher = BmapRangeHasher(bmap: bmap) }
-
-    mutating func feed(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
-        guard let index = hasher.feed(bytes, at: offset) else { return }
-        let bmap = hasher.bmap
-        let range = bmap.ranges[index]
-        throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of the image do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: bmap.mappedByteRanges[index].start)
     }
 }

@@ -1,11 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import Crypto
 import Foundation
 
 /// Reads back written ranges with O_DIRECT (never the page cache: the target fd is direct) and
-/// compares each with the hash taken from the source stream. Only ranges the writer has
+/// compares each with the source: byte for byte with a raw (or cached) image, by the
+/// fingerprint taken from the stream for a compressed one. Only ranges the writer has
 /// synced are submitted, so what is read is what the card holds. Runs on its own thread, so
 /// that it can overlap the writing of later ranges.
 final class BackgroundVerifier: @unchecked Sendable {
@@ -18,8 +18,6 @@ final class BackgroundVerifier: @unchecked Sendable {
     private var verified: UInt64 = 0
     private var submitted: UInt64 = 0
     private let done = DispatchSemaphore(value: 0)
-    /// Chunks read and waiting for the hasher, in order.
-    private let pending = LockedQueue()
 
     init(job: WriteJob) {
         self.job = job
@@ -83,23 +81,17 @@ final class BackgroundVerifier: @unchecked Sendable {
         let hasherDone = DispatchSemaphore(value: 0)
         let hasher = Thread { [self] in
             defer { hasherDone.signal() }
-            while let next = try? filled.take() {
-                let (buffer, chunk) = (next, pending.withLock { $0.removeFirst() })
-                var failure: ImageIOError?
-                if buffer.count != chunk.count {
-                    failure = shortRead(chunk: chunk, got: buffer.count)
-                } else if job.compareWithSource {
-                    if !matchesSource(buffer, chunk: chunk) { failure = mismatch(chunk: chunk, actual: Array(buffer.buffer)) }
-                } else if Fingerprint(buffer.buffer) != chunk.fingerprint {
-                    failure = mismatch(chunk: chunk, actual: Array(buffer.buffer))
-                }
-                if let failure {
+            // Each buffer arrives holding the chunk's offset, length and fingerprint.
+            while let buffer = try? filled.take() {
+                let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
+                if !same {
+                    let failure = mismatch(buffer)
                     condition.withLock { error = failure }
                     pool.close()
                     return
                 }
                 pool.release(buffer)
-                condition.withLock { verified += UInt64(chunk.count) }
+                condition.withLock { verified += UInt64(buffer.count) }
             }
         }
         hasher.name = "provision-verify-hash"
@@ -119,10 +111,15 @@ final class BackgroundVerifier: @unchecked Sendable {
                 pool.release(buffer)
                 condition.withLock { error = target.failure(e, operation: "read-back", offset: chunk.offset) }
                 return
-            case .success(let n):
-                buffer.count = min(n, chunk.count)
+            case .success(let n) where n < chunk.count:
+                pool.release(buffer)
+                condition.withLock { error = shortRead(chunk, got: n) }
+                return
+            case .success:
+                buffer.offset = chunk.offset
+                buffer.count = chunk.count
+                buffer.fingerprint = chunk.fingerprint
             }
-            pending.withLock { $0.append(chunk) }
             filled.put(buffer)
         }
     }
@@ -139,42 +136,33 @@ final class BackgroundVerifier: @unchecked Sendable {
 
     deinit { sourceScratch?.deallocate() }
 
-    private func matchesSource(_ buffer: AlignedBuffer, chunk: WrittenChunk) -> Bool {
-        let range = chunk.offset..<(chunk.offset + UInt64(chunk.count))
+    private func matchesSource(_ buffer: AlignedBuffer) -> Bool {
+        let range = buffer.offset..<(buffer.offset + UInt64(buffer.count))
         if job.options.blobs.contains(where: { !range.clamped(to: $0.offset..<($0.offset + UInt64($0.bytes.count))).isEmpty }) {
-            guard let expected = try? job.expectedBytes(offset: chunk.offset, count: chunk.count), expected.count == buffer.count else { return false }
+            guard let expected = try? job.expectedBytes(offset: buffer.offset, count: buffer.count), expected.count == buffer.count else { return false }
             return expected.withUnsafeBytes { memcmp($0.baseAddress!, buffer.bytes, buffer.count) == 0 }
         }
-        guard case .success(let n) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, chunk.count, chunk.offset), n == buffer.count else { return false }
+        guard case .success(let n) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, buffer.count, buffer.offset), n == buffer.count else { return false }
         return memcmp(sourceBuffer.baseAddress!, buffer.bytes, n) == 0
     }
 
-    private func mismatch(chunk: WrittenChunk, actual: [UInt8]) -> ImageIOError {
+    /// The read-back `buffer` differs from the image: finds the first differing byte.
+    private func mismatch(_ buffer: AlignedBuffer) -> ImageIOError {
+        let actual = Array(buffer.buffer)
         let expected: [UInt8]
-        do throws(ImageIOError) { expected = try job.expectedBytes(offset: chunk.offset, count: chunk.count) } catch { return error }
-        var first = chunk.offset + UInt64(min(actual.count, expected.count))
+        do throws(ImageIOError) { expected = try job.expectedBytes(offset: buffer.offset, count: buffer.count) } catch { return error }
+        var first = buffer.offset + UInt64(min(actual.count, expected.count))
         for i in 0..<min(actual.count, expected.count) where actual[i] != expected[i] {
-            first = chunk.offset + UInt64(i)
+            first = buffer.offset + UInt64(i)
             break
         }
-        return differsError(at: first)
+        return ImageIOError(.verifyMismatch, "verification failed: \(job.target.path) differs from the image at byte offset \(first) (0x\(String(first, radix: 16))); the card is faulty or was altered — do not use it", offset: first)
     }
 
-    private func differsError(at offset: UInt64) -> ImageIOError {
-        ImageIOError(.verifyMismatch, "verification failed: \(job.target.path) differs from the image at byte offset \(offset) (0x\(String(offset, radix: 16))); the card is faulty or was altered — do not use it", offset: offset)
-    }
-
-    private func shortRead(chunk: WrittenChunk, got: Int) -> ImageIOError {
+    private func shortRead(_ chunk: WrittenChunk, got: Int) -> ImageIOError {
         let offset = chunk.offset + UInt64(got)
         let removed = job.target.failure(.noSpace, operation: "read-back", offset: offset)
         if removed.code == .deviceRemoved { return removed }
         return ImageIOError(.ioError, "read-back of \(job.target.path) ended early at byte offset \(offset): the card is shorter than what was written to it", offset: offset)
     }
-}
-
-/// A tiny locked FIFO of chunk records shared by the verifier's two threads.
-final class LockedQueue: @unchecked Sendable {
-    private let lock = NSLock()
-    private var items: [WrittenChunk] = []
-    func withLock<T>(_ body: (inout [WrittenChunk]) -> T) -> T { lock.withLock { body(&items) } }
 }

@@ -76,9 +76,9 @@ struct SDJob {
             options.cancellation = context.cancellation
             options.verify = context.profile?.image?.verify ?? true
             options.bmap = try bmap(for: imagePath)
-            // Buffers for all cards together stay within 48 MiB (issue 7): each job holds
-            // `bufferCount` chunks plus 2 in its verifier. Up to 2 cards: 6 × 4 MiB each;
-            // 3–4 cards: 5 × 2 MiB; 5 or more (a full 8-slot reader): 5 × 1 MiB.
+            // Buffers for all cards together stay within 64 MiB (issue 7): each job holds
+            // `bufferCount` chunks plus 3 in its verifier (2 read back, 1 of the source).
+            // Up to 2 cards: 7 × 4 MiB each; 3–4 cards: 6 × 2 MiB; 5 or more: 6 × 1 MiB.
             if context.concurrentJobs >= 3 {
                 options.bufferCount = 3
                 options.chunkSize = context.concurrentJobs >= 5 ? 1 << 20 : 2 << 20

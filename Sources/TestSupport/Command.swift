@@ -77,46 +77,14 @@ public enum Command {
             try stdinFile.write(input, arguments)
         }
 
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        if input != nil {
-            posix_spawn_file_actions_adddup2(&actions, stdinFile.fd, 0)
-        } else {
-            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        }
-        posix_spawn_file_actions_adddup2(&actions, stdoutFile.fd, 1)
-        posix_spawn_file_actions_adddup2(&actions, stderrFile.fd, 2)
-        closeFrom3(&actions)
-
-        // Children start with default signal handling: the test runner ignores SIGPIPE,
-        // and an ignored SIGPIPE survives exec (a `dd | sha256sum` would then misbehave).
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        sigaddset(&defaults, SIGPIPE)
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-
         var merged = ProcessInfo.processInfo.environment
         merged["PATH"] = searchPath.joined(separator: ":")
         for (key, value) in environment { merged[key] = value }
-        let argv = arguments.map { strdup($0) } + [nil]
-        let envp = merged.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
-        guard spawned == 0 else {
-            throw CommandError(arguments: arguments, output: nil, errno: spawned)
+        let pid: pid_t
+        switch spawn(executable, arguments, environment: merged, stdin: input != nil ? stdinFile.fd : nil,
+                     stdout: stdoutFile.fd, stderr: stderrFile.fd) {
+        case .success(let p): pid = p
+        case .failure(let spawned): throw CommandError(arguments: arguments, output: nil, errno: spawned.code)
         }
         let (status, timedOut) = wait(for: pid, timeout: timeout)
         return CommandOutput(
@@ -196,12 +164,57 @@ public enum Command {
 
     /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34) is declared only under
     /// _GNU_SOURCE, which Swift's Glibc module does not define: look it up at run time.
-    private static func closeFrom3(_ actions: inout posix_spawn_file_actions_t) {
+    /// Starts `executable` with exactly `environment`, stdin from `stdin` (or /dev/null),
+    /// stdout and stderr to the given descriptors, nothing else inherited, and default
+    /// handling of `defaultSignals` (the test runner ignores SIGPIPE, and an ignored SIGPIPE
+    /// survives exec: a `dd | sha256sum` would then misbehave). Returns the pid or the errno.
+    static func spawn(
+        _ executable: String, _ arguments: [String], environment: [String: String],
+        stdin: Int32?, stdout: Int32, stderr: Int32, defaultSignals: [Int32] = [SIGPIPE]
+    ) -> Result<pid_t, SpawnFailure> {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        if let stdin {
+            posix_spawn_file_actions_adddup2(&actions, stdin, 0)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        }
+        posix_spawn_file_actions_adddup2(&actions, stdout, 1)
+        posix_spawn_file_actions_adddup2(&actions, stderr, 2)
+        // posix_spawn_file_actions_addclosefrom_np is declared only under _GNU_SOURCE.
         typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
-        guard let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") else { return }
-        let closeFrom = unsafeBitCast(symbol, to: CloseFrom.self)
-        _ = closeFrom(&actions, 3)
+        if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
+            _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
+        }
+
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in defaultSignals { sigaddset(&defaults, signal) }
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            argv.forEach { free($0) }
+            envp.forEach { free($0) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, executable, &actions, &attributes, argv, envp)
+        return rc == 0 ? .success(pid) : .failure(SpawnFailure(code: rc))
     }
+}
+
+/// posix_spawn's error number.
+struct SpawnFailure: Error {
+    let code: Int32
 }
 
 /// An unlinked temporary file that collects one stream of a child.

@@ -148,46 +148,17 @@ public final class DaemonProcess: Sendable {
             throw DaemonProcessError(description: "cannot open \(logPath): \(String(cString: strerror(errno)))")
         }
         defer { close(log) }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, log, 1)
-        posix_spawn_file_actions_adddup2(&actions, log, 2)
-        // posix_spawn_file_actions_addclosefrom_np is declared only under _GNU_SOURCE.
-        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
-        if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
-            _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
-        }
-        // The test runner ignores SIGPIPE; the daemon must start with default dispositions.
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for s in [SIGPIPE, SIGTERM, SIGINT, SIGHUP] { sigaddset(&defaults, s) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
-
         // Not under systemd: no socket activation, no sd_notify, plain log lines on stderr.
         var environment = ProcessInfo.processInfo.environment
         for key in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM"] {
             environment.removeValue(forKey: key)
         }
-        let argv = arguments.map { strdup($0) } + [nil]
-        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
+        // The daemon must start with default dispositions of the signals it handles.
+        switch Command.spawn(arguments[0], arguments, environment: environment, stdin: nil, stdout: log, stderr: log,
+                             defaultSignals: [SIGPIPE, SIGTERM, SIGINT, SIGHUP]) {
+        case .success(let pid): return pid
+        case .failure(let failure):
+            throw DaemonProcessError(description: "cannot start \(arguments[0]): \(String(cString: strerror(failure.code)))")
         }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, arguments[0], &actions, &attributes, argv, envp)
-        guard rc == 0 else {
-            throw DaemonProcessError(description: "cannot start \(arguments[0]): \(String(cString: strerror(rc)))")
-        }
-        return pid
     }
 }

@@ -47,9 +47,11 @@ struct WriteCommand: ParsableCommand {
     @Option(help: "Bytes per write (default 4MiB).")
     var chunkSize: String = "4MiB"
 
+    private var chunkBytes: UInt64? { try? ByteCount.parse(chunkSize) }
+
     func validate() throws {
         if noBmap && bmap != nil { throw ValidationError("--bmap and --nobmap contradict each other") }
-        guard let c = try? ByteCount.parse(chunkSize), c >= 4096, c % 4096 == 0, c <= 64 << 20 else {
+        guard let c = chunkBytes, c >= 4096, c % 4096 == 0, c <= 64 << 20 else {
             throw ValidationError("--chunk-size must be a multiple of 4KiB up to 64MiB, e.g. 4MiB")
         }
     }
@@ -72,7 +74,7 @@ struct WriteCommand: ParsableCommand {
         let source = try ImageSource(path: image)
         var options = WriteOptions()
         options.verify = !noVerify
-        options.chunkSize = Int((try? ByteCount.parse(chunkSize)) ?? 4 << 20)
+        options.chunkSize = Int(chunkBytes!)  // validate() checked it
         if !noBmap, let path = bmap ?? Bmap.locate(forImage: image) {
             options.bmap = try Bmap.load(path: path)
             output.note("using bmap \(path): \(ByteCount.human(options.bmap!.mappedBytes)) of \(ByteCount.human(options.bmap!.imageSize)) mapped")
