@@ -21,10 +21,11 @@ public final class ImageSource: @unchecked Sendable {
 
     private let fd: Int32
     private let decoder: StreamDecoder?
-    private let input: UnsafeMutableRawBufferPointer
-    private var inputStart = 0
-    private var inputEnd = 0
-    private var inputAtEOF = false
+    /// The compressed bytes, read ahead on a thread of their own; started by the first read
+    /// (a source opened only for its size hint starts no thread).
+    private var input: ReadAhead?
+    /// Whether the compressed bytes are read around the page cache (nil: not started).
+    var readsCompressedInputDirectly: Bool? { input?.opensDirect }
     private var streamFinished = false
     /// Bytes of the file consumed by the decoder (for "corrupt at offset N").
     public private(set) var compressedOffset: UInt64 = 0
@@ -74,13 +75,12 @@ public final class ImageSource: @unchecked Sendable {
         // A cache file is raw by construction (its first bytes may still be a hole).
         self.format = fill != nil || n == 0 ? .raw : ImageFormat(magic: magic.prefix(n))
         self.decoder = makeDecoder(format)
-        self.input = .allocate(byteCount: decoder == nil ? 0 : 1 << 20, alignment: 64)
         self.uncompressedSizeHint = sizeHint ?? ImageSource.sizeHint(fd: fd, format: format, fileSize: UInt64(st.st_size))
     }
 
     deinit {
+        input = nil  // stops its thread
         Syscall.close(fd)
-        input.deallocate()
     }
 
     /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
@@ -94,16 +94,16 @@ public final class ImageSource: @unchecked Sendable {
         }
         var filled = 0
         while filled < count && !streamFinished {
-            if inputStart == inputEnd && !inputAtEOF { try refill() }
-            let inBuf = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(input)[inputStart..<inputEnd])
-            let outBuf = UnsafeMutableRawBufferPointer(start: destination + filled, count: count - filled)
             do {
-                let r = try decoder.decode(input: inBuf, output: outBuf, atEndOfInput: inputAtEOF && inputStart == inputEnd || (inputAtEOF && inBuf.isEmpty))
-                inputStart += r.consumed
+                let inBuf = try compressedInput().available()
+                let atEnd = inBuf.isEmpty  // the read-ahead waits for more unless the file ended
+                let outBuf = UnsafeMutableRawBufferPointer(start: destination + filled, count: count - filled)
+                let r = try decoder.decode(input: inBuf, output: outBuf, atEndOfInput: atEnd)
+                input?.consume(r.consumed)
                 compressedOffset += UInt64(r.consumed)
                 filled += r.produced
                 if r.finished { streamFinished = true }
-                if r.consumed == 0 && r.produced == 0 && inputAtEOF && inputStart == inputEnd {
+                if r.consumed == 0 && r.produced == 0 && atEnd && !r.finished {
                     // Input exhausted without the stream ending properly.
                     let again = try decoder.decode(input: UnsafeRawBufferPointer(start: nil, count: 0), output: outBuf, atEndOfInput: true)
                     filled += again.produced
@@ -114,6 +114,8 @@ public final class ImageSource: @unchecked Sendable {
                 throw ImageIOError(.compressedStreamTruncated, "\(format.rawValue) stream in \(path) is truncated: it ends at byte \(compressedOffset) of the file after \(position + UInt64(filled)) uncompressed bytes", offset: compressedOffset)
             } catch DecodeFailure.corrupt(let why) {
                 throw ImageIOError(.compressedStreamCorrupt, "\(format.rawValue) stream in \(path) is corrupt near byte \(compressedOffset) of the file (\(why))", offset: compressedOffset)
+            } catch let error as ImageIOError {
+                throw error
             } catch {
                 throw ImageIOError(.imageUnreadable, "cannot read image \(path): \(error)")
             }
@@ -134,18 +136,14 @@ public final class ImageSource: @unchecked Sendable {
         }
     }
 
-    private func refill() throws(ImageIOError) {
-        // Move what is left to the front, then read behind it.
-        let left = inputEnd - inputStart
-        if left > 0 && inputStart > 0 {
-            input.baseAddress!.copyMemory(from: input.baseAddress! + inputStart, byteCount: left)
-        }
-        inputStart = 0
-        inputEnd = left
-        switch Syscall.read(fd, input.baseAddress! + inputEnd, input.count - inputEnd) {
-        case .success(0): inputAtEOF = true
-        case .success(let n): inputEnd += n
-        case .failure(let e): throw ImageIOError(.imageUnreadable, "cannot read image \(path): \(e)", errno: e)
+    private func compressedInput() throws(ImageIOError) -> ReadAhead {
+        if let input { return input }
+        do {
+            let started = try ReadAhead(path: path)
+            input = started
+            return started
+        } catch {
+            throw ImageIOError(.imageUnreadable, "cannot open image \(path): \(error)", errno: error)
         }
     }
 
