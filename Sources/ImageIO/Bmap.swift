@@ -32,6 +32,10 @@ public struct Bmap: Sendable, Equatable {
         ranges.map { ($0.first * blockSize, min(($0.last + 1) * blockSize, imageSize)) }
     }
 
+    /// Every mapped range carries a checksum (bmap 1.3 and later): checking them proves every
+    /// byte that is written.
+    public var checksumsEveryRange: Bool { ranges.allSatisfy { $0.checksum != nil } }
+
     public var mappedBytes: UInt64 { mappedByteRanges.reduce(0) { $0 + ($1.end - $1.start) } }
 
     /// Finds the bmap next to an image the way bmaptool does: `IMAGE.bmap`, then with each

@@ -63,8 +63,10 @@ public enum CacheFiller {
                 throw ImageIOError(.ioError, "cannot size the image cache file \(path): \(String(cString: strerror(errno)))")
             }
             let ranges: [(start: UInt64, end: UInt64)] = bmap?.mappedByteRanges ?? [(start: UInt64(0), end: size)]
-            // The bmap's checksums are checked here, once for every card reading the cache.
+            // The bmap's checksums are checked here, once for every card reading the cache; they
+            // prove all the cache holds, so the container's checksum is not computed as well.
             var rangeCheck = bmap.map { BmapRangeChecker(bmap: $0) }
+            if bmap?.checksumsEveryRange == true { source.skipStreamChecksum() }
             for (start, end) in ranges {
                 if start > source.position { try source.skip(start - source.position, scratch: buffer) }
                 progress.advance(to: start)

@@ -75,6 +75,7 @@ public final class ImageSource: @unchecked Sendable {
         // A cache file is raw by construction (its first bytes may still be a hole).
         self.format = fill != nil || n == 0 ? .raw : ImageFormat(magic: magic.prefix(n))
         self.decoder = makeDecoder(format)
+        self.checksStreamChecksum = decoder != nil
         self.uncompressedSizeHint = sizeHint ?? ImageSource.sizeHint(fd: fd, format: format, fileSize: UInt64(st.st_size))
     }
 
@@ -122,6 +123,21 @@ public final class ImageSource: @unchecked Sendable {
         }
         position += UInt64(filled)
         return filled
+    }
+
+    /// Whether the container's checksum of the whole stream is checked (zstd's XXH64, xz's
+    /// CRC; gzip's CRC-32 always is).
+    public private(set) var checksStreamChecksum: Bool
+
+    /// Stops checking the container's checksum of the whole stream, for a caller that proves
+    /// every byte it uses another way: the bmap's checksum of each mapped range. Those cover
+    /// all that is written; the container's covers the unmapped zeros too, and on a 2 GiB
+    /// zstd image with 400 MiB mapped it doubled the decoder's CPU time. Damage still shows:
+    /// as a decoding error, or as "image corrupt: blocks A–B" from the bmap check. Only
+    /// before the first read.
+    public func skipStreamChecksum() {
+        precondition(position == 0 && input == nil, "skipStreamChecksum() after reading")
+        if let decoder, decoder.skipStreamChecksum() { checksStreamChecksum = false }
     }
 
     /// Skips `count` uncompressed bytes (an unmapped bmap range): a seek for raw images,

@@ -67,6 +67,9 @@ final class WriteJob: @unchecked Sendable {
 
     func run() throws(ImageIOError) -> WriteResult {
         try preflight()
+        // The bmap check proves every byte written; the container's own checksum would prove
+        // the unmapped bytes too, which are never written (see `skipStreamChecksum`).
+        if checksSourceAgainstBmap, options.bmap?.checksumsEveryRange == true { source.skipStreamChecksum() }
         if options.verify { verifier = BackgroundVerifier(job: self) }
         defer { verifier?.stop() }
         let started = ContinuousClock.now

@@ -121,6 +121,41 @@ struct BmapTests {
         }
     }
 
+    @Test("with a bmap the container's checksum is skipped, and damage inside a mapped range is still caught by the bmap check", arguments: ["zst", "xz"])
+    func compressedDamageCaughtByBmap(format: String) throws {
+        let (image, bmapPath, _) = try sparseImage()
+        if format == "zst" { try run("zstd", "-q", "-f", image, "-o", image + ".zst") } else { try run("xz", "-0", "-k", "-f", image) }
+        // The 3 MiB of random bytes at 5 MiB make up most of the compressed file, stored as it
+        // is (random data does not compress): a byte flipped in the middle changes what the
+        // stream decodes to without breaking the stream's structure.
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image + "." + format)))
+        bytes[bytes.count / 2] ^= 0xFF
+        let damaged = scratch.file("damaged.img." + format)
+        try write(bytes, to: damaged)
+        let card = try LoopCard(label: "bmap-damaged-\(format)", size: 48 << 20)
+        defer { card.close() }
+
+        // Without a bmap the container's own checksum is what catches it.
+        let withoutBmap = try #require(try attempt(try ImageSource(path: damaged), on: card, options: WriteOptions()))
+        #expect(withoutBmap.code == .compressedStreamCorrupt, "\(withoutBmap)")
+        // With the bmap, the container's checksum is not computed; the bmap check names the range.
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        let source = try ImageSource(path: damaged)
+        #expect(source.checksStreamChecksum)
+        let withBmap = try #require(try attempt(source, on: card, options: options))
+        #expect(!source.checksStreamChecksum)
+        #expect(withBmap.code == .imageCorrupt, "\(withBmap)")
+        #expect(withBmap.message.contains("image corrupt: blocks 1280–2047"), "\(withBmap)")
+    }
+
+    /// The write's error, nil if it succeeded; the target is closed when this returns.
+    func attempt(_ source: ImageSource, on card: LoopCard, options: WriteOptions) throws -> ImageIOError? {
+        let target = try WriteTarget.open(path: card.devicePath)
+        defer { target.close() }
+        do { _ = try ImageWriter.write(source: source, to: target, options: options); return nil } catch { return error }
+    }
+
     @Test("a hand-edited bmap fails its own checksum")
     func editedBmapRejected() throws {
         let (_, bmapPath, _) = try sparseImage()
