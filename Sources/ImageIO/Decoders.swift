@@ -6,9 +6,18 @@ import CZstd
 /// it reports `finished` when the compressed stream has properly ended.
 protocol StreamDecoder: AnyObject {
     func decode(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool)
+    /// Like `decode`, but drops up to `count` decoded bytes instead of handing them out (an
+    /// unmapped bmap range). By default they are decoded into `scratch`.
+    func discard(_ count: Int, input: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool)
     /// Stops checking the container's checksum of the whole stream (before the first decode).
     /// Returns false where the format cannot skip it.
     func skipStreamChecksum() -> Bool
+}
+
+extension StreamDecoder {
+    func discard(_ count: Int, input: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+        try decode(input: input, output: UnsafeMutableRawBufferPointer(rebasing: scratch[..<min(count, scratch.count)]), atEndOfInput: atEndOfInput)
+    }
 }
 
 /// What a decoder can say about a bad stream; `ImageSource` adds the file and offset.
@@ -119,44 +128,184 @@ final class XZDecoder: StreamDecoder {
     }
 }
 
-/// zstd through libzstd's streaming API; several frames in a row are decoded in turn.
+/// zstd through libzstd's buffer-less API, decoding into a round buffer of our own.
+///
+/// `ZSTD_decompressStream` decodes every block into its internal window and then copies it to
+/// the caller; bytes the caller skips (the unmapped ranges of a bmap: 1.6 GiB of zeros in a
+/// 2 GiB image with 400 MiB mapped) were copied out only to be dropped. Here skipped bytes
+/// are decoded in place and never copied. The round buffer is sized and wrapped as zstd.h
+/// prescribes for this API and as `ZSTD_decompressStream` does internally
+/// (`ZSTD_decodingBufferSize_min`; start again at the buffer's beginning when another block
+/// of `blockSizeMax` might not fit), so back-references always find their bytes.
+/// Several frames in a row are decoded in turn; skippable frames are skipped.
 final class ZstdDecoder: StreamDecoder {
-    private let stream: OpaquePointer
-    private var frameOpen = false
+    private let context: OpaquePointer
+    /// Decoded bytes live in `window[0..<capacity]`; `pending` are not yet handed out.
+    private var window: UnsafeMutableRawPointer?
+    private var capacity = 0
+    private var pendingStart = 0
+    private var pendingEnd = 0
+    /// The frame being decoded; nil between frames.
+    private var frame: ZSTD_frameHeader?
+    /// Input carried over from earlier calls, logically in front of the next call's input:
+    /// the decoder needs each unit (header, block) contiguous, and units straddle reads.
+    private let carry: UnsafeMutableRawPointer
+    private static let carryCapacity = Int(ZSTD_BLOCKSIZE_MAX) + 64
+    private var carryStart = 0
+    private var carryEnd = 0
+    /// Skippable frame content passed over so far (never carried: the decoder ignores it).
+    private var skipped = 0
+    /// Bytes of the current frame fed to the decoder: a skippable frame's first 8 (magic and
+    /// length) are fed like any header, what follows is only counted.
+    private var headerFed = 0
+    private static let skippableHeaderSize = 8
+    /// zstd's default limit: its streaming decoder refuses larger windows too.
+    private static let maxWindow: UInt64 = 1 << 27
 
     init() {
-        stream = ZSTD_createDStream()
-        ZSTD_initDStream(stream)
+        context = ZSTD_createDCtx()
+        carry = .allocate(byteCount: ZstdDecoder.carryCapacity, alignment: 64)
     }
 
-    deinit { ZSTD_freeDStream(stream) }
+    deinit {
+        ZSTD_freeDCtx(context)
+        window?.deallocate()
+        carry.deallocate()
+    }
 
     /// The frame's XXH64 of its content: on a 2 GiB image it costs as much CPU as the rest of
     /// the decoding (0.2 s of 0.38 s measured with `zstd -d`).
     func skipStreamChecksum() -> Bool {
         // ZSTD_d_forceIgnoreChecksum, an "experimental" name zstd.h gives this stable value.
-        ZSTD_isError(ZSTD_DCtx_setParameter(stream, ZSTD_d_experimentalParam3, 1 /* ZSTD_d_ignoreChecksum */)) == 0
+        ZSTD_isError(ZSTD_DCtx_setParameter(context, ZSTD_d_experimentalParam3, 1 /* ZSTD_d_ignoreChecksum */)) == 0
     }
 
     func decode(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
-        if input.isEmpty && atEndOfInput {
-            if frameOpen {
-                // Flush whatever the decoder still holds before calling it truncated.
-                var inBuf = ZSTD_inBuffer(src: nil, size: 0, pos: 0)
-                var outBuf = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
-                let rc = ZSTD_decompressStream(stream, &outBuf, &inBuf)
-                if ZSTD_isError(rc) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(rc))) }
-                if outBuf.pos > 0 { return (0, outBuf.pos, false) }
-                throw .truncated
-            }
-            return (0, 0, true)
+        try run(input: input, into: output.baseAddress, count: output.count, atEndOfInput: atEndOfInput)
+    }
+
+    func discard(_ count: Int, input: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+        try run(input: input, into: nil, count: count, atEndOfInput: atEndOfInput)
+    }
+
+    private var carried: Int { carryEnd - carryStart }
+
+    /// Hands out up to `count` decoded bytes (copied to `output`, or dropped when it is nil),
+    /// decoding more as needed.
+    private func run(input: UnsafeRawBufferPointer, into output: UnsafeMutableRawPointer?, count: Int, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+        var consumed = 0
+        var produced = 0
+        func starved() throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+            if atEndOfInput && produced == 0 { throw .truncated }
+            return (consumed, produced, false)
         }
-        var inBuf = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
-        var outBuf = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
-        let rc = ZSTD_decompressStream(stream, &outBuf, &inBuf)
+        while produced < count {
+            if pendingEnd > pendingStart {
+                let n = min(pendingEnd - pendingStart, count - produced)
+                output.map { ($0 + produced).copyMemory(from: window! + pendingStart, byteCount: n) }
+                pendingStart += n
+                produced += n
+                continue
+            }
+            guard let frame else {
+                // Between frames: the stream may end here, or another frame begins.
+                if carried == 0 && consumed == input.count { return (consumed, produced, atEndOfInput) }
+                guard try beginFrame(input, consumed: &consumed) else { return try starved() }
+                continue
+            }
+            let needed = ZSTD_nextSrcSizeToDecompress(context)
+            if needed == 0 { self.frame = nil; continue }  // frame complete
+            if frame.frameType == ZSTD_skippableFrame && headerFed >= ZstdDecoder.skippableHeaderSize {
+                // A skippable frame's content: pass over it; the decoder only counts it.
+                let fromCarry = min(carried, needed - skipped)
+                carryStart += fromCarry
+                let fromInput = min(needed - skipped - fromCarry, input.count - consumed)
+                consumed += fromInput
+                skipped += fromCarry + fromInput
+                if skipped < needed { return try starved() }
+                skipped = 0
+                let r = ZSTD_decompressContinue(context, nil, 0, carry, needed)
+                if ZSTD_isError(r) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(r))) }
+                continue
+            }
+            guard let source = try unit(needed, input, consumed: &consumed) else { return try starved() }
+            if UInt64(capacity) < frame.frameContentSize && pendingEnd + Int(frame.blockSizeMax) > capacity {
+                pendingStart = 0
+                pendingEnd = 0
+            }
+            let r = ZSTD_decompressContinue(context, window.map { $0 + pendingEnd }, capacity - pendingEnd, source, needed)
+            if ZSTD_isError(r) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(r))) }
+            pendingEnd += r
+            headerFed += needed
+        }
+        return (consumed, produced, false)
+    }
+
+    /// The next `count` bytes of input, contiguous: straight from `input` when they are all
+    /// there, else gathered in `carry`. nil: not all arrived yet (what did is carried).
+    private func unit(_ count: Int, _ input: UnsafeRawBufferPointer, consumed: inout Int) throws(DecodeFailure) -> UnsafeRawPointer? {
+        let available = input.count - consumed
+        if carried == 0 && available >= count {
+            defer { consumed += count }
+            return input.baseAddress! + consumed
+        }
+        if carried < count { try fillCarry(upTo: count, from: input, consumed: &consumed) }
+        guard carried >= count else { return nil }
+        defer {
+            carryStart += count
+            if carryStart == carryEnd { carryStart = 0; carryEnd = 0 }
+        }
+        return UnsafeRawPointer(carry + carryStart)
+    }
+
+    /// Moves input into `carry` until it holds `count` bytes or the input is used up.
+    private func fillCarry(upTo count: Int, from input: UnsafeRawBufferPointer, consumed: inout Int) throws(DecodeFailure) {
+        guard count <= ZstdDecoder.carryCapacity else { throw .corrupt("a block of \(count) bytes, larger than zstd allows") }
+        if carryStart > 0 {
+            carry.copyMemory(from: carry + carryStart, byteCount: carried)
+            carryEnd -= carryStart
+            carryStart = 0
+        }
+        let n = min(count - carried, input.count - consumed)
+        if n > 0 { (carry + carryEnd).copyMemory(from: input.baseAddress! + consumed, byteCount: n) }
+        carryEnd += n
+        consumed += n
+    }
+
+    /// Reads the next frame's header (it stays unconsumed: the decoder reads it again) and
+    /// sizes the round buffer for it. False: more input is needed.
+    private func beginFrame(_ input: UnsafeRawBufferPointer, consumed: inout Int) throws(DecodeFailure) -> Bool {
+        var header = ZSTD_frameHeader()
+        var rc: Int
+        if carried == 0 {
+            rc = ZSTD_getFrameHeader(&header, input.baseAddress.map { $0 + consumed }, input.count - consumed)
+        } else {
+            rc = 1
+        }
+        if rc > 0 {
+            // A header split across reads, or one that started in an earlier call.
+            try fillCarry(upTo: Int(ZSTD_FRAMEHEADERSIZE_MAX), from: input, consumed: &consumed)
+            rc = ZSTD_getFrameHeader(&header, carry + carryStart, carried)
+        }
         if ZSTD_isError(rc) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(rc))) }
-        // rc == 0: a frame is complete and fully flushed.
-        frameOpen = rc != 0
-        return (inBuf.pos, outBuf.pos, false)
+        if rc > 0 { return false }
+        if header.frameType == ZSTD_frame {
+            guard header.windowSize <= ZstdDecoder.maxWindow else {
+                throw .corrupt("the frame needs a \(header.windowSize)-byte window, more than zstd's default limit of \(ZstdDecoder.maxWindow)")
+            }
+            let needed = ZSTD_decodingBufferSize_min(header.windowSize, header.frameContentSize)
+            if ZSTD_isError(needed) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(needed))) }
+            if needed > capacity {
+                window?.deallocate()
+                window = .allocate(byteCount: needed, alignment: 64)
+                capacity = needed
+            }
+        }
+        pendingStart = 0
+        pendingEnd = 0
+        headerFed = 0
+        _ = ZSTD_decompressBegin(context)
+        frame = header
+        return true
     }
 }

@@ -86,27 +86,39 @@ public final class ImageSource: @unchecked Sendable {
 
     /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
     public func read(into destination: UnsafeMutableRawPointer, count: Int) throws(ImageIOError) -> Int {
-        guard let decoder else {
+        guard decoder != nil else {
             try fill?.wait(upTo: position + UInt64(count))
             switch Syscall.preadFully(fd, destination, count, position) {
             case .success(let n): position += UInt64(n); return n
             case .failure(let e): throw ImageIOError(.imageUnreadable, "cannot read image \(path) at offset \(position): \(e)", offset: position, errno: e)
             }
         }
+        return try decode(count, into: destination, scratch: nil)
+    }
+
+    /// Decodes up to `count` bytes into `destination`, or drops them (nil: a skip; decoders
+    /// that cannot drop in place decode into `scratch`).
+    private func decode(_ count: Int, into destination: UnsafeMutableRawPointer?, scratch: UnsafeMutableRawBufferPointer?) throws(ImageIOError) -> Int {
+        guard let decoder else { return 0 }
+        func step(_ input: UnsafeRawBufferPointer, filled: Int, atEnd: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+            if let destination {
+                return try decoder.decode(input: input, output: UnsafeMutableRawBufferPointer(start: destination + filled, count: count - filled), atEndOfInput: atEnd)
+            }
+            return try decoder.discard(count - filled, input: input, scratch: scratch!, atEndOfInput: atEnd)
+        }
         var filled = 0
         while filled < count && !streamFinished {
             do {
                 let inBuf = try compressedInput().available()
                 let atEnd = inBuf.isEmpty  // the read-ahead waits for more unless the file ended
-                let outBuf = UnsafeMutableRawBufferPointer(start: destination + filled, count: count - filled)
-                let r = try decoder.decode(input: inBuf, output: outBuf, atEndOfInput: atEnd)
+                let r = try step(inBuf, filled: filled, atEnd: atEnd)
                 input?.consume(r.consumed)
                 compressedOffset += UInt64(r.consumed)
                 filled += r.produced
                 if r.finished { streamFinished = true }
                 if r.consumed == 0 && r.produced == 0 && atEnd && !r.finished {
                     // Input exhausted without the stream ending properly.
-                    let again = try decoder.decode(input: UnsafeRawBufferPointer(start: nil, count: 0), output: outBuf, atEndOfInput: true)
+                    let again = try step(UnsafeRawBufferPointer(start: nil, count: 0), filled: filled, atEnd: true)
                     filled += again.produced
                     if again.finished { streamFinished = true }
                     if again.produced == 0 && !again.finished { throw DecodeFailure.truncated }
@@ -146,7 +158,7 @@ public final class ImageSource: @unchecked Sendable {
         if decoder == nil { position += count; return }
         var left = count
         while left > 0 {
-            let n = try read(into: scratch.baseAddress!, count: Int(min(left, UInt64(scratch.count))))
+            let n = try decode(Int(min(left, 1 << 30)), into: nil, scratch: scratch)
             if n == 0 { return }
             left -= UInt64(n)
         }

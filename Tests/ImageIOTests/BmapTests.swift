@@ -149,6 +149,36 @@ struct BmapTests {
         #expect(withBmap.message.contains("image corrupt: blocks 1280–2047"), "\(withBmap)")
     }
 
+    @Test("with a bmap, zstd's frame checksum is really not computed: damage in an unmapped range, which is never written, passes; without the bmap the checksum fails it")
+    func zstdChecksumSkippedWithBmap() throws {
+        let (image, bmapPath, _) = try sparseImage()
+        try run("zstd", "-q", "-f", image, "-o", image + ".zst")
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image + ".zst")))
+        // Walk the frame to its third block, [256 KiB, 384 KiB) of the image: all zeros and
+        // unmapped, so zstd stores it as an RLE block (one byte, repeated). Make it 0x5A.
+        let descriptor = bytes[4]
+        let singleSegment = descriptor & 0x20 != 0
+        let contentSizeBytes = [singleSegment ? 1 : 0, 2, 4, 8][Int(descriptor >> 6)]
+        var at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][Int(descriptor & 3)] + contentSizeBytes
+        for _ in 0..<2 {
+            let header = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16
+            at += 3 + ((header >> 1) & 3 == 1 ? 1 : header >> 3)
+        }
+        let header = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16
+        try #require((header >> 1) & 3 == 1 && header >> 3 == 128 << 10, "the third block is not a 128 KiB RLE block: \(header)")
+        bytes[at + 3] = 0x5A
+        let damaged = try scratch.write("unmapped-damage.img.zst", bytes)
+        let card = try LoopCard(label: "bmap-zstd-unmapped", size: 48 << 20)
+        defer { card.close() }
+
+        let withoutBmap = try #require(try attempt(try ImageSource(path: damaged), on: card, options: WriteOptions()))
+        #expect(withoutBmap.code == .compressedStreamCorrupt && withoutBmap.message.contains("checksum"), "\(withoutBmap)")
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        #expect(try attempt(try ImageSource(path: damaged), on: card, options: options) == nil)
+        #expect(try card.sha256(bytes: 32 << 20) == sha256(file: image), "the mapped ranges are the intact image's")
+    }
+
     /// The write's error, nil if it succeeded; the target is closed when this returns.
     func attempt(_ source: ImageSource, on card: LoopCard, options: WriteOptions) throws -> ImageIOError? {
         let target = try WriteTarget.open(path: card.devicePath)
