@@ -157,7 +157,7 @@ final class ZstdDecoder: StreamDecoder {
     private var skipped = 0
     /// Bytes of the current frame fed to the decoder: a skippable frame's first 8 (magic and
     /// length) are fed like any header, what follows is only counted.
-    private var headerFed = 0
+    private var fedInFrame = 0
     private static let skippableHeaderSize = 8
     /// zstd's default limit: its streaming decoder refuses larger windows too.
     private static let maxWindow: UInt64 = 1 << 27
@@ -215,7 +215,7 @@ final class ZstdDecoder: StreamDecoder {
             }
             let needed = ZSTD_nextSrcSizeToDecompress(context)
             if needed == 0 { self.frame = nil; continue }  // frame complete
-            if frame.frameType == ZSTD_skippableFrame && headerFed >= ZstdDecoder.skippableHeaderSize {
+            if frame.frameType == ZSTD_skippableFrame && fedInFrame >= ZstdDecoder.skippableHeaderSize {
                 // A skippable frame's content: pass over it; the decoder only counts it.
                 let fromCarry = min(carried, needed - skipped)
                 carryStart += fromCarry
@@ -236,7 +236,7 @@ final class ZstdDecoder: StreamDecoder {
             let r = ZSTD_decompressContinue(context, window.map { $0 + pendingEnd }, capacity - pendingEnd, source, needed)
             if ZSTD_isError(r) != 0 { throw .corrupt(String(cString: ZSTD_getErrorName(r))) }
             pendingEnd += r
-            headerFed += needed
+            fedInFrame += needed
         }
         return (consumed, produced, false)
     }
@@ -266,7 +266,7 @@ final class ZstdDecoder: StreamDecoder {
             carryEnd -= carryStart
             carryStart = 0
         }
-        let n = min(count - carried, input.count - consumed)
+        let n = max(0, min(count - carried, input.count - consumed))
         if n > 0 { (carry + carryEnd).copyMemory(from: input.baseAddress! + consumed, byteCount: n) }
         carryEnd += n
         consumed += n
@@ -303,7 +303,7 @@ final class ZstdDecoder: StreamDecoder {
         }
         pendingStart = 0
         pendingEnd = 0
-        headerFed = 0
+        fedInFrame = 0
         _ = ZSTD_decompressBegin(context)
         frame = header
         return true

@@ -120,6 +120,19 @@ struct ZstdDecoderTests {
         #expect(reference.stdout.hasPrefix(digest), "zstd -d disagrees with the test's expectation")
     }
 
+    @Test("tiny frames back to back, each shorter than a frame header can be, decode in any pieces", arguments: [1, 5, 1 << 20])
+    func tinyFrames(maxPiece: Int) throws {
+        var stream: [UInt8] = []
+        var expected: [UInt8] = []
+        for size in [0, 1, 3, 0, 10, 2] {
+            let data = patternBytes(size, seed: UInt64(size + 1))
+            stream += try compress(data, "-1")
+            expected += data
+        }
+        let r = try decodeInPieces(stream, expected: expected, seed: 9, maxPiece: maxPiece)
+        #expect(r.total == expected.count && r.wrong == 0)
+    }
+
     @Test("an empty input is a clean end, a lone frame header is truncated")
     func emptyAndHeaderOnly() throws {
         #expect(try decodeInPieces([], expected: [], seed: 1, maxPiece: 10).total == 0)
