@@ -11,9 +11,10 @@ import SystemPackage
 /// buffers, and the page cache, which a one-pass read of a large image only churns, is left
 /// alone. Measured on a 430 MB .zst: copying it out of the page cache cost the decompressing
 /// thread 0.15–0.45 s of the 1 s it had, on a 2-core station where decompression, the bmap
-/// check and verification compete for both cores. Where O_DIRECT is refused (tmpfs, some
-/// network file systems) or a short read leaves the next offset unaligned, it reads through
-/// the page cache instead; the thread still overlaps the reads with decompression.
+/// check and verification compete for both cores. Where O_DIRECT is refused (ramfs, tmpfs
+/// before Linux 6.6, some network file systems) or a short read leaves the next offset
+/// unaligned, it reads through the page cache instead; the thread still overlaps the reads
+/// with decompression.
 final class ReadAhead: @unchecked Sendable {
     /// 4 × 1 MiB: enough to keep one read in flight while the decompressor eats the others,
     /// small enough for the 64 MiB budget of a whole write.
