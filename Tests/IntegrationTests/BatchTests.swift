@@ -87,7 +87,13 @@ struct BatchTests {
         let offset: UInt64 = 46 << 20
         let fd = open(liar.devicePath, O_RDWR | O_CLOEXEC)
         try #require(fd >= 0)
-        var block = [UInt8](repeating: 0x5A, count: 4096)
+        // Every byte inverted: a fixed pattern matched the random image's byte at the offset
+        // once in 256 runs, and the first differing byte was then a later one.
+        let original = try FileHandle(forReadingFrom: URL(fileURLWithPath: bench.directory + "/batch.img"))
+        try original.seek(toOffset: offset)
+        var block = try #require(try original.read(upToCount: 4096)).map { ~$0 }
+        try original.close()
+        try #require(block.count == 4096)
         #expect(pwrite(fd, &block, 4096, off_t(offset)) == 4096)
         fsync(fd)
         close(fd)
