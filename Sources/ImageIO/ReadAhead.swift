@@ -81,10 +81,10 @@ final class ReadAhead: @unchecked Sendable {
             // Direct reads must start on a block boundary; after a short read in mid-file the
             // next one may not.
             if direct && offset % 4096 != 0 { direct = useBufferedReads(fd) }
-            var result = Syscall.retrying { Glibc.pread(fd, buffer.bytes, ReadAhead.bufferSize, off_t(offset)) }
+            var result = Syscall.pread(fd, buffer.bytes, ReadAhead.bufferSize, offset)
             if case .failure(.invalidArgument) = result, direct {
                 direct = useBufferedReads(fd)
-                result = Syscall.retrying { Glibc.pread(fd, buffer.bytes, ReadAhead.bufferSize, off_t(offset)) }
+                result = Syscall.pread(fd, buffer.bytes, ReadAhead.bufferSize, offset)
             }
             switch result {
             case .failure(let e):

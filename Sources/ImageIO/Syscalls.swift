@@ -50,9 +50,11 @@ enum Syscall {
         return .success(done)
     }
 
-    /// The corresponding C function is `read`.
-    static func read(_ fd: Int32, _ base: UnsafeMutableRawPointer, _ count: Int) -> Result<Int, Errno> {
-        retrying { Glibc.read(fd, base, count) }
+    /// One read of up to `count` bytes at `offset` (a short read is returned as it is: after
+    /// one, an O_DIRECT reader cannot simply go on at an unaligned offset).
+    /// The corresponding C function is `pread`.
+    static func pread(_ fd: Int32, _ base: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) -> Result<Int, Errno> {
+        retrying { Glibc.pread(fd, base, count, off_t(offset)) }
     }
 
     /// The corresponding C function is `fdatasync`.

@@ -47,9 +47,8 @@ public final class WriteTarget: @unchecked Sendable {
             case .success(let f): fd = f
             case .failure(.resourceBusy):
                 throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
-            case .failure(.readOnlyFileSystem):
-                throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
-            case .failure(.permissionDenied) where isReadOnly(path: path):
+            // (The `where` belongs to the second pattern only: EROFS is always write protection.)
+            case .failure(.readOnlyFileSystem), .failure(.permissionDenied) where isReadOnly(path: path):
                 throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
             case .failure(let e):
                 throw ImageIOError.device(e, operation: "open", path: path, offset: nil)

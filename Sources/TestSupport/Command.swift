@@ -162,8 +162,6 @@ public enum Command {
         return (status, timedOut)
     }
 
-    /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34) is declared only under
-    /// _GNU_SOURCE, which Swift's Glibc module does not define: look it up at run time.
     /// Starts `executable` with exactly `environment`, stdin from `stdin` (or /dev/null),
     /// stdout and stderr to the given descriptors, nothing else inherited, and default
     /// handling of `defaultSignals` (the test runner ignores SIGPIPE, and an ignored SIGPIPE
@@ -182,7 +180,8 @@ public enum Command {
         }
         posix_spawn_file_actions_adddup2(&actions, stdout, 1)
         posix_spawn_file_actions_adddup2(&actions, stderr, 2)
-        // posix_spawn_file_actions_addclosefrom_np is declared only under _GNU_SOURCE.
+        // posix_spawn_file_actions_addclosefrom_np (glibc 2.34) is declared only under
+        // _GNU_SOURCE, which Swift's Glibc module does not define: look it up at run time.
         typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
         if let symbol = dlsym(nil, "posix_spawn_file_actions_addclosefrom_np") {
             _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)

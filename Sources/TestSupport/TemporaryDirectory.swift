@@ -9,11 +9,9 @@ public final class TemporaryDirectory: @unchecked Sendable {
     public let path: String
     public var url: URL { URL(fileURLWithPath: path) }
 
-    /// `prefix` goes into the name (`/tmp/PREFIX-XXXXXX`), so a leftover says whose it is;
-    /// `base` puts it elsewhere (`/dev/shm`: a tmpfs, which refuses O_DIRECT).
-    public init(_ prefix: String = "provision-test", under base: String? = nil) throws {
-        let parent = base.map { $0.hasSuffix("/") ? $0 : $0 + "/" } ?? NSTemporaryDirectory()
-        var template = Array((parent + prefix + "-XXXXXX").utf8CString)
+    /// `prefix` goes into the name (`/tmp/PREFIX-XXXXXX`), so a leftover says whose it is.
+    public init(_ prefix: String = "provision-test") throws {
+        var template = Array((NSTemporaryDirectory() + prefix + "-XXXXXX").utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw CommandError(arguments: ["mkdtemp", prefix], output: nil, errno: errno)
         }

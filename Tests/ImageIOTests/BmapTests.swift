@@ -136,14 +136,14 @@ struct BmapTests {
         defer { card.close() }
 
         // Without a bmap the container's own checksum is what catches it.
-        let withoutBmap = try #require(try attempt(try ImageSource(path: damaged), on: card, options: WriteOptions()))
+        let withoutBmap = try #require(attemptWrite(try ImageSource(path: damaged), on: card))
         #expect(withoutBmap.code == .compressedStreamCorrupt, "\(withoutBmap)")
         // With the bmap, the container's checksum is not computed; the bmap check names the range.
         var options = WriteOptions()
         options.bmap = try Bmap.load(path: bmapPath)
         let source = try ImageSource(path: damaged)
         #expect(source.checksStreamChecksum)
-        let withBmap = try #require(try attempt(source, on: card, options: options))
+        let withBmap = try #require(attemptWrite(source, on: card, options: options))
         #expect(!source.checksStreamChecksum)
         #expect(withBmap.code == .imageCorrupt, "\(withBmap)")
         #expect(withBmap.message.contains("image corrupt: blocks 1280–2047"), "\(withBmap)")
@@ -171,19 +171,12 @@ struct BmapTests {
         let card = try LoopCard(label: "bmap-zstd-unmapped", size: 48 << 20)
         defer { card.close() }
 
-        let withoutBmap = try #require(try attempt(try ImageSource(path: damaged), on: card, options: WriteOptions()))
+        let withoutBmap = try #require(attemptWrite(try ImageSource(path: damaged), on: card))
         #expect(withoutBmap.code == .compressedStreamCorrupt && withoutBmap.message.contains("checksum"), "\(withoutBmap)")
         var options = WriteOptions()
         options.bmap = try Bmap.load(path: bmapPath)
-        #expect(try attempt(try ImageSource(path: damaged), on: card, options: options) == nil)
+        #expect(attemptWrite(try ImageSource(path: damaged), on: card, options: options) == nil)
         #expect(try card.sha256(bytes: 32 << 20) == sha256(file: image), "the mapped ranges are the intact image's")
-    }
-
-    /// The write's error, nil if it succeeded; the target is closed when this returns.
-    func attempt(_ source: ImageSource, on card: LoopCard, options: WriteOptions) throws -> ImageIOError? {
-        let target = try WriteTarget.open(path: card.devicePath)
-        defer { target.close() }
-        do { _ = try ImageWriter.write(source: source, to: target, options: options); return nil } catch { return error }
     }
 
     @Test("a hand-edited bmap fails its own checksum")

@@ -9,13 +9,6 @@ struct ErrorTests {
     let scratch: TemporaryDirectory
     init() throws { scratch = try TemporaryDirectory("provision-test") }
 
-    func attempt(_ image: String, on card: LoopCard, options: WriteOptions = WriteOptions()) -> ImageIOError? {
-        do {
-            _ = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: card.devicePath), options: options)
-            return nil
-        } catch { return error }
-    }
-
     @Test("a missing image is 'image not found' naming the path")
     func missingImage() {
         #expect(throws: ImageIOError.self) { try ImageSource(path: "/nonexistent/x.img.xz") }
@@ -41,7 +34,7 @@ struct ErrorTests {
         try bytes.prefix(bytes.count * 2 / 3).write(to: URL(fileURLWithPath: cut))
         let card = try LoopCard(label: "trunc", size: 16 << 20)
         defer { card.close() }
-        let e = try #require(attempt(cut, on: card))
+        let e = try #require(attemptWrite(try ImageSource(path: cut), on: card))
         #expect(e.code == .compressedStreamTruncated, "\(e)")
         #expect(e.message.contains("truncated") && e.offset != nil)
     }
@@ -57,7 +50,7 @@ struct ErrorTests {
         try write(bytes, to: bad)
         let card = try LoopCard(label: "corrupt", size: 16 << 20)
         defer { card.close() }
-        let e = try #require(attempt(bad, on: card))
+        let e = try #require(attemptWrite(try ImageSource(path: bad), on: card))
         #expect(e.code == .compressedStreamCorrupt, "\(e)")
         #expect(e.message.contains("corrupt"))
     }
@@ -71,7 +64,7 @@ struct ErrorTests {
         let holder = open(card.devicePath, O_RDONLY | O_EXCL | O_CLOEXEC)
         try #require(holder >= 0)
         defer { close(holder) }
-        let e = try #require(attempt(raw, on: card))
+        let e = try #require(attemptWrite(try ImageSource(path: raw), on: card))
         #expect(e.code == .deviceBusy && e.message.contains("busy"))
     }
 
@@ -81,7 +74,7 @@ struct ErrorTests {
         try write(patternBytes(1 << 20), to: raw)
         let card = try LoopCard(label: "ro", size: 8 << 20, options: .init(readOnly: true))
         defer { card.close() }
-        let e = try #require(attempt(raw, on: card))
+        let e = try #require(attemptWrite(try ImageSource(path: raw), on: card))
         #expect(e.code == .deviceReadOnly && e.message.contains("write-protected"))
     }
 
@@ -135,14 +128,6 @@ struct ErrorTests {
             let at = try #require(error.offset)
             #expect(at >= 3 << 20 && at < 5 << 20, "failure offset \(at)")
             #expect(error.message.contains("I/O error at offset \(at)"))
-        }
-    }
-
-    func compress(_ raw: String, _ format: String) throws -> String {
-        switch format {
-        case "gz": try run("gzip", "-k", "-f", raw); return raw + ".gz"
-        case "xz": try run("xz", "-k", "-f", "-0", raw); return raw + ".xz"
-        default: try run("zstd", "-q", "-f", raw, "-o", raw + ".zst"); return raw + ".zst"
         }
     }
 }

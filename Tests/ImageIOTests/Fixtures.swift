@@ -1,4 +1,5 @@
 import Foundation
+@testable import ImageIO
 import TestSupport
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
@@ -37,4 +38,24 @@ func run(_ args: String...) throws -> String {
 struct FixtureError: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
+}
+
+/// Writes `source` to `card`: the write's error, or nil if it succeeded. The target is closed
+/// when this returns, so the next attempt on the same card does not find it busy.
+func attemptWrite(_ source: ImageSource, on card: LoopCard, options: WriteOptions = WriteOptions()) -> ImageIOError? {
+    do {
+        let target = try WriteTarget.open(path: card.devicePath)
+        defer { target.close() }
+        _ = try ImageWriter.write(source: source, to: target, options: options)
+        return nil
+    } catch { return error }
+}
+
+/// Compresses `raw` with the real tool for `format` (gz, xz, zst); returns the new file's path.
+func compress(_ raw: String, _ format: String) throws -> String {
+    switch format {
+    case "gz": try run("gzip", "-k", "-f", raw); return raw + ".gz"
+    case "xz": try run("xz", "-k", "-f", "-0", raw); return raw + ".xz"
+    default: try run("zstd", "-q", "-f", raw, "-o", raw + ".zst"); return raw + ".zst"
+    }
 }

@@ -25,12 +25,7 @@ struct ReadAheadTests {
 
     func compressed(_ format: String, in dir: TemporaryDirectory) throws -> (original: [UInt8], path: String) {
         let original = patternBytes(ReadAheadTests.imageSize)
-        let raw = try dir.write("image.raw", original)
-        switch format {
-        case "gz": try run("gzip", "-k", "-f", raw); return (original, raw + ".gz")
-        case "xz": try run("xz", "-k", "-f", "-0", raw); return (original, raw + ".xz")
-        default: try run("zstd", "-q", "-f", raw, "-o", raw + ".zst"); return (original, raw + ".zst")
-        }
+        return (original, try ImageIOTests.compress(try dir.write("image.raw", original), format))
     }
 
     @Test("on ext4 the compressed file is read with O_DIRECT: decoded byte-exact, and fincore finds it kept out of the page cache", arguments: ["gz", "xz", "zst"])

@@ -137,7 +137,7 @@ struct WriteEngineTests {
         defer { card.close() }
         // SD-card speed, so that progress is reported while chunks are still being written.
         try card.throttle(writeBytesPerSecond: 16 << 20)
-        var options = WriteOptions()
+        let options = WriteOptions()
         let flag = options.cancellation
         let source = try ImageSource(path: raw)
         let target = try WriteTarget.open(path: card.devicePath)

@@ -35,13 +35,8 @@ struct ZstdDecoderTests {
 
     func compress(_ data: [UInt8], _ flags: String...) throws -> [UInt8] {
         let raw = try scratch.write("in.raw", data)
-        try run(["zstd", "-q", "-f"] + flags + [raw, "-o", raw + ".zst"])
+        try Command.check(["zstd", "-q", "-f"] + flags + [raw, "-o", raw + ".zst"])
         return [UInt8](try Data(contentsOf: URL(fileURLWithPath: raw + ".zst")))
-    }
-
-    func run(_ args: [String]) throws {
-        let r = try Command.run(args)
-        guard r.succeeded else { throw FixtureError(r.description) }
     }
 
     /// Decodes `compressed` in pieces of pseudo-random sizes, dropping some output; returns
