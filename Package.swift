@@ -42,9 +42,11 @@ let package = Package(
         .target(name: "ProvisionCShims", path: "Sources/CModules/ProvisionCShims",
                 cSettings: [.define("_GNU_SOURCE")],
                 linkerSettings: [.linkedLibrary("systemd")]),
+        // The read-back fingerprint's vector loop (AVX2 chosen at run time).
+        .target(name: "CFingerprint", path: "Sources/CModules/CFingerprint"),
 
         .target(name: "ImageIO", dependencies: [
-            "CLZMA", "CZstd", "CZlib", "ProvisionCShims",
+            "CLZMA", "CZstd", "CZlib", "ProvisionCShims", "CFingerprint",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),

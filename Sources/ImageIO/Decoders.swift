@@ -190,6 +190,10 @@ final class ZstdDecoder: StreamDecoder {
 
     private var carried: Int { carryEnd - carryStart }
 
+    /// When set, the bytes handed out are added to it in the pass that copies them out of
+    /// the round buffer (the chunk's fingerprint without reading the chunk again).
+    var fingerprinter: Fingerprinter?
+
     /// Hands out up to `count` decoded bytes (copied to `output`, or dropped when it is nil),
     /// decoding more as needed.
     private func run(input: UnsafeRawBufferPointer, into output: UnsafeMutableRawPointer?, count: Int, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
@@ -202,7 +206,14 @@ final class ZstdDecoder: StreamDecoder {
         while produced < count {
             if pendingEnd > pendingStart {
                 let n = min(pendingEnd - pendingStart, count - produced)
-                output.map { ($0 + produced).copyMemory(from: window! + pendingStart, byteCount: n) }
+                if let output {
+                    let piece = UnsafeRawBufferPointer(start: window! + pendingStart, count: n)
+                    if fingerprinter != nil {
+                        fingerprinter!.copy(piece, to: output + produced)
+                    } else {
+                        (output + produced).copyMemory(from: piece.baseAddress!, byteCount: n)
+                    }
+                }
                 pendingStart += n
                 produced += n
                 continue

@@ -96,6 +96,22 @@ public final class ImageSource: @unchecked Sendable {
         return try decode(count, into: destination, scratch: nil)
     }
 
+    /// `read(into:count:)`, adding the bytes to `fingerprinter`: zstd's in the pass that
+    /// copies them out of its round buffer, the others' just after they land.
+    func read(into destination: UnsafeMutableRawPointer, count: Int, adding fingerprinter: inout Fingerprinter) throws(ImageIOError) -> Int {
+        guard let zstd = decoder as? ZstdDecoder else {
+            let n = try read(into: destination, count: count)
+            fingerprinter.update(UnsafeRawBufferPointer(start: destination, count: n))
+            return n
+        }
+        zstd.fingerprinter = fingerprinter
+        defer {
+            fingerprinter = zstd.fingerprinter!
+            zstd.fingerprinter = nil
+        }
+        return try decode(count, into: destination, scratch: nil)
+    }
+
     /// Decodes up to `count` bytes into `destination`, or drops them (nil: a skip; decoders
     /// that cannot drop in place decode into `scratch`).
     private func decode(_ count: Int, into destination: UnsafeMutableRawPointer?, scratch: UnsafeMutableRawBufferPointer?) throws(ImageIOError) -> Int {

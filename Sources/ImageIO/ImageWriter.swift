@@ -171,7 +171,7 @@ final class WriteJob: @unchecked Sendable {
                 while pos < extent.end {
                     guard let buf = acquire() else { return }
                     let n = Int(min(UInt64(pos == 0 ? headSize : pool.bufferSize), extent.end - pos))
-                    let got = try source.read(into: buf.bytes, count: n)
+                    let got = try read(into: buf, count: n)
                     guard got == n else {
                         pool.release(buf)
                         throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: \(source.path) ends at byte \(pos + UInt64(got)), the bmap maps data up to \(extent.end)")
@@ -189,7 +189,7 @@ final class WriteJob: @unchecked Sendable {
             while true {
                 guard let buf = acquire() else { return }
                 let wanted = pos == 0 ? headSize : pool.bufferSize
-                let got = try source.read(into: buf.bytes, count: wanted)
+                let got = try read(into: buf, count: wanted)
                 if got == 0 { pool.release(buf); break }
                 buf.offset = pos
                 buf.count = got
@@ -200,6 +200,16 @@ final class WriteJob: @unchecked Sendable {
             streamEnd = pos
         }
         try emitUncoveredBlobs()
+    }
+
+    /// Reads the next `count` bytes of the image into `buf`, fingerprinting them on the way
+    /// when that is this thread's job and nothing will overlay them.
+    private func read(into buf: AlignedBuffer, count: Int) throws(ImageIOError) -> Int {
+        guard fingerprintsWhileReading else { return try source.read(into: buf.bytes, count: count) }
+        var fingerprinter = Fingerprinter()
+        let got = try source.read(into: buf.bytes, count: count, adding: &fingerprinter)
+        buf.fingerprint = fingerprinter.value
+        return got
     }
 
     private func acquire() -> AlignedBuffer? {
@@ -226,7 +236,7 @@ final class WriteJob: @unchecked Sendable {
                 throw ImageIOError(.invalidArgument, "\(error)")
             }
         }
-        if fingerprintsOnReader { fingerprint(buf) }
+        if fingerprintsOnReader && !fingerprintsWhileReading { fingerprint(buf) }
         if let checkStage { checkStage.put(buf) } else { queue.put(buf) }
     }
 
@@ -235,6 +245,10 @@ final class WriteJob: @unchecked Sendable {
     /// reader, while the chunk is fresh in its cache (the SHA-256 of the bmap ranges, at
     /// 1.3 GB/s against the fingerprint's ~9 GB/s, is the longest job of all).
     private var fingerprintsOnReader: Bool { checkStage == nil || checksSourceAgainstBmap }
+    /// ... and then in the same pass as the decompressor's copy, unless blobs overlay chunks.
+    private var fingerprintsWhileReading: Bool {
+        fingerprintsOnReader && options.verify && !compareWithSource && options.blobs.isEmpty
+    }
 
     /// The checker thread: the bmap range check and (see `fingerprintsOnReader`) chunk
     /// fingerprints, in stream order.

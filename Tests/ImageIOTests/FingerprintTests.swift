@@ -1,4 +1,5 @@
 @testable import ImageIO
+import CFingerprint
 import Testing
 
 /// The read-back fingerprint of compressed sources must tell apart exactly what a bad card
@@ -48,4 +49,60 @@ struct FingerprintTests {
         #expect(print(data) != reference)
         #expect(print([]) != print([0]))
     }
+
+    @Test("sectors or 1 KiB blocks in another order are seen (the lanes add, so order must be keyed)")
+    func reorderedSectorsDiffer() {
+        let data = patternBytes(64 << 10)
+        let reference = print(data)
+        for size in [64, 512, 1024, 4096] {
+            var swapped = data
+            swapped.replaceSubrange(0..<size, with: data[size..<(2 * size)])
+            swapped.replaceSubrange(size..<(2 * size), with: data[0..<size])
+            #expect(print(swapped) != reference, "\(size)-byte pieces swapped, not seen")
+        }
+    }
+
+    @Test("fed in pieces of any size, or copied on the way, it is the same value")
+    func piecesAndCopyAgree() {
+        let data = patternBytes(300_001)
+        let whole = print(data)
+        for piece in [1, 7, 63, 64, 65, 1000, 4096, 99_999] {
+            var fed = Fingerprinter()
+            var copied = Fingerprinter()
+            var copy = [UInt8](repeating: 0, count: data.count)
+            data.withUnsafeBytes { all in
+                copy.withUnsafeMutableBytes { target in
+                    var offset = 0
+                    while offset < all.count {
+                        let n = min(piece, all.count - offset)
+                        let slice = UnsafeRawBufferPointer(rebasing: all[offset..<(offset + n)])
+                        fed.update(slice)
+                        copied.copy(slice, to: target.baseAddress! + offset)
+                        offset += n
+                    }
+                }
+            }
+            #expect(fed.value == whole, "pieces of \(piece)")
+            #expect(copied.value == whole, "copied in pieces of \(piece)")
+            #expect(copy == data, "copy in pieces of \(piece)")
+        }
+    }
+
+    #if arch(x86_64)
+    @Test("the AVX2 loop and the portable one compute the same value")
+    func vectorAndPortableAgree() throws {
+        // Every x86-64 machine this runs on (this one, CI) has AVX2; without it the test fails
+        // rather than compare the portable loop with itself.
+        defer { _ = provision_fingerprint_use_avx2(1) }
+        try #require(provision_fingerprint_use_avx2(1) == 1, "this CPU has no AVX2")
+        for size in [0, 1, 63, 64, 1023, 1024, 1025, 4096 + 29, 1 << 20] {
+            let data = patternBytes(size)
+            _ = provision_fingerprint_use_avx2(1)
+            let vector = print(data)
+            _ = provision_fingerprint_use_avx2(0)
+            let portable = print(data)
+            #expect(vector == portable, "\(size) bytes")
+        }
+    }
+    #endif
 }
