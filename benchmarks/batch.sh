@@ -40,9 +40,7 @@ BLKIO=/sys/fs/cgroup/blkio
 say() { printf '>>> %s\n' "$*" >&2; }
 
 say "dependencies and release build"
-make -s deps >/dev/null
-swift build -c release --product provisiond >/dev/null
-swift build -c release --product provision >/dev/null
+make -s release >/dev/null
 BIN=$(swift build -c release --show-bin-path)
 PROVISIOND=$BIN/provisiond
 PROVISION=$BIN/provision

@@ -36,8 +36,12 @@ command -v python3 >/dev/null || { echo "benchmarks/daemon.sh needs python3 (apt
 
 if [ -z "${BIN:-}" ]; then
   echo ">>> building provisiond and provision ($CONFIG)"
-  swift build -c "$CONFIG" --product provisiond >/dev/null
-  swift build -c "$CONFIG" --product provision >/dev/null
+  if [ "$CONFIG" = release ]; then
+    make -s release >/dev/null
+  else
+    swift build -c "$CONFIG" --product provisiond >/dev/null
+    swift build -c "$CONFIG" --product provision >/dev/null
+  fi
   BIN=$(swift build -c "$CONFIG" --show-bin-path)
   BUILD="$CONFIG build"
 fi

@@ -10,15 +10,15 @@
 # 8 GiB to spare, so the unthrottled card is as fast as a card can be and what is measured
 # is the tools' own cost; a virtual disk's speed drifts by ±20–50 % from minute to minute
 # with the host's cache. `--backing /var/tmp` measures on the disk instead.
-# The unthrottled cases run --rounds times (default 5; the order of the tools rotates from
+# The unthrottled cases run --rounds times (default 7; the order of the tools rotates from
 # round to round) and report medians.
 #
-#   benchmarks/write.sh [--quick] [--rounds 5] [--write-mbps 20] [--read-mbps 40] [--backing DIR]
+#   benchmarks/write.sh [--quick] [--rounds 7] [--write-mbps 20] [--read-mbps 40] [--backing DIR]
 #                       [--unthrottled-only] [--keep DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; WMBPS=20; RMBPS=40; WORK=""; FAST_ROUNDS=5; BACKING=""; SPEEDS="fast sd"
+QUICK=0; WMBPS=20; RMBPS=40; WORK=""; FAST_ROUNDS=7; BACKING=""; SPEEDS="fast sd"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -35,8 +35,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "benchmarks/write.sh needs root (loop devices, blkio cgroup)" >&2; exit 77; }
 
-make -s deps >/dev/null
-swift build -c release --product provision >/dev/null
+make -s release >/dev/null
 PROVISION=$(swift build -c release --show-bin-path)/provision
 
 if [ $QUICK = 1 ]; then A_MB=128; B_MB=512; else A_MB=512; B_MB=2048; fi
@@ -88,20 +87,29 @@ bmaptool create -o "$B.bmap" "$B" 2>/dev/null
 zstd -q -T0 -f "$B" -o "$B.zst"
 xz -T0 -k -f -1 "$B"
 cp "$B.bmap" "$B.zst.bmap"; cp "$B.bmap" "$B.xz.bmap"
+WARM="$WORK/warm.img"  # see warm_tools
+head -c 1M /dev/urandom > "$WARM"
+zstd -q -f "$WARM" -o "$WARM.zst"
+xz -k -f -1 "$WARM"
 
 # run LABEL CMD... : wall seconds and peak RSS (KiB) of the command. Before each run the page
-# cache is dropped (the image is read from disk by every tool) and then the tools' own
-# programs are loaded again (`--help`), so no tool pays for reading its binary and libraries
-# from disk: that is start-up from a cold disk, not writing (provision's Swift runtime and ICU
-# cost ~0.2 s cold; bmaptool's Python imports as much).
+# cache is dropped (the image is read from disk by every tool) and then each tool writes a
+# 1 MiB image (.zst and .xz) to a file, so that no tool pays for reading its binary,
+# libraries and the code of a write from disk: that is start-up from a cold disk, not
+# writing (provision's Swift runtime, Foundation and ICU cost 0.05–0.2 s cold, more than
+# `--help` brings back; bmaptool's Python imports as much).
 # With REPS > 1 the label is measured REPS times (rounds interleaved by the caller) and the
 # median is reported: the unthrottled loop sits on a virtual disk whose speed drifts by
 # ±20 % from one second to the next.
 declare -A WALL RSS SAMPLES
 warm_tools() {
-  "$PROVISION" --help >/dev/null 2>&1 || true
-  bmaptool --help >/dev/null 2>&1 || true
-  dd --version >/dev/null 2>&1 || true
+  local f
+  for f in "$WARM.zst" "$WARM.xz"; do
+    "$PROVISION" write --yes "$f" "$WORK/warm.out" >/dev/null 2>&1 || true
+    bmaptool copy --nobmap "$f" "$WORK/warm.out" >/dev/null 2>&1 || true
+  done
+  dd if="$WARM" of="$WORK/warm.out" bs=4M oflag=direct status=none 2>/dev/null || true
+  rm -f "$WORK/warm.out"
 }
 run() {
   local label=$1; shift
