@@ -66,7 +66,7 @@ let package = Package(
         ]),
         .target(name: "ControlProtocol"),
         .target(name: "Station", dependencies: [
-            "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol",
+            "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CUdev
 import Foundation
+import ProvisionCShims
 
 /// A USB device in NVIDIA's recovery mode, as udev reports it.
 public struct RecoveryUSBDevice: Sendable, Equatable, Codable {
@@ -99,6 +100,7 @@ public final class DeviceMonitor: @unchecked Sendable {
         let wake = wakeup[0]
         let monitor = UnsafeSendable(monitor)
         let t = Thread {
+            provision_name_thread("prov-udev")
             var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
             while true {
                 let r = poll(&fds, 2, -1)
@@ -114,7 +116,6 @@ public final class DeviceMonitor: @unchecked Sendable {
                 }
             }
         }
-        t.name = "provision-udev"
         thread = t
         t.start()
     }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Crypto
 import Foundation
+import ProvisionCShims
 import SystemPackage
 
 /// Writes one image to one target and proves it (DESIGN.md §4).
@@ -76,18 +77,18 @@ final class WriteJob: @unchecked Sendable {
         let readerDone = DispatchSemaphore(value: 0)
         let stage = checkStage
         let reader = Thread { [self] in
+            provision_name_thread("prov-reader")
             do throws(ImageIOError) { try readStream(); (stage ?? queue).finish() } catch { (stage ?? queue).finish(error: error); pool.close() }
             readerDone.signal()
         }
-        reader.name = "provision-reader"
         reader.start()
         let checkerDone = DispatchSemaphore(value: 0)
         if let stage {
             let checker = Thread { [self] in
+                provision_name_thread("prov-check")
                 check(stage)
                 checkerDone.signal()
             }
-            checker.name = "provision-check"
             checker.start()
         }
 

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import ProvisionCShims
 import SystemPackage
 
 /// Reads a compressed image from start to end on a thread of its own, a few buffers ahead of
@@ -43,10 +44,10 @@ final class ReadAhead: @unchecked Sendable {
         // read-ahead is what stops it (deinit closes the pool the thread waits on).
         let (fd, pool, filled, finished) = (fd, pool, filled, finished)
         let thread = Thread {
+            provision_name_thread("prov-read-ahead")
             defer { finished.signal() }
             ReadAhead.run(path: path, fd: fd, pool: pool, filled: filled)
         }
-        thread.name = "provision-read-ahead"
         thread.start()
     }
 

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import ProvisionCShims
 
 /// Reads back written ranges with O_DIRECT (never the page cache: the target fd is direct) and
 /// compares each with the source: byte for byte with a raw (or cached) image, by the
@@ -21,8 +22,10 @@ final class BackgroundVerifier: @unchecked Sendable {
 
     init(job: WriteJob) {
         self.job = job
-        let thread = Thread { [self] in run() }
-        thread.name = "provision-verify"
+        let thread = Thread { [self] in
+            provision_name_thread("prov-verify")
+            run()
+        }
         thread.start()
     }
 
@@ -80,6 +83,7 @@ final class BackgroundVerifier: @unchecked Sendable {
         let filled = ChunkQueue()
         let hasherDone = DispatchSemaphore(value: 0)
         let hasher = Thread { [self] in
+            provision_name_thread("prov-compare")
             defer { hasherDone.signal() }
             // Each buffer arrives holding the chunk's offset, length and fingerprint.
             while let buffer = try? filled.take() {
@@ -94,7 +98,6 @@ final class BackgroundVerifier: @unchecked Sendable {
                 condition.withLock { verified += UInt64(buffer.count) }
             }
         }
-        hasher.name = "provision-verify-hash"
         hasher.start()
         defer { filled.finish(); pool.close(); hasherDone.wait() }
         while true {

@@ -47,8 +47,7 @@ public final class WriteTarget: @unchecked Sendable {
             case .success(let f): fd = f
             case .failure(.resourceBusy):
                 throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
-            // (The `where` belongs to the second pattern only: EROFS is always write protection.)
-            case .failure(.readOnlyFileSystem), .failure(.permissionDenied) where isReadOnly(path: path):
+            case .failure(let e) where e == .readOnlyFileSystem || (e == .permissionDenied && isReadOnly(path: path)):
                 throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
             case .failure(let e):
                 throw ImageIOError.device(e, operation: "open", path: path, offset: nil)

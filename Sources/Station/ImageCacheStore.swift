@@ -4,6 +4,7 @@ import Glibc
 import Crypto
 import Foundation
 import ImageIO
+import ProvisionCShims
 
 /// The station's decompressed-image cache (issue 7): a compressed image is decompressed once,
 /// into a sparse file on the station's disk, and every card that needs it reads that file at
@@ -72,8 +73,10 @@ public final class ImageCacheStore: @unchecked Sendable {
         }
         if start {
             evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
-            let thread = Thread { CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill) }
-            thread.name = "provision-decompress"
+            let thread = Thread {
+                provision_name_thread("prov-decompress")
+                CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill)
+            }
             thread.start()
         }
         do {

@@ -2,6 +2,7 @@ import BlockDevices
 import ControlProtocol
 import Foundation
 import ImageIO
+import ProvisionCShims
 import Tegra
 
 /// Everything a job thread needs; the station stays the only owner of shared state.
@@ -53,10 +54,11 @@ public struct DefaultJobRunner: JobRunning {
 
     public func start(_ context: JobContext) {
         let source = tegraSource
+        let name = "prov-job-\(context.record.id)"
         let thread = Thread {
+            provision_name_thread(name)
             if let usb = context.usb { TegraJob(context: context, usb: usb, source: source).run() } else { SDJob(context: context).run() }
         }
-        thread.name = "provision-job-\(context.record.id)"
         thread.start()
     }
 }

@@ -2,6 +2,7 @@ import BlockDevices
 import ControlProtocol
 import Foundation
 import ImageIO
+import ProvisionCShims
 import Tegra
 
 extension Profile {
@@ -119,6 +120,7 @@ private final class CancelWatcher: @unchecked Sendable {
     init(flag: CancellationFlag, onCancel: @escaping @Sendable () -> Void) {
         let done = self.done
         Thread {
+            provision_name_thread("prov-tegra-stop")
             while done.wait(timeout: .now() + .milliseconds(100)) == .timedOut {
                 if flag.isCancelled { onCancel(); return }
             }

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -83,4 +84,11 @@ int provision_journal_stream_connected(void) {
     char expected[64];
     snprintf(expected, sizeof(expected), "%lu:%lu", (unsigned long)st.st_dev, (unsigned long)st.st_ino);
     return strcmp(expected, stream) == 0;
+}
+
+void provision_name_thread(const char *name) {
+    char comm[16];
+    strncpy(comm, name, sizeof comm - 1);
+    comm[sizeof comm - 1] = 0;
+    pthread_setname_np(pthread_self(), comm);
 }

@@ -43,4 +43,8 @@ int provision_journal_send(const char *const *fields, int count);
 /// sd_booted-like check for journald: is the journal socket there and are we under systemd?
 int provision_journal_stream_connected(void);
 
+/// Names the calling thread in /proc (comm, as top -H, ps -L and perf show it): at most 15
+/// bytes are kept. Foundation's Thread.name does not reach the kernel on Linux.
+void provision_name_thread(const char *name);
+
 #endif
