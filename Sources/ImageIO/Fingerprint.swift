@@ -1,9 +1,7 @@
 import CFingerprint
 
 /// A fast 128-bit fingerprint of a chunk, for comparing what the card returns with what was
-/// written. Taken as the chunk streams by, it also serves raw images: reading the image again
-/// and comparing byte for byte cost a copy and a memcmp (~100 ms per 512 MiB on this 2-core
-/// station) where the fingerprint of the read-back costs ~25 ms with AVX2.
+/// written when the source cannot simply be read again (a compressed stream).
 ///
 /// Why not SHA-256 here: the value is computed by us from the stream and compared by us with
 /// the read-back, so nobody can choose data to collide with it; what it must catch is a card

@@ -33,6 +33,15 @@ final class WriteJob: @unchecked Sendable {
     let queue = ChunkQueue()
     /// Unit of direct I/O: lengths and offsets must be multiples of it.
     let ioUnit: Int
+    /// Raw and cached sources can be read again at any offset: verification then compares
+    /// the card with the source bytes directly (exact offset, no hashing); compressed
+    /// streams are verified against fingerprints taken as they streamed by.
+    let compareWithSource: Bool
+    /// A second descriptor on a raw source, for verification's reads.
+    lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
+
+    deinit { if compareWithSource, sourceFD >= 0 { Syscall.close(sourceFD) } }
+
     private var streamEnd: UInt64 = 0
     private(set) var verifier: BackgroundVerifier?
     /// The bmap range check of the source, unless a cache filler did it already.
@@ -41,7 +50,7 @@ final class WriteJob: @unchecked Sendable {
     /// decompressor and the writer, so that decompressing and hashing use both cores. With
     /// blobs it stays on the reader: the range check must see the image's bytes before the
     /// blobs are laid over them.
-    private lazy var checkStage: ChunkQueue? = options.blobs.isEmpty && (checksSourceAgainstBmap || options.verify) ? ChunkQueue() : nil
+    private lazy var checkStage: ChunkQueue? = options.blobs.isEmpty && (checksSourceAgainstBmap || (!compareWithSource && options.verify)) ? ChunkQueue() : nil
 
     init(source: ImageSource, target: WriteTarget, options: WriteOptions, progress: @escaping @Sendable (WriteProgress) -> Void) {
         self.source = source
@@ -49,6 +58,7 @@ final class WriteJob: @unchecked Sendable {
         self.options = options
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
+        self.compareWithSource = source.format == .raw
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
     }
@@ -232,13 +242,13 @@ final class WriteJob: @unchecked Sendable {
     }
 
     /// Where chunks are fingerprinted: on the checker thread when it has nothing else to do
-    /// (no bmap check: the decompressor or the image read is the long job), else on the
+    /// (a compressed image without a bmap: the decompressor is the long job), else on the
     /// reader, while the chunk is fresh in its cache (the SHA-256 of the bmap ranges, at
-    /// 1.3 GB/s against the fingerprint's ~20 GB/s, is the longest job of all).
+    /// 1.3 GB/s against the fingerprint's ~9 GB/s, is the longest job of all).
     private var fingerprintsOnReader: Bool { checkStage == nil || checksSourceAgainstBmap }
     /// ... and then in the same pass as the decompressor's copy, unless blobs overlay chunks.
     private var fingerprintsWhileReading: Bool {
-        fingerprintsOnReader && options.verify && options.blobs.isEmpty
+        fingerprintsOnReader && options.verify && !compareWithSource && options.blobs.isEmpty
     }
 
     /// The checker thread: the bmap range check and (see `fingerprintsOnReader`) chunk
@@ -264,7 +274,7 @@ final class WriteJob: @unchecked Sendable {
     }
 
     private func fingerprint(_ buf: AlignedBuffer) {
-        buf.fingerprint = options.verify ? Fingerprint(buf.buffer) : nil
+        buf.fingerprint = compareWithSource || !options.verify ? nil : Fingerprint(buf.buffer)
     }
 
     /// Blob bytes that no image chunk carried (an unmapped area, or beyond the image end).
@@ -409,17 +419,14 @@ final class WriteJob: @unchecked Sendable {
     }
 
     /// The bytes that should be at `offset`: read again from the image, used only to name
-    /// the first differing byte after a fingerprint mismatch (raw or cache file: a pread;
-    /// compressed: decode up to there once more — an error path, never the normal one).
+    /// the first differing byte after a hash mismatch (raw: a pread; compressed: decode up to
+    /// there once more — an error path, never the normal one).
     func expectedBytes(offset: UInt64, count: Int) throws(ImageIOError) -> [UInt8] {
         var out: [UInt8]
-        if source.format == .raw {
+        if compareWithSource {
+            // Raw or cache file: read it at the offset (the page cache usually has it).
             out = [UInt8](repeating: 0, count: count)
-            guard case .success(let fd) = Syscall.open(source.path, flags: O_RDONLY) else {
-                throw ImageIOError(.imageUnreadable, "cannot open \(source.path) again to compare at offset \(offset)")
-            }
-            defer { Syscall.close(fd) }
-            let got = out.withUnsafeMutableBytes { Syscall.preadFully(fd, $0.baseAddress!, count, offset) }
+            let got = out.withUnsafeMutableBytes { Syscall.preadFully(sourceFD, $0.baseAddress!, count, offset) }
             guard case .success(let n) = got else { throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(offset)") }
             out.removeLast(count - n)
         } else {

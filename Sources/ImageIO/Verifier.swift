@@ -5,11 +5,10 @@ import Foundation
 import ProvisionCShims
 
 /// Reads back written ranges with O_DIRECT (never the page cache: the target fd is direct) and
-/// compares each with the fingerprint taken from the stream when the chunk was written (for
-/// every source: a 4 MiB chunk's fingerprint costs a third of reading a raw image again and
-/// comparing, see `Fingerprint`); a mismatch is then located to the byte. Only ranges the
-/// writer has synced are submitted, so what is read is what the card holds. Runs on its own
-/// thread, so that it can overlap the writing of later ranges.
+/// compares each with the source: byte for byte with a raw (or cached) image, by the
+/// fingerprint taken from the stream for a compressed one. Only ranges the writer has
+/// synced are submitted, so what is read is what the card holds. Runs on its own thread, so
+/// that it can overlap the writing of later ranges.
 final class BackgroundVerifier: @unchecked Sendable {
     private let job: WriteJob
     private let condition = NSCondition()
@@ -88,7 +87,8 @@ final class BackgroundVerifier: @unchecked Sendable {
             defer { hasherDone.signal() }
             // Each buffer arrives holding the chunk's offset, length and fingerprint.
             while let buffer = try? filled.take() {
-                if Fingerprint(buffer.buffer) != buffer.fingerprint {
+                let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
+                if !same {
                     let failure = mismatch(buffer)
                     condition.withLock { error = failure }
                     pool.close()
@@ -125,6 +125,28 @@ final class BackgroundVerifier: @unchecked Sendable {
             }
             filled.put(buffer)
         }
+    }
+
+    /// Compares the read-back bytes with the source file at the same offset, through one
+    /// reused buffer (the page cache usually holds the source); blobs overlay their bytes.
+    private var sourceScratch: UnsafeMutableRawBufferPointer?
+    private var sourceBuffer: UnsafeMutableRawBufferPointer {
+        if let b = sourceScratch { return b }
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: job.pool.bufferSize, alignment: 64)
+        sourceScratch = b
+        return b
+    }
+
+    deinit { sourceScratch?.deallocate() }
+
+    private func matchesSource(_ buffer: AlignedBuffer) -> Bool {
+        let range = buffer.offset..<(buffer.offset + UInt64(buffer.count))
+        if job.options.blobs.contains(where: { !range.clamped(to: $0.offset..<($0.offset + UInt64($0.bytes.count))).isEmpty }) {
+            guard let expected = try? job.expectedBytes(offset: buffer.offset, count: buffer.count), expected.count == buffer.count else { return false }
+            return expected.withUnsafeBytes { memcmp($0.baseAddress!, buffer.bytes, buffer.count) == 0 }
+        }
+        guard case .success(let n) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, buffer.count, buffer.offset), n == buffer.count else { return false }
+        return memcmp(sourceBuffer.baseAddress!, buffer.bytes, n) == 0
     }
 
     /// The read-back `buffer` differs from the image: finds the first differing byte.
