@@ -57,7 +57,7 @@ public struct TOMLTableReader {
         return integer
     }
 
-    /// A size in bytes: a non-negative integer or a string such as "512MiB", "2GiB", "1G" (see `ByteSize`).
+    /// A size in bytes: a non-negative integer or a string such as "512MiB", "2GiB", "1G" (see `ByteCount.parse`).
     public func byteSize(_ key: String) throws -> UInt64? {
         guard let value = value(key) else { return nil }
         if let integer = value.int {
