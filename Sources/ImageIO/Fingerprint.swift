@@ -8,7 +8,8 @@ import CFingerprint
 /// that returns other bytes (flipped bits, lost writes, a fake-capacity card that wraps to an
 /// earlier offset, sectors in another order). A vector hash (CFingerprint: eight lanes of
 /// 32×32→64-bit products, scrambled every 1 KiB) does that with a miss probability of about
-/// 2⁻⁶⁴ per damaged chunk, at memory speed (~25 GB/s with AVX2), where SHA-256 runs at
+/// 2⁻⁶⁴ per damaged chunk, at memory speed (with AVX2 35 GB/s from cache, 12 GB/s from
+/// memory on this project's VM; 15 GB/s without), where SHA-256 runs at
 /// ~1.3 GB/s and, computed twice (stream and read-back), took a whole core on a 2-core
 /// station. SHA-256 stays where the expected value comes from outside: the bmap's checksums.
 struct Fingerprint: Equatable, Sendable {
