@@ -64,9 +64,13 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ]),
+        // One card, start to end: open and judge → write → verify → inject → check (issue 13).
+        .target(name: "Pipeline", dependencies: [
+            "ImageIO", "BlockDevices", "Accounts", "ProvisionCShims",
+        ]),
         .target(name: "ControlProtocol"),
         .target(name: "Station", dependencies: [
-            "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
+            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -81,7 +85,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .executableTarget(name: "provision", dependencies: [
-            "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol",
+            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -92,7 +96,7 @@ let package = Package(
         .testTarget(name: "BlockDevicesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "TestSupport"]),
         .testTarget(name: "TegraTests", dependencies: ["Tegra", "TestSupport"]),
-        .testTarget(name: "StationTests", dependencies: ["Station", "TestSupport"]),
+        .testTarget(name: "StationTests", dependencies: ["Station", "Pipeline", "ImageIO", "BlockDevices", "TestSupport"]),
         .testTarget(name: "ImagesTests", dependencies: ["Station", "Accounts", "TestSupport"]),
         .testTarget(name: "SystemFilesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["ControlProtocol", "Station", "TestSupport"]),

@@ -53,13 +53,20 @@ public struct DeviceFacts: Sendable, Codable, Equatable {
         guard (st.st_mode & S_IFMT) == S_IFBLK else {
             throw BlockDeviceError(.notABlockDevice, "\(path) is not a block device")
         }
+        return try read(deviceNumber: UInt64(st.st_rdev), fallbackNode: path)
+    }
+
+    /// Facts for the block device with this device number: what an opened descriptor's
+    /// `fstat` names, so a verdict made from them is about the device actually open, whatever
+    /// the path now points at.
+    public static func read(deviceNumber: UInt64, fallbackNode: String) throws(BlockDeviceError) -> DeviceFacts {
         guard let udev = udev_new() else { throw BlockDeviceError(.notFound, "libudev is unavailable") }
         defer { udev_unref(udev) }
-        guard let dev = udev_device_new_from_devnum(udev, Int8(UInt8(ascii: "b")), st.st_rdev) else {
-            throw BlockDeviceError(.notFound, "\(path): the kernel has no sysfs entry for it")
+        guard let dev = udev_device_new_from_devnum(udev, Int8(UInt8(ascii: "b")), dev_t(deviceNumber)) else {
+            throw BlockDeviceError(.notFound, "\(fallbackNode): the kernel has no sysfs entry for it")
         }
         defer { udev_device_unref(dev) }
-        return DeviceFacts(udevDevice: dev, fallbackNode: path)
+        return DeviceFacts(udevDevice: dev, fallbackNode: fallbackNode)
     }
 
     /// Facts from a libudev device (enumeration or monitor).

@@ -38,9 +38,11 @@ final class WriteJob: @unchecked Sendable {
     /// streams are verified against fingerprints taken as they streamed by.
     let compareWithSource: Bool
     /// A second descriptor on a raw source, for verification's reads.
-    lazy var sourceFD: Int32 = (try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1
+    /// Opened with the job (not lazily: a lazy property read first by deinit would open it
+    /// there), closed by deinit; -1 when nothing compares with the source.
+    let sourceFD: Int32
 
-    deinit { if compareWithSource, sourceFD >= 0 { Syscall.close(sourceFD) } }
+    deinit { if sourceFD >= 0 { Syscall.close(sourceFD) } }
 
     private var streamEnd: UInt64 = 0
     private(set) var verifier: BackgroundVerifier?
@@ -61,6 +63,7 @@ final class WriteJob: @unchecked Sendable {
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
         self.compareWithSource = source.format == .raw
+        self.sourceFD = compareWithSource ? ((try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1) : -1
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
     }
@@ -74,7 +77,10 @@ final class WriteJob: @unchecked Sendable {
         // the unmapped bytes too, which are never written (see `skipStreamChecksum`).
         if checksSourceAgainstBmap, options.bmap?.checksumsEveryRange == true { source.skipStreamChecksum() }
         if options.verify { verifier = BackgroundVerifier(job: self) }
-        defer { verifier?.stop() }
+        // The verifier holds this job (it reads the target and the source through it): the
+        // pair is let go here, on every ending, or each write would keep its buffers and the
+        // source's descriptors for the life of the daemon (issue 13: 2 fds and 17 MB a card).
+        defer { verifier?.stop(); verifier = nil }
         let started = ContinuousClock.now
         let readerDone = DispatchSemaphore(value: 0)
         let stage = checkStage

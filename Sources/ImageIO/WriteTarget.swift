@@ -28,29 +28,64 @@ public final class WriteTarget: @unchecked Sendable {
     /// Buffer alignment for O_DIRECT: max(logical block size, 4096).
     public var alignment: Int { max(logicalBlockSize, 4096) }
 
+    /// Opens `path` first and decides everything on the descriptor (`fstat`, the block
+    /// ioctls), never on the path: a path that changes between a check and the open — a file
+    /// swapped for a symlink to a partition — cannot redirect the write (issue 13). The last
+    /// component is not followed when it is a symlink unless `followSymlinks` is set: a link
+    /// planted where a file target is expected must not overwrite what it points at.
+    ///
     /// - Parameter busyGrace: how long a busy device is retried. A card that just appeared
     ///   is often held for a moment by udev's probes or by the tool that set it up; a device
     ///   that is mounted or held stays busy and is refused after this.
-    public static func open(path: String, busyGrace: Duration = .seconds(3)) throws(ImageIOError) -> WriteTarget {
-        var st = stat()
-        let exists = stat(path, &st) == 0
-        if exists && (st.st_mode & S_IFMT) == S_IFBLK {
-            let flags = O_RDWR | Syscall.oDirect | Syscall.oExclusive
-            let fd: Int32
-            var opened = Syscall.open(path, flags: flags)
-            let deadline = ContinuousClock.now + busyGrace
-            while case .failure(.resourceBusy) = opened, ContinuousClock.now < deadline {
-                usleep(100_000)
-                opened = Syscall.open(path, flags: flags)
+    public static func open(path: String, followSymlinks: Bool = false, busyGrace: Duration = .seconds(3)) throws(ImageIOError) -> WriteTarget {
+        let noFollow = followSymlinks ? 0 : O_NOFOLLOW
+        // O_EXCL without O_CREAT claims a block device exclusively and means nothing for a
+        // regular file (Linux), so one set of flags serves both until fstat says which it is.
+        let flags = O_RDWR | Syscall.oDirect | Syscall.oExclusive | noFollow
+        var direct = true
+        var opened = Syscall.open(path, flags: flags)
+        let deadline = ContinuousClock.now + busyGrace
+        while case .failure(.resourceBusy) = opened, ContinuousClock.now < deadline {
+            usleep(100_000)
+            opened = Syscall.open(path, flags: flags)
+        }
+        if case .failure(.invalidArgument) = opened {
+            // A filesystem that refuses O_DIRECT (tmpfs before 6.6): only a file can be here.
+            direct = false
+            opened = Syscall.open(path, flags: flags & ~Syscall.oDirect)
+        }
+        if case .failure(.noSuchFileOrDirectory) = opened {
+            // A new file: O_CREAT|O_EXCL never follows a symlink and fails if anything is there.
+            opened = Syscall.open(path, flags: O_RDWR | O_CREAT | O_EXCL | Syscall.oDirect, mode: 0o644)
+            if case .failure(.invalidArgument) = opened {
+                direct = false
+                opened = Syscall.open(path, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o644)
             }
-            switch opened {
-            case .success(let f): fd = f
-            case .failure(.resourceBusy):
-                throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
-            case .failure(let e) where e == .readOnlyFileSystem || (e == .permissionDenied && isReadOnly(path: path)):
-                throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
-            case .failure(let e):
-                throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
+        }
+        let fd: Int32
+        switch opened {
+        case .success(let f): fd = f
+        case .failure(.tooManySymbolicLinkLevels) where !followSymlinks:
+            let pointsTo = (try? FileManager.default.destinationOfSymbolicLink(atPath: path)).map { " (to \($0))" } ?? ""
+            throw ImageIOError(.invalidArgument, "\(path) is a symbolic link\(pointsTo): name the device or file itself, or pass --follow-symlinks")
+        case .failure(.resourceBusy):
+            throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
+        case .failure(let e) where e == .readOnlyFileSystem || (e == .permissionDenied && isReadOnly(path: path)):
+            throw ImageIOError(.deviceReadOnly, "\(path) is write-protected: slide the card's lock switch to unlock it, then reinsert it")
+        case .failure(let e):
+            throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
+        }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = Errno(rawValue: errno)
+            Syscall.close(fd)
+            throw ImageIOError.device(e, operation: "fstat", path: path, offset: nil)
+        }
+        switch st.st_mode & S_IFMT {
+        case S_IFBLK:
+            guard direct else {
+                Syscall.close(fd)
+                throw ImageIOError(.invalidArgument, "\(path) is a block device that refuses direct I/O")
             }
             var bytes: UInt64 = 0
             var lbs: Int32 = 512
@@ -69,25 +104,21 @@ public final class WriteTarget: @unchecked Sendable {
             let hasSeq = provision_blk_diskseq(fd, &seq) == 0
             return WriteTarget(path: path, kind: .blockDevice, fd: fd, size: bytes, logicalBlockSize: Int(lbs),
                                deviceNumber: UInt64(st.st_rdev), diskSequence: hasSeq ? seq : nil, direct: true)
-        }
-        if exists && (st.st_mode & S_IFMT) != S_IFREG {
+        case S_IFREG:
+            return WriteTarget(path: path, kind: .regularFile, fd: fd, size: nil, logicalBlockSize: 512,
+                               deviceNumber: nil, diskSequence: nil, direct: direct)
+        default:
+            Syscall.close(fd)
             throw ImageIOError(.invalidArgument, "\(path) is neither a block device nor a regular file")
         }
-        // A regular file: try direct I/O, fall back where the filesystem refuses it (tmpfs).
-        var direct = true
-        var fd: Int32
-        switch Syscall.open(path, flags: O_RDWR | O_CREAT | Syscall.oDirect, mode: 0o644) {
-        case .success(let f): fd = f
-        case .failure(.invalidArgument):
-            direct = false
-            switch Syscall.open(path, flags: O_RDWR | O_CREAT, mode: 0o644) {
-            case .success(let f): fd = f
-            case .failure(let e): throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
-            }
-        case .failure(let e): throw ImageIOError.device(e, operation: "open", path: path, offset: nil)
-        }
-        return WriteTarget(path: path, kind: .regularFile, fd: fd, size: nil, logicalBlockSize: 512,
-                           deviceNumber: nil, diskSequence: nil, direct: direct)
+    }
+
+    /// The disk sequence the kernel reports for the open device now (nil for files, or a
+    /// kernel without BLKGETDISKSEQ): another card in the same reader slot has another one.
+    public var currentDiskSequence: UInt64? {
+        guard kind == .blockDevice else { return nil }
+        var seq: UInt64 = 0
+        return closeLock.withLock { closed ? nil : (provision_blk_diskseq(fd, &seq) == 0 ? seq : nil) }
     }
 
     private init(path: String, kind: Kind, fd: Int32, size: UInt64?, logicalBlockSize: Int, deviceNumber: UInt64?, diskSequence: UInt64?, direct: Bool) {

@@ -3,6 +3,7 @@ import ControlProtocol
 import Foundation
 import ImageIO
 import Logging
+import Pipeline
 
 /// The station: devices seen, slots, jobs. An actor owns all of it; blocking work (writing,
 /// verifying, injecting) runs on one thread per job, which reports back through the actor.
@@ -28,6 +29,8 @@ public actor Station {
         let cancellation: CancellationFlag
         var deviceNumber: UInt64?
         var removed = false
+        /// Set when the ledger refused one of this job's rows: it ends failed with this.
+        var ledgerFailure: String? = nil
     }
 
     var devices: [UInt64: DeviceEntry] = [:]
@@ -81,7 +84,9 @@ public actor Station {
         if let old = devices[facts.deviceNumber], old.facts.diskSequence == facts.diskSequence, old.facts.size == facts.size,
            old.jobID != nil || old.refusals.isEmpty {
             // Same media: e.g. the `change` udev emits when a written card is closed. Not a new card.
+            // Announced all the same: a watcher learns the event was seen and judged.
             devices[facts.deviceNumber]?.facts = facts
+            if let entry = devices[facts.deviceNumber] { publish(.init(kind: .device, device: deviceStatus(entry))) }
             return
         }
         // A refused card is judged again on every event for it: unmounting it, for one,
@@ -160,31 +165,122 @@ public actor Station {
         running[record.id] = RunningJob(record: record, cancellation: flag, deviceNumber: facts.deviceNumber)
         logger.info("job \(record.id): writing \(record.image ?? "?") to \(facts.devnode)", metadata: ["job": "\(record.id)", "device": "\(facts.devnode)", "slot": "\(slot ?? "")"])
         publish(.init(kind: .job, job: record))
-        var context = JobContext(record: record, facts: facts, profile: profile, imageOverride: image, cancellation: flag, station: self)
-        context.inventoryPath = config.inventoryPath
-        context.passwordExportPath = config.passwordExportPath
-        context.cache = cache
-        // Size for the batch this job may be part of: the jobs running now, or every slot
-        // of the station filled at once, whichever is more.
-        context.concurrentJobs = max(running.count, config.slots.count)
-        jobRunner.start(context)
+        let job = cardJob(record: record, facts: facts, profile: profile, image: image)
+        // The pipeline reports down a stream; this task turns each report into a ledger row
+        // and then an event, in order. It ends when the pipeline has sent its last report.
+        let (reports, continuation) = AsyncStream<CardReport>.makeStream(bufferingPolicy: .unbounded)
+        let id = record.id
+        Task { for await report in reports { await self.apply(report, to: id) } }
+        jobRunner.startCard(job, id: id, cancellation: flag, reports: continuation)
         return record
     }
 
-    /// A job thread reports a new state: recorded first, then announced.
+    /// What the pipeline needs for this card: the profile's image and rules, the station's
+    /// cache and inventory, buffers sized for the batch.
+    func cardJob(record: JobRecord, facts: DeviceFacts, profile: Profile?, image: String?) -> CardJob {
+        var job = CardJob(image: image ?? profile?.image?.file ?? "", target: facts.devnode, policy: policy)
+        job.expectedMedia = MediaIdentity(facts)
+        job.minimumDeviceSize = profile?.image?.minDeviceSize
+        job.verify = profile?.image?.verify ?? true
+        // A manual flash of a bare image only uses a bmap that sits next to it.
+        job.bmap = switch profile?.image?.bmap ?? .discover {
+        case .none: .none
+        case .file(let path): .file(path)
+        case .discover: .discover
+        }
+        job.supplier = cache
+        // Buffers for all cards together stay within 64 MiB (issue 7): each job holds
+        // `bufferCount` chunks plus 3 in its verifier (2 read back, 1 of the source).
+        // Up to 2 cards: 7 × 4 MiB each; 3–4 cards: 6 × 2 MiB; 5 or more: 6 × 1 MiB.
+        // Sized for the jobs running now or every slot filled at once, whichever is more.
+        let concurrent = max(running.count, config.slots.count)
+        if concurrent >= 3 {
+            job.bufferCount = 3
+            job.chunkSize = concurrent >= 5 ? 1 << 20 : 2 << 20
+        }
+        if let profile, !profile.blobs.isEmpty {
+            // Raw blobs (a boot loader at 8 KiB, say) go with the image; the first chunk's
+            // partition table is checked against them before anything is written.
+            job.blobs = profile.blobs.compactMap { blob in
+                FileManager.default.contents(atPath: blob.file).map {
+                    RawBlob(name: (blob.file as NSString).lastPathComponent, offset: blob.offset, bytes: [UInt8]($0))
+                }
+            }
+            let missing = profile.blobs.filter { !FileManager.default.fileExists(atPath: $0.file) }.map(\.file)
+            job.inspectFirstChunk = { chunk in
+                if let first = missing.first {
+                    throw ImageIOError(.imageMissing, "raw blob not found: \(first) (profile \(profile.name))")
+                }
+                try profile.checkBlobs(againstImageStart: chunk)
+            }
+        }
+        if let profile {
+            let inventory = config.inventoryPath, export = config.passwordExportPath
+            let serial = facts.serial, slot = record.slot, sequence = record.id
+            job.provisioning = {
+                try UnitPlan.make(profile: profile, inventoryPath: inventory, exportPath: export,
+                                  serial: serial, slot: slot, sequence: sequence)
+            }
+        }
+        return job
+    }
+
+    /// One report of a card's pipeline, in the order sent.
+    func apply(_ report: CardReport, to id: Int64) async {
+        switch report {
+        case .stage(let stage, let note, let unit, let progress):
+            await transition(id, to: JobState(stage), message: note, unit: unit, progress: progress.map { JobProgress($0) })
+        case .progress(let p):
+            self.progress(id, JobProgress(p))
+        case .accounts(let unit, let accounts):
+            do {
+                try await ledger.recordUsers(job: id, users: accounts.map { (name: $0.name, uid: $0.uid, hash: $0.hash) })
+                running[id]?.record.unit = unit
+                running[id]?.record.users = accounts.map { UnitAccount($0) }
+            } catch {
+                ledgerFailed(id, error)
+            }
+        case .finished(let outcome):
+            switch outcome {
+            case .done(let result):
+                await transition(id, to: .done, message: "done — remove card", unit: result.unit,
+                                 users: result.unit == nil ? nil : result.accounts.map { UnitAccount($0) })
+            case .failed(let failure):
+                await transition(id, to: .failed, message: failure.message)
+            case .cancelled(let message):
+                await transition(id, to: .cancelled, message: message)
+            }
+        }
+    }
+
+    /// A job's state change: recorded first, then announced (DESIGN.md §8). A state the
+    /// ledger does not hold is never announced as recorded: the job fails and says why.
     public func transition(_ id: Int64, to state: JobState, message: String? = nil, unit: String? = nil, users: [UnitAccount]? = nil, progress: JobProgress? = nil) async {
-        guard var job = running[id] else { return }
+        guard let before = running[id] else { return }
         var state = state
         var message = message
-        if state == .failed || state == .cancelled, job.removed {
+        if let failure = before.ledgerFailure, state.isFinal {
             state = .failed
-            message = "card removed during \(job.record.state.rawValue); the card is incomplete"
+            message = failure
+        } else if state == .failed || state == .cancelled, before.removed {
+            state = .failed
+            message = "card removed during \(before.record.state.rawValue); the card is incomplete"
         }
+        var recorded = true
         do {
+            if let hook = beforeLedgerWrite { await hook(id, state) }
             try await ledger.record(job: id, state: state, message: message, unit: unit, bytesTotal: progress?.bytesTotal)
         } catch {
-            logger.error("ledger write failed for job \(id): \(error)")
+            recorded = false
+            ledgerFailed(id, error)
+            guard state.isFinal else { return }
+            // The job is over either way; what the ledger lacks, the announcement says.
+            if state == .done { state = .failed }
+            message = (message.map { $0 + "; " } ?? "") + (running[id]?.ledgerFailure ?? "the ledger could not record this")
         }
+        // Read again after the await: a removal, a cancel or a ledger failure may have come
+        // in meanwhile, and writing back the copy from before would lose it.
+        guard var job = running[id] else { return }
         job.record.state = state
         job.record.message = message
         job.record.updated = Date()
@@ -198,18 +294,26 @@ public actor Station {
             kept.users = kept.users?.map { UnitAccount(name: $0.name, uid: $0.uid) }
             finished[id] = kept
             let level: Logger.Level = state == .done ? .info : .error
-            logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")", metadata: ["job": "\(id)", "device": "\(job.record.device)", "slot": "\(job.record.slot ?? "")"])
+            logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")\(recorded ? "" : " (not in the ledger)")",
+                       metadata: ["job": "\(id)", "device": "\(job.record.device)", "slot": "\(job.record.slot ?? "")"])
         } else {
             running[id] = job
         }
         publish(.init(kind: .job, job: job.record))
     }
 
-    /// Which accounts a unit got (name, uid, hash — never a password), before "done" is announced.
-    public func recordUsers(_ id: Int64, _ users: [(name: String, uid: Int, hash: String)]) async {
-        do { try await ledger.recordUsers(job: id, users: users) } catch {
-            logger.error("ledger write failed for job \(id)'s users: \(error)")
-        }
+    /// Test seam: runs before each job state is written to the ledger (a test holds a write
+    /// open here to change the world while the station awaits it).
+    var beforeLedgerWrite: (@Sendable (Int64, JobState) async -> Void)?
+    func setBeforeLedgerWrite(_ hook: (@Sendable (Int64, JobState) async -> Void)?) { beforeLedgerWrite = hook }
+
+    /// The ledger refused a row of a running job: the job is stopped and will end failed with
+    /// the reason (its card cannot be vouched for by a ledger that does not know it).
+    func ledgerFailed(_ id: Int64, _ error: any Error) {
+        logger.error("ledger write failed for job \(id): \(error)", metadata: ["job": "\(id)"])
+        guard running[id] != nil, running[id]?.ledgerFailure == nil else { return }
+        running[id]?.ledgerFailure = "the ledger (\(ledger.path)) could not record this job: \(error); write the card again"
+        running[id]?.cancellation.cancel()
     }
 
     /// Progress within a state: not ledgered (it is not a state change), only announced.

@@ -1,6 +1,7 @@
 import Accounts
 import ArgumentParser
 import Foundation
+import Pipeline
 
 /// `provision inject`: give a written card or an image file a user, offline, without
 /// mounting it. The same library call the daemon makes after verifying a card.
@@ -110,23 +111,26 @@ struct InjectCommand: ParsableCommand {
         let root: RootLocator = if let partition { .partition(partition) }
             else if let label { .label(label) } else { .onlyExtPartition }
         let method: HashMethod = yescrypt ? .yescrypt(cost: nil) : .sha512(rounds: rounds)
-        let report = try Injector.inject(target: target, root: root, users: [spec], hashMethod: method)
+        let unit = UnitProvisioning(unitName: URL(fileURLWithPath: target).lastPathComponent, users: [spec], root: root,
+                                    hashMethod: method, passwordExport: export, check: !noCheck)
+        // The same inject → export → check as the daemon runs after writing a card.
+        let result: UnitProvisioner.Result
+        do throws(CardFailure) {
+            result = try UnitProvisioner.provision(unit, path: target) { _ in }
+        } catch {
+            switch error.kind {
+            case .accounts(let code): throw AccountsError(code, error.message)
+            default: throw AccountsError(.filesystem, error.message)
+            }
+        }
+        let report = result.report
         for injected in report.users {
             print("\(injected.created ? "added" : "updated") \(injected.name) (uid \(injected.uid), gid \(injected.gid), home \(injected.home)) in partition \(report.partition) of \(report.target)")
             if let generated = injected.generatedPassword {
                 print("generated password for \(injected.name): \(generated)")
             }
         }
-        if let export {
-            try PasswordExport(path: export).append(unit: URL(fileURLWithPath: target).lastPathComponent, users: report.users)
-        }
-        if !noCheck {
-            let check = try Injector.check(target: target, root: .partition(report.partition))
-            guard check.clean else {
-                throw AccountsError(.filesystem, "e2fsck -fn reports problems (exit \(check.exitStatus)):\n\(check.output)")
-            }
-            print("e2fsck -fn: clean")
-        }
+        if result.check != nil { print("e2fsck -fn: clean") }
     }
 
     /// sysexits(3) meanings, so scripts can tell bad input from a bad card.

@@ -3,6 +3,7 @@ import BlockDevices
 import Dispatch
 import Foundation
 import ImageIO
+import Pipeline
 
 /// `provision write IMAGE DEVICE`: the write engine offline, no daemon needed.
 struct WriteCommand: ParsableCommand {
@@ -38,6 +39,9 @@ struct WriteCommand: ParsableCommand {
     @Flag(name: .customLong("no-verify"), help: "Skip reading the card back after writing.")
     var noVerify = false
 
+    @Flag(name: .customLong("follow-symlinks"), help: "Write where TARGET points if it is a symbolic link (by default a link is refused: one planted where a file was expected must not redirect the write).")
+    var followSymlinks = false
+
     @Flag(name: [.customShort("y"), .long], help: "Do not ask for confirmation.")
     var yes = false
 
@@ -58,74 +62,58 @@ struct WriteCommand: ParsableCommand {
 
     func run() throws {
         let output = ProgressPrinter(mode: json ? .json : (isatty(STDERR_FILENO) != 0 ? .terminal : .lines))
-        do {
-            let result = try perform(output: output)
-            output.finish(result: result, device: device)
-        } catch let error as ImageIOError {
-            output.fail(message: error.message, code: error.code.rawValue)
-            throw ExitCode(Self.exitStatus(error.code))
-        } catch let error as RefusedError {
-            output.fail(message: error.message, code: "refused")
-            throw ExitCode(77)
+        var job = CardJob(image: image, target: device, policy: SafetyPolicy(mode: .offline))
+        job.followSymlinks = followSymlinks
+        job.verify = !noVerify
+        job.chunkSize = Int(chunkBytes!)  // validate() checked it
+        job.bmap = noBmap ? .none : (bmap.map { BmapChoice.file($0) } ?? .discover)
+        job.progressInterval = .zero
+        if !noBmap, let path = bmap ?? Bmap.locate(forImage: image), let loaded = try? Bmap.load(path: path) {
+            output.note("using bmap \(path): \(ByteCount.human(loaded.mappedBytes)) of \(ByteCount.human(loaded.imageSize)) mapped")
         }
-    }
-
-    private func perform(output: ProgressPrinter) throws -> WriteResult {
-        let source = try ImageSource(path: image)
-        var options = WriteOptions()
-        options.verify = !noVerify
-        options.chunkSize = Int(chunkBytes!)  // validate() checked it
-        if !noBmap, let path = bmap ?? Bmap.locate(forImage: image) {
-            options.bmap = try Bmap.load(path: path)
-            output.note("using bmap \(path): \(ByteCount.human(options.bmap!.mappedBytes)) of \(ByteCount.human(options.bmap!.imageSize)) mapped")
+        let image = image, device = device, yes = yes
+        // Asked after the device is open and judged on its descriptor, so what is shown is
+        // what will be written; the exclusive open keeps it from being mounted meanwhile.
+        job.confirm = { facts in
+            guard let facts, !yes else { return }
+            try Self.confirm(image: image, device: device, facts: facts)
         }
-        let needed = options.bmap?.imageSize ?? source.uncompressedSizeHint
-
-        var facts: DeviceFacts?
-        var st = stat()
-        if stat(device, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK {
-            let f = try DeviceFacts.read(path: device)
-            let refusals = SafetyPolicy(mode: .offline).refusals(for: f, minimumSize: needed)
-            if let tooSmall = refusals.first(where: { $0.rule == .tooSmall }), refusals.count == 1 {
-                throw ImageIOError(.deviceTooSmall, tooSmall.reason + " (\(device))")
-            }
-            if let ro = refusals.first(where: { $0.rule == .readOnly }), refusals.count == 1 {
-                throw ImageIOError(.deviceReadOnly, "\(device) is \(ro.reason)")
-            }
-            if !refusals.isEmpty {
-                throw RefusedError(message: "refusing to write \(device) (\(f.summary)):\n" + refusals.map { "  - \($0.reason)" }.joined(separator: "\n"))
-            }
-            facts = f
-            if !yes { try confirm(facts: f) }
-        }
-
-        let cancel = options.cancellation
+        let pipeline = CardPipeline(job: job, sink: PrinterSink(output: output, image: image, device: device))
+        let cancel = pipeline.cancellation
         signal(SIGINT, SIG_IGN)
         let sigint = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
         sigint.setEventHandler { cancel.cancel() }
         sigint.resume()
         defer { sigint.cancel(); signal(SIGINT, SIG_DFL) }
 
-        let target = try WriteTarget.open(path: device)
-        if let facts {
-            // The node could now name other media (card swapped while we asked).
-            options.beforeFirstWrite = { t in
-                if t.deviceNumber != facts.deviceNumber || (t.diskSequence != nil && facts.diskSequence != nil && t.diskSequence != facts.diskSequence) {
-                    throw ImageIOError(.deviceChanged, "\(t.path) now holds a different card than the one checked; nothing was written")
-                }
+        switch pipeline.run() {
+        case .done(let result):
+            output.finish(result: result.write, device: device)
+        case .cancelled(let message):
+            output.fail(message: message, code: ImageIOError.Code.cancelled.rawValue)
+            throw ExitCode(130)
+        case .failed(let failure):
+            switch failure.kind {
+            case .image(let code):
+                output.fail(message: failure.message, code: code.rawValue)
+                throw ExitCode(Self.exitStatus(code))
+            case .refused:
+                output.fail(message: failure.message, code: "refused")
+                throw ExitCode(77)
+            case .accounts, .check:
+                output.fail(message: failure.message, code: "provisioning")
+                throw ExitCode(74)
             }
         }
-        output.note("writing \(image) (\(source.format.rawValue)) to \(device)")
-        return try ImageWriter.write(source: source, to: target, options: options) { output.progress($0) }
     }
 
-    private func confirm(facts: DeviceFacts) throws {
+    private static func confirm(image: String, device: String, facts: DeviceFacts) throws {
         guard isatty(STDIN_FILENO) != 0 else {
-            throw RefusedError(message: "not asking on a non-terminal: pass --yes to write \(device) (\(facts.summary))")
+            throw CardFailure(.refused, "not asking on a non-terminal: pass --yes to write \(device) (\(facts.summary))")
         }
         FileHandle.standardError.write(Data("Write \(image) to \(device): \(facts.summary)?\nEverything on it will be lost. Type 'yes' to continue: ".utf8))
         guard let answer = readLine(), ["yes", "y"].contains(answer.lowercased()) else {
-            throw RefusedError(message: "not confirmed; nothing was written")
+            throw CardFailure(.refused, "not confirmed; nothing was written")
         }
     }
 
@@ -143,4 +131,22 @@ struct WriteCommand: ParsableCommand {
     }
 }
 
-struct RefusedError: Error { let message: String }
+/// The pipeline's reports on the terminal (or as JSON lines).
+private struct PrinterSink: CardReportSink {
+    let output: ProgressPrinter
+    let image: String
+    let device: String
+
+    func receive(_ report: CardReport) {
+        switch report {
+        case .stage(.writing, let note, _, let p):
+            output.note("writing \(image)\(note.map { " (\($0))" } ?? "") to \(device)")
+            if let p { output.progress(p) }
+        case .stage(_, let note, _, let p):
+            if let note { output.note(note) }
+            if let p { output.progress(p) }
+        case .progress(let p): output.progress(p)
+        case .accounts, .finished: break
+        }
+    }
+}

@@ -4,6 +4,7 @@ import ControlProtocol
 @preconcurrency import Dispatch
 import Foundation
 import Logging
+import ProvisionCShims
 import ServiceLifecycle
 import Station
 
@@ -34,6 +35,13 @@ struct Provisiond: AsyncParsableCommand {
     var logLevel: String = "info"
 
     func run() async throws {
+        // A station writes hundreds of cards between restarts, and each card's buffers, zstd
+        // window and xz dictionary are megabytes malloc'd on a thread of its own. glibc's
+        // dynamic mmap threshold grows to the largest block freed, after which such blocks come
+        // from per-thread arenas that keep them: resident memory rose ~45 MB per 100 cards
+        // with no leak at all (EnduranceTests). A fixed threshold keeps every block of 256 KiB
+        // or more a mapping of its own, returned when the card is done.
+        _ = provision_fix_mmap_threshold(256 << 10)
         let level = Logger.Level(rawValue: logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler: LogHandler = JournalLogHandler.isConnected ? JournalLogHandler(label: label) : StderrLogHandler(label: label)

@@ -1,6 +1,7 @@
 #ifndef _GNU_SOURCE
 #error "ProvisionCShims must be compiled with _GNU_SOURCE (O_DIRECT, struct ucred)"
 #endif
+#include <malloc.h>
 #include "ProvisionCShims.h"
 
 #include <errno.h>
@@ -91,4 +92,12 @@ void provision_name_thread(const char *name) {
     strncpy(comm, name, sizeof comm - 1);
     comm[sizeof comm - 1] = 0;
     pthread_setname_np(pthread_self(), comm);
+}
+
+int provision_fix_mmap_threshold(int bytes) {
+    return mallopt(M_MMAP_THRESHOLD, bytes);
+}
+
+int provision_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
 }

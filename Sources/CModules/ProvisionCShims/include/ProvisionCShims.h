@@ -47,4 +47,12 @@ int provision_journal_stream_connected(void);
 /// bytes are kept. Foundation's Thread.name does not reach the kernel on Linux.
 void provision_name_thread(const char *name);
 
+/* Fixes glibc's mmap threshold at `bytes` (mallopt M_MMAP_THRESHOLD), which also turns off
+   its dynamic raising: every allocation at least that large is its own mapping and goes back
+   to the kernel when freed. Returns 1 on success. */
+int provision_fix_mmap_threshold(int bytes);
+
+/* pipe2(fds, O_CLOEXEC): a pipe whose ends no concurrently spawned child inherits. */
+int provision_pipe_cloexec(int fds[2]);
+
 #endif

@@ -1,0 +1,160 @@
+import Accounts
+import BlockDevices
+import Foundation
+import ImageIO
+
+/// One card, start to end: open the device and judge it on its descriptor → write →
+/// verify → inject → check (DESIGN.md §2, "one card pipeline"). `provision write` runs it
+/// on its main thread, `provisiond` on a thread per card.
+///
+/// It owns everything it makes — the image source and its descriptors, the write engine's
+/// threads and buffers, the device's descriptors — and releases all of it before `run`
+/// returns, however the job ends (done, failed, cancelled, card pulled): nothing it made
+/// outlives the call. It reports through a `CardReportSink` and never calls back into
+/// whoever runs it; the station turns the reports into ledger rows and events.
+public final class CardPipeline: Sendable {
+    public let job: CardJob
+    public let cancellation: CancellationFlag
+    private let sink: any CardReportSink
+
+    public init(job: CardJob, cancellation: CancellationFlag = CancellationFlag(), sink: any CardReportSink) {
+        self.job = job
+        self.cancellation = cancellation
+        self.sink = sink
+    }
+
+    /// Runs the card on the calling thread; blocking. Sends `.finished` last, and returns
+    /// the same outcome.
+    public func run() -> CardOutcome {
+        let outcome: CardOutcome
+        do throws(CardFailure) {
+            outcome = .done(try perform())
+        } catch let failure where failure.kind == .image(.cancelled) {
+            outcome = .cancelled(failure.message)
+        } catch {
+            outcome = .failed(error)
+        }
+        sink.receive(.finished(outcome))
+        return outcome
+    }
+
+    private func perform() throws(CardFailure) -> CardResult {
+        let bmap = try loadBmap()
+        let supplied = try supply(bmap: bmap)
+        defer { job.supplier?.release(supplied) }
+        let source = supplied.source
+        // Known from the inventory and the profile, so it fails before the card is touched.
+        let unit: UnitProvisioning?
+        do { unit = try job.provisioning?() } catch let e as AccountsError {
+            throw CardFailure(.accounts(e.code), e.message)
+        } catch {
+            throw CardFailure(.accounts(.invalidSpec), "\(error)")
+        }
+        let blobEnd = job.blobs.map { $0.offset + UInt64($0.bytes.count) }.max() ?? 0
+        let needed = max(bmap?.imageSize ?? source.uncompressedSizeHint ?? 0, job.minimumDeviceSize ?? 0, blobEnd)
+
+        let (target, facts) = try OpenedCard.open(job, minimumSize: needed > 0 ? needed : nil)
+        defer { target.close() }
+        let media = target.deviceNumber.map { MediaIdentity(deviceNumber: $0, diskSequence: target.diskSequence) }
+        do { try job.confirm?(facts) } catch let e as CardFailure { throw e } catch {
+            throw CardFailure(.refused, "\(error)")
+        }
+        if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
+
+        var options = WriteOptions()
+        options.cancellation = cancellation
+        options.verify = job.verify
+        options.bmap = bmap
+        options.chunkSize = job.chunkSize
+        options.bufferCount = job.bufferCount
+        options.blobs = job.blobs
+        options.sourceCheckedAgainstBmap = supplied.checkedAgainstBmap
+        if let inspect = job.inspectFirstChunk { options.inspectFirstChunk = { try inspect($0) } }
+        if let hook = job.testHookBeforeVerify { options.testHookBeforeVerify = { hook($0) } }
+        // The last look before the first byte: the media the verdict was made for, still.
+        options.beforeFirstWrite = { t in try media?.check(t, before: "written") }
+
+        let meter = StageMeter(interval: job.progressInterval)
+        sink.receive(.stage(.writing, note: supplied.note ?? "\(source.format.rawValue) image", unit: nil,
+                            progress: WriteProgress(phase: .writing, bytesDone: 0, bytesTotal: bmap?.mappedBytes ?? source.uncompressedSizeHint,
+                                                    bytesPerSecond: 0, secondsRemaining: nil)))
+        let sink = self.sink
+        let written: WriteResult
+        do throws(ImageIOError) {
+            written = try ImageWriter.write(source: source, to: target, options: options) { p in
+                if let report = meter.report(p) { sink.receive(report) }
+            }
+        } catch {
+            throw CardFailure(error)
+        }
+        var result = CardResult(write: written, facts: facts, unit: unit?.unitName)
+        guard let unit else { return result }
+
+        // The writer's exclusive descriptor goes (libext2fs claims the device itself); the
+        // guard keeps the written device reachable as itself until the check is done.
+        let guardFD = try MediaGuard(target: target, media: media)
+        target.close()
+        if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled after verifying, before the accounts were added") }
+        try guardFD.checkStillSame(before: "injected")
+        let provisioned = try UnitProvisioner.provision(unit, path: guardFD.path, childPath: guardFD.pathForChild, describe: guardFD.describe) { step throws(CardFailure) in
+            switch step {
+            case .injecting(let note): sink.receive(.stage(.injecting, note: note, unit: unit.unitName, progress: nil))
+            case .injected(let accounts): sink.receive(.accounts(unit: unit.unitName, accounts))
+            case .checking(let note): sink.receive(.stage(.checking, note: note, unit: unit.unitName, progress: nil))
+            }
+        }
+        try guardFD.checkStillSame(before: "checked")
+        result.accounts = provisioned.accounts
+        result.partition = provisioned.report.partition
+        return result
+    }
+
+    private func loadBmap() throws(CardFailure) -> Bmap? {
+        do throws(ImageIOError) {
+            switch job.bmap {
+            case .none: return nil
+            case .file(let path): return try Bmap.load(path: path)
+            case .discover: return try Bmap.locate(forImage: job.image).map { (p: String) throws(ImageIOError) in try Bmap.load(path: p) }
+            }
+        } catch {
+            throw CardFailure(error)
+        }
+    }
+
+    private func supply(bmap: Bmap?) throws(CardFailure) -> SuppliedImage {
+        do throws(ImageIOError) {
+            if let supplier = job.supplier { return try supplier.supply(image: job.image, bmap: bmap) }
+            return SuppliedImage(source: try ImageSource(path: job.image), token: nil, note: nil, checkedAgainstBmap: false)
+        } catch {
+            throw CardFailure(error)
+        }
+    }
+}
+
+/// Turns the write engine's progress into stage changes (always reported, and only ever
+/// forward: a late progress event of an earlier phase is not a step back) and progress
+/// within a stage (at most once per interval). Touched only by the writing thread.
+private final class StageMeter: @unchecked Sendable {
+    let interval: Duration
+    var stage = CardStage.writing
+    var last = ContinuousClock.now
+
+    init(interval: Duration) { self.interval = interval }
+
+    func report(_ p: WriteProgress) -> CardReport? {
+        let now = ContinuousClock.now
+        let stage: CardStage = switch p.phase {
+        case .preparing, .writing: .writing
+        case .syncing: .syncing
+        case .verifying, .done: .verifying
+        }
+        if stage > self.stage {
+            self.stage = stage
+            last = now
+            return .stage(stage, note: nil, unit: nil, progress: p)
+        }
+        guard stage == self.stage, now - last >= interval else { return nil }
+        last = now
+        return .progress(p)
+    }
+}
