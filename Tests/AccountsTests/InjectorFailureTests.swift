@@ -15,7 +15,7 @@ struct InjectorFailureTests {
         #expect {
             _ = try Injector.inject(target: image.path, root: root, users: users)
         } throws: { error in
-            let e = error as! AccountsError
+            guard let e = error as? AccountsError else { return false }
             return e.code == code && e.message.contains(message)
         }
         #expect(try sha256(image.path) == before)
@@ -75,7 +75,7 @@ struct InjectorFailureTests {
         let image = try DiskImage()
         #expect {
             _ = try Injector.inject(target: image.path, root: .partition(1), users: [Self.user])
-        } throws: { ($0 as! AccountsError).message.contains("is vfat, not ext4") }
+        } throws: { (($0 as? AccountsError)?.message.contains("is vfat, not ext4") == true) }
     }
 
     @Test func imageWithoutExtRootIsRefused() throws {
@@ -109,7 +109,7 @@ struct InjectorFailureTests {
         let dir = try TemporaryDirectory()
         let path = try dir.write("plain.bin", String(repeating: "z", count: 4096))
         #expect { _ = try Injector.inject(target: path, root: .partition(2), users: [Self.user]) }
-            throws: { ($0 as! AccountsError).code == .partitionTable }
+            throws: { (($0 as? AccountsError)?.code == .partitionTable) }
     }
 
     @Test func duplicateUsersAreRefused() throws {
@@ -127,7 +127,7 @@ struct InjectorPreflightTests {
         #expect {
             _ = try Injector.inject(target: image.path, root: .partition(2),
                                     users: [UserSpec(name: "lab", password: .locked, sshKeys: [InjectorTests.key])])
-        } throws: { ($0 as! AccountsError).message.contains("/home/lab in") }
+        } throws: { (($0 as? AccountsError)?.message.contains("/home/lab in") == true) }
         #expect(try sha256(image.path) == before)
     }
 
@@ -140,7 +140,7 @@ struct InjectorPreflightTests {
         let before = try sha256(image.path)
         #expect {
             _ = try Injector.inject(target: image.path, root: .partition(2), users: [UserSpec(name: "lab", password: .locked)])
-        } throws: { ($0 as! AccountsError).message.contains("/etc/shadow in") }
+        } throws: { (($0 as? AccountsError)?.message.contains("/etc/shadow in") == true) }
         #expect(try sha256(image.path) == before)
     }
 
@@ -151,7 +151,7 @@ struct InjectorPreflightTests {
         let before = try sha256(image.path)
         #expect {
             _ = try Injector.inject(target: image.path, root: .partition(2), users: [UserSpec(name: "lab", password: .locked)])
-        } throws: { ($0 as! AccountsError).message.contains("refusing to write past the partition") }
+        } throws: { (($0 as? AccountsError)?.message.contains("refusing to write past the partition") == true) }
         #expect(try sha256(image.path) == before)
     }
 }

@@ -80,7 +80,7 @@ struct ProfileTreeTests {
         }
         // A sunxi-sized U-Boot at 8 KiB fits this image; the write engine feeds the same extents.
         let extents = partitions.enumerated().map { index, entry in
-            (number: index + 1, startByte: UInt64(entry["start"] as! Int) * 512, sizeBytes: UInt64(entry["size"] as! Int) * 512)
+            (number: index + 1, startByte: UInt64(entry["start"] as? Int ?? -1) * 512, sizeBytes: UInt64(entry["size"] as? Int ?? -1) * 512)
         }
         let uboot = Profile.BlobPlacement(file: "u-boot-sunxi-with-spl.bin", offset: 8192, length: 600 << 10,
                                           location: ConfigLocation(file: "x", line: 1, keyPath: "blobs[0]"))

@@ -43,8 +43,11 @@ extension IntegrationTests {
 
             // udevd already sent one `change` when the daemon closed the card after writing;
             // a second one, as any tool that opens the card for writing causes:
+            let watcher = try bench.watch()
             try Udevd.ensureRunning().trigger(card.devicePath, action: "change")
-            Thread.sleep(forTimeInterval: 1.5)
+            // The daemon announces every udev event of a device it knows; once it has
+            // announced this one, it has decided whether to start a job.
+            try bench.waitForEvent(watcher, "the change event of \(card.devicePath)") { $0.kind == .device && $0.device?.device == card.devicePath }
             let jobs = try bench.jobs()
             #expect(jobs.count == 1, "jobs after a change event: \(jobs.map { "\($0.id) \($0.state)" })")
             let after = try bench.status().slot("A1")?.job

@@ -48,9 +48,9 @@ extension IntegrationTests {
             #expect(after.slot("HIST")?.job?.state == .done)
 
             // The card is the same media: it must not be rewritten behind the operator's back.
-            Thread.sleep(forTimeInterval: 2)
+            let watcher = try bench.watch()
             try Udevd.ensureRunning().trigger(slow.devicePath, action: "change")
-            Thread.sleep(forTimeInterval: 1)
+            try bench.waitForEvent(watcher, "the change event of \(slow.devicePath)") { $0.kind == .device && $0.device?.device == slow.devicePath }
             jobs = try bench.jobs()
             #expect(jobs.count == 2, "jobs after restart: \(jobs.map { "\($0.id) \($0.state)" })")
             #expect(try bench.status().slot("SLOW")?.job?.state == .interrupted)

@@ -196,6 +196,29 @@ final class StationBench: Sendable {
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
+    /// A `watch` connection: every event the daemon announces from now on, in order.
+    func watch() throws -> RawConnection {
+        let connection = try RawConnection(path: socketPath)
+        _ = try connection.readMessage()  // hello
+        connection.send("{\"id\":1,\"method\":\"watch\"}\n")
+        guard try connection.readMessage().result?.status != nil else { throw BenchError("watch did not answer with the status") }
+        return connection
+    }
+
+    /// Reads `watcher`'s events until one satisfies `condition` (a signal from the daemon,
+    /// not a guess at how long it takes); throws after `timeout`.
+    @discardableResult
+    func waitForEvent(_ watcher: RawConnection, _ what: String, timeout: Duration = .seconds(30),
+                      until condition: (Event) -> Bool) throws -> Event {
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        while true {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { throw BenchError("no event for \(what) within \(timeout)\nlog:\n\(log)") }
+            let message = try watcher.readMessage(timeout: left)
+            if let event = message.event, condition(event) { return event }
+        }
+    }
+
     private func checked(_ arguments: [String]) throws -> String {
         let output = try cli(arguments)
         guard output.succeeded else { throw BenchError("\(output)\nlog:\n\(log)") }
