@@ -10,27 +10,28 @@
 # Swift test, so the same code drives the 50-card test in `make test`.
 # Needs root (loop devices, udev rules). Cleans up after itself.
 #
-#   benchmarks/soak.sh [--cards 500] [--every 50]
+#   benchmarks/soak.sh [--cards 500] [--every 50] [--debug]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CARDS=500; EVERY=50
+CARDS=500; EVERY=50; CONFIG=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --cards) CARDS=$2; shift ;;
     --every) EVERY=$2; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --debug) CONFIG=debug ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 64 ;;
   esac
   shift
 done
 [ "$(id -u)" = 0 ] || { echo "benchmarks/soak.sh needs root (loop devices, udev rules)" >&2; exit 77; }
 
-echo ">>> building the release daemon and the test bundle"
-make -s release >/dev/null
+echo ">>> building the $CONFIG daemon and the test bundle"
+[ $CONFIG = release ] && make -s release >/dev/null
 swift build --build-tests >/dev/null
-BIN=$(swift build -c release --show-bin-path)
+BIN=$(swift build -c $CONFIG --show-bin-path)
 
-echo ">>> $CARDS cards through one release provisiond (a sample every $EVERY)"
+echo ">>> $CARDS cards through one $CONFIG provisiond (a sample every $EVERY)"
 start=$(date +%s)
 PROVISION_BIN_DIR=$BIN PROVISION_ENDURANCE_CARDS=$CARDS PROVISION_ENDURANCE_EVERY=$EVERY \
   swift test --skip-build --filter 'EnduranceTests' 2>&1 | tee /tmp/provision-soak.$$.log | grep -E '^endurance:|passed|failed|issue' || true
