@@ -10,7 +10,7 @@ public struct FilesystemProbe: Sendable, Equatable {
     public var label: String
 
     /// Bytes needed from the partition's start to probe every kind listed above.
-    static let probeLength = 0x10000 + 0x1000
+    public static let probeLength = 0x10000 + 0x1000
 
     /// Reads the start of a partition (`bytes` may be shorter than `probeLength`).
     public init(partitionStart bytes: [UInt8]) {

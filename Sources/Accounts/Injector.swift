@@ -63,6 +63,14 @@ public enum Injector {
         try PartitionLocator.locate(root, in: target)
     }
 
+    /// Finds the root partition in a partition table read elsewhere (the config check reads
+    /// it from a compressed image's decompressed start), by the same rule as `inject`.
+    /// `partitionStart` gives the first `FilesystemProbe.probeLength` bytes of a partition.
+    public static func locate(root: RootLocator, table: PartitionTable, source: String,
+                              partitionStart: (Partition) -> [UInt8]) throws(AccountsError) -> LocatedPartition {
+        try PartitionLocator.choose(root, table: table, source: source, requireExt: true, partitionStart: partitionStart)
+    }
+
     /// Runs `e2fsck -fn` on the root partition (read-only, forced full check).
     public static func check(target: String, root: RootLocator) throws(AccountsError) -> FilesystemCheck {
         let located = try PartitionLocator.locate(root, in: target)

@@ -60,6 +60,7 @@ public struct Inventory: Sendable, Equatable {
         var home: String?
         var password: String?
         var ssh_keys: [String]?
+        var allow_system_uid: Bool?
     }
 
     struct UnitOverride: Decodable, Equatable, Sendable {
@@ -77,8 +78,22 @@ public struct Inventory: Sendable, Equatable {
     }
 
     public init(toml: String, path: String = "inventory") throws(AccountsError) {
+        // toml++ reads a C string: a NUL would silently end the file there, and every user
+        // and override after it would be missing without a word.
+        if let nul = toml.utf8.firstIndex(of: 0) {
+            let line = toml.utf8[..<nul].reduce(1) { $0 + ($1 == 0x0A ? 1 : 0) }
+            throw AccountsError(.inventory, "\(path):\(line): contains a NUL byte; an inventory is text (is this the right file?)")
+        }
+        if toml.allSatisfy(\.isWhitespace) {
+            throw AccountsError(.inventory, "\(path) is empty; give it [[users]] or a name_pattern, or remove the station's inventory setting")
+        }
         let file: File
-        do { file = try TOMLDecoder().decode(File.self, from: toml) } catch {
+        do {
+            try Self.rejectUnknownKeys(TOMLTable(string: toml), path: path)
+            file = try TOMLDecoder().decode(File.self, from: toml)
+        } catch let error as AccountsError {
+            throw error
+        } catch {
             throw AccountsError(.inventory, "\(path) is not a valid inventory: \(error)")
         }
         namePattern = file.name_pattern ?? "unit-{seq:03}"
@@ -89,21 +104,104 @@ public struct Inventory: Sendable, Equatable {
         case let other:
             throw AccountsError(.inventory, "\(path): hash \"\(other)\" is not supported; use \"sha512\" or \"yescrypt\"")
         }
+        // The ranges PasswordHasher enforces, checked now rather than at the first generated password.
+        if let rounds = file.sha512_rounds, !(1000...999_999_999).contains(rounds) {
+            throw AccountsError(.inventory, "\(path): sha512_rounds must be between 1000 and 999999999, not \(rounds)")
+        }
+        if let cost = file.yescrypt_cost, !(1...11).contains(cost) {
+            throw AccountsError(.inventory, "\(path): yescrypt_cost must be between 1 and 11, not \(cost)")
+        }
         passwordPolicy = PasswordPolicy(length: file.password_policy?.length ?? 20,
                                         alphabet: file.password_policy?.alphabet ?? PasswordPolicy.unambiguousAlphabet)
-        try passwordPolicy.validate()
+        do throws(AccountsError) { try passwordPolicy.validate() } catch {
+            throw AccountsError(.inventory, "\(path): [password_policy]: \(error.message)")
+        }
         overrides = ["serial": file.serial ?? [:], "slot": file.slot ?? [:], "seq": file.seq ?? [:]]
         users = []
         for (index, user) in (file.users ?? []).enumerated() {
             guard let name = user.name else {
                 throw AccountsError(.inventory, "\(path): user \(index + 1) in [[users]] has no name")
             }
-            users.append(try Self.spec(name: name, from: user, base: nil, policy: passwordPolicy, path: path))
+            guard !users.contains(where: { $0.name == name }) else {
+                throw AccountsError(.inventory, "\(path): user \(name) is listed twice in [[users]]; merge the two entries")
+            }
+            users.append(try Self.spec(name: name, from: user, base: nil, policy: passwordPolicy, path: "\(path): [[users]] \(index + 1)"))
         }
         for key in overrides["seq"]!.keys where Int(key) == nil {
             throw AccountsError(.inventory, "\(path): [seq.\(key)] is not a sequence number")
         }
-        _ = try Self.format(namePattern, sequence: 1, serial: "s", slot: "s", path: path)
+        try Self.checkUnitName(namePattern, path: path, what: "name_pattern")
+        try checkOverrides(path: path)
+    }
+
+    /// Every override is checked now, not when its unit arrives: a bad value under
+    /// `[serial."…"]` must not wait for that card to be written before it shows.
+    func checkOverrides(path: String) throws(AccountsError) {
+        for kind in ["seq", "slot", "serial"] {
+            for (key, override) in (overrides[kind] ?? [:]).sorted(by: { $0.key < $1.key }) {
+                let table = "[\(kind).\"\(key)\"]"
+                if let name = override.name {
+                    try Self.checkUnitName(name, path: path, what: "\(table) name")
+                }
+                for (userName, change) in (override.users ?? [:]).sorted(by: { $0.key < $1.key }) {
+                    let context = "\(path): [\(kind).\"\(key)\".users.\(userName)]"
+                    let base = users.first { $0.name == userName }
+                    // A user added by an override needs a password from some layer; which
+                    // layers meet depends on the card, so any layer giving one is enough here.
+                    let passwordSomewhere = change.password != nil || base != nil || overrides.values.contains {
+                        $0.values.contains { $0.users?[userName]?.password != nil }
+                    }
+                    guard passwordSomewhere else {
+                        throw AccountsError(.inventory, "\(context): user \(userName) is not among [[users]] and no override gives it a password (\"generate\", \"locked\" or a crypt hash)")
+                    }
+                    let placeholder = UserSpec(name: userName, password: .locked)
+                    _ = try Self.spec(name: userName, from: change, base: base ?? placeholder, policy: passwordPolicy, path: context)
+                }
+            }
+        }
+    }
+
+    /// Unit names go into the ledger, log lines and the tab-separated password export.
+    static func checkUnitName(_ pattern: String, path: String, what: String) throws(AccountsError) {
+        let sample = try format(pattern, sequence: 1, serial: "s", slot: "s", path: path)
+        if let bad = UserSpec.forbidden(in: pattern, also: ["/"]) {
+            throw AccountsError(.inventory, "\(path): \(what) \"\(UserSpec.visible(pattern))\" contains \(bad); unit names are one plain line")
+        }
+        if sample.allSatisfy(\.isWhitespace) {
+            throw AccountsError(.inventory, "\(path): \(what) \"\(pattern)\" gives an empty unit name")
+        }
+    }
+
+    static let fileKeys: Set<String> = ["name_pattern", "password_export", "hash", "sha512_rounds", "yescrypt_cost",
+                                        "password_policy", "users", "serial", "slot", "seq"]
+    static let userKeys: Set<String> = ["name", "uid", "groups", "create_missing_groups", "shell", "gecos", "home",
+                                        "password", "ssh_keys", "allow_system_uid"]
+
+    /// A typo such as `shel = "/bin/zsh"` must be an error, not a silently ignored setting
+    /// (Decodable skips keys it does not know).
+    static func rejectUnknownKeys(_ table: TOMLTable, path: String) throws(AccountsError) {
+        func check(_ table: TOMLTable?, _ allowed: Set<String>, _ context: String) throws(AccountsError) {
+            guard let table else { return }
+            for key in table.keys where !allowed.contains(key) {
+                throw AccountsError(.inventory, "\(path): unknown key \"\(key)\" in \(context); allowed: \(allowed.sorted().joined(separator: ", "))")
+            }
+        }
+        try check(table, fileKeys, "the top level")
+        try check(table["password_policy"]?.table, ["length", "alphabet"], "[password_policy]")
+        for (index, user) in (table["users"]?.array ?? TOMLArray()).enumerated() {
+            try check(user.table, userKeys, "[[users]] \(index + 1)")
+        }
+        for kind in ["serial", "slot", "seq"] {
+            guard let units = table[kind]?.table else { continue }
+            for key in units.keys {
+                let unit = units[key]?.table
+                try check(unit, ["name", "users"], "[\(kind).\"\(key)\"]")
+                guard let users = unit?["users"]?.table else { continue }
+                for name in users.keys {
+                    try check(users[name]?.table, userKeys.subtracting(["name"]), "[\(kind).\"\(key)\".users.\(name)]")
+                }
+            }
+        }
     }
 
     /// The name and users of one unit.
@@ -156,9 +254,11 @@ public struct Inventory: Sendable, Equatable {
                             createMissingGroups: user.create_missing_groups ?? base?.createMissingGroups ?? false,
                             shell: user.shell ?? base?.shell, gecos: user.gecos ?? base?.gecos,
                             home: user.home ?? base?.home, password: password,
-                            sshKeys: user.ssh_keys ?? base?.sshKeys ?? [])
-        do { try spec.validate() } catch {
-            throw AccountsError(.inventory, "\(path): \(error.message)")
+                            sshKeys: user.ssh_keys ?? base?.sshKeys ?? [],
+                            allowSystemUID: user.allow_system_uid ?? base?.allowSystemUID ?? false)
+        // The same rules the injector applies (UserSpec.check), so the two cannot drift.
+        do throws(UserSpec.Problem) { try spec.check() } catch {
+            throw AccountsError(.inventory, "\(path): user \(name): \(error)")
         }
         return spec
     }

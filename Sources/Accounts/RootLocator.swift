@@ -35,13 +35,27 @@ enum PartitionLocator {
         }
         defer { try? fd.close() }
         let table = try PartitionTable.parse(fileDescriptor: fd, path: path)
-        func probe(_ p: Partition) -> FilesystemProbe {
+        return try choose(locator, table: table, source: path, requireExt: requireExt) { p in
             let length = Int(min(UInt64(FilesystemProbe.probeLength), p.size))
             var buffer = [UInt8](repeating: 0, count: length)
             let got = (try? buffer.withUnsafeMutableBytes {
                 try fd.read(fromAbsoluteOffset: Int64(p.start), into: $0)
             }) ?? 0
-            return FilesystemProbe(partitionStart: Array(buffer.prefix(got)))
+            return Array(buffer.prefix(got))
+        }
+    }
+
+    /// The rule itself, on a table already read and a way to read each partition's first
+    /// bytes: shared by injection (a card or image file) and the config check (the
+    /// decompressed start of a profile's image), so the two cannot disagree.
+    static func choose(_ locator: RootLocator, table: PartitionTable, source path: String, requireExt: Bool,
+                       partitionStart: (Partition) -> [UInt8]) throws(AccountsError) -> LocatedPartition {
+        var probes: [Int: FilesystemProbe] = [:]
+        func probe(_ p: Partition) -> FilesystemProbe {
+            if let known = probes[p.number] { return known }
+            let found = FilesystemProbe(partitionStart: partitionStart(p))
+            probes[p.number] = found
+            return found
         }
         let usable = table.partitions.filter { !$0.isExtendedContainer }
         let summary = usable.map { "\($0.number) (\(probe($0).kind.rawValue))" }.joined(separator: ", ")

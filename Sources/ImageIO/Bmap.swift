@@ -51,6 +51,18 @@ public struct Bmap: Sendable, Equatable {
         }
     }
 
+    /// Refuses a bmap made for another image: its image size must be the image's (raw) or
+    /// the size the compressed container states. The write engine and the config check both
+    /// call this, before anything is written.
+    public func checkSize(of source: ImageSource) throws(ImageIOError) {
+        if source.format == .raw, source.fileSize != imageSize {
+            throw ImageIOError(.bmapMismatch, "bmap \(path) belongs to a different image: it describes \(imageSize) bytes, \(source.path) has \(source.fileSize)")
+        }
+        if source.format != .raw, let hint = source.uncompressedSizeHint, hint != imageSize {
+            throw ImageIOError(.bmapMismatch, "bmap \(path) belongs to a different image: it describes \(imageSize) bytes, \(source.path) decompresses to \(hint)")
+        }
+    }
+
     public static func load(path: String) throws(ImageIOError) -> Bmap {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ImageIOError(.bmapInvalid, "cannot read bmap file \(path)")

@@ -134,12 +134,7 @@ final class WriteJob: @unchecked Sendable {
 
     private func preflight() throws(ImageIOError) {
         if let bmap = options.bmap {
-            if source.format == .raw, source.fileSize != bmap.imageSize {
-                throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: it describes \(bmap.imageSize) bytes, \(source.path) has \(source.fileSize)")
-            }
-            if source.format != .raw, let hint = source.uncompressedSizeHint, hint != bmap.imageSize {
-                throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: it describes \(bmap.imageSize) bytes, \(source.path) decompresses to \(hint)")
-            }
+            try bmap.checkSize(of: source)
             if bmap.blockSize % UInt64(ioUnit) != 0 {
                 throw ImageIOError(.bmapInvalid, "bmap block size \(bmap.blockSize) is not a multiple of \(target.path)'s \(ioUnit)-byte blocks")
             }

@@ -33,15 +33,7 @@ enum UnitPlan {
         return UnitProvisioning(unitName: unitName, users: users, root: root, hashMethod: hashMethod, passwordExport: export)
     }
 
-    static func spec(_ u: Profile.User) -> UserSpec {
-        let password: PasswordSource = switch u.password {
-        case .generate: .generate(PasswordPolicy())
-        case .locked: .locked
-        case .hash(let h): .hash(h)
-        }
-        return UserSpec(name: u.name, uid: u.uid, groups: u.groups, shell: u.shell, gecos: u.gecos, home: u.home,
-                        password: password, sshKeys: u.sshKeys)
-    }
+    static func spec(_ u: Profile.User) -> UserSpec { u.userSpec }
 }
 
 // MARK: - From the pipeline's reports to the wire's types (at the station's boundary)

@@ -1,3 +1,4 @@
+import Accounts
 import Foundation
 import TOMLKit
 
@@ -45,17 +46,57 @@ public struct StationConfig: Sendable {
     public var passwordExportPath: String?
     public var profiles: [String: Profile]
     public var slots: [Slot]
+    /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
+    /// and whose files are missing (the tree names images built elsewhere). `config check`
+    /// prints them, the daemon logs them; `provision flash --profile` with one still fails
+    /// before writing.
+    public var warnings: [ConfigError] = []
+    /// Profiles that came from `profiles_dir` (not written in this file).
+    var catalogProfiles: Set<String> = []
 
     public static let defaultPath = "/etc/provision/station.toml"
 
+    /// Reads, parses and checks a station config: everything `parse` checks, plus what the
+    /// named files can tell (`checkFiles`). The daemon's start, its reload and
+    /// `provision config check` all come through here, so they agree.
     public static func load(file: String) throws -> StationConfig {
-        guard let data = FileManager.default.contents(atPath: file), let text = String(data: data, encoding: .utf8) else {
-            throw ConfigError(file: file, line: nil, keyPath: "", message: "cannot read the station config (does it exist? pass --config FILE)")
-        }
-        return try parse(text: text, file: file)
+        var config = try parse(text: try readText(file), file: file)
+        try config.checkFiles()
+        return config
     }
 
+    /// The file as UTF-8 text, or an error that says why not.
+    static func readText(_ file: String) throws -> String {
+        guard let data = FileManager.default.contents(atPath: file) else {
+            let why = FileManager.default.fileExists(atPath: file) ? "cannot read it (permissions?)" : "no such file"
+            throw ConfigError(file: file, line: nil, keyPath: "", message: "cannot read the station config: \(why) (pass --config FILE)")
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            var line = 1, column = 1, offset = 0
+            var iterator = data.makeIterator()
+            var decoder = UTF8()
+            // Find the first byte that is not UTF-8, to say where it is.
+            decoding: while true {
+                switch decoder.decode(&iterator) {
+                case .scalarValue(let scalar):
+                    offset += UTF8.width(scalar)
+                    if scalar == "\n" { line += 1; column = 1 } else { column += 1 }
+                case .emptyInput, .error: break decoding
+                }
+            }
+            throw ConfigError(file: file, line: line, column: column, keyPath: "",
+                              message: "not UTF-8 text (an invalid byte at offset \(offset)): is this the right file?")
+        }
+        return text
+    }
+
+    /// Parses and checks the text, without reading the files it names.
     public static func parse(text: String, file: String) throws -> StationConfig {
+        // An empty file would be a station with nothing to do: most likely a truncated write
+        // or the wrong path, and a reload of it would drop every slot.
+        guard !text.allSatisfy(\.isWhitespace) else {
+            throw ConfigError(file: file, line: nil, keyPath: "", message: "the station config is empty; it needs at least [[slots]] and the profiles they use")
+        }
         let base = (file as NSString).deletingLastPathComponent
         let (table, document) = try TOMLDocument.parse(text: text, source: file, baseDirectory: base.isEmpty ? "." : base)
         let root = TOMLTableReader(table: table, path: [], document: document)
@@ -75,16 +116,19 @@ public struct StationConfig: Sendable {
             cacheLimit: try station?.byteSize("cache_limit") ?? 16 << 30,
             passwordExportPath: (try station?.string("password_export")).map { document.resolve(path: $0) },
             profiles: [:], slots: [])
+        config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
 
         if let dir = try station?.string("profiles_dir") {
             let catalog = try ProfileCatalog.load(directory: document.resolve(path: dir))
             try catalog.requireNoProblems()
             config.profiles = catalog.profiles
+            config.catalogProfiles = Set(catalog.profiles.keys)
         }
         if let profiles = try root.table("profiles") {
             for key in profiles.table.keys.sorted() {
                 guard let sub = try profiles.table(key) else { continue }
                 config.profiles[key] = try Profile.parse(inline: sub, name: key)
+                config.catalogProfiles.remove(key)
             }
         }
         var seen: Set<String> = []
@@ -93,6 +137,12 @@ public struct StationConfig: Sendable {
             guard let name = try slot.string("name") else { throw slot.error("name", "every slot needs a name") }
             guard let match = try slot.string("match") else { throw slot.error("match", "slot \(name) needs match = \"<ID_PATH glob>\"") }
             guard let profile = try slot.string("profile") else { throw slot.error("profile", "slot \(name) needs a profile") }
+            for (key, value) in [("name", name), ("match", match)] {
+                if let bad = UserSpec.forbidden(in: value, also: []) {
+                    throw slot.error(key, "contains \(bad); slot names and patterns are one plain line")
+                }
+                if value.isEmpty { throw slot.error(key, "is empty") }
+            }
             guard config.profiles[profile] != nil else {
                 let known = config.profiles.keys.sorted().joined(separator: ", ")
                 throw slot.error("profile", "no profile named \"\(profile)\" (known: \(known.isEmpty ? "none" : known))")
@@ -100,7 +150,40 @@ public struct StationConfig: Sendable {
             guard seen.insert(name).inserted else { throw slot.error("name", "slot name \"\(name)\" is used twice") }
             config.slots.append(Slot(name: name, match: match, profile: profile))
         }
+        // Cards are matched to slots; Tegra boards to tegra profiles by USB id. A config
+        // with neither would start a daemon that never does anything.
+        if config.slots.isEmpty, !config.profiles.values.contains(where: { $0.kind == .tegra }) {
+            throw ConfigError(file: file, line: nil, keyPath: "slots",
+                              message: "no [[slots]] (and no kind = \"tegra\" profile): the station would never write a card; add [[slots]] with name, match and profile")
+        }
         return config
+    }
+
+    /// Where `station.inventory` is written, for errors about the inventory it names.
+    var inventoryLocation: ConfigLocation?
+
+    /// The checks that read the files the config names: every profile a slot uses, every
+    /// profile written in this file and every Tegra profile (boards pick those by USB id)
+    /// must have its image, bmap, blobs and root partition right (`Profile.checkFiles`); the
+    /// inventory must parse with every value valid. A profile of `profiles_dir` that no
+    /// slot uses only warns.
+    public mutating func checkFiles() throws {
+        let used = Set(slots.map(\.profile))
+        warnings = []
+        for name in profiles.keys.sorted() {
+            let profile = profiles[name]!
+            do {
+                try profile.checkFiles()
+            } catch let error as ConfigError where catalogProfiles.contains(name) && !used.contains(name) && profile.kind != .tegra {
+                warnings.append(error)
+            }
+        }
+        if let inventoryPath {
+            do { _ = try Inventory.load(path: inventoryPath) } catch {
+                let location = inventoryLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.inventory")
+                throw location.error(error.message)
+            }
+        }
     }
 
     /// The slot a device belongs to: the first whose glob matches its slot path.

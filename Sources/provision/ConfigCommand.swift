@@ -6,7 +6,16 @@ struct ConfigCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "config", abstract: "Work with station configs offline.", subcommands: [Check.self])
 
     struct Check: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "check", abstract: "Validate a station config: errors name file, line and key.")
+        static let configuration = CommandConfiguration(
+            commandName: "check", abstract: "Validate a station config: errors name file, line and key.",
+            discussion: """
+            Makes the checks the daemon makes at start and on reload (README.md, "What `config check` \
+            checks"): the TOML itself (no NUL bytes, not empty, at least one slot), every key and \
+            value (user names, uids, homes, shells, groups, GECOS, SSH keys and hashes), the files the \
+            profiles name (images, bmaps, blobs), each image's partition table against the root \
+            partition users go into, and the inventory. Exit status 0 when the daemon would accept the \
+            file, 78 (EX_CONFIG) with the first error otherwise; warnings go to standard error.
+            """)
         @Argument(help: "Station config (TOML).") var file: String = StationConfig.defaultPath
 
         func run() throws {
@@ -14,6 +23,7 @@ struct ConfigCommand: ParsableCommand {
                 let c = try StationConfig.load(file: file)
                 print("\(file): ok — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
                 for slot in c.slots { print("  slot \(slot.name): \(slot.match) → \(slot.profile)") }
+                for warning in c.warnings { FileHandle.standardError.write(Data("warning: \(warning)\n".utf8)) }
             } catch {
                 FileHandle.standardError.write(Data("\(error)\n".utf8))
                 throw ExitCode(78)

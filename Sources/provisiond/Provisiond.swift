@@ -88,6 +88,7 @@ struct Provisiond: AsyncParsableCommand {
             ],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
+        for warning in stationConfig.warnings { logger.warning("\(warning)") }
         logger.info("provisiond starting: station \(stationConfig.name), \(stationConfig.slots.count) slot(s), ledger \(stationConfig.ledgerPath)")
         try await group.run()
         // Jobs still writing are cancelled, so the ledger says "cancelled", not "interrupted".
@@ -120,13 +121,19 @@ struct Reloader: Service {
 }
 
 func reload(station: Station, configPath: String, logger: Logger) async -> Result<StationConfig, Error> {
-    do {
-        let config = try StationConfig.load(file: configPath)
+    // Loading reads and decompresses the start of every image: blocking I/O, so on a
+    // thread of its own rather than the cooperative pool.
+    let loaded = await withCheckedContinuation { (done: CheckedContinuation<Result<StationConfig, Error>, Never>) in
+        Thread { done.resume(returning: Result { try StationConfig.load(file: configPath) }) }.start()
+    }
+    switch loaded {
+    case .success(let config):
         await station.reload(config)
         logger.notice("configuration reloaded from \(configPath)")
-        return .success(config)
-    } catch {
+        for warning in config.warnings { logger.warning("\(warning)") }
+    case .failure(let error):
         logger.error("reload failed, keeping the running configuration: \(error)")
-        return .failure(error)
+        await station.refuseReload(file: configPath, reason: "\(error)")
     }
+    return loaded
 }

@@ -86,7 +86,7 @@ struct InventoryTests {
             ("[[users]]\nname = \"lab\"\n", "needs a password"),
             ("[[users]]\nname = \"lab\"\npassword = \"hunter2\"\n", "not an accepted crypt hash"),
             ("[[users]]\npassword = \"locked\"\n", "has no name"),
-            ("[[users]]\nname = \"Lab\"\npassword = \"locked\"\n", "not valid"),
+            ("[[users]]\nname = \"Lab\"\npassword = \"locked\"\n", "not a valid name"),
             ("hash = \"md5\"\n", "not supported"),
             ("name_pattern = \"x-{nope}\"\n", "unknown placeholder"),
             ("[seq.first]\nname = \"a\"\n", "not a sequence number"),

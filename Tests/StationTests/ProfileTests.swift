@@ -26,6 +26,9 @@ struct ProfileTests {
         }
     }
 
+    /// A well-formed SHA-512 crypt hash (86 characters after the salt).
+    static let hash = "$6$salt$" + String(repeating: "a", count: 86)
+
     static let complete = """
         name = "board"
         description = "A board"
@@ -63,7 +66,7 @@ struct ProfileTests {
         groups = ["sudo", "video"]
         shell = "/bin/sh"
         gecos = "Lab user"
-        hash = "$6$salt$abcdefghijklmnop"
+        hash = "\(ProfileTests.hash)"
         ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0 op@bench"]
         """
 
@@ -89,7 +92,7 @@ struct ProfileTests {
                                                location: ConfigLocation(file: "board/profile.toml", line: 28, keyPath: "blobs[0]"))])
         let user = try #require(profile.users.first)
         #expect(user.name == "pi" && user.groups == ["sudo", "video"] && user.shell == "/bin/sh")
-        #expect(user.password == .hash("$6$salt$abcdefghijklmnop"))
+        #expect(user.password == .hash(Self.hash))
         #expect(user.sshKeys.count == 1)
         #expect(profile.inject)
     }
@@ -271,12 +274,12 @@ struct ProfileTests {
 
     @Test(arguments: [
         ("password = \"hunter2\"", "password", "generate"),
-        ("hash = \"plaintext\"", "hash", "not a crypt hash"),
+        ("hash = \"plaintext\"", "hash", "not an accepted crypt hash"),
         ("password = \"locked\"\nhash = \"$6$a$b\"", "hash", "both password and hash"),
         ("ssh_keys = [\"not a key\"]", "ssh_keys[0]", "SSH public key"),
         ("shell = \"bash\"", "shell", "absolute path"),
         ("gecos = \"a:b\"", "gecos", "':'"),
-        ("uid = -1", "uid", "out of range"),
+        ("uid = -1", "uid", "not a usable uid"),
         ("frobs = 1", "frobs", "unknown key"),
     ])
     func badUserFieldsAreRefused(line: String, key: String, message: String) throws {

@@ -27,6 +27,9 @@ extension Profile {
             throw reader.document.error(at: reader.path("users") + [.index(index), .key("name")],
                                         "user \"\(user.name)\" is listed twice")
         }
+        // Each user's values were checked as it was parsed, by the injector's rules
+        // (UserSpec.check, in parseUser). Checks of hashes against the crypt methods the
+        // image's login supports (issue 15) belong here, beside the other cross-key checks.
         if explicitInject == false, !users.isEmpty {
             throw reader.error("inject", "inject = false but [[users]] are given; remove one of them")
         }

@@ -121,6 +121,8 @@ public struct Profile: Sendable, Equatable {
         public var home: String?
         public var password: Password
         public var sshKeys: [String]
+        /// `allow_system_uid = true`: the uid may be 0 or in a reserved range (see `UserSpec.systemUIDRanges`).
+        public var allowSystemUID: Bool = false
         public var location: ConfigLocation
     }
 }

@@ -17,6 +17,15 @@ public struct TOMLDocument: Sendable {
 
     /// Parses `text`; a syntax error becomes a `ConfigError` with TOMLKit's line and column.
     public static func parse(text: String, source: String, baseDirectory: String) throws -> (TOMLTable, TOMLDocument) {
+        // toml++ reads a C string: at a NUL byte the document would silently end, and every
+        // key after it (a whole list of slots) would be missing without an error.
+        if let nul = text.utf8.firstIndex(of: 0) {
+            let before = text.utf8[..<nul]
+            let line = before.reduce(1) { $0 + ($1 == 0x0A ? 1 : 0) }
+            let column = before.reversed().prefix { $0 != 0x0A }.count + 1
+            throw ConfigError(file: source, line: line, column: column, keyPath: "",
+                              message: "contains a NUL byte: a TOML file is text (is this the right file, or a damaged one?)")
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
