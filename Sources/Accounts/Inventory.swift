@@ -148,8 +148,8 @@ public struct Inventory: Sendable, Equatable {
                     let base = users.first { $0.name == userName }
                     // A user added by an override needs a password from some layer; which
                     // layers meet depends on the card, so any layer giving one is enough here.
-                    let passwordSomewhere = change.password != nil || base != nil || overrides.values.contains {
-                        $0.values.contains { $0.users?[userName]?.password != nil }
+                    let passwordSomewhere = change.password != nil || base != nil || overrides.values.contains { units in
+                        units.values.contains { unit in unit.users?[userName]?.password != nil }
                     }
                     guard passwordSomewhere else {
                         throw AccountsError(.inventory, "\(context): user \(userName) is not among [[users]] and no override gives it a password (\"generate\", \"locked\" or a crypt hash)")

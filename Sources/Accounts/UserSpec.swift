@@ -72,7 +72,7 @@ public struct UserSpec: Sendable, Equatable {
         if let home, let message = Self.pathProblem(home) { found.append(Problem(field: .home, message: message)) }
         switch password {
         case .hash(let hash):
-            do { try HashFormat.validate(hash) } catch { found.append(Problem(field: .password, message: error.message)) }
+            do throws(AccountsError) { try HashFormat.validate(hash) } catch { found.append(Problem(field: .password, message: error.message)) }
         case .generate, .locked:
             // A generation policy is the inventory's setting, checked where it is read.
             break
@@ -193,7 +193,7 @@ public struct UserSpec: Sendable, Equatable {
     /// The first character that must never be in a passwd/shadow/group field or an
     /// authorized_keys line, described for an error: control characters (NUL, newline, CR,
     /// and the rest of C0, DEL and C1) and the characters in `also`.
-    static func forbidden(in text: String, also: Set<Character>, allowTab: Bool = false) -> String? {
+    public static func forbidden(in text: String, also: Set<Character>, allowTab: Bool = false) -> String? {
         for scalar in text.unicodeScalars {
             let v = scalar.value
             if allowTab && v == 0x09 { continue }

@@ -179,7 +179,7 @@ public struct StationConfig: Sendable {
             }
         }
         if let inventoryPath {
-            do { _ = try Inventory.load(path: inventoryPath) } catch {
+            do throws(AccountsError) { _ = try Inventory.load(path: inventoryPath) } catch {
                 let location = inventoryLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.inventory")
                 throw location.error(error.message)
             }

@@ -82,8 +82,23 @@ struct ProvisioningTests {
         #expect(fsck.status == 0, "\(fsck.stdout)")
     }
 
-    @Test("injection into a vfat partition fails the job with the reason")
-    func injectionFailureFailsTheJob() throws {
+    /// What the image itself says is checked before any card (issue 13, point 5): the daemon
+    /// refuses to start on such a config, and `provision config check` says the same, with
+    /// the file and line — no card is ever written for an injection bound to fail.
+    func expectRefusedAtStart(_ bench: StationBench, line: Int, reason: String,
+                              sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let check = try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath])
+        #expect(check.status == 78, "\(check)", sourceLocation: sourceLocation)
+        #expect(check.stderr.contains("\(bench.configPath):\(line): ") && check.stderr.contains(reason), "\(check)",
+                sourceLocation: sourceLocation)
+        #expect(sourceLocation: sourceLocation) { try bench.startDaemon() } throws: { error in
+            (error as? DaemonProcessError)?.description.contains("exited with status 78") == true
+        }
+        #expect(bench.log.contains(reason), "\(bench.log)", sourceLocation: sourceLocation)
+    }
+
+    @Test("a root partition that is vfat in the image is refused at start, before any card")
+    func injectionIntoVfatIsRefusedAtStart() throws {
         let bench = try StationBench()
         defer { bench.close() }
         let image = try testImage(bench)
@@ -95,12 +110,7 @@ struct ProvisioningTests {
             name = "tech"
             password = "locked"
             """)
-        try bench.startDaemon()
-        _ = try bench.card(slot: "U2", size: 160 << 20)
-        let status = try bench.waitForStatus("U2 finished", timeout: .seconds(120)) { $0.slot("U2")?.job?.state.isFinal == true }
-        let job = try #require(status.slot("U2")?.job)
-        #expect(job.state == .failed)
-        #expect(job.message?.contains("partition 1") == true && job.message?.contains("vfat, not ext4") == true, "\(job.message ?? "")")
+        try expectRefusedAtStart(bench, line: 10, reason: "partition 1 of \(image) is vfat, not ext4")
     }
 
     @Test("a raw blob lands at its offset and is verified with the image")
@@ -125,7 +135,7 @@ struct ProvisioningTests {
         #expect(onCard.prefix(64) == expected.prefix(64))
     }
 
-    @Test("a blob that overlaps a partition is refused before anything is written")
+    @Test("a blob that overlaps a partition of the image is refused at start, before any card")
     func refusesOverlappingBlob() throws {
         let bench = try StationBench()
         defer { bench.close() }
@@ -137,14 +147,6 @@ struct ProvisioningTests {
             file = "\(bench.directory)/bad.bin"
             offset = \(2 << 20)
             """)
-        try bench.startDaemon()
-        let card = try bench.card(slot: "B2", size: 160 << 20)
-        let status = try bench.waitForStatus("B2 finished", timeout: .seconds(120)) { $0.slot("B2")?.job?.state.isFinal == true }
-        let job = try #require(status.slot("B2")?.job)
-        #expect(job.state == .failed)
-        #expect(job.message?.contains("would overwrite partition 1") == true, "\(job.message ?? "")")
-        // Nothing was written: the card is still all zeros.
-        let nonzero = try Command.check(["bash", "-c", "dd if=\(card.devicePath) iflag=direct bs=1M count=160 status=none | tr -d '\\0' | wc -c"]).stdout
-        #expect(nonzero.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+        try expectRefusedAtStart(bench, line: 10, reason: "would overwrite partition 1")
     }
 }

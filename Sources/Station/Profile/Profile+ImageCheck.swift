@@ -26,18 +26,18 @@ extension Profile {
         try checkInputsExist()
         guard kind == .sd, let image else { return }
         let source: ImageSource
-        do { source = try ImageSource(path: image.file) } catch {
+        do throws(ImageIOError) { source = try ImageSource(path: image.file) } catch {
             throw image.location.error(error.message)
         }
         if let bmapPath = bmapFile(image) {
-            do {
+            do throws(ImageIOError) {
                 try Bmap.load(path: bmapPath).checkSize(of: source)
             } catch {
                 throw image.location.error(error.message)
             }
         }
         let start: ImageStart
-        do { start = try ImageStart.read(source, partitionsWithin: source.format == .raw ? .max : reach) } catch {
+        do throws(ImageIOError) { start = try ImageStart.read(source, partitionsWithin: source.format == .raw ? .max : reach) } catch {
             throw image.location.error(error.message)
         }
         if !blobs.isEmpty {
@@ -58,7 +58,7 @@ extension Profile {
         case .label(let label): .label(label)
         }
         if start.probedEveryPartition {
-            do {
+            do throws(AccountsError) {
                 _ = try Injector.locate(root: locator, table: table, source: image.file) { start.windows[$0.number] ?? [] }
             } catch {
                 throw root.location.error(error.message)

@@ -34,7 +34,8 @@ extension Profile {
         // The injector's own rules (UserSpec), so what passes here cannot fail there for its form.
         do throws(UserSpec.Problem) { try user.userSpec.check() } catch {
             let key = error.field == .password ? "hash" : error.field.rawValue
-            let path = reader.path(key) + (error.index.map { [.index($0)] } ?? [])
+            let element: [TOMLKeyLocator.Segment] = error.index.map { [.index($0)] } ?? []
+            let path = reader.path(key) + element
             throw reader.document.error(at: path, error.message)
         }
         return user
