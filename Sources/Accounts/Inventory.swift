@@ -80,9 +80,8 @@ public struct Inventory: Sendable, Equatable {
     public init(toml: String, path: String = "inventory") throws(AccountsError) {
         // toml++ reads a C string: a NUL would silently end the file there, and every user
         // and override after it would be missing without a word.
-        if let nul = toml.utf8.firstIndex(of: 0) {
-            let line = toml.utf8[..<nul].reduce(1) { $0 + ($1 == 0x0A ? 1 : 0) }
-            throw AccountsError(.inventory, "\(path):\(line): contains a NUL byte; an inventory is text (is this the right file?)")
+        if let nul = TOMLNUL.first(in: toml) {
+            throw AccountsError(.inventory, "\(path):\(nul.line): \(nul.message)")
         }
         if toml.allSatisfy(\.isWhitespace) {
             throw AccountsError(.inventory, "\(path) is empty; give it [[users]] or a name_pattern, or remove the station's inventory setting")
@@ -289,5 +288,39 @@ public struct Inventory: Sendable, Equatable {
             rest = rest[rest.index(after: close)...]
         }
         return out + rest
+    }
+}
+
+/// Where a TOML text holds a NUL: a raw byte, or a `\u0000` escape in a string. toml++ (under
+/// TOMLKit) works on C strings, so a raw NUL silently ends the document and an escaped one
+/// silently cuts the value short (`"/home/lab\u0000/../etc"` would arrive as `/home/lab`).
+/// Both are refused by every TOML reader of the project (station config, profiles, inventory).
+public enum TOMLNUL {
+    public struct Found: Sendable, Equatable {
+        public var line: Int
+        public var column: Int
+        public var message: String
+    }
+
+    public static func first(in text: String) -> Found? {
+        let bytes = Array(text.utf8)
+        var line = 1, column = 1, index = 0
+        while index < bytes.count {
+            let byte = bytes[index]
+            if byte == 0 {
+                return Found(line: line, column: column, message: "contains a NUL byte: a TOML file is text (is this the right file, or a damaged one?)")
+            }
+            if byte == UInt8(ascii: "\\") {
+                // An escape: \\ is a backslash (skip both), \u0000 and \U00000000 are NUL.
+                let rest = bytes[(index + 1)...]
+                if rest.starts(with: Array("u0000".utf8)) || rest.starts(with: Array("U00000000".utf8)) {
+                    return Found(line: line, column: column, message: "a \\u0000 escape (NUL) cannot be part of a value here")
+                }
+                if rest.first == UInt8(ascii: "\\") { index += 2; column += 2; continue }
+            }
+            if byte == 0x0A { line += 1; column = 1 } else if byte & 0xC0 != 0x80 { column += 1 }
+            index += 1
+        }
+        return nil
     }
 }

@@ -73,11 +73,24 @@ struct UserValueCheckTests {
         #expect(!error.description.contains("\n") && !error.description.contains("\r"), "\(error)")
     }
 
-    @Test(arguments: ["la:b", "lab\\n", "Lab", "0lab", "", "a\\u0000b", String(repeating: "a", count: 33)])
+    @Test(arguments: ["la:b", "lab\\n", "Lab", "0lab", "", String(repeating: "a", count: 33)])
     func badUserNamesAreRefused(name: String) throws {
         let error = try #require(failure("", name: name))
         #expect(error.keyPath == "users[0].name" && error.line == 6, "\(error)")
         #expect(error.message.contains("not a valid name"), "\(error)")
+    }
+
+    /// toml++ would cut "/home/lab\u0000/../../etc" to "/home/lab": silently another value.
+    @Test func nulEscapeInAValueIsRefusedAtItsLine() throws {
+        for escape in ["\\u0000", "\\U00000000"] {
+            let error = try #require(failure("home = \"/home/lab\(escape)/../../etc\""))
+            #expect(error.line == 7 && error.column == 18, "\(error)")
+            #expect(error.message.contains("\\u0000 escape"), "\(error)")
+        }
+        // An escaped backslash before "u0000" is not an escape of NUL.
+        let profile = try Profile.parse(toml: Self.prefix + "name = \"lab\"\ngecos = \"a\\\\u0000\"\n",
+                                        source: "board/profile.toml", baseDirectory: "/srv")
+        #expect(profile.users.first?.gecos == "a\\u0000")
     }
 
     @Test func systemUIDIsAcceptedWhenExplicitlyAllowed() throws {

@@ -1,3 +1,4 @@
+import Accounts
 import TOMLKit
 
 /// A parsed TOML file together with what is needed to report errors in it precisely: the
@@ -19,12 +20,8 @@ public struct TOMLDocument: Sendable {
     public static func parse(text: String, source: String, baseDirectory: String) throws -> (TOMLTable, TOMLDocument) {
         // toml++ reads a C string: at a NUL byte the document would silently end, and every
         // key after it (a whole list of slots) would be missing without an error.
-        if let nul = text.utf8.firstIndex(of: 0) {
-            let before = text.utf8[..<nul]
-            let line = before.reduce(1) { $0 + ($1 == 0x0A ? 1 : 0) }
-            let column = before.reversed().prefix { $0 != 0x0A }.count + 1
-            throw ConfigError(file: source, line: line, column: column, keyPath: "",
-                              message: "contains a NUL byte: a TOML file is text (is this the right file, or a damaged one?)")
+        if let nul = TOMLNUL.first(in: text) {
+            throw ConfigError(file: source, line: nul.line, column: nul.column, keyPath: "", message: nul.message)
         }
         let table: TOMLTable
         do {
