@@ -5,8 +5,10 @@ import ImageIO
 extension Profile {
     /// How far into a compressed image the check decompresses to reach the partitions'
     /// superblocks (raw images are read where needed, at no cost). Raspberry Pi OS puts its
-    /// root at 532 MiB; 1 GiB of zstd takes well under a second, of xz a few seconds.
-    /// Partitions beyond it are checked against the table only.
+    /// root at 532 MiB. Measured on the test image (root at 100 MiB, mostly empty), the whole
+    /// `provision config check` took 0.26 s with .zst and 0.94 s with .xz (debug build, busy
+    /// machine); an image full of data decompresses slower. Partitions beyond the reach are
+    /// checked against the table only.
     public static let partitionProbeReach: UInt64 = 1 << 30
 
     /// Everything the files a profile names can tell before a card is written — the checks
