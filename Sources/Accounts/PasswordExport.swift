@@ -39,6 +39,39 @@ public struct PasswordExport: Sendable {
         guard fstat(fd.rawValue, &st) == 0 else {
             throw AccountsError(.export, "cannot stat the password export \(path): errno \(errno)")
         }
+        try verify(st)
+        do {
+            try fd.writeAll(Array(lines.utf8))
+        } catch {
+            throw AccountsError(.export, "writing the password export \(path) failed: \(error)")
+        }
+    }
+
+    /// Whether `append` would accept this path, without creating or changing anything: the
+    /// config check runs it, so a card is not written (and its generated password lost)
+    /// for an export that was bound to be refused. A missing file needs an existing directory.
+    public func check() throws(AccountsError) {
+        var st = stat()
+        if lstat(path, &st) != 0 {
+            guard errno == ENOENT else {
+                throw AccountsError(.export, "cannot stat the password export \(path): \(String(cString: strerror(errno)))")
+            }
+            let directory = (path as NSString).deletingLastPathComponent
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: directory.isEmpty ? "." : directory, isDirectory: &isDirectory),
+                  isDirectory.boolValue else {
+                throw AccountsError(.export, "the directory of the password export \(path) does not exist; create it (mode 0700) or change password_export")
+            }
+            return
+        }
+        if st.st_mode & S_IFMT == S_IFLNK {
+            throw AccountsError(.export, "the password export \(path) is a symbolic link; refusing to write passwords through it")
+        }
+        try verify(st)
+    }
+
+    /// The rules for an existing export file, on its stat.
+    private func verify(_ st: stat) throws(AccountsError) {
         guard st.st_mode & S_IFMT == S_IFREG else {
             throw AccountsError(.export, "the password export \(path) is not a regular file; refusing to write passwords to it")
         }
@@ -50,11 +83,6 @@ public struct PasswordExport: Sendable {
         }
         guard st.st_uid == geteuid() else {
             throw AccountsError(.export, "the password export \(path) belongs to uid \(st.st_uid), not to us; refusing to write")
-        }
-        do {
-            try fd.writeAll(Array(lines.utf8))
-        } catch {
-            throw AccountsError(.export, "writing the password export \(path) failed: \(error)")
         }
     }
 }

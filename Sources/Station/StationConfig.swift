@@ -117,6 +117,13 @@ public struct StationConfig: Sendable {
             passwordExportPath: (try station?.string("password_export")).map { document.resolve(path: $0) },
             profiles: [:], slots: [])
         config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
+        config.exportLocation = station.map { document.location(of: $0.path("password_export")) }
+        if let name = try station?.string("name"), let bad = UserSpec.forbidden(in: name, also: []) {
+            throw station!.error("name", "contains \(bad); the station's name is one plain line")
+        }
+        if let group = try station?.string("admin_group"), let bad = UserSpec.forbidden(in: group, also: [":", ",", " "]) {
+            throw station!.error("admin_group", "contains \(bad); give the name of a group in /etc/group")
+        }
 
         if let dir = try station?.string("profiles_dir") {
             let catalog = try ProfileCatalog.load(directory: document.resolve(path: dir))
@@ -178,13 +185,29 @@ public struct StationConfig: Sendable {
                 warnings.append(error)
             }
         }
+        var exportPath = passwordExportPath
         if let inventoryPath {
-            do throws(AccountsError) { _ = try Inventory.load(path: inventoryPath) } catch {
+            do throws(AccountsError) {
+                let inventory = try Inventory.load(path: inventoryPath)
+                // The inventory's export wins over the station's (as the jobs do it).
+                if let own = inventory.passwordExport {
+                    exportPath = own
+                    try PasswordExport(path: own).check()
+                }
+            } catch {
                 let location = inventoryLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.inventory")
                 throw location.error(error.message)
             }
         }
+        if let exportPath, exportPath == passwordExportPath {
+            do throws(AccountsError) { try PasswordExport(path: exportPath).check() } catch {
+                throw (exportLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.password_export")).error(error.message)
+            }
+        }
     }
+
+    /// Where `station.password_export` is written.
+    var exportLocation: ConfigLocation?
 
     /// The slot a device belongs to: the first whose glob matches its slot path.
     public func slot(forSlotPath path: String?) -> Slot? {

@@ -79,6 +79,28 @@ struct AccountRuleTests {
     }
 }
 
+@Suite("The password export is checked before any card")
+struct PasswordExportCheckTests {
+    /// `check()` refuses what `append` would refuse, without creating the file.
+    @Test func checkRefusesWhatAppendRefuses() throws {
+        let dir = try TemporaryDirectory()
+        defer { dir.remove() }
+        let user = InjectedUser(name: "lab", uid: 1000, gid: 1000, home: "/home/lab", shell: "/bin/sh", hash: "!",
+                                generatedPassword: "secret", created: true, homeCreated: true, sshKeys: 0)
+        let loose = try dir.write("loose.tsv", "", mode: 0o644)
+        let target = try dir.write("target.tsv", "", mode: 0o600)
+        try FileManager.default.createSymbolicLink(atPath: dir.file("link.tsv"), withDestinationPath: target)
+        for path in [loose, dir.file("link.tsv"), dir.path, dir.file("missing/p.tsv")] {
+            #expect(throws: AccountsError.self, "\(path)") { try PasswordExport(path: path).check() }
+            #expect(throws: AccountsError.self, "\(path)") { try PasswordExport(path: path).append(unit: "u", users: [user]) }
+        }
+        let fresh = dir.file("fresh.tsv")
+        try PasswordExport(path: fresh).check()
+        #expect(!FileManager.default.fileExists(atPath: fresh), "check() creates nothing")
+        try PasswordExport(path: target).check()
+    }
+}
+
 @Suite("Inventory values are checked when it is read")
 struct InventoryCheckTests {
     func refusal(_ text: String, sourceLocation: SourceLocation = #_sourceLocation) -> AccountsError? {

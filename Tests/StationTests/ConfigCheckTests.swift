@@ -173,6 +173,28 @@ struct StationDocumentCheckTests {
         #expect(error.message.contains("newline"))
     }
 
+    @Test func stationNameAdminGroupAndDescriptionAreOneLine() throws {
+        let name = try #require(failure("[station]\nname = \"bench\\n2\"\n" + Self.slot))
+        #expect(name.keyPath == "station.name" && name.line == 2, "\(name)")
+        let group = try #require(failure("[station]\nadmin_group = \"wheel:x\"\n" + Self.slot))
+        #expect(group.keyPath == "station.admin_group" && group.line == 2, "\(group)")
+        let description = try #require(failure(Self.slot.replacingOccurrences(of: "image = ", with: "description = \"a\\rb\"\nimage = ")))
+        #expect(description.keyPath == "profiles.demo.description" && description.line == 2, "\(description)")
+        #expect(description.message.contains("carriage return"))
+    }
+
+    @Test func rootLabelLongerThanAnExtLabelIsRefused() throws {
+        let error = try #require(failure(Self.slot.replacingOccurrences(of: "image = \"/srv/demo.img\"", with: """
+            image = "/srv/demo.img"
+            [profiles.demo.root]
+            label = "a-label-of-17-bytes"
+            [[profiles.demo.users]]
+            name = "lab"
+            """)))
+        #expect(error.keyPath == "profiles.demo.root.label" && error.line == 4, "\(error)")
+        #expect(error.message.contains("1–16 bytes"))
+    }
+
     @Test func notUTF8IsAnErrorWithItsPosition() throws {
         let scratch = try TemporaryDirectory("provision-config")
         defer { scratch.remove() }
@@ -446,6 +468,24 @@ struct StationFileCheckTests {
         let path = try station(disk, "inventory = \"nowhere.toml\"\n[profiles.demo]\nimage = \"disk.img\"\n" + Self.slot)
         let error = try #require(loadFailure(path))
         #expect(error.keyPath == "station.inventory" && error.message.contains("nowhere.toml"), "\(error)")
+    }
+
+    @Test func passwordExportThatWouldBeRefusedFailsTheLoad() throws {
+        let disk = try DiskFixture()
+        let base = "[profiles.demo]\nimage = \"disk.img\"\n" + Self.slot
+        // The station's export: a directory that does not exist.
+        let missingDirectory = try station(disk, "password_export = \"nodir/passwords.tsv\"\n" + base)
+        let error = try #require(loadFailure(missingDirectory))
+        #expect(error.keyPath == "station.password_export" && error.line == 4, "\(error)")
+        #expect(error.message.contains("does not exist"), "\(error)")
+        // The inventory's export (it wins over the station's): readable by others.
+        let loose = try disk.scratch.write("loose.tsv", "", mode: 0o644)
+        _ = try disk.scratch.write("inventory.toml", "password_export = \"\(loose)\"\n[[users]]\nname = \"lab\"\npassword = \"generate\"\n")
+        let viaInventory = try station(disk, "inventory = \"inventory.toml\"\npassword_export = \"nodir/p.tsv\"\n" + base)
+        let inventoryError = try #require(loadFailure(viaInventory))
+        #expect(inventoryError.keyPath == "station.inventory" && inventoryError.message.contains("mode 644"), "\(inventoryError)")
+        // A file that does not exist yet in an existing directory is fine.
+        _ = try StationConfig.load(file: try station(disk, "password_export = \"new.tsv\"\n" + base))
     }
 
     @Test func goodStationLoads() throws {

@@ -1,3 +1,4 @@
+import Accounts
 import Foundation
 import TOMLKit
 
@@ -89,7 +90,12 @@ extension Profile {
         let tegra = try reader.table("tegra").map(TegraInputs.parse)
         let injectSetting = try imageSetting(reader, "inject") { try $0.bool($1) }
 
-        var profile = Profile(name: name, summary: try reader.string("description"), kind: kind, image: image,
+        let summary = try reader.string("description")
+        if let summary, let bad = UserSpec.forbidden(in: summary, also: []) {
+            // It is shown on one line of `provision status` and in log fields.
+            throw reader.error("description", "contains \(bad); a description is one line")
+        }
+        var profile = Profile(name: name, summary: summary, kind: kind, image: image,
                               partitions: partitions, root: explicitRoot, blobs: blobs, users: users,
                               inject: injectSetting ?? !users.isEmpty, tegra: tegra,
                               location: reader.document.location(of: reader.path))

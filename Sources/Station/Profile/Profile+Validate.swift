@@ -65,6 +65,11 @@ extension Profile {
     }
 
     func validateRoot(_ reader: TOMLTableReader) throws {
+        // ext2/3/4 keep 16 bytes of volume label: a longer one can never match a partition.
+        if case .label(let label)? = root?.selector, label.isEmpty || label.utf8.count > 16 {
+            throw reader.document.error(at: reader.path("root") + [.key("label")],
+                                        "\"\(label)\" cannot be an ext2/3/4 label (1–16 bytes, as e2label sets it)")
+        }
         guard let root, !partitions.isEmpty else { return }
         switch root.selector {
         case .partition(let number):
