@@ -47,12 +47,16 @@ public struct StationConfig: Sendable {
     public var profiles: [String: Profile]
     public var slots: [Slot]
     /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
-    /// and whose files are missing (the tree names images built elsewhere). `config check`
-    /// prints them, the daemon logs them; `provision flash --profile` with one still fails
-    /// before writing.
+    /// and whose files fail the checks (the tree names images built elsewhere). `config check`
+    /// prints them, the daemon logs them at start and reload; only `provision flash --profile`
+    /// could use such a profile.
     public var warnings: [ConfigError] = []
     /// Profiles that came from `profiles_dir` (not written in this file).
     var catalogProfiles: Set<String> = []
+    /// Where `station.inventory` and `station.password_export` are written, for errors about
+    /// the files they name.
+    var inventoryLocation: ConfigLocation?
+    var exportLocation: ConfigLocation?
 
     public static let defaultPath = "/etc/provision/station.toml"
 
@@ -166,9 +170,6 @@ public struct StationConfig: Sendable {
         return config
     }
 
-    /// Where `station.inventory` is written, for errors about the inventory it names.
-    var inventoryLocation: ConfigLocation?
-
     /// The checks that read the files the config names: every profile a slot uses, every
     /// profile written in this file and every Tegra profile (boards pick those by USB id)
     /// must have its image, bmap, blobs and root partition right (`Profile.checkFiles`); the
@@ -205,9 +206,6 @@ public struct StationConfig: Sendable {
             }
         }
     }
-
-    /// Where `station.password_export` is written.
-    var exportLocation: ConfigLocation?
 
     /// The slot a device belongs to: the first whose glob matches its slot path.
     public func slot(forSlotPath path: String?) -> Slot? {
