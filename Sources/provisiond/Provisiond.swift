@@ -124,7 +124,10 @@ func reload(station: Station, configPath: String, logger: Logger) async -> Resul
     // Loading reads and decompresses the start of every image: blocking I/O, so on a
     // thread of its own rather than the cooperative pool.
     let loaded = await withCheckedContinuation { (done: CheckedContinuation<Result<StationConfig, Error>, Never>) in
-        Thread { done.resume(returning: Result { try StationConfig.load(file: configPath) }) }.start()
+        Thread {
+            provision_name_thread("prov-reload")
+            done.resume(returning: Result { try StationConfig.load(file: configPath) })
+        }.start()
     }
     switch loaded {
     case .success(let config):
