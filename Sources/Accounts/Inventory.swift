@@ -122,12 +122,12 @@ public struct Inventory: Sendable, Equatable {
                 throw AccountsError(.inventory, "\(path): user \(index + 1) in [[users]] has no name")
             }
             guard !users.contains(where: { $0.name == name }) else {
-                throw AccountsError(.inventory, "\(path): user \(name) is listed twice in [[users]]; merge the two entries")
+                throw AccountsError(.inventory, "\(path): user \(UserSpec.visible(name)) is listed twice in [[users]]; merge the two entries")
             }
             users.append(try Self.spec(name: name, from: user, base: nil, policy: passwordPolicy, path: "\(path): [[users]] \(index + 1)"))
         }
         for key in overrides["seq"]!.keys where Int(key) == nil {
-            throw AccountsError(.inventory, "\(path): [seq.\(key)] is not a sequence number")
+            throw AccountsError(.inventory, "\(path): [seq.\(UserSpec.visible(key))] is not a sequence number")
         }
         try Self.checkUnitName(namePattern, path: path, what: "name_pattern")
         try checkOverrides(path: path)
@@ -138,12 +138,12 @@ public struct Inventory: Sendable, Equatable {
     func checkOverrides(path: String) throws(AccountsError) {
         for kind in ["seq", "slot", "serial"] {
             for (key, override) in (overrides[kind] ?? [:]).sorted(by: { $0.key < $1.key }) {
-                let table = "[\(kind).\"\(key)\"]"
+                let table = "[\(kind).\"\(UserSpec.visible(key))\"]"
                 if let name = override.name {
                     try Self.checkUnitName(name, path: path, what: "\(table) name")
                 }
                 for (userName, change) in (override.users ?? [:]).sorted(by: { $0.key < $1.key }) {
-                    let context = "\(path): [\(kind).\"\(key)\".users.\(userName)]"
+                    let context = "\(path): [\(kind).\"\(UserSpec.visible(key))\".users.\(UserSpec.visible(userName))]"
                     let base = users.first { $0.name == userName }
                     // A user added by an override needs a password from some layer; which
                     // layers meet depends on the card, so any layer giving one is enough here.
@@ -151,7 +151,7 @@ public struct Inventory: Sendable, Equatable {
                         units.values.contains { unit in unit.users?[userName]?.password != nil }
                     }
                     guard passwordSomewhere else {
-                        throw AccountsError(.inventory, "\(context): user \(userName) is not among [[users]] and no override gives it a password (\"generate\", \"locked\" or a crypt hash)")
+                        throw AccountsError(.inventory, "\(context): user \(UserSpec.visible(userName)) is not among [[users]] and no override gives it a password (\"generate\", \"locked\" or a crypt hash)")
                     }
                     let placeholder = UserSpec(name: userName, password: .locked)
                     _ = try Self.spec(name: userName, from: change, base: base ?? placeholder, policy: passwordPolicy, path: context)
@@ -182,7 +182,7 @@ public struct Inventory: Sendable, Equatable {
         func check(_ table: TOMLTable?, _ allowed: Set<String>, _ context: String) throws(AccountsError) {
             guard let table else { return }
             for key in table.keys where !allowed.contains(key) {
-                throw AccountsError(.inventory, "\(path): unknown key \"\(key)\" in \(context); allowed: \(allowed.sorted().joined(separator: ", "))")
+                throw AccountsError(.inventory, "\(path): unknown key \"\(UserSpec.visible(key))\" in \(context); allowed: \(allowed.sorted().joined(separator: ", "))")
             }
         }
         try check(table, fileKeys, "the top level")
@@ -194,10 +194,10 @@ public struct Inventory: Sendable, Equatable {
             guard let units = table[kind]?.table else { continue }
             for key in units.keys {
                 let unit = units[key]?.table
-                try check(unit, ["name", "users"], "[\(kind).\"\(key)\"]")
+                try check(unit, ["name", "users"], "[\(kind).\"\(UserSpec.visible(key))\"]")
                 guard let users = unit?["users"]?.table else { continue }
                 for name in users.keys {
-                    try check(users[name]?.table, userKeys.subtracting(["name"]), "[\(kind).\"\(key)\".users.\(name)]")
+                    try check(users[name]?.table, userKeys.subtracting(["name"]), "[\(kind).\"\(UserSpec.visible(key))\".users.\(UserSpec.visible(name))]")
                 }
             }
         }
@@ -219,7 +219,7 @@ public struct Inventory: Sendable, Equatable {
                 name = try Self.format(newName, sequence: sequence, serial: serial ?? "", slot: slot ?? "", path: "inventory")
             }
             for (userName, change) in (override.users ?? [:]).sorted(by: { $0.key < $1.key }) {
-                let context = "[\(kind).\"\(key)\".users.\(userName)]"
+                let context = "[\(kind).\"\(UserSpec.visible(key))\".users.\(UserSpec.visible(userName))]"
                 if let index = specs.firstIndex(where: { $0.name == userName }) {
                     specs[index] = try Self.spec(name: userName, from: change, base: specs[index],
                                                  policy: passwordPolicy, path: context)
@@ -238,14 +238,14 @@ public struct Inventory: Sendable, Equatable {
         switch user.password {
         case nil:
             guard let inherited = base?.password else {
-                throw AccountsError(.inventory, "\(path): user \(name) needs a password (\"generate\", \"locked\" or a crypt hash)")
+                throw AccountsError(.inventory, "\(path): user \(UserSpec.visible(name)) needs a password (\"generate\", \"locked\" or a crypt hash)")
             }
             password = inherited
         case "generate": password = .generate(policy)
         case "locked": password = .locked
         case let hash?:
             do { try HashFormat.validate(hash) } catch {
-                throw AccountsError(.inventory, "\(path): user \(name): \(error.message)")
+                throw AccountsError(.inventory, "\(path): user \(UserSpec.visible(name)): \(error.message)")
             }
             password = .hash(hash)
         }
@@ -257,7 +257,7 @@ public struct Inventory: Sendable, Equatable {
                             allowSystemUID: user.allow_system_uid ?? base?.allowSystemUID ?? false)
         // The same rules the injector applies (UserSpec.check), so the two cannot drift.
         do throws(UserSpec.Problem) { try spec.check() } catch {
-            throw AccountsError(.inventory, "\(path): user \(name): \(error)")
+            throw AccountsError(.inventory, "\(path): user \(UserSpec.visible(name)): \(error)")
         }
         return spec
     }

@@ -116,6 +116,7 @@ struct InventoryCheckTests {
     @Test(arguments: [
         ("name_pattern = \"lab\"\n\u{0}[[users]]\nname = \"lab\"\npassword = \"locked\"\n", "inv.toml:2: contains a NUL byte"),
         ("[[users]]\nname = \"lab\"\npassword = \"locked\"\nhome = \"/home/lab\\u0000/../etc\"\n", "inv.toml:4: a \\u0000 escape"),
+        ("[[users]]\nname = \"la\\nb\"\npassword = \"locked\"\n", "user la\\nb: name: \"la\\nb\" is not a valid name"),
         ("", "is empty"),
         ("  \n\n", "is empty"),
         ("nmae_pattern = \"x\"\n", "unknown key \"nmae_pattern\" in the top level"),
