@@ -17,24 +17,7 @@ public enum Injector {
         let fs = try Ext2Filesystem(path: target, offset: located.partition.start, writable: true)
         let plan: InjectionPlan
         do throws(AccountsError) {
-            // A filesystem that claims more bytes than its partition holds would have
-            // libext2fs write into the next partition: a damaged table or a wrong image.
-            guard fs.byteSize <= located.partition.size else {
-                throw AccountsError(.filesystem, """
-                    the filesystem in partition \(located.partition.number) of \(target) spans \(fs.byteSize) bytes \
-                    but the partition holds \(located.partition.size): refusing to write past the partition
-                    """)
-            }
-            plan = try InjectionPlan.build(filesystem: fs, users: users, hashMethod: hashMethod, now: now)
-            try plan.preflight(fs)
-            let need = plan.worstCase(blockSize: fs.blockSize)
-            guard need.blocks <= fs.freeBlocks, need.inodes <= fs.freeInodes else {
-                throw AccountsError(.noSpace, """
-                    partition \(located.partition.number) of \(target) is too full: injection needs up to \
-                    \(need.blocks) blocks and \(need.inodes) inodes, the filesystem has \(fs.freeBlocks) free \
-                    blocks and \(fs.freeInodes) free inodes; grow the partition or shrink /etc/skel
-                    """)
-            }
+            plan = try prepare(fs, located: located, target: target, users: users, hashMethod: hashMethod, now: now)
         } catch {
             fs.discard()
             throw error
@@ -56,6 +39,44 @@ public enum Injector {
         return InjectionReport(target: target, partition: located.partition.number, offset: located.partition.start,
                                filesystem: located.filesystem.kind, label: located.filesystem.label,
                                users: plan.users, filesWritten: written)
+    }
+
+    /// Every check `inject` makes before its first write — partition, filesystem, the four
+    /// account files, each user against them (groups, shell, uid and name conflicts), each
+    /// hash, free blocks and inodes — on a filesystem opened read-only, and nothing written.
+    /// The config check runs it on raw images, so a card is never written for an injection
+    /// the image itself already refuses.
+    public static func rehearse(target: String, root: RootLocator, users: [UserSpec],
+                                hashMethod: HashMethod = .sha512(rounds: nil), now: Date = Date()) throws(AccountsError) {
+        guard !users.isEmpty else { return }
+        let located = try PartitionLocator.locate(root, in: target)
+        let fs = try Ext2Filesystem(path: target, offset: located.partition.start, writable: false)
+        defer { fs.discard() }
+        _ = try prepare(fs, located: located, target: target, users: users, hashMethod: hashMethod, now: now)
+    }
+
+    /// The plan, once every check that can be made before writing has passed.
+    private static func prepare(_ fs: Ext2Filesystem, located: LocatedPartition, target: String, users: [UserSpec],
+                                hashMethod: HashMethod, now: Date) throws(AccountsError) -> InjectionPlan {
+        // A filesystem that claims more bytes than its partition holds would have
+        // libext2fs write into the next partition: a damaged table or a wrong image.
+        guard fs.byteSize <= located.partition.size else {
+            throw AccountsError(.filesystem, """
+                the filesystem in partition \(located.partition.number) of \(target) spans \(fs.byteSize) bytes \
+                but the partition holds \(located.partition.size): refusing to write past the partition
+                """)
+        }
+        let plan = try InjectionPlan.build(filesystem: fs, users: users, hashMethod: hashMethod, now: now)
+        try plan.preflight(fs)
+        let need = plan.worstCase(blockSize: fs.blockSize)
+        guard need.blocks <= fs.freeBlocks, need.inodes <= fs.freeInodes else {
+            throw AccountsError(.noSpace, """
+                partition \(located.partition.number) of \(target) is too full: injection needs up to \
+                \(need.blocks) blocks and \(need.inodes) inodes, the filesystem has \(fs.freeBlocks) free \
+                blocks and \(fs.freeInodes) free inodes; grow the partition or shrink /etc/skel
+                """)
+        }
+        return plan
     }
 
     /// Finds the root partition and says what it holds, without changing anything.

@@ -1,5 +1,6 @@
 import Accounts
 import Foundation
+import ImageIO
 import TOMLKit
 
 /// The station's configuration (`/etc/provision/station.toml`): which slots exist, which
@@ -178,11 +179,17 @@ public struct StationConfig: Sendable {
     public mutating func checkFiles() throws {
         let used = Set(slots.map(\.profile))
         warnings = []
+        // Profiles that must pass; the others only warn.
+        func required(_ name: String) -> Bool {
+            !catalogProfiles.contains(name) || used.contains(name) || profiles[name]?.kind == .tegra
+        }
+        var checked: [Profile] = []
         for name in profiles.keys.sorted() {
             let profile = profiles[name]!
             do {
                 try profile.checkFiles()
-            } catch let error as ConfigError where catalogProfiles.contains(name) && !used.contains(name) && profile.kind != .tegra {
+                checked.append(profile)
+            } catch let error as ConfigError where !required(name) {
                 warnings.append(error)
             }
         }
@@ -204,6 +211,36 @@ public struct StationConfig: Sendable {
             do throws(AccountsError) { try PasswordExport(path: exportPath).check() } catch {
                 throw (exportLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.password_export")).error(error.message)
             }
+        }
+        for profile in checked {
+            do {
+                try rehearseInjection(profile)
+            } catch let error as ConfigError where !required(profile.name) {
+                warnings.append(error)
+            }
+        }
+    }
+
+    /// For a raw image, the whole injection is rehearsed on the image file itself, read-only:
+    /// groups the image lacks, a shell it does not have, a uid or name it already uses
+    /// otherwise, a root filesystem too full — what only the image's /etc can tell. A
+    /// compressed image would have to be decompressed up to its root filesystem's end, so
+    /// there only the partition checks of `Profile.checkFiles` apply. The users are the
+    /// profile's and the inventory's defaults (per-unit overrides are checked for form only).
+    func rehearseInjection(_ profile: Profile) throws {
+        guard profile.kind == .sd, profile.inject, let image = profile.image,
+              (try? ImageSource(path: image.file))?.format == .raw,
+              let plan = try UnitPlan.make(profile: profile, inventoryPath: inventoryPath, exportPath: passwordExportPath,
+                                           serial: nil, slot: nil, sequence: 1)
+        else { return }
+        do throws(AccountsError) {
+            try Injector.rehearse(target: image.file, root: plan.root, users: plan.users, hashMethod: plan.hashMethod)
+        } catch {
+            // The injector's messages name the user; point at that user's table when it is the
+            // profile's (an inventory user has no line here), else at the root partition.
+            let user = profile.users.first { error.message.contains("user \($0.name)") || error.message.contains("\($0.name) ") }
+            let location = user?.location ?? profile.root?.location ?? profile.location
+            throw location.error("injection into \(image.file) would fail: \(error.message)")
         }
     }
 

@@ -228,7 +228,14 @@ final class DiskFixture {
             truncate -s 16M disk.img
             printf 'label: dos\\nstart=2048, size=6144, type=c\\nstart=8192, type=83\\n' | sfdisk --quiet disk.img
             mkfs.vfat -n BOOT -C boot.fs 3072 >/dev/null
-            mkfs.ext4 -q -F -L rootfs root.fs 12M
+            mkdir -p tree/etc tree/bin tree/home
+            printf 'root:x:0:0:root:/root:/bin/sh\nlab:x:1000:1000::/home/lab:/bin/sh\n' > tree/etc/passwd
+            printf 'root:*:19000:0:99999:7:::\nlab:!:19000:0:99999:7:::\n' > tree/etc/shadow
+            printf 'root:x:0:\nusers:x:100:\nlab:x:1000:\n' > tree/etc/group
+            printf 'root:*::\nusers:*::\nlab:!::\n' > tree/etc/gshadow
+            printf '#!/bin/true\n' > tree/bin/sh && chmod 755 tree/bin/sh
+            mkfs.ext4 -q -F -L rootfs -d tree root.fs 12M
+            rm -r tree
             dd if=boot.fs of=disk.img bs=512 seek=2048 conv=notrunc status=none
             dd if=root.fs of=disk.img bs=512 seek=8192 conv=notrunc status=none
             rm boot.fs root.fs
@@ -486,6 +493,26 @@ struct StationFileCheckTests {
         #expect(inventoryError.keyPath == "station.inventory" && inventoryError.message.contains("mode 644"), "\(inventoryError)")
         // A file that does not exist yet in an existing directory is fine.
         _ = try StationConfig.load(file: try station(disk, "password_export = \"new.tsv\"\n" + base))
+    }
+
+    /// What only the image's /etc can tell, for a raw image: the injection is rehearsed.
+    @Test func injectionTheRawImageRefusesFailsTheLoadAtTheUser() throws {
+        let disk = try DiskFixture()
+        func config(_ image: String, _ user: String) throws -> String {
+            try station(disk, "[profiles.demo]\nimage = \"\(image)\"\n[profiles.demo.root]\npartition = 2\n" + user + Self.slot)
+        }
+        let good = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"users\"]\n")
+        #expect(try StationConfig.load(file: good).warnings.isEmpty)
+        let missingGroup = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"gpio\"]\n")
+        let error = try #require(loadFailure(missingGroup))
+        #expect(error.line == 8 && error.keyPath == "profiles.demo.users[0]", "\(error)")
+        #expect(error.message.contains("would fail") && error.message.contains("gpio"), "\(error)")
+        let takenUID = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\nuid = 1000\n")
+        #expect(try #require(loadFailure(takenUID)).message.contains("already used by lab"))
+        let missingShell = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\nshell = \"/bin/zsh\"\n")
+        #expect(try #require(loadFailure(missingShell)).message.contains("/bin/zsh"))
+        // A compressed image is not decompressed that far: only its partitions are checked.
+        _ = try StationConfig.load(file: try config("disk.img.zst", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"gpio\"]\n"))
     }
 
     @Test func goodStationLoads() throws {
