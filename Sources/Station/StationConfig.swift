@@ -100,6 +100,7 @@ public struct StationConfig: Sendable {
             guard seen.insert(name).inserted else { throw slot.error("name", "slot name \"\(name)\" is used twice") }
             config.slots.append(Slot(name: name, match: match, profile: profile))
         }
+        try config.requirePasswordExport()
         return config
     }
 
