@@ -156,27 +156,27 @@ public struct LoginCapabilities: Sendable, Equatable, CustomStringConvertible {
         let version = busyboxVersion(binary)
         let program = version.map { "\(loginPath) → busybox (\($0))" } ?? loginPath
         // Code in the login binary itself: busybox's own crypt, or a statically linked libcrypt.
-        let own = methods(inCode: binary)
+        let own = Self.methods(inCode: binary)
         // A dynamically linked login, or a PAM login (shadow, util-linux) whose pam_unix
         // calls the system's libcrypt.
-        let shared = libcrypt.flatMap { methods(inCode: $0.bytes) }
+        let shared = libcrypt.flatMap { Self.methods(inCode: $0.bytes) }
         let evidence: String
-        var methods: Set<CryptMethod>?
+        var verifiable: Set<CryptMethod>?
         switch (own, shared) {
         case (let a?, let b?):
-            methods = a.union(b)
+            verifiable = a.union(b)
             evidence = "crypt code in \(loginPath) and in \(libcrypt!.path)"
         case (let a?, nil):
-            methods = a
+            verifiable = a
             evidence = version != nil && !isDynamic(binary) ? "busybox's own crypt, linked into \(loginPath)" : "crypt code in \(loginPath)"
         case (nil, let b?):
-            methods = b
+            verifiable = b
             evidence = "\(libcrypt!.path), which \(loginPath) uses"
         case (nil, nil):
             evidence = libcrypt == nil ? "no crypt code found in \(loginPath) and no libcrypt.so.1 in the image"
                                        : "no crypt code recognised in \(loginPath) or \(libcrypt!.path)"
         }
-        return LoginCapabilities(login: program, methods: methods, evidence: evidence, encryptMethod: encryptMethod)
+        return LoginCapabilities(login: program, methods: verifiable, evidence: evidence, encryptMethod: encryptMethod)
     }
 
     /// The crypt methods a piece of code implements, by the names each implementation

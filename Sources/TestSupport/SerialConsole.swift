@@ -38,11 +38,14 @@ public final class SerialConsole: Sendable {
             throw SerialConsoleError(description: "\(arguments[0]) not found")
         }
         var toChild: [Int32] = [0, 0], fromChild: [Int32] = [0, 0]
-        guard pipe2(&toChild, O_CLOEXEC) == 0 else { throw SerialConsoleError(description: "pipe: \(String(cString: strerror(errno)))") }
-        guard pipe2(&fromChild, O_CLOEXEC) == 0 else {
+        // pipe2 is declared only under _GNU_SOURCE; close-on-exec right after is enough here,
+        // as Command.spawn also closes every descriptor above 2 in its children.
+        guard pipe(&toChild) == 0 else { throw SerialConsoleError(description: "pipe: \(String(cString: strerror(errno)))") }
+        guard pipe(&fromChild) == 0 else {
             close(toChild[0]); close(toChild[1])
             throw SerialConsoleError(description: "pipe: \(String(cString: strerror(errno)))")
         }
+        for fd in toChild + fromChild { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var merged = ProcessInfo.processInfo.environment
         for (key, value) in environment { merged[key] = value }
         merged["PATH"] = (merged["PATH"] ?? "/usr/bin:/bin") + ":/usr/sbin:/sbin"

@@ -175,7 +175,7 @@ struct BootTests {
             try console.sendLine("echo @@B$((1000+\(count)))@@; \(command); echo @@E$((1000+\(count)))@@")
             let text = try console.expect(end, timeout: BootTests.stepTimeout, "the output of `\(command)`")
             guard let from = text.range(of: begin, options: .backwards) else {
-                throw SerialConsoleError(description: "`\(command)` printed no \(begin): \(text)")
+                throw BenchError("`\(command)` printed no \(begin): \(text)")
             }
             return text[from.upperBound...].dropLast(end.count).replacingOccurrences(of: "\r", with: "")
                 .trimmingCharacters(in: .whitespacesAndNewlines)
