@@ -10,6 +10,7 @@ final class ProgressPrinter: @unchecked Sendable {
     private let lock = NSLock()
     private var lastLine = Date.distantPast
     private var lastPhase: WritePhase?
+    private var finishedPhases: Set<WritePhase> = []
     private let encoder: JSONEncoder = {
         let e = JSONEncoder()
         e.outputFormatting = [.sortedKeys]
@@ -48,9 +49,13 @@ final class ProgressPrinter: @unchecked Sendable {
             case .lines:
                 // `done` is said by `finish`, with the totals.
                 guard p.phase != .done else { return }
-                if p.phase != lastPhase || Date().timeIntervalSince(lastLine) >= 2 {
+                // Each phase's start, its end (100 %, so a log shows writing finish before
+                // syncing begins), and a line every 2 s between.
+                let finished = p.fraction == 1 && !finishedPhases.contains(p.phase)
+                if p.phase != lastPhase || finished || Date().timeIntervalSince(lastLine) >= 2 {
                     lastLine = Date()
                     lastPhase = p.phase
+                    if p.fraction == 1 { finishedPhases.insert(p.phase) }
                     err(Self.line(p) + "\n")
                 }
             }

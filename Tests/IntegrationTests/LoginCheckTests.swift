@@ -79,7 +79,7 @@ struct LoginCheckTests {
         #expect(check.stdout.contains("profile p: login: /bin/login → busybox (BusyBox v1.35")
                 && check.stdout.contains("verifies DES, MD5 ($1$), SHA-256 ($5$), SHA-512 ($6$), not bcrypt ($2b$) or yescrypt ($y$)"),
                 "\(check.stdout)")
-        #expect(check.stderr.contains("bad.toml:15: profiles.p.users[1]") && check.stderr.contains("user carol")
+        #expect(check.stderr.contains("bad.toml:14: profiles.p.users[1]") && check.stderr.contains("user carol")
                 && check.stderr.contains("cannot verify yescrypt ($y$)"), "\(check.stderr)")
         #expect(!check.stderr.contains("user ok"), "\(check.stderr)")
 

@@ -23,8 +23,10 @@ struct WriteOutputTests {
             phases.append(word)
         }
         #expect(phases == ["writing", "syncing", "verifying"], "\(output.stderr)")
-        #expect(!lines.contains { $0.hasPrefix("syncing") } || lines.firstIndex { $0.hasPrefix("writing 100%") }! < lines.firstIndex { $0.hasPrefix("syncing") }!,
-                "\(output.stderr)")
+        let writingDone = try #require(lines.firstIndex { $0.hasPrefix("writing 100% 24 MiB of 24 MiB ") }, "\(output.stderr)")
+        let syncing = try #require(lines.firstIndex { $0.hasPrefix("syncing") }, "\(output.stderr)")
+        #expect(writingDone < syncing, "\(output.stderr)")
+        #expect(lines[writingDone].hasSuffix(" MB/s"), "the write's rate is measured: \(lines[writingDone])")
         #expect(!output.stderr.contains("0.0 MB/s"), "\(output.stderr)")
         #expect(!output.stderr.contains(" 0.0 s"), "\(output.stderr)")
         let done = try #require(lines.last)
