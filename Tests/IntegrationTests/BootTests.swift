@@ -133,7 +133,8 @@ struct BootTests {
                           timeout: .seconds(300))
         // QEMU's SD card model takes only power-of-two sizes.
         let card = try bench.card(slot: "V1", size: 256 << 20)
-        let write = try bench.cli(["write", "--yes", bench.directory + "/vexpress-test.img.zst", card.devicePath])
+        let write = try Command.run([DaemonProcess.cliBinary, "write", "--yes", bench.directory + "/vexpress-test.img.zst", card.devicePath],
+                                    timeout: .seconds(300))
         try #require(write.succeeded, "\(write)")
         let password = "tester on the vexpress"
         let hash = try Command.check(["mkpasswd", "-m", "sha-512", "--stdin"], input: password).stdout
