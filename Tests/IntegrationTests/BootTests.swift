@@ -21,7 +21,7 @@ struct BootTests {
     static let bootTimeout: Duration = .seconds(600)
     static let stepTimeout: Duration = .seconds(120)
 
-    @Test("x86: the daemon writes the test image with a user by hash and one with a generated password; the card boots; a wrong password is refused; both log in with the right uid, gid, groups and home")
+    @Test("x86: the daemon writes the test image with a user by hash and one with a generated password; the card boots; a wrong password (and a yescrypt hash) is refused; both log in with the right uid, gid, groups and home")
     func x86CardBootsAndItsUsersLogIn() throws {
         let bench = try StationBench()
         defer { bench.close() }
@@ -86,6 +86,20 @@ struct BootTests {
             try #require(passwd.split(separator: "\n").first { $0.hasPrefix(name + ":") }.map { String($0.split(separator: ":")[3]) })
         }
 
+        // The premise of refusing yescrypt for this image (LoginCapabilities), checked by its own
+        // login: carol, with a yescrypt hash of her password, is added behind provision's back
+        // with debugfs, and must not get in with the right password.
+        let carolPassword = "carol's right password"
+        let carolHash = try Command.check(["mkpasswd", "-m", "yescrypt", "--stdin"], input: carolPassword).stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        // The control: dave, added the same way with a SHA-512 hash, does get in.
+        let davePassword = "dave's right password"
+        let daveHash = try Command.check(["mkpasswd", "-m", "sha-512", "--stdin"], input: davePassword).stdout
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        try addBehindProvisionsBack(card.devicePath + "?offset=\(100 << 20)", bench.directory,
+                                    passwd: "carol:x:2999:100::/tmp:/bin/sh\ndave:x:2998:100::/tmp:/bin/sh",
+                                    shadow: "carol:\(carolHash):20000:0:99999:7:::\ndave:\(daveHash):20000:0:99999:7:::")
+
         let console = try SerialConsole([Self.bootScript, "--work", bench.directory + "/qemu", card.devicePath])
         defer { console.stop() }
         try console.expect("rpi-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyS0")
@@ -94,6 +108,15 @@ struct BootTests {
         try logIn(console, "alice", "not alice's password")
         try console.expect("Login incorrect", timeout: Self.stepTimeout)
         try console.expect("rpi-test login: ", timeout: Self.stepTimeout)
+        // So is the right one when its hash is yescrypt: this login cannot verify it.
+        try logIn(console, "carol", carolPassword)
+        try console.expect("Login incorrect", timeout: Self.stepTimeout, "carol (yescrypt) refused")
+        try console.expect("rpi-test login: ", timeout: Self.stepTimeout)
+        try logIn(console, "dave", davePassword)
+        var daveShell = Shell(console: console)
+        #expect(try daveShell.run("id -un") == "dave")
+        try console.sendLine("exit")
+        try console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after dave logged out")
 
         try logIn(console, "alice", alicePassword)
         try console.expect("alice@rpi-test:", timeout: Self.stepTimeout, "alice's shell prompt")
@@ -155,6 +178,23 @@ struct BootTests {
         #expect(try shell.run("uname -m") == "armv7l")
         #expect(try shell.run("tty") == "/dev/ttyAMA0")
         #expect(try shell.run("stat -c '%U:%G' /home/tester /home/tester/.profile") == "tester:tester\ntester:tester")
+    }
+
+    /// Appends a line to the card's /etc/passwd and /etc/shadow with debugfs, as someone
+    /// editing the card by hand would: no rule of provision's is applied.
+    func addBehindProvisionsBack(_ filesystem: String, _ directory: String, passwd: String, shadow: String) throws {
+        var script = ""
+        for (file, line, mode) in [("passwd", passwd, "0100644"), ("shadow", shadow, "0100640")] {
+            let text = try Command.check(["debugfs", "-R", "cat /etc/\(file)", filesystem]).stdout
+            let local = directory + "/edited-" + file
+            try (text + line + "\n").write(toFile: local, atomically: true, encoding: .utf8)
+            script += "rm /etc/\(file)\nwrite \(local) /etc/\(file)\nsif /etc/\(file) mode \(mode)\nsif /etc/\(file) uid 0\nsif /etc/\(file) gid 0\n"
+        }
+        let commands = directory + "/edit.debugfs"
+        try script.write(toFile: commands, atomically: true, encoding: .utf8)
+        try Command.check(["debugfs", "-w", "-f", commands, filesystem])
+        let shadowNow = try Command.check(["debugfs", "-R", "cat /etc/shadow", filesystem]).stdout
+        try #require(shadowNow.contains(shadow), "debugfs did not add the line: \(shadowNow)")
     }
 
     func logIn(_ console: SerialConsole, _ user: String, _ password: String) throws {

@@ -23,7 +23,7 @@ extension Profile {
     /// Reads the image's root filesystem (a compressed image is first decompressed into a
     /// sparse temporary file) and checks every hash this profile and `inventory` would
     /// give a unit. Only sd profiles with users; nil otherwise.
-    public func checkLogin(inventory: Inventory?) -> LoginCheck? {
+    public func checkLogin(inventory: Inventory?, inventoryPath: String? = nil) -> LoginCheck? {
         let inventoryUsers = inventory?.users ?? []
         guard kind == .sd, inject, let image, !(users.isEmpty && inventoryUsers.isEmpty) else { return nil }
         var check = LoginCheck(profile: name)
@@ -49,13 +49,15 @@ extension Profile {
         let generates = users.contains { $0.password == .generate } || (inventory?.generatesPasswords ?? false)
         let method = LoginCapabilities.method(of: inventory?.hashMethod ?? .sha512(rounds: nil))
         if generates, case .notVerifiable(let reason) = capabilities.verdict(for: method) {
-            check.problems.append(ConfigError(file: image.location.file, line: nil, keyPath: "hash",
-                                              message: "generated passwords are hashed with \(method.name): \(reason)"))
+            // The inventory chose the method ("hash = ..."): point at a user who gets one.
+            let message = "generated passwords are hashed with \(method.name) (the inventory's hash): \(reason)"
+            check.problems.append(users.first { $0.password == .generate }.map { $0.location.error("user \($0.name): " + message) }
+                                  ?? ConfigError(file: inventoryPath ?? image.location.file, line: nil, keyPath: "hash", message: message))
         }
         for user in inventoryUsers {
             guard case .hash(let hash) = user.password else { continue }
             if case .notVerifiable(let reason) = capabilities.verdict(forHash: hash) {
-                check.problems.append(ConfigError(file: image.location.file, line: nil, keyPath: "inventory users.\(user.name)",
+                check.problems.append(ConfigError(file: inventoryPath ?? image.location.file, line: nil, keyPath: "users.\(user.name)",
                                                   message: "user \(user.name): \(reason)"))
             }
         }
@@ -99,7 +101,7 @@ extension StationConfig {
     /// `checkLogin` for every profile that gives units users, in name order.
     public func loginChecks() -> [LoginCheck] {
         let inventory = inventoryPath.flatMap { try? Inventory.load(path: $0) }
-        return profiles.keys.sorted().compactMap { profiles[$0]?.checkLogin(inventory: inventory) }
+        return profiles.keys.sorted().compactMap { profiles[$0]?.checkLogin(inventory: inventory, inventoryPath: inventoryPath) }
     }
 
     /// Where generated passwords go, for `provision config check`: the inventory's export
