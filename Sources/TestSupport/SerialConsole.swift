@@ -1,6 +1,6 @@
 // A virtual machine's serial console, driven like `expect`: QEMU (through images/boot-in-qemu)
 // is a child of the test process with its stdin and stdout on pipes; the test waits for text
-// with a deadline (poll(2) on the pipe, never a sleep) and types lines.
+// with a deadline (the pipe polled, the task yielding between polls) and types lines.
 //
 // Everything the machine printed is kept in `transcript`, so a failed expectation shows the
 // boot log and the conversation up to that point.
@@ -68,10 +68,17 @@ public final class SerialConsole: Sendable {
     /// Waits until one of `patterns` appears after the previous match; returns its index and
     /// the text from the previous match up to and including this one. Throws, with the
     /// transcript's tail, when `timeout` passes or the machine exits first.
+    ///
+    /// Async, and it never blocks a thread: a boot takes minutes on a loaded machine, and a
+    /// test blocked in poll(2) for that long would hold one of the few threads of Swift's
+    /// cooperative pool that every other suite running beside it needs. The pipe is polled
+    /// without waiting; between polls the task sleeps 20 ms (a condition polled with a
+    /// deadline, not a guess at how long something takes).
     @discardableResult
-    public func expect(_ patterns: [String], timeout: Duration, _ what: String? = nil) throws -> (index: Int, text: String) {
+    public func expect(_ patterns: [String], timeout: Duration, _ what: String? = nil) async throws -> (index: Int, text: String) {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         let needles = patterns.map { Array($0.utf8) }
+        var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let found = state.withLock { s -> (Int, String)? in
                 var best: (index: Int, end: Int)?
@@ -86,18 +93,17 @@ public final class SerialConsole: Sendable {
                 return (best.index, text)
             }
             if let found { return found }
-            let now = ContinuousClock.now
-            guard now < deadline else {
+            guard ContinuousClock.now < deadline else {
                 throw failure("timed out after \(timeout) waiting for \(what ?? patterns.map { "\"\($0)\"" }.joined(separator: " or "))")
             }
-            let remaining = deadline - now
-            let millis = Int32(min(1000, max(1, remaining.components.seconds * 1000 + remaining.components.attoseconds / 1_000_000_000_000_000)))
             let fd = state.withLock { $0.output }
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&pfd, 1, millis)
+            let ready = poll(&pfd, 1, 0)
             if ready < 0, errno == EINTR { continue }
-            guard ready > 0 else { continue }
-            var buffer = [UInt8](repeating: 0, count: 65536)
+            guard ready > 0 else {
+                try await Task.sleep(for: .milliseconds(20))
+                continue
+            }
             let count = read(fd, &buffer, buffer.count)
             if count < 0, errno == EINTR || errno == EAGAIN { continue }
             guard count > 0 else {
@@ -109,8 +115,8 @@ public final class SerialConsole: Sendable {
 
     /// `expect` for one pattern.
     @discardableResult
-    public func expect(_ pattern: String, timeout: Duration, _ what: String? = nil) throws -> String {
-        try expect([pattern], timeout: timeout, what).text
+    public func expect(_ pattern: String, timeout: Duration, _ what: String? = nil) async throws -> String {
+        try await expect([pattern], timeout: timeout, what).text
     }
 
     /// Types `text` followed by a carriage return, as a terminal's Enter key sends it.

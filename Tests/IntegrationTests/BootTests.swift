@@ -22,7 +22,7 @@ struct BootTests {
     static let stepTimeout: Duration = .seconds(120)
 
     @Test("x86: the daemon writes the test image with a user by hash and one with a generated password; the card boots; a wrong password (and a yescrypt hash) is refused; both log in with the right uid, gid, groups and home")
-    func x86CardBootsAndItsUsersLogIn() throws {
+    func x86CardBootsAndItsUsersLogIn() async throws {
         let bench = try StationBench()
         defer { bench.close() }
         try Command.check([Self.repository + "/images/build-test-image", "--out", bench.directory, "--size", "128MiB",
@@ -102,50 +102,50 @@ struct BootTests {
 
         let console = try SerialConsole([Self.bootScript, "--work", bench.directory + "/qemu", card.devicePath])
         defer { console.stop() }
-        try console.expect("rpi-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyS0")
+        try await console.expect("rpi-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyS0")
 
         // A wrong password is refused by the image's own login.
-        try logIn(console, "alice", "not alice's password")
-        try console.expect("Login incorrect", timeout: Self.stepTimeout)
-        try console.expect("rpi-test login: ", timeout: Self.stepTimeout)
+        try await logIn(console, "alice", "not alice's password")
+        try await console.expect("Login incorrect", timeout: Self.stepTimeout)
+        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout)
         // So is the right one when its hash is yescrypt: this login cannot verify it.
-        try logIn(console, "carol", carolPassword)
-        try console.expect("Login incorrect", timeout: Self.stepTimeout, "carol (yescrypt) refused")
-        try console.expect("rpi-test login: ", timeout: Self.stepTimeout)
-        try logIn(console, "dave", davePassword)
+        try await logIn(console, "carol", carolPassword)
+        try await console.expect("Login incorrect", timeout: Self.stepTimeout, "carol (yescrypt) refused")
+        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout)
+        try await logIn(console, "dave", davePassword)
         var daveShell = Shell(console: console)
-        #expect(try daveShell.run("id -un") == "dave")
+        #expect(try await daveShell.run("id -un") == "dave")
         try console.sendLine("exit")
-        try console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after dave logged out")
+        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after dave logged out")
 
-        try logIn(console, "alice", alicePassword)
-        try console.expect("alice@rpi-test:", timeout: Self.stepTimeout, "alice's shell prompt")
+        try await logIn(console, "alice", alicePassword)
+        try await console.expect("alice@rpi-test:", timeout: Self.stepTimeout, "alice's shell prompt")
         var shell = Shell(console: console)
-        let aliceID = try shell.run("id")
+        let aliceID = try await shell.run("id")
         #expect(aliceID.contains("uid=\(alice.uid)(alice) gid=\(try gid("alice"))(alice)"), "\(aliceID)")
         #expect(aliceID.contains("100(users)") && aliceID.contains("44(video)"), "\(aliceID)")
         #expect(!aliceID.contains("sudo"), "\(aliceID)")
-        #expect(try shell.run("pwd") == "/home/alice")
-        #expect(try shell.run("stat -c '%U:%G %F' /home/alice /home/alice/.profile")
+        #expect(try await shell.run("pwd") == "/home/alice")
+        #expect(try await shell.run("stat -c '%U:%G %F' /home/alice /home/alice/.profile")
                 == "alice:alice directory\nalice:alice regular file")
-        #expect(try shell.run("cmp /etc/skel/.profile /home/alice/.profile && echo same-as-skel") == "same-as-skel")
+        #expect(try await shell.run("cmp /etc/skel/.profile /home/alice/.profile && echo same-as-skel") == "same-as-skel")
         // The image as built: its getty on the console QEMU gives it, /dev mounted, a hostname.
-        #expect(try shell.run("tty") == "/dev/ttyS0")
-        #expect(try shell.run("hostname") == "rpi-test")
-        #expect(try shell.run("grep -c '^devtmpfs /dev ' /proc/mounts") == "1")
+        #expect(try await shell.run("tty") == "/dev/ttyS0")
+        #expect(try await shell.run("hostname") == "rpi-test")
+        #expect(try await shell.run("grep -c '^devtmpfs /dev ' /proc/mounts") == "1")
         try console.sendLine("exit")
-        try console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after alice logged out")
+        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after alice logged out")
 
-        try logIn(console, "bob", bobPassword)
-        try console.expect("bob@rpi-test:", timeout: Self.stepTimeout, "bob's shell prompt")
+        try await logIn(console, "bob", bobPassword)
+        try await console.expect("bob@rpi-test:", timeout: Self.stepTimeout, "bob's shell prompt")
         shell = Shell(console: console)
-        let bobID = try shell.run("id")
+        let bobID = try await shell.run("id")
         #expect(bobID.contains("uid=\(bob.uid)(bob) gid=\(try gid("bob"))(bob)") && bobID.contains("27(sudo)"), "\(bobID)")
-        #expect(try shell.run("stat -c '%U:%G' /home/bob /home/bob/.profile") == "bob:bob\nbob:bob")
+        #expect(try await shell.run("stat -c '%U:%G' /home/bob /home/bob/.profile") == "bob:bob\nbob:bob")
     }
 
     @Test("ARM: the armhf test image written and given a user by provision boots on QEMU's vexpress-a9 from its SD card, and the user logs in")
-    func armCardBootsOnVexpressAndTheUserLogsIn() throws {
+    func armCardBootsOnVexpressAndTheUserLogsIn() async throws {
         let busybox = Self.armhfParts + "/bin/busybox"
         try #require(FileManager.default.fileExists(atPath: busybox),
                      "no armhf parts in \(Self.armhfParts): run `make boot-parts` (images/fetch-armhf-boot-parts)")
@@ -169,15 +169,15 @@ struct BootTests {
         let console = try SerialConsole([Self.bootScript, "--arch", "arm", "--parts", Self.armhfParts,
                                          "--work", bench.directory + "/qemu", card.devicePath])
         defer { console.stop() }
-        try console.expect("vexpress-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyAMA0")
-        try logIn(console, "tester", password)
-        try console.expect("tester@vexpress-test:", timeout: Self.stepTimeout, "tester's shell prompt")
+        try await console.expect("vexpress-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyAMA0")
+        try await logIn(console, "tester", password)
+        try await console.expect("tester@vexpress-test:", timeout: Self.stepTimeout, "tester's shell prompt")
         var shell = Shell(console: console)
-        let id = try shell.run("id")
+        let id = try await shell.run("id")
         #expect(id.hasPrefix("uid=1000(tester) gid=1000(tester)") && id.contains("100(users)"), "\(id)")
-        #expect(try shell.run("uname -m") == "armv7l")
-        #expect(try shell.run("tty") == "/dev/ttyAMA0")
-        #expect(try shell.run("stat -c '%U:%G' /home/tester /home/tester/.profile") == "tester:tester\ntester:tester")
+        #expect(try await shell.run("uname -m") == "armv7l")
+        #expect(try await shell.run("tty") == "/dev/ttyAMA0")
+        #expect(try await shell.run("stat -c '%U:%G' /home/tester /home/tester/.profile") == "tester:tester\ntester:tester")
     }
 
     /// Appends a line to the card's /etc/passwd and /etc/shadow with debugfs, as someone
@@ -197,9 +197,9 @@ struct BootTests {
         try #require(shadowNow.contains(shadow), "debugfs did not add the line: \(shadowNow)")
     }
 
-    func logIn(_ console: SerialConsole, _ user: String, _ password: String) throws {
+    func logIn(_ console: SerialConsole, _ user: String, _ password: String) async throws {
         try console.sendLine(user)
-        try console.expect("Password: ", timeout: Self.stepTimeout)
+        try await console.expect("Password: ", timeout: Self.stepTimeout)
         try console.sendLine(password)
     }
 
@@ -210,11 +210,11 @@ struct BootTests {
         let console: SerialConsole
         var count = 0
 
-        mutating func run(_ command: String) throws -> String {
+        mutating func run(_ command: String) async throws -> String {
             count += 1
             let begin = "@@B\(1000 + count)@@", end = "@@E\(1000 + count)@@"
             try console.sendLine("echo @@B$((1000+\(count)))@@; \(command); echo @@E$((1000+\(count)))@@")
-            let text = try console.expect(end, timeout: BootTests.stepTimeout, "the output of `\(command)`")
+            let text = try await console.expect(end, timeout: BootTests.stepTimeout, "the output of `\(command)`")
             guard let from = text.range(of: begin, options: .backwards) else {
                 throw BenchError("`\(command)` printed no \(begin): \(text)")
             }
