@@ -120,4 +120,44 @@ struct LoginCheckTests {
         #expect(ok.stdout.contains("generated passwords: appended to \(export)"), "\(ok.stdout)")
         #expect(ok.stdout.contains("profile p: login not checked"), "the image is missing: \(ok.stdout)")
     }
+
+    @Test("a manual job with a profile that generates passwords, on a station with no export file, fails before its card is written")
+    func manualJobWithoutExportFailsBeforeWriting() throws {
+        let bench = try StationBench()
+        defer { bench.close() }
+        let image = try bench.image("random.img", bytes: 8 << 20)
+        // No slot uses the profile, so the config loads; the job is where it is refused.
+        try """
+            [station]
+            name = "export-\(bench.token)"
+            allow_loop_devices = true
+            ledger = "\(bench.ledgerPath)"
+            cache_dir = "\(bench.directory)/cache"
+
+            [profiles.gen]
+            image = "\(image)"
+            [profiles.gen.root]
+            partition = 2
+            [[profiles.gen.users]]
+            name = "bob"
+            password = "generate"
+
+            """.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+        try bench.startDaemon()
+        let card = try bench.card(slot: "MANUAL", size: 32 << 20)
+        try bench.waitForStatus("\(card.devicePath) to be seen") { $0.refused.contains { $0.device == card.devicePath } }
+        let flash = try bench.cli(["flash", card.devicePath, "--profile", "gen"])
+        #expect(flash.succeeded, "\(flash)")
+        let deadline = ContinuousClock.now.advanced(by: .seconds(120))
+        var job = try bench.jobs().first { $0.device == card.devicePath }
+        while job?.state.isFinal != true, ContinuousClock.now < deadline {
+            usleep(100_000)
+            job = try bench.jobs().first { $0.device == card.devicePath }
+        }
+        #expect(job?.state == .failed, "\(String(describing: job))")
+        #expect(job?.message?.contains("user bob of profile gen gets a generated password, but the station has nowhere to put it") == true,
+                "\(job?.message ?? "")")
+        let nonzero = try Command.check(["bash", "-c", "dd if=\(card.devicePath) iflag=direct bs=1M count=32 status=none | tr -d '\\0' | wc -c"]).stdout
+        #expect(nonzero.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "the card was written")
+    }
 }
