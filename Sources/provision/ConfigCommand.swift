@@ -12,10 +12,11 @@ struct ConfigCommand: ParsableCommand {
         func run() throws {
             do {
                 let c = try StationConfig.load(file: file)
-                print("\(file): ok — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
-                for slot in c.slots { print("  slot \(slot.name): \(slot.match) → \(slot.profile)") }
                 // Issue 15: whether each image's own login can verify the hashes its users get.
                 let checks = c.loginChecks()
+                let verdict = checks.allSatisfy(\.problems.isEmpty) ? "ok" : "users who could never log in (below)"
+                print("\(file): \(verdict) — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
+                for slot in c.slots { print("  slot \(slot.name): \(slot.match) → \(slot.profile)") }
                 for check in checks { print("  profile \(check.profile): \(check.capabilities?.description ?? check.note ?? "")") }
                 if !checks.isEmpty { print("  generated passwords: \(c.passwordExportDestination.map { "appended to \($0)" } ?? "none may be generated (no password_export)")") }
                 let problems = checks.flatMap(\.problems)

@@ -82,6 +82,7 @@ struct LoginCheckTests {
         #expect(check.stderr.contains("bad.toml:14: profiles.p.users[1]") && check.stderr.contains("user carol")
                 && check.stderr.contains("cannot verify yescrypt ($y$)"), "\(check.stderr)")
         #expect(!check.stderr.contains("user ok"), "\(check.stderr)")
+        #expect(!check.stdout.contains(": ok —"), "\(check.stdout)")
 
         let good = try dir.write("good.toml", config(dir.path, image: image + ".zst", users: """
             [[profiles.p.users]]
