@@ -15,9 +15,14 @@ DEB_LIBS = pkg-config libudev-dev libusb-1.0-0-dev libsystemd-dev libext2fs-dev 
 DEB_TOOLS = udev systemd bmap-tools whois openssl e2fsprogs fdisk dosfstools mtools \
             busybox-static zstd xz-utils gzip time passwd util-linux sqlite3 python3 cpio \
             device-tree-compiler umockdev libumockdev-dev nix-bin
+# issue 15: cards booted under QEMU by the tests (x86, and the seed's vexpress-a9 with Debian's
+# armhf kernel and busybox, unpacked by images/fetch-armhf-boot-parts: busybox-static:armhf
+# installed would replace the host's busybox-static, which build-test-image runs)
+DEB_TOOLS += qemu-system-x86 qemu-system-arm linux-image-amd64 kmod
+ARMHF_PARTS = .build/armhf-boot-parts
 STAMP = .build/.deps-installed
 
-.PHONY: deps build release test demo bench clean
+.PHONY: deps build release test demo bench clean boot-parts
 $(STAMP): Makefile
 	@if ! dpkg -s $(DEB_LIBS) $(DEB_TOOLS) >/dev/null 2>&1; then \
 	  echo ">>> installing Debian packages"; \
@@ -27,6 +32,11 @@ $(STAMP): Makefile
 
 deps: $(STAMP)
 
+boot-parts: deps
+	@busybox true 2>/dev/null || { echo ">>> busybox-static for $$(dpkg --print-architecture) (the one installed does not run here)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static:$$(dpkg --print-architecture) >/dev/null; }
+	images/fetch-armhf-boot-parts $(ARMHF_PARTS)
+
 build: deps
 	$(SWIFT) build -c $(CONFIG) $(BUILD_FLAGS)
 
@@ -34,7 +44,7 @@ release: deps
 	$(SWIFT) build $(RELEASE_FLAGS) --product provisiond
 	$(SWIFT) build $(RELEASE_FLAGS) --product provision
 
-test: deps
+test: deps boot-parts
 	$(SWIFT) build --build-tests $(BUILD_FLAGS)
 	$(SWIFT) test --skip-build $(BUILD_FLAGS)
 

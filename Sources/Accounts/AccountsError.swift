@@ -14,7 +14,8 @@ public struct AccountsError: Error, CustomStringConvertible, Sendable, Equatable
         case missingGroup
         /// A user name, uid, GECOS, shell or home does not fit passwd's format.
         case invalidSpec
-        /// A pre-made hash is not one of the accepted crypt formats.
+        /// A pre-made hash is not one of the accepted crypt formats, or is one the image's
+        /// own login cannot verify (LoginCapabilities).
         case invalidHash
         /// libcrypt refused to hash or to generate a salt.
         case hashing

@@ -67,6 +67,7 @@ public enum Injector {
                 """)
         }
         let plan = try InjectionPlan.build(filesystem: fs, users: users, hashMethod: hashMethod, now: now)
+        try refuseUnverifiableHashes(plan.users, in: fs)
         try plan.preflight(fs)
         let need = plan.worstCase(blockSize: fs.blockSize)
         guard need.blocks <= fs.freeBlocks, need.inodes <= fs.freeInodes else {
@@ -77,6 +78,17 @@ public enum Injector {
                 """)
         }
         return plan
+    }
+
+    /// A user whose hash the image's login cannot check could never log in (LoginCapabilities).
+    /// Refused before anything is written; unknown capabilities let the users through.
+    static func refuseUnverifiableHashes(_ users: [InjectedUser], in fs: Ext2Filesystem) throws(AccountsError) {
+        let capabilities = try LoginCapabilities.inspect(fs)
+        for user in users {
+            if case .notVerifiable(let reason) = capabilities.verdict(forHash: user.hash) {
+                throw AccountsError(.invalidHash, "user \(user.name): \(reason)")
+            }
+        }
     }
 
     /// Finds the root partition and says what it holds, without changing anything.

@@ -31,9 +31,24 @@ public struct JobProgress: Codable, Sendable, Equatable {
 public struct UnitAccount: Codable, Sendable, Equatable {
     public var name: String
     public var uid: Int
-    /// Shown once, to admins, in the job's result; never stored by the daemon.
+    /// Shown once, to admins, in the job's result (`watch --json`); never stored by the daemon.
     public var generatedPassword: String?
-    public init(name: String, uid: Int, generatedPassword: String? = nil) { self.name = name; self.uid = uid; self.generatedPassword = generatedPassword }
+    /// Where the generated password was appended (the station's 0600 export file); set for
+    /// every generated password, kept in the ledger, and what the text UI shows instead of it.
+    public var passwordExport: String?
+    public init(name: String, uid: Int, generatedPassword: String? = nil, passwordExport: String? = nil) {
+        self.name = name; self.uid = uid; self.generatedPassword = generatedPassword; self.passwordExport = passwordExport
+    }
+
+    /// The account without its password, for everyone but an admin's one announcement.
+    public var redacted: UnitAccount { UnitAccount(name: name, uid: uid, passwordExport: passwordExport) }
+
+    /// "pi: password exported to /var/lib/provision/passwords.tsv" — what a shared screen may
+    /// say about a generated password; nil for accounts whose password was not generated.
+    public var passwordNote: String? {
+        guard let passwordExport else { return nil }
+        return "\(name): password exported to \(passwordExport)"
+    }
 }
 
 public struct JobRecord: Codable, Sendable, Equatable {

@@ -352,7 +352,8 @@ final class WriteJob: @unchecked Sendable {
         }
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
         let s0 = ContinuousClock.now
-        progress(WriteProgress(phase: .syncing, bytesDone: meter.done, bytesTotal: total, bytesPerSecond: 0, secondsRemaining: nil))
+        // Phases are reported in the order a reader expects (writing 100 %, then syncing):
+        // the sync that must precede the first MiB is still part of writing it.
         try sync()
         if let first = firstChunk {
             try writeChunk(first)
@@ -360,6 +361,11 @@ final class WriteJob: @unchecked Sendable {
             unverified.append(WrittenChunk(offset: first.offset, count: first.count, fingerprint: first.fingerprint))
             pool.release(first)
         }
+        var written = meter.progress
+        written.bytesTotal = meter.done
+        written.secondsRemaining = 0
+        progress(written)
+        progress(WriteProgress(phase: .syncing, bytesDone: meter.done, bytesTotal: meter.done, bytesPerSecond: 0, secondsRemaining: nil))
         if target.kind == .regularFile {
             // Like bmaptool: the file ends where the image ends (unmapped tail becomes a hole).
             let end = options.bmap?.imageSize ?? streamEnd
@@ -370,9 +376,6 @@ final class WriteJob: @unchecked Sendable {
         }
         try sync()
         syncSeconds = (ContinuousClock.now - s0) / .seconds(1)
-        var p = meter.progress
-        p.bytesTotal = meter.done
-        progress(p)
     }
 
     /// Near the end, sync and hand over every chunk: what is left unverified when the last

@@ -62,6 +62,10 @@ public final class Ledger: Sendable {
                 t.column("hash", .text).notNull()
             }
         }
+        // Where each generated password went (issue 15): the export file's path, never the password.
+        m.registerMigration("v2-password-export") { db in
+            try db.alter(table: "jobUser") { t in t.add(column: "passwordExport", .text) }
+        }
         return m
     }
 
@@ -113,6 +117,17 @@ public final class Ledger: Sendable {
         }
     }
 
+    /// `recordUsers`, with the file each generated password was appended to (never the
+    /// password), so `provision jobs` can say later where it went.
+    public func recordUsers(job id: Int64, users: [(name: String, uid: Int, hash: String, passwordExport: String?)]) async throws {
+        try await db.write { db in
+            for u in users {
+                try db.execute(sql: "INSERT INTO jobUser (jobId, name, uid, hash, passwordExport) VALUES (?, ?, ?, ?, ?)",
+                               arguments: [id, u.name, u.uid, u.hash, u.passwordExport])
+            }
+        }
+    }
+
     /// At start-up: jobs that were running when the daemon died are marked interrupted.
     @discardableResult
     public func markInterrupted(at now: Date = Date()) async throws -> [JobRecord] {
@@ -157,8 +172,8 @@ public final class Ledger: Sendable {
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM job \(whereSQL) ORDER BY id DESC LIMIT ?", arguments: StatementArguments(args))
             var records = rows.map(Self.record)
             for i in records.indices {
-                let users = try Row.fetchAll(db, sql: "SELECT name, uid FROM jobUser WHERE jobId = ?", arguments: [records[i].id])
-                if !users.isEmpty { records[i].users = users.map { UnitAccount(name: $0["name"], uid: $0["uid"]) } }
+                let users = try Row.fetchAll(db, sql: "SELECT name, uid, passwordExport FROM jobUser WHERE jobId = ?", arguments: [records[i].id])
+                if !users.isEmpty { records[i].users = users.map { UnitAccount(name: $0["name"], uid: $0["uid"], passwordExport: $0["passwordExport"]) } }
             }
             return records
         }

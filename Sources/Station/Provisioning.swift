@@ -25,6 +25,11 @@ enum UnitPlan {
             }
         }
         guard profile.inject, !users.isEmpty else { return nil }
+        // A generated password with no export file would exist only in one announcement: refuse
+        // before the card is written (StationConfig refuses such a slot at load already).
+        if export == nil, let user = users.first(where: \.generatesPassword) {
+            throw ProvisioningFailure(message: PasswordExportRule.nowhere(user: user.name, profile: profile.name))
+        }
         let root: RootLocator = switch profile.root?.selector {
         case .partition(let n): .partition(n)
         case .label(let l): .label(l)
@@ -58,6 +63,11 @@ extension JobProgress {
 
 extension UnitAccount {
     init(_ a: ProvisionedAccount) {
-        self.init(name: a.name, uid: a.uid, generatedPassword: a.generatedPassword)
+        self.init(name: a.name, uid: a.uid, generatedPassword: a.generatedPassword, passwordExport: a.exportedTo)
     }
+}
+
+struct ProvisioningFailure: Error, CustomStringConvertible {
+    let message: String
+    var description: String { message }
 }

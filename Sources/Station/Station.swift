@@ -234,7 +234,7 @@ public actor Station {
             self.progress(id, JobProgress(p))
         case .accounts(let unit, let accounts):
             do {
-                try await ledger.recordUsers(job: id, users: accounts.map { (name: $0.name, uid: $0.uid, hash: $0.hash) })
+                try await ledger.recordUsers(job: id, users: accounts.map { (name: $0.name, uid: $0.uid, hash: $0.hash, passwordExport: $0.exportedTo) })
                 running[id]?.record.unit = unit
                 running[id]?.record.users = accounts.map { UnitAccount($0) }
             } catch {
@@ -291,7 +291,7 @@ public actor Station {
             running.removeValue(forKey: id)
             // Generated passwords are shown once, in this announcement, and not kept.
             var kept = job.record
-            kept.users = kept.users?.map { UnitAccount(name: $0.name, uid: $0.uid) }
+            kept.users = kept.users?.map(\.redacted)
             finished[id] = kept
             let level: Logger.Level = state == .done ? .info : .error
             logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")\(recorded ? "" : " (not in the ledger)")",

@@ -168,6 +168,7 @@ public struct StationConfig: Sendable {
             throw ConfigError(file: file, line: nil, keyPath: "slots",
                               message: "no [[slots]] (and no kind = \"tegra\" profile): the station would never write a card; add [[slots]] with name, match and profile")
         }
+        try config.requirePasswordExport()
         return config
     }
 

@@ -21,13 +21,26 @@ struct ConfigCommand: ParsableCommand {
         func run() throws {
             do {
                 let c = try StationConfig.load(file: file)
-                print("\(file): ok — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
+                // Issue 15: whether each image's own login can verify the hashes its users get.
+                let checks = c.loginChecks()
+                let verdict = checks.allSatisfy(\.problems.isEmpty) ? "ok" : "users who could never log in (below)"
+                print("\(file): \(verdict) — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
                 for slot in c.slots { print("  slot \(slot.name): \(slot.match) → \(slot.profile)") }
                 for warning in c.warnings { FileHandle.standardError.write(Data("warning: \(warning)\n".utf8)) }
+                for check in checks { print("  profile \(check.profile): \(check.capabilities?.description ?? check.note ?? "")") }
+                if !checks.isEmpty { print("  generated passwords: \(c.passwordExportDestination.map { "appended to \($0)" } ?? "none may be generated (no password_export)")") }
+                let problems = checks.flatMap(\.problems)
+                if !problems.isEmpty { throw LoginProblems(problems: problems) }
             } catch {
                 FileHandle.standardError.write(Data("\(error)\n".utf8))
                 throw ExitCode(78)
             }
         }
     }
+}
+
+/// Users whose hashes the image cannot verify, one `file:line: key: message` line each.
+struct LoginProblems: Error, CustomStringConvertible {
+    let problems: [ConfigError]
+    var description: String { problems.map(\.description).joined(separator: "\n") }
 }

@@ -10,6 +10,7 @@ final class ProgressPrinter: @unchecked Sendable {
     private let lock = NSLock()
     private var lastLine = Date.distantPast
     private var lastPhase: WritePhase?
+    private var finishedPhases: Set<WritePhase> = []
     private let encoder: JSONEncoder = {
         let e = JSONEncoder()
         e.outputFormatting = [.sortedKeys]
@@ -42,14 +43,20 @@ final class ProgressPrinter: @unchecked Sendable {
                 let bar = String(repeating: "#", count: Int(f * Double(width))) + String(repeating: "-", count: width - Int(f * Double(width)))
                 let total = p.bytesTotal.map { " / " + ByteCount.human($0) } ?? ""
                 let eta = p.secondsRemaining.map { " ETA " + Self.clock($0) } ?? ""
-                err(String(format: "\r\u{1B}[K%-9@ [%@] %3.0f%% %@%@ %6.1f MB/s%@", p.phase.rawValue, bar, f * 100, ByteCount.human(p.bytesDone), total, p.bytesPerSecond / 1e6, eta))
+                let rate = p.bytesPerSecond > 0 ? " " + Self.megabytesPerSecond(p.bytesPerSecond) : ""
+                err(String(format: "\r\u{1B}[K%-9@ [%@] %3.0f%% %@%@%@%@", p.phase.rawValue, bar, f * 100, ByteCount.human(p.bytesDone), total, rate, eta))
                 lastPhase = p.phase
             case .lines:
-                if p.phase != lastPhase || Date().timeIntervalSince(lastLine) >= 2 {
+                // `done` is said by `finish`, with the totals.
+                guard p.phase != .done else { return }
+                // Each phase's start, its end (100 %, so a log shows writing finish before
+                // syncing begins), and a line every 2 s between.
+                let finished = p.fraction == 1 && !finishedPhases.contains(p.phase)
+                if p.phase != lastPhase || finished || Date().timeIntervalSince(lastLine) >= 2 {
                     lastLine = Date()
                     lastPhase = p.phase
-                    let pct = p.fraction.map { String(format: " %.0f%%", $0 * 100) } ?? ""
-                    err("\(p.phase.rawValue)\(pct) \(ByteCount.human(p.bytesDone))\(p.bytesTotal.map { " of " + ByteCount.human($0) } ?? "") \(String(format: "%.1f", p.bytesPerSecond / 1e6)) MB/s\n")
+                    if p.fraction == 1 { finishedPhases.insert(p.phase) }
+                    err(Self.line(p) + "\n")
                 }
             }
         }
@@ -63,9 +70,7 @@ final class ProgressPrinter: @unchecked Sendable {
                 struct Final: Encodable { let event = "result"; let ok = true; let device: String; let result: WriteResult }
                 if let d = try? encoder.encode(Final(device: device, result: result)) { out(d) }
             default:
-                let rate = result.writeSeconds > 0 ? Double(result.bytesWritten) / (result.writeSeconds + result.syncSeconds) / 1e6 : 0
-                err("done: wrote \(ByteCount.human(result.bytesWritten)) to \(device) in \(String(format: "%.1f", result.writeSeconds + result.syncSeconds)) s (\(String(format: "%.1f", rate)) MB/s)"
-                    + (result.verified ? ", verified in \(String(format: "%.1f", result.verifySeconds)) s" : ", NOT verified (--no-verify)") + "\n")
+                err(Self.summary(result, device: device) + "\n")
             }
         }
     }
@@ -82,6 +87,39 @@ final class ProgressPrinter: @unchecked Sendable {
 
     private func emit(_ object: [String: String]) {
         if let d = try? encoder.encode(object) { out(d) }
+    }
+
+    /// One progress line off a terminal: "writing 50% 64 MiB of 128 MiB 21.3 MB/s". The
+    /// rate only where one was measured: a sync has no rate, and a phase that has just begun
+    /// (or ended within a blink) has none yet.
+    static func line(_ p: WriteProgress) -> String {
+        let pct = p.fraction.map { String(format: " %.0f%%", $0 * 100) } ?? ""
+        let rate = p.bytesPerSecond > 0 ? " " + megabytesPerSecond(p.bytesPerSecond) : ""
+        return "\(p.phase.rawValue)\(pct) \(ByteCount.human(p.bytesDone))\(p.bytesTotal.map { " of " + ByteCount.human($0) } ?? "")\(rate)"
+    }
+
+    /// The closing line. Times are shown to the precision they have ("0.04 s", not "0.0 s");
+    /// read-back runs during the write, so what is left of it at the end is often nothing.
+    static func summary(_ result: WriteResult, device: String) -> String {
+        let seconds = result.writeSeconds + result.syncSeconds
+        let rate = seconds >= 0.01 ? " (\(megabytesPerSecond(Double(result.bytesWritten) / seconds)))" : ""
+        var text = "done: wrote \(ByteCount.human(result.bytesWritten)) to \(device) in \(duration(seconds))\(rate)"
+        if !result.verified {
+            text += ", NOT verified (--no-verify)"
+        } else if result.verifySeconds < 0.005 {
+            text += ", verified: every written byte read back and compared while writing"
+        } else {
+            text += ", verified: every written byte read back and compared, \(duration(result.verifySeconds)) after the last write"
+        }
+        return text
+    }
+
+    static func duration(_ seconds: Double) -> String {
+        seconds >= 10 ? String(format: "%.0f s", seconds) : seconds >= 0.1 ? String(format: "%.1f s", seconds) : String(format: "%.2f s", seconds)
+    }
+
+    static func megabytesPerSecond(_ bytesPerSecond: Double) -> String {
+        bytesPerSecond >= 100e6 ? String(format: "%.0f MB/s", bytesPerSecond / 1e6) : String(format: "%.1f MB/s", bytesPerSecond / 1e6)
     }
 
     static func clock(_ seconds: Double) -> String {

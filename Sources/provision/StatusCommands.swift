@@ -35,7 +35,18 @@ enum StatusTable {
         for d in s.refused {
             out += "refused \(d.device) (\(d.summary)): \(d.refusals.joined(separator: "; "))\n"
         }
+        // Where generated passwords went, never the passwords: this screen is shared.
+        for job in s.slots.compactMap(\.job) + s.otherJobs {
+            if let notes = passwordNotes(job) { out += "\(job.slot ?? job.device) \(job.unit ?? "job \(job.id)"): \(notes)\n" }
+        }
         return out
+    }
+
+    /// "pi: password exported to /var/lib/provision/passwords.tsv; lab: …", nil when no
+    /// password of the job was generated.
+    static func passwordNotes(_ job: JobRecord) -> String? {
+        let notes = (job.users ?? []).compactMap(\.passwordNote)
+        return notes.isEmpty ? nil : notes.joined(separator: "; ")
     }
 
     static func row(slot: String, job: JobRecord) -> [String] {
@@ -122,7 +133,8 @@ struct WatchCommand: ParsableCommand {
         case .job:
             guard let j = e.job else { return "\(t) job" }
             let r = StatusTable.row(slot: j.slot ?? "-", job: j)
-            return "\(t) job \(j.id) \(r[0]) \(r[1]) \(r[3]) \(r[4]) \(r[5].isEmpty ? "" : r[5] + " MB/s")".trimmingCharacters(in: .whitespaces)
+            let notes = StatusTable.passwordNotes(j).map { " — " + $0 } ?? ""
+            return "\(t) job \(j.id) \(r[0]) \(r[1]) \(r[3]) \(r[4]) \(r[5].isEmpty ? "" : r[5] + " MB/s")".trimmingCharacters(in: .whitespaces) + notes
         case .device:
             guard let d = e.device else { return "\(t) device" }
             return "\(t) device \(d.device) \(d.summary)" + (d.eligible ? (d.slot.map { " in slot \($0)" } ?? "") : " refused: " + d.refusals.joined(separator: "; "))
@@ -150,7 +162,8 @@ struct JobsCommand: ParsableCommand {
             let f = ISO8601DateFormatter()
             for j in jobs {
                 rows.append(["\(j.id)", f.string(from: j.created), j.slot ?? "-", j.device, j.unit ?? j.serial ?? "-", j.state.rawValue,
-                             j.image.map { ($0 as NSString).lastPathComponent } ?? "-", j.message ?? ""])
+                             j.image.map { ($0 as NSString).lastPathComponent } ?? "-",
+                             [j.message, StatusTable.passwordNotes(j)].compactMap { $0 }.joined(separator: "; ")])
             }
             print(StatusTable.table(rows), terminator: "")
         }

@@ -160,7 +160,7 @@ struct ControlSession {
             group.addTask {
                 for await var event in events {
                     // Generated passwords are for admins' eyes only.
-                    if !admin, let users = event.job?.users { event.job?.users = users.map { UnitAccount(name: $0.name, uid: $0.uid) } }
+                    if !admin, let users = event.job?.users { event.job?.users = users.map(\.redacted) }
                     try await outbound.write(ByteBuffer(bytes: try LineCodec.encode(ServerMessage(event: event))))
                 }
             }

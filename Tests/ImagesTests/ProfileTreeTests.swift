@@ -36,7 +36,7 @@ struct ProfileTreeTests {
 
         let vexpress = try #require(catalog["qemu-vexpress"])
         #expect(vexpress.root?.selector == .partition(2))
-        #expect(vexpress.image?.file.hasSuffix("rpi/rpi-test.img.zst") == true)
+        #expect(vexpress.image?.file.hasSuffix("qemu-vexpress/vexpress-test.img.zst") == true)
     }
 
     @Test func brokenProfileIsReportedWithoutHidingTheOthers() throws {
