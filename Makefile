@@ -20,6 +20,8 @@ DEB_TOOLS = udev systemd bmap-tools whois openssl e2fsprogs fdisk dosfstools mto
 # installed would replace the host's busybox-static, which build-test-image runs)
 DEB_TOOLS += qemu-system-x86 qemu-system-arm linux-image-amd64 kmod
 ARMHF_PARTS = .build/armhf-boot-parts
+DEB_TOOLS += cbootimage  # issue 14: reference image builder (cbootimage, bct_dump)
+PIP_TOOLS += cryptography  # issue 14: independent AES-CMAC for the RCM message tests
 STAMP = .build/.deps-installed
 
 .PHONY: deps build release test demo bench clean boot-parts
@@ -28,6 +30,7 @@ $(STAMP): Makefile
 	  echo ">>> installing Debian packages"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
 	fi
+	@for m in $(PIP_TOOLS); do python3 -c "import $$m" 2>/dev/null || python3 -m pip install -q $$m || exit 1; done
 	@mkdir -p .build && touch $@
 
 deps: $(STAMP)

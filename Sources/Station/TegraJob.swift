@@ -66,16 +66,32 @@ struct TegraJob {
     let usb: RecoveryUSBDevice
     let source: @Sendable (RecoveryUSBDevice, [UInt16]) -> any TegraDeviceSource
 
+    /// What a job shows (and the ledger keeps) for a board that came back after "done".
+    static let cameBackMessage = "flashed, but the board came back in recovery mode: it did not boot (check the BCT)"
+
     func run() {
         defer {
             let station = context.station, port = usb.syspath
             blockingAwait { await station.tegraJobEnded(port: port) }
         }
+        let cameBackUID = UIDBox()
         do {
             guard let profile = context.profile else { throw TegraError(.invalidInput, "no tegra profile") }
             let inputs = try profile.tegraProfile().loadInputs(unitName: nil)
+            let window = Double(profile.tegra?.cameBackWindow ?? TegraInputs.defaultCameBackWindow)
             let phase = TegraPhaseBox()
-            let flasher = TegraFlasher(source: source(usb, inputs.usbProductIDs), inputs: inputs) { p, fraction in
+            let station = context.station, ownJob = context.record.id
+            let flasher = TegraFlasher(source: source(usb, inputs.usbProductIDs), inputs: inputs, uidCheck: { uid in
+                // Before anything is written: the same board back in recovery soon after its
+                // "done" did not boot; flashing it again would only repeat that, in a loop.
+                guard window > 0 else { return }
+                let previous = blockingAwait { try? await station.ledger.jobs(.init(limit: 500)) }?
+                    .first { $0.id != ownJob && $0.kind == "tegra" && $0.unit == uid }
+                if let previous, previous.state == .done, Date().timeIntervalSince(previous.updated) <= window {
+                    cameBackUID.value = uid
+                    throw TegraError(.cameBack, Self.cameBackMessage)
+                }
+            }) { p, fraction in
                 let state = Self.state(p)
                 let progress = JobProgress(bytesDone: UInt64(fraction * 1000), bytesTotal: 1000, bytesPerSecond: 0, secondsRemaining: nil)
                 if phase.state != state {
@@ -91,6 +107,10 @@ struct TegraJob {
             let report = try flasher.run()
             if phase.state != .flashingOnDevice { context.transition(.flashingOnDevice, unit: report.uid) }
             context.transition(.done, "done — the flasher U-Boot writes \(report.flashImageBytes) bytes to eMMC boot0, checks the CRC and resets; its serial console shows the >>> steps", unit: report.uid)
+        } catch let e as TegraError where e.kind == .cameBack {
+            // Not flashed again; the board waits in recovery. Putting it into recovery once more
+            // (or `provision tegra flash`) flashes it: this job, not a "done", is now its last.
+            context.transition(.failed, e.message, unit: cameBackUID.value)
         } catch let e as TegraError {
             context.transition(context.cancellation.isCancelled ? .cancelled : .failed, e.message)
         } catch {
@@ -106,6 +126,15 @@ struct TegraJob {
         case .bootloader: .bootloader
         case .flashingOnDevice: .flashingOnDevice
         }
+    }
+}
+
+private final class UIDBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: String?
+    var value: String? {
+        get { lock.withLock { stored } }
+        set { lock.withLock { stored = newValue } }
     }
 }
 

@@ -16,10 +16,7 @@ public enum AESCMAC {
     public static func mac(_ message: [UInt8], key keyBytes: [UInt8] = zeroKey) throws -> [UInt8] {
         let key = SymmetricKey(data: keyBytes)
         let zeroIV = try AES._CBC.IV(ivBytes: [UInt8](repeating: 0, count: 16))
-        let l = [UInt8](try AES._CBC.encrypt([UInt8](repeating: 0, count: 16), using: key, iv: zeroIV,
-                                             noPadding: true))
-        let k1 = doubled(l)
-        let k2 = doubled(k1)
+        let (k1, k2) = try subkeys(key)
 
         // Last block: complete → XOR K1; partial or empty → pad 0x80 00… and XOR K2.
         let blockCount = max(1, (message.count + 15) / 16)
@@ -35,6 +32,36 @@ public enum AESCMAC {
 
         let chained = try AES._CBC.encrypt(padded, using: key, iv: zeroIV, noPadding: true)
         return [UInt8](chained.suffix(16))
+    }
+
+    /// The hash cbootimage stores for a bootloader (and, over a whole number of blocks, for a BCT).
+    ///
+    /// cbootimage pads the data with `0x80 0…` up to a whole AES block, as RFC 4493 does, but then
+    /// always XORs K1 into the last block, where RFC 4493 takes K2 for a padded block. For lengths
+    /// that are a multiple of 16 both agree; for the others only this one matches what cbootimage
+    /// writes into `Bootloader[0]`'s hash (and what the boot ROM checks against it).
+    public static func tegraBootHash(_ data: [UInt8], key keyBytes: [UInt8] = zeroKey) throws -> [UInt8] {
+        let key = SymmetricKey(data: keyBytes)
+        let zeroIV = try AES._CBC.IV(ivBytes: [UInt8](repeating: 0, count: 16))
+        let (k1, _) = try subkeys(key)
+        var padded = data
+        if padded.count % 16 != 0 {
+            padded.append(0x80)
+            padded.append(contentsOf: [UInt8](repeating: 0, count: (16 - padded.count % 16) % 16))
+        }
+        guard !padded.isEmpty else { return [UInt8](repeating: 0, count: 16) }
+        let lastStart = padded.count - 16
+        for i in 0..<16 { padded[lastStart + i] ^= k1[i] }
+        let chained = try AES._CBC.encrypt(padded, using: key, iv: zeroIV, noPadding: true)
+        return [UInt8](chained.suffix(16))
+    }
+
+    /// K1 and K2 of RFC 4493 (L = AES(key, 0), doubled once and twice).
+    private static func subkeys(_ key: SymmetricKey) throws -> ([UInt8], [UInt8]) {
+        let zeroIV = try AES._CBC.IV(ivBytes: [UInt8](repeating: 0, count: 16))
+        let l = [UInt8](try AES._CBC.encrypt([UInt8](repeating: 0, count: 16), using: key, iv: zeroIV, noPadding: true))
+        let k1 = doubled(l)
+        return (k1, doubled(k1))
     }
 
     /// Multiplication by x in GF(2^128) as RFC 4493 derives K1 and K2.

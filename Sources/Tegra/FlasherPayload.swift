@@ -1,11 +1,7 @@
 /// The bootloader image sent to the miniloader: a flasher U-Boot whose control DTB tells
 /// it to write the flash image to eMMC boot0 and reset (tegra-rcm.md, "Writing U-Boot").
 public struct FlasherPayload: Sendable {
-    /// Flash image geometry for the TK1 (cbootimage: block 0x4000, page 0x200, one BCT copy).
-    public static let ubootOffsetInFlashImage = 0x4000
-    public static let flashImageAlignment = 512
-
-    /// BCT + U-Boot as they go to eMMC boot0.
+    /// The boot image as it goes to eMMC boot0 (TegraBootImage: cbootimage's layout).
     public let flashImage: [UInt8]
     /// The U-Boot script placed in `/config/bootcmd`.
     public let script: String
@@ -16,18 +12,6 @@ public struct FlasherPayload: Sendable {
     public let flashImageAddress: UInt32
     public let readBackAddress: UInt32
 
-    /// Builds the flash image: BCT at 0, U-Boot at 0x4000, zero-padded to a multiple of 512.
-    public static func flashImage(bct: [UInt8], uboot: [UInt8]) throws -> [UInt8] {
-        guard bct.count <= ubootOffsetInFlashImage else {
-            throw TegraError(.invalidInput,
-                "the BCT is \(bct.count) bytes; it must fit before U-Boot at offset 0x4000 (16384 bytes)")
-        }
-        var image = bct + [UInt8](repeating: 0, count: ubootOffsetInFlashImage - bct.count) + uboot
-        let remainder = image.count % flashImageAlignment
-        if remainder != 0 { image += [UInt8](repeating: 0, count: flashImageAlignment - remainder) }
-        return image
-    }
-
     public static func paddedLength(nodtb: Int, dtb: Int, bss: Int) -> Int {
         (nodtb + dtb + bss + 8191) & ~4095
     }
@@ -36,9 +20,9 @@ public struct FlasherPayload: Sendable {
     ///   - environment: per-unit `setenv` pairs, already substituted; names and values are checked
     ///     so they cannot break out of the script.
     public init(inputs: TegraFlashInputs, environment: [(name: String, value: String)]) throws {
-        // The board keeps running its ordinary U-Boot (nodtb + its DTB, unedited) after reset.
-        let flashedUBoot = inputs.ubootNoDTB + inputs.ubootDTB
-        flashImage = try Self.flashImage(bct: inputs.bct, uboot: flashedUBoot)
+        // The board keeps running its ordinary U-Boot (nodtb + its DTB, unedited) after reset,
+        // described by the BCT's bootloader table so that the boot ROM finds it.
+        flashImage = try inputs.bootImage().bytes
         let tree = try FlattenedDeviceTree(parsing: inputs.ubootDTB, name: inputs.ubootDTBName)
         let crc = CRC32.checksum(flashImage)
         let imageLength = flashImage.count

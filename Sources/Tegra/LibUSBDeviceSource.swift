@@ -18,7 +18,14 @@ public final class LibUSBDeviceSource: TegraDeviceSource {
     public let selector: Selector
     public let productIDs: [UInt16]
     /// Bus and port path of the last device opened: re-enumeration gives it a new address but the same port.
-    private let lastPort = Mutex<(bus: UInt8, ports: [UInt8])?>(nil)
+    private let lastPort = Mutex<(bus: UInt8, ports: [UInt8], productID: UInt16)?>(nil)
+
+    /// Whether a device found on the port after re-enumeration is the same board: tegrarcm
+    /// matches only the low byte of the product id (the chip), because the miniloader may
+    /// enumerate with another high byte than the boot ROM did.
+    public static func isSameChipAfterReenumeration(original: UInt16, found: UInt16) -> Bool {
+        TegraChip(productID: found) != nil && found & 0xFF == original & 0xFF
+    }
 
     public init(selector: Selector = .first, productIDs: [UInt16] = []) {
         self.selector = selector
@@ -26,13 +33,14 @@ public final class LibUSBDeviceSource: TegraDeviceSource {
     }
 
     public func open() throws -> any USBTransport {
-        let transport = try openMatching(describe: true) { bus, address, _ in
+        let accepted = productIDs
+        let transport = try openMatching(describe: true, productMatches: { accepted.contains($0) }) { bus, address, _ in
             switch self.selector {
             case .first: return true
             case let .busAddress(wantedBus, wantedAddress): return bus == wantedBus && address == wantedAddress
             }
         }
-        lastPort.withLock { $0 = (transport.busNumber, transport.portPath) }
+        lastPort.withLock { $0 = (transport.busNumber, transport.portPath, transport.productID) }
         return transport
     }
 
@@ -42,11 +50,14 @@ public final class LibUSBDeviceSource: TegraDeviceSource {
         var lastError: TegraError?
         repeat {
             do {
-                let transport = try openMatching(describe: false) { bus, _, ports in
+                let transport = try openMatching(describe: false, productMatches: { found in
+                    guard let original = port?.productID else { return self.productIDs.contains(found) }
+                    return Self.isSameChipAfterReenumeration(original: original, found: found)
+                }) { bus, _, ports in
                     guard let port, !port.ports.isEmpty else { return true }
                     return bus == port.bus && ports == port.ports
                 }
-                lastPort.withLock { $0 = (transport.busNumber, transport.portPath) }
+                lastPort.withLock { $0 = (transport.busNumber, transport.portPath, transport.productID) }
                 return transport
             } catch let error as TegraError where error.kind == .noDevice || error.kind == .permissionDenied {
                 // udev may not have applied the group yet to the fresh node: keep polling.
@@ -61,7 +72,8 @@ public final class LibUSBDeviceSource: TegraDeviceSource {
             + "; the miniloader may not match this board: check the profile's miniloader file")
     }
 
-    private func openMatching(describe: Bool, _ accept: (UInt8, UInt8, [UInt8]) -> Bool) throws -> LibUSBTransport {
+    private func openMatching(describe: Bool, productMatches: (UInt16) -> Bool,
+                              _ accept: (UInt8, UInt8, [UInt8]) -> Bool) throws -> LibUSBTransport {
         var context: OpaquePointer?
         let initResult = libusb_init(&context)
         guard initResult == 0, let context else {
@@ -79,7 +91,7 @@ public final class LibUSBDeviceSource: TegraDeviceSource {
             guard let device = list[index] else { continue }
             var descriptor = libusb_device_descriptor()
             guard libusb_get_device_descriptor(device, &descriptor) == 0,
-                  descriptor.idVendor == TegraChip.vendorID, productIDs.contains(descriptor.idProduct),
+                  descriptor.idVendor == TegraChip.vendorID, productMatches(descriptor.idProduct),
                   TegraChip(productID: descriptor.idProduct) != nil else { continue }
             var ports = [UInt8](repeating: 0, count: 8)
             let portCount = libusb_get_port_numbers(device, &ports, Int32(ports.count))

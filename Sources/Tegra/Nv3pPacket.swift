@@ -80,6 +80,19 @@ public enum Nv3p {
         return sealed(bytes)
     }
 
+    /// The whole length a device packet announces, or nil while too few bytes are there to tell
+    /// (the type is at 4, a CMD's or DATA's length at 12). An unknown type gives its bytes as they are.
+    public static func announcedLength(_ bytes: [UInt8]) -> Int? {
+        guard bytes.count >= 8 else { return nil }
+        switch PacketType(rawValue: bytes.loadLE32(at: 4)) {
+        case .ack: return 16
+        case .nack: return 20
+        case .command: return bytes.count >= 16 ? 24 + Int(bytes.loadLE32(at: 12)) : nil
+        case .data: return bytes.count >= 16 ? 20 + Int(bytes.loadLE32(at: 12)) : nil
+        case .encrypted, nil: return bytes.count
+        }
+    }
+
     /// The STATUS command's 40 argument bytes.
     public static func statusArgs(message: String, code: UInt32, flags: UInt32 = 0) -> [UInt8] {
         var text = Array(message.utf8.prefix(31))
@@ -143,9 +156,12 @@ public struct Nv3pReceivedPacket: Sendable {
             expectedLength = 20 + Int(bytes.loadLE32(at: 12))
         case .encrypted: expectedLength = 0
         }
-        guard bytes.count == expectedLength else {
+        guard bytes.count >= expectedLength else {
             throw violation("announced \(expectedLength) bytes")
         }
+        // The target sometimes pads a packet to a longer transfer; like tegrarcm's nv3p_read,
+        // the bytes past the announced length are dropped.
+        let bytes = Array(bytes.prefix(expectedLength))
         let sum = Nv3p.byteSum(bytes.dropLast(4)) &+ bytes.loadLE32(at: bytes.count - 4)
         guard sum == 0 else {
             throw violation("bad checksum (sum plus checksum is \(hex32(sum)), must be 0)")

@@ -136,19 +136,32 @@ public final class Nv3pSession {
         }
     }
 
-    /// One device packet: a single transfer, continued only while a DATA packet is short of
-    /// the length it announces.
+    /// One device packet. It normally comes whole in one transfer, but it may come split over
+    /// several (read on until the length its header announces) or padded (the extra is dropped).
+    /// A lone 4-byte answer that nothing follows is the boot ROM's reply word, not nv3p: the
+    /// board is still in the boot ROM (an earlier program read its UID).
     func receivePacket(waitingFor what: String) throws -> Nv3pReceivedPacket {
         try checkStop()
         var bytes = try transport.read(upTo: Self.packetReadLength, timeoutMilliseconds: timeoutMilliseconds)
-        if bytes.count >= 16, bytes.loadLE32(at: 4) == Nv3p.PacketType.data.rawValue {
-            let announced = 20 + Int(bytes.loadLE32(at: 12))
-            while bytes.count < announced {
-                try checkStop()
-                let more = try transport.read(upTo: announced - bytes.count, timeoutMilliseconds: timeoutMilliseconds)
-                if more.isEmpty { break }
-                bytes.append(contentsOf: more)
+        let firstTransfer = bytes.count
+        while Nv3p.announcedLength(bytes).map({ bytes.count < $0 }) ?? true {
+            try checkStop()
+            let want = max(1, (Nv3p.announcedLength(bytes) ?? 16) - bytes.count)
+            let more: [UInt8]
+            do {
+                more = try transport.read(upTo: min(Self.packetReadLength, max(want, USBTransferRules.maxTransferLength)),
+                                          timeoutMilliseconds: timeoutMilliseconds)
+            } catch let error as TegraError where error.kind == .timeout {
+                if firstTransfer == 4 && bytes.count == 4 {
+                    throw TegraError(.bootROMAnswered(bytes.loadLE32(at: 0)),
+                        "\(transport.location): the boot ROM answered \(what) with the word \(hex32(bytes.loadLE32(at: 0))): "
+                        + "the miniloader is not running")
+                }
+                throw TegraError(.timeout,
+                    "\(transport.location): \(what): the device sent \(bytes.count) bytes of a packet and then nothing for \(timeoutMilliseconds) ms")
             }
+            if more.isEmpty { break }
+            bytes.append(contentsOf: more)
         }
         return try Nv3pReceivedPacket(parsing: bytes, from: "\(transport.location) (\(what))")
     }

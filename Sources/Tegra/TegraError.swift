@@ -36,6 +36,10 @@ public struct TegraError: Error, CustomStringConvertible, Sendable, Equatable {
         case missingInput
         /// A profile input is present but unusable (too big, malformed DTB, bad value).
         case invalidInput
+        /// A 4-byte boot ROM reply came where an nv3p packet was expected: the miniloader is not running.
+        case bootROMAnswered(UInt32)
+        /// The board was flashed before and came back in recovery mode: it did not boot.
+        case cameBack
         /// The caller asked the flasher to stop.
         case cancelled
     }

@@ -7,6 +7,8 @@ public struct TegraFlashInputs: Sendable {
     public var usbProductIDs: [UInt16]
     public var miniloader: [UInt8]
     public var miniloaderEntry: UInt32
+    /// The profile's `bct` file: either the raw BCT (`cbootimage -gbct`; provision completes it for
+    /// this U-Boot) or a whole boot image cbootimage made (provision checks that it describes this U-Boot).
     public var bct: [UInt8]
     public var ubootNoDTB: [UInt8]
     public var ubootDTB: [UInt8]
@@ -40,6 +42,26 @@ public struct TegraFlashInputs: Sendable {
         self.bootDevice = bootDevice
         self.environment = environment
         self.unitName = unitName
+    }
+
+    /// The U-Boot the board keeps running after the flash: nodtb + its unedited DTB.
+    public var flashedUBoot: [UInt8] { ubootNoDTB + ubootDTB }
+
+    /// The BCT the miniloader gets over USB (it initialises SDRAM from it): the raw file, or the
+    /// first copy inside a cbootimage image.
+    public var usbBCT: [UInt8] {
+        guard let layout = BCTLayout.detect(bct), bct.count > layout.size else { return bct }
+        return Array(bct[0..<layout.size])
+    }
+
+    /// What goes to eMMC boot0: the raw BCT completed for `flashedUBoot` as cbootimage does, or the
+    /// given cbootimage image after checking it describes `flashedUBoot` at the load address.
+    public func bootImage() throws -> TegraBootImage {
+        if let layout = BCTLayout.detect(bct), bct.count > layout.size {
+            return try TegraBootImage.check(image: bct, uboot: flashedUBoot, loadAddress: loadAddress, entryPoint: loadAddress,
+                                            chip: chip, name: "the profile's boot image (bct)")
+        }
+        return try TegraBootImage.build(bct: bct, uboot: flashedUBoot, loadAddress: loadAddress, entryPoint: loadAddress, chip: chip)
     }
 
     /// The environment with `{unit}` and `{uid}` filled in.
@@ -105,12 +127,19 @@ public struct TegraProfile: Sendable {
             origin: "u-boot-nodtb-tegra.bin from a U-Boot build (make jetson-tk1_defconfig && make)")
         let dtbBytes = try read(ubootDTB, key: "uboot_dtb",
             origin: "u-boot.dtb from the same U-Boot build")
-        return TegraFlashInputs(chip: chip, usbProductIDs: usbProductIDs, miniloader: miniloaderBytes,
+        let inputs = TegraFlashInputs(chip: chip, usbProductIDs: usbProductIDs, miniloader: miniloaderBytes,
                                 miniloaderEntry: miniloaderEntry ?? chip.miniloaderEntry, bct: bctBytes,
                                 ubootNoDTB: ubootBytes, ubootDTB: dtbBytes,
                                 ubootDTBName: resolve(ubootDTB), ubootBSSSize: ubootBSSSize,
                                 loadAddress: loadAddress, ramBase: ramBase, bootDevice: bootDevice,
                                 environment: environment, unitName: unitName)
+        // A BCT that cannot make a bootable image is found here, before the board is touched.
+        do {
+            _ = try inputs.bootImage()
+        } catch let error as TegraError {
+            throw TegraError(error.kind, "\(resolve(bct)) (profile key bct): \(error.message)")
+        }
+        return inputs
     }
 
     public func resolve(_ path: String) -> String {

@@ -45,14 +45,20 @@ public final class TegraFlasher: Sendable {
     private let reenumerationTimeoutSeconds: Double
     private let cancelled = Atomic<Bool>(false)
 
+    /// Called with the chip UID as soon as it is known and before anything is written to the
+    /// board; throwing stops the run (the station refuses a board that came back after a flash).
+    private let uidCheck: @Sendable (String) throws -> Void
+
     public init(source: any TegraDeviceSource, inputs: TegraFlashInputs,
                 timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds,
                 reenumerationTimeoutSeconds: Double = 10,
+                uidCheck: @escaping @Sendable (String) throws -> Void = { _ in },
                 progress: @escaping @Sendable (TegraPhase, Double) -> Void = { _, _ in }) {
         self.source = source
         self.inputs = inputs
         self.timeoutMilliseconds = timeoutMilliseconds
         self.reenumerationTimeoutSeconds = reenumerationTimeoutSeconds
+        self.uidCheck = uidCheck
         self.progress = progress
     }
 
@@ -66,24 +72,25 @@ public final class TegraFlasher: Sendable {
 
     public func run() throws -> TegraFlashReport {
         let started = Date()
+        // Everything that can be refused offline is refused before the board is touched.
+        _ = try inputs.bootImage()
         progress(.rcm, 0)
         let bringUp = try MiniloaderBringUp(source: source, chip: inputs.chip, productIDs: inputs.usbProductIDs,
                                             miniloader: inputs.miniloader, miniloaderEntry: inputs.miniloaderEntry,
                                             timeoutMilliseconds: timeoutMilliseconds,
                                             reenumerationTimeoutSeconds: reenumerationTimeoutSeconds,
                                             shouldStop: { [self] in self.isCancelled },
-                                            progress: progress)
+                                            uidCheck: uidCheck, progress: progress)
         let transport = bringUp.transport
         defer { transport.close() }
-        let session = Nv3pSession(transport: transport, timeoutMilliseconds: timeoutMilliseconds,
-                                  shouldStop: { [self] in self.isCancelled })
-        let info = try session.getPlatformInfo()
+        let session = bringUp.session
+        let info = bringUp.platformInfo
         try info.checkFlashable()
-        let uid = bringUp.uid?.hexString ?? info.uidHex
+        let uid = bringUp.uid
 
         try checkCancelled(.bct)
         progress(.bct, 0)
-        try session.downloadBCT(inputs.bct) { [progress] in progress(.bct, $0) }
+        try session.downloadBCT(inputs.usbBCT) { [progress] in progress(.bct, $0) }
 
         try checkCancelled(.bootloader)
         let payload = try FlasherPayload(inputs: inputs, environment: inputs.substitutedEnvironment(uid: uid))
@@ -94,7 +101,7 @@ public final class TegraFlasher: Sendable {
         // From here the flasher U-Boot runs on its own; only its serial console shows the rest.
         progress(.flashingOnDevice, 0)
         return TegraFlashReport(uid: uid, chip: inputs.chip, rcmVersion: bringUp.rcmVersion,
-                                miniloaderWasRunning: bringUp.uid == nil, platformInfo: info,
+                                miniloaderWasRunning: bringUp.miniloaderWasRunning, platformInfo: info,
                                 bootloaderBytes: payload.bytes.count, flashImageBytes: payload.flashImage.count,
                                 flashImageCRC32: CRC32.checksum(payload.flashImage), script: payload.script,
                                 seconds: Date().timeIntervalSince(started))
@@ -110,22 +117,33 @@ public final class TegraFlasher: Sendable {
                                             miniloaderEntry: miniloaderEntry ?? chip.miniloaderEntry,
                                             timeoutMilliseconds: timeoutMilliseconds,
                                             reenumerationTimeoutSeconds: reenumerationTimeoutSeconds,
-                                            shouldStop: { false }, progress: { _, _ in })
+                                            shouldStop: { false }, uidCheck: { _ in }, progress: { _, _ in })
         defer { bringUp.transport.close() }
-        let info = try Nv3pSession(transport: bringUp.transport, timeoutMilliseconds: timeoutMilliseconds).getPlatformInfo()
-        return (bringUp.uid?.hexString ?? info.uidHex, info)
+        return (bringUp.uid, bringUp.platformInfo)
     }
 }
 
-/// Opens the device, talks to the boot ROM and gets the miniloader running (or finds it running).
+/// Opens the device and gets the miniloader running, whatever state an earlier program left
+/// the board in, and reads the platform info:
+/// - the boot ROM sends its UID: RCM version query, miniloader, re-enumeration;
+/// - no UID, and the miniloader answers nv3p: it already runs (after `tegra info --profile`,
+///   or a flash that stopped after the miniloader);
+/// - no UID, and a 4-byte boot ROM word answers the nv3p request: the boot ROM runs but gave its
+///   UID to an earlier program (`tegra info` without a profile, an interrupted attempt), so RCM
+///   goes ahead without it and the UID comes from the platform info.
 struct MiniloaderBringUp {
     let transport: any USBTransport
-    let uid: [UInt8]?
+    let session: Nv3pSession
+    let platformInfo: TegraPlatformInfo
+    /// The chip UID as hex (from the boot ROM, or the platform info when the boot ROM withheld it).
+    let uid: String
     let rcmVersion: UInt32?
+    let miniloaderWasRunning: Bool
 
     init(source: any TegraDeviceSource, chip: TegraChip, productIDs: [UInt16], miniloader: [UInt8],
          miniloaderEntry: UInt32, timeoutMilliseconds: Int, reenumerationTimeoutSeconds: Double,
-         shouldStop: () -> Bool, progress: (TegraPhase, Double) -> Void) throws {
+         shouldStop: @escaping () -> Bool, uidCheck: (String) throws -> Void,
+         progress: (TegraPhase, Double) -> Void) throws {
         var transport = try source.open()
         var handedOver = false
         defer { if !handedOver { transport.close() } }
@@ -138,9 +156,22 @@ struct MiniloaderBringUp {
                 + "the profile is for \(chip)" + (productIDs.isEmpty ? "" : " with product ids \(productIDs.map { "0x" + String($0, radix: 16) }.joined(separator: ", "))"))
         }
         let rom = BootROMSession(transport: transport, chip: chip, timeoutMilliseconds: timeoutMilliseconds)
-        let uid = try rom.readUID()
+        let romUID = try rom.readUID()
+        if let romUID { try uidCheck(romUID.hexString) }
+
+        var session = Nv3pSession(transport: transport, timeoutMilliseconds: timeoutMilliseconds, shouldStop: shouldStop)
+        var info: TegraPlatformInfo?
+        var bootROMRuns = romUID != nil
+        if romUID == nil {
+            do {
+                info = try session.getPlatformInfo()
+            } catch let error as TegraError {
+                guard case .bootROMAnswered = error.kind else { throw error }
+                bootROMRuns = true
+            }
+        }
         var rcmVersion: UInt32?
-        if uid != nil {
+        if bootROMRuns {
             rcmVersion = try rom.queryRCMVersion()
             progress(.rcm, 1)
             if shouldStop() { throw TegraError(.cancelled, "\(transport.location): cancelled before the miniloader") }
@@ -151,13 +182,23 @@ struct MiniloaderBringUp {
             handedOver = true
             transport = try source.reopenAfterReenumeration(timeoutSeconds: reenumerationTimeoutSeconds)
             handedOver = false
+            session = Nv3pSession(transport: transport, timeoutMilliseconds: timeoutMilliseconds, shouldStop: shouldStop)
+            info = try session.getPlatformInfo()
         } else {
             progress(.rcm, 1)
             progress(.miniloader, 1)
         }
+        guard let info else { throw TegraError(.protocolViolation, "\(transport.location): no platform info") }
+        // The platform info carries 16 UID bytes; T20/T30 boot ROMs send 8, taken to be its first
+        // 8 (inferred, not observed), so that one board keeps one identity either way.
+        let uid = romUID?.hexString ?? Array(info.uid.prefix(chip.uidLength)).hexString
+        if romUID == nil { try uidCheck(uid) }
         self.transport = transport
+        self.session = session
+        self.platformInfo = info
         self.uid = uid
         self.rcmVersion = rcmVersion
+        self.miniloaderWasRunning = !bootROMRuns
         handedOver = true
     }
 }

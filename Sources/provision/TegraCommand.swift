@@ -8,7 +8,7 @@ struct TegraCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tegra",
         abstract: "Flash or inspect an NVIDIA Tegra board in USB recovery mode.",
-        subcommands: [Info.self, Flash.self]
+        subcommands: [Info.self, Flash.self, Image.self]
     )
 
     struct DeviceOptions: ParsableArguments {
@@ -95,6 +95,110 @@ struct TegraCommand: ParsableCommand {
             } catch let error as TegraError {
                 throw TegraCommandFailure(error: error)
             }
+        }
+    }
+}
+
+extension TegraCommand {
+    /// `provision tegra image`: the eMMC boot image as cbootimage makes it, built natively, so a
+    /// person (or a script) can compare it with `cbootimage -t124 IMG.cfg out.img` by hand.
+    struct Image: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Build the eMMC boot image (BCT completed for U-Boot, then U-Boot) as cbootimage does.",
+            discussion: """
+                Equivalent to cbootimage with an image config of
+                  Version = <the chip's boot data version>; Bctcopy = 1; Bctfile = BCT;
+                  BootLoader = U-BOOT,LOAD,ENTRY,Complete;
+                The BCT is the raw one `cbootimage -gbct` makes (empty bootloader table). With --profile,
+                the soc, BCT, U-Boot (u-boot-nodtb + its DTB, as flashed) and addresses come from the
+                profile; options given on the command line win. With --check, an existing image is checked
+                against the U-Boot instead (bootloader entry 0, hash and BCT signature); nothing is written.
+                """)
+        @Option(help: "Board profile (TOML) with a [tegra] table: defaults for everything else.")
+        var profile: String?
+        @Option(help: "tegra20, tegra30, tegra114 or tegra124 (default: the profile's soc, or what the BCT says).")
+        var soc: String?
+        @Option(help: "The raw BCT (from `cbootimage -gbct`).")
+        var bct: String?
+        @Option(help: "The bootloader to describe and append (e.g. u-boot-dtb-tegra.bin).")
+        var uboot: String?
+        @Option(help: "Load address of the bootloader (default: the profile's load_address).")
+        var loadAddress: String?
+        @Option(help: "Entry point of the bootloader (default: the load address).")
+        var entry: String?
+        @Option(help: "Number of BCT copies before the bootloader (cbootimage's Bctcopy).")
+        var bctCopies: Int = 1
+        @Option(help: "Where to write the image.")
+        var output: String?
+        @Option(help: "Check this existing image (made by cbootimage) against the U-Boot instead of building one.")
+        var check: String?
+
+        func validate() throws {
+            if check == nil && output == nil { throw ValidationError("give --output FILE (or --check IMAGE)") }
+        }
+
+        func run() throws {
+            do {
+                let loaded = try profile.map { try TegraProfileFile.load($0) }
+                let chip: TegraChip?
+                if let soc {
+                    guard let parsed = TegraChip(socName: soc) else {
+                        throw TegraError(.invalidInput, "--soc \(soc) is not one of tegra20, tegra30, tegra114, tegra124")
+                    }
+                    chip = parsed
+                } else {
+                    chip = loaded.flatMap { TegraChip(socName: $0.soc) }
+                }
+                let ubootBytes: [UInt8]
+                if let uboot {
+                    ubootBytes = try Self.read(uboot, what: "--uboot")
+                } else if let loaded {
+                    ubootBytes = try loaded.loadInputs().flashedUBoot
+                } else {
+                    throw TegraError(.invalidInput, "give --uboot FILE (or --profile naming uboot and uboot_dtb)")
+                }
+                guard let load = try loadAddress.map({ try Self.address($0, "--load-address") }) ?? loaded?.loadAddress else {
+                    throw TegraError(.invalidInput, "give --load-address (e.g. 0x80108000), or --profile with load_address")
+                }
+                let entryPoint = try entry.map { try Self.address($0, "--entry") } ?? load
+                if let check {
+                    let image = try TegraBootImage.check(image: try Self.read(check, what: "--check"), uboot: ubootBytes,
+                                                         loadAddress: load, entryPoint: entryPoint, chip: chip, name: check)
+                    print("\(check): \(image.layout.chip) boot image, Bootloader[0] = \(image.bootloader.length) bytes at block "
+                          + "\(image.bootloader.startBlock), load \(String(format: "0x%08x", load)), entry \(String(format: "0x%08x", entryPoint)): matches the U-Boot")
+                    return
+                }
+                let bctBytes: [UInt8]
+                if let bct {
+                    bctBytes = try Self.read(bct, what: "--bct")
+                } else if let loaded {
+                    bctBytes = try Self.read(loaded.resolve(loaded.bct), what: "the profile's bct")
+                } else {
+                    throw TegraError(.invalidInput, "give --bct FILE (the raw BCT from `cbootimage -gbct`), or --profile naming bct")
+                }
+                let image = try TegraBootImage.build(bct: bctBytes, uboot: ubootBytes, loadAddress: load, entryPoint: entryPoint,
+                                                     chip: chip, bctCopies: bctCopies)
+                guard let output else { return }
+                guard FileManager.default.createFile(atPath: output, contents: Data(image.bytes)) else {
+                    throw TegraError(.missingInput, "cannot write \(output)")
+                }
+                print("\(output): \(image.bytes.count) bytes, \(image.layout.chip) BCT (Bootloader used = \(image.bootloadersUsed)) "
+                      + "+ \(image.bootloader.length) bytes of U-Boot at block \(image.bootloader.startBlock)")
+            } catch let error as TegraError {
+                throw TegraCommandFailure(error: error)
+            }
+        }
+
+        static func read(_ path: String, what: String) throws -> [UInt8] {
+            guard FileManager.default.fileExists(atPath: path) else { throw TegraError(.missingInput, "\(what): \(path) does not exist") }
+            guard let data = FileManager.default.contents(atPath: path) else { throw TegraError(.missingInput, "\(what): cannot read \(path)") }
+            return [UInt8](data)
+        }
+
+        static func address(_ text: String, _ option: String) throws -> UInt32 {
+            let value = text.lowercased().hasPrefix("0x") ? UInt32(text.dropFirst(2), radix: 16) : UInt32(text)
+            guard let value else { throw TegraError(.invalidInput, "\(option) \(text) is not a 32-bit address (e.g. 0x80108000)") }
+            return value
         }
     }
 }

@@ -10,9 +10,10 @@ import TestSupport
 /// here). The station sees the board as udev would report it and runs the whole T124 flow.
 @Suite("Tegra jobs in the station")
 struct TegraJobTests {
-    func makeStation(_ scratch: TemporaryDirectory, simulator: SimulatedTegra) throws -> Station {
+    func makeStation(_ scratch: TemporaryDirectory, simulator: SimulatedTegra, boards: [String: SimulatedTegra] = [:],
+                     extra: String = "") throws -> Station {
         try scratch.write("miniloader.bin", filler(136_920, seed: 1))
-        try scratch.write("board.bct", filler(8192, seed: 2))
+        try scratch.write("board.bct", try ReferenceBCT.make(in: scratch))
         try scratch.write("u-boot-nodtb-tegra.bin", filler(300_000, seed: 3))
         let dts = try scratch.write("u-boot.dts", Array("/dts-v1/;\n/ { model = \"NVIDIA Jetson TK1\"; config { }; };\n".utf8))
         let r = try Command.run(["dtc", "-I", "dts", "-O", "dtb", "-o", scratch.file("u-boot.dtb"), dts])
@@ -31,13 +32,14 @@ struct TegraJobTests {
         uboot = "u-boot-nodtb-tegra.bin"
         uboot_dtb = "u-boot.dtb"
         uboot_bss_size = 0x40000
+        \(extra)
         [profiles.tk1.tegra.env]
         hostname = "lab-{uid}"
         """
         let config = try StationConfig.parse(text: toml, file: scratch.file("station.toml"))
         let ledger = try Ledger(path: config.ledgerPath)
         return Station(config: config, ledger: ledger, logger: quietLogger,
-                       jobRunner: DefaultJobRunner(tegraSource: { _, _ in simulator.source }))
+                       jobRunner: DefaultJobRunner(tegraSource: { usb, _ in (boards[usb.syspath] ?? simulator).source }))
     }
 
     let board = RecoveryUSBDevice(syspath: "/sys/devices/pci0000:00/usb1/1-2", devnode: "/dev/bus/usb/001/007",
@@ -62,7 +64,8 @@ struct TegraJobTests {
         let states = try await Ledger(path: scratch.file("ledger.sqlite")).events(job: job.id).map(\.state)
         #expect(states == [.queued, .rcm, .miniloader, .bct, .bootloader, .flashingOnDevice, .done])
         #expect(simulator.record.violations.isEmpty, "\(simulator.record.violations)")
-        #expect(simulator.record.bct == filler(8192, seed: 2))
+        #expect(simulator.record.bct == [UInt8](try Data(contentsOf: URL(fileURLWithPath: scratch.file("board.bct")))))
+        #expect(simulator.resetAfterFlash(), "the board boots what was written: \(String(describing: simulator.record.bootVerdict))")
     }
 
     @Test("a board that NACKs the BCT fails its job with the reason, and the station goes on")
@@ -87,5 +90,91 @@ struct TegraJobTests {
         t30.productID = 0x7030
         await station.handle(.recovery(.add, t30))
         #expect(try await station.jobs(.init()).isEmpty)
+    }
+
+    /// Waits until `count` jobs are final, and returns them oldest first.
+    func waitForFinalJobs(_ station: Station, count: Int) async throws -> [JobRecord] {
+        let deadline = Date().addingTimeInterval(60)
+        while Date() < deadline {
+            let jobs = try await station.jobs(.init())
+            if jobs.count >= count && jobs.allSatisfy({ $0.state.isFinal }) && await station.runningJobCount == 0 {
+                return jobs.reversed()
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw StationTestError(description: "jobs did not finish within 60 s")
+    }
+
+    @Test("a board back in recovery soon after its done is not flashed again; the job says why; recovery once more flashes it")
+    func boardThatCameBackIsNotFlashedInALoop() async throws {
+        let scratch = try TemporaryDirectory("provision-station")
+        let simulator = SimulatedTegra(faults: [.neverBoots])
+        let station = try makeStation(scratch, simulator: simulator)
+        await station.handle(.recovery(.add, board))
+        let first = try await waitForFinalJobs(station, count: 1)
+        #expect(first.map(\.state) == [.done])
+        // The flasher U-Boot wrote boot0 and reset; this board does not start and falls back to recovery.
+        #expect(!simulator.resetAfterFlash())
+        await station.handle(.recovery(.add, board))
+        let second = try await waitForFinalJobs(station, count: 2)
+        let cameBack = second[1]
+        #expect(cameBack.state == .failed)
+        #expect(cameBack.message == "flashed, but the board came back in recovery mode: it did not boot (check the BCT)")
+        #expect(cameBack.unit == "101112131415161718191a1b1c1d1e1f")
+        let ledger = try Ledger(path: scratch.file("ledger.sqlite"))
+        let events = try await ledger.events(job: cameBack.id)
+        #expect(events.last?.state == .failed && events.last?.message == cameBack.message)
+        #expect(simulator.record.rcmMessages.filter { $0.opcode == 4 }.count == 1, "the miniloader went once: nothing was sent again")
+        // The operator puts it into recovery on purpose: this time it is flashed.
+        await station.handle(.recovery(.add, board))
+        let third = try await waitForFinalJobs(station, count: 3)
+        #expect(third[2].state == .done, "\(third[2].message ?? "")")
+        #expect(simulator.record.rcmMessages.filter { $0.opcode == 4 }.count == 2)
+    }
+
+    @Test("came_back_window = 0 flashes a board every time it shows up")
+    func windowZeroTurnsTheCheckOff() async throws {
+        let scratch = try TemporaryDirectory("provision-station")
+        let simulator = SimulatedTegra(faults: [.neverBoots])
+        let station = try makeStation(scratch, simulator: simulator, extra: "came_back_window = 0")
+        await station.handle(.recovery(.add, board))
+        _ = try await waitForFinalJobs(station, count: 1)
+        #expect(!simulator.resetAfterFlash())
+        await station.handle(.recovery(.add, board))
+        let jobs = try await waitForFinalJobs(station, count: 2)
+        #expect(jobs.map(\.state) == [.done, .done])
+    }
+
+    @Test("a board that came back after the window is flashed again")
+    func boardAfterTheWindowIsFlashed() async throws {
+        let scratch = try TemporaryDirectory("provision-station")
+        let simulator = SimulatedTegra(faults: [.neverBoots])
+        let station = try makeStation(scratch, simulator: simulator, extra: "came_back_window = 1")
+        await station.handle(.recovery(.add, board))
+        _ = try await waitForFinalJobs(station, count: 1)
+        #expect(!simulator.resetAfterFlash())
+        try await Task.sleep(for: .milliseconds(1100))  // the window itself is what is tested
+        await station.handle(.recovery(.add, board))
+        let jobs = try await waitForFinalJobs(station, count: 2)
+        #expect(jobs.map(\.state) == [.done, .done])
+    }
+
+    @Test("two boards at once: two jobs, each named by its own UID, both done")
+    func twoBoardsAtOnce() async throws {
+        let scratch = try TemporaryDirectory("provision-station")
+        var second = board
+        second.syspath = "/sys/devices/pci0000:00/usb1/1-3"
+        second.deviceAddress = 9
+        let boards = [board.syspath: SimulatedTegra(uid: Array(0x10...0x1F)), second.syspath: SimulatedTegra(uid: Array(0xA0...0xAF))]
+        let station = try makeStation(scratch, simulator: SimulatedTegra(), boards: boards)
+        await station.handle(.recovery(.add, board))
+        await station.handle(.recovery(.add, second))
+        let jobs = try await waitForFinalJobs(station, count: 2)
+        #expect(jobs.allSatisfy { $0.state == .done }, "\(jobs.map { $0.message ?? "" })")
+        #expect(Set(jobs.compactMap(\.unit)) == ["101112131415161718191a1b1c1d1e1f", "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"])
+        for simulator in boards.values {
+            #expect(simulator.record.violations.isEmpty)
+            #expect(simulator.resetAfterFlash())
+        }
     }
 }

@@ -59,7 +59,7 @@ let ubootDTS = """
 func syntheticInputs(in directory: TemporaryDirectory, environment: [(name: String, value: String)] = [("hostname", "{unit}"), ("unit_uid", "{uid}")],
                      unitName: String? = "bench-07") throws -> TegraFlashInputs {
     TegraFlashInputs(chip: .t124, usbProductIDs: [0x7140, 0x7740], miniloader: pattern(136_920, seed: 1),
-                     miniloaderEntry: 0x4000_E000, bct: pattern(8192, seed: 2),
+                     miniloaderEntry: 0x4000_E000, bct: try ReferenceBCT.make(in: directory),
                      ubootNoDTB: pattern(300_001, seed: 3), ubootDTB: try compileDTS(ubootDTS, in: directory),
                      ubootBSSSize: 0x3_1234, loadAddress: 0x8010_8000, ramBase: 0x8000_0000,
                      environment: environment, unitName: unitName)

@@ -19,18 +19,32 @@ import TestSupport
         #expect(FlasherPayload.paddedLength(nodtb: 300_001, dtb: 1234, bss: 0x31234) == (300_001 + 1234 + 0x31234 + 8191) & ~4095)
     }
 
-    @Test func flashImagePutsBCTAtZeroAndUBootAt0x4000PaddedTo512() throws {
-        let bct = pattern(8192, seed: 5), uboot = pattern(1000, seed: 6)
-        let image = try FlasherPayload.flashImage(bct: bct, uboot: uboot)
-        #expect(image.count == 0x4000 + 1024)
-        #expect(Array(image[0..<8192]) == bct)
-        #expect(image[8192..<0x4000].allSatisfy { $0 == 0 })
-        #expect(Array(image[0x4000..<(0x4000 + 1000)]) == uboot)
-        #expect(image[(0x4000 + 1000)...].allSatisfy { $0 == 0 })
+    @Test func flashImageIsTheCompletedBootImageNotTheRawBCT() throws {
+        let directory = try TemporaryDirectory()
+        let inputs = try syntheticInputs(in: directory)
+        let payload = try FlasherPayload(inputs: inputs, environment: [])
+        let image = try TegraBootImage.build(bct: inputs.bct, uboot: inputs.flashedUBoot, loadAddress: inputs.loadAddress,
+                                             entryPoint: inputs.loadAddress)
+        #expect(payload.flashImage == image.bytes)
+        #expect(payload.flashImage.count % 512 == 0)
+        #expect(Array(payload.flashImage[0..<8192]) != inputs.bct, "the BCT in boot0 is completed, not the raw file")
+        #expect(SimulatedTegra.bootVerdict(forBoot0: payload.flashImage)
+                == .booted(bootloaderLength: inputs.flashedUBoot.count, loadAddress: inputs.loadAddress))
+        // The raw BCT with U-Boot behind it, as written before: the boot ROM finds no bootloader.
+        let raw = inputs.bct + [UInt8](repeating: 0, count: 0x4000 - 8192) + inputs.flashedUBoot
+        guard case .fellBackToRecovery(let reason) = SimulatedTegra.bootVerdict(forBoot0: raw) else {
+            Issue.record("a raw BCT must not boot")
+            return
+        }
+        #expect(reason.contains("no bootloader"))
     }
 
-    @Test func flashImageRefusesABCTThatOverlapsUBoot() {
-        #expect(throws: TegraError.self) { try FlasherPayload.flashImage(bct: [UInt8](repeating: 1, count: 0x4001), uboot: [1]) }
+    @Test func aBCTThatIsNotABCTIsRefusedBeforeAnything() throws {
+        let directory = try TemporaryDirectory()
+        var inputs = try syntheticInputs(in: directory)
+        inputs.bct = pattern(8192, seed: 2)
+        let error = try #require(throws: TegraError.self) { try FlasherPayload(inputs: inputs, environment: []) }
+        #expect(error.kind == .invalidInput && error.message.contains("not a BCT"))
     }
 
     @Test func payloadIsUBootEditedDTBPaddingThenFlashImage() throws {
@@ -49,7 +63,7 @@ import TestSupport
         #expect(Array(bytes[payload.paddedLength...]) == payload.flashImage)
         #expect(payload.flashImageAddress == inputs.loadAddress + UInt32(payload.paddedLength))
         #expect(payload.readBackAddress == payload.flashImageAddress + UInt32(payload.flashImage.count))
-        // The flashed U-Boot is the ordinary one: nodtb + its unedited DTB.
+        // The flashed U-Boot is the ordinary one: nodtb + its unedited DTB, at block 1.
         #expect(Array(payload.flashImage[0x4000..<(0x4000 + inputs.ubootNoDTB.count + inputs.ubootDTB.count)])
                 == inputs.ubootNoDTB + inputs.ubootDTB)
     }

@@ -40,7 +40,9 @@ import TestSupport
         #expect(record.reenumerations == 1 && record.opens == 2)
 
         #expect(record.nv3pCommands == [0x01, 0x04, 0x06])
-        #expect(record.bct == inputs.bct)
+        #expect(record.bct == inputs.usbBCT && record.bct == inputs.bct)
+        // The target's habits were met on the way: padded packets and packets split over reads.
+        #expect(record.paddedPackets > 0 && record.splitPackets > 0)
         let payload = try FlasherPayload(inputs: inputs, environment: inputs.substitutedEnvironment(uid: report.uid))
         #expect(record.bootloader == payload.bytes)
         #expect(record.bootloaderLoadAddress == 0x8010_8000 && record.bootloaderEntry == 0x8010_8000)
@@ -48,6 +50,10 @@ import TestSupport
         #expect(record.hostDataPacketLengths == [8192] + Array(repeating: 65_536, count: full) + [payload.bytes.count % 65_536])
         #expect(report.script.contains("setenv hostname 'bench-07'"))
         #expect(report.script.contains("setenv unit_uid '\(report.uid)'"))
+        // The flasher writes boot0 and resets: the simulated boot ROM boots what it wrote.
+        #expect(device.resetAfterFlash())
+        #expect(record.bootloader != nil)
+        #expect(device.record.bootVerdict == .booted(bootloaderLength: inputs.flashedUBoot.count, loadAddress: 0x8010_8000))
     }
 
     @Test func skipsRCMWhenTheMiniloaderIsAlreadyRunning() throws {
@@ -65,6 +71,114 @@ import TestSupport
                                                         timeoutMilliseconds: 50, reenumerationTimeoutSeconds: 0.3)
         #expect(uid == "101112131415161718191a1b1c1d1e1f" && info.chipID == 0x40 && info.operatingMode == 3)
         #expect(device.record.nv3pCommands == [0x01] && device.record.violations.isEmpty)
+    }
+
+    // MARK: flows a person really runs
+
+    /// `provision tegra info` without a profile reads the UID and asks the RCM version; the boot
+    /// ROM sends its UID only once, so the flash after it gets none, finds the boot ROM (not the
+    /// miniloader) answering, and goes through RCM anyway.
+    @Test func infoThenFlash() throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra()
+        let probe = try TegraFlasher.probe(source: device.source, timeoutMilliseconds: 50)
+        #expect(probe.uid == "101112131415161718191a1b1c1d1e1f" && probe.rcmVersion == 0x0040_0001)
+        let report = try flasher(device, try syntheticInputs(in: directory)).run()
+        #expect(report.uid == probe.uid, "the UID comes from the platform info")
+        #expect(!report.miniloaderWasRunning && report.rcmVersion == 0x0040_0001)
+        #expect(device.record.nonRCMInBootROM == 1 && device.record.uidsSent == 1)
+        #expect(device.record.violations.isEmpty, "\(device.record.violations)")
+        #expect(device.resetAfterFlash())
+    }
+
+    /// `provision tegra info --profile` leaves the miniloader running; the flash after it finds
+    /// the miniloader (a new session: its sequence starts again at 0) and skips RCM.
+    @Test func infoWithProfileThenFlash() throws {
+        let directory = try TemporaryDirectory()
+        let inputs = try syntheticInputs(in: directory)
+        let device = SimulatedTegra()
+        let (uid, _) = try TegraFlasher.platformInfo(source: device.source, chip: .t124, miniloader: inputs.miniloader,
+                                                     timeoutMilliseconds: 50, reenumerationTimeoutSeconds: 0.3)
+        let report = try flasher(device, inputs).run()
+        #expect(report.uid == uid && report.miniloaderWasRunning)
+        #expect(device.record.rcmMessages.map(\.opcode) == [6, 4], "RCM only once, for the info")
+        #expect(device.record.violations.isEmpty, "\(device.record.violations)")
+        #expect(device.resetAfterFlash())
+    }
+
+    @Test(arguments: [SimulatedTegra.Fault.withholdUID, .resendUID])
+    func uidWithheldOrResentStillFlashes(fault: SimulatedTegra.Fault) throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra(faults: [fault])
+        if fault == .resendUID { _ = try TegraFlasher.probe(source: device.source, timeoutMilliseconds: 50) }
+        let report = try flasher(device, try syntheticInputs(in: directory)).run()
+        #expect(report.uid == "101112131415161718191a1b1c1d1e1f")
+        #expect(device.record.nonRCMInBootROM == (fault == .withholdUID ? 1 : 0))
+        #expect(device.record.violations.isEmpty, "\(device.record.violations)")
+    }
+
+    @Test(arguments: [SimulatedTegra.Step.miniloaderUpload, .bootloaderData])
+    func flashInterruptedByUnplugThenRetried(step: SimulatedTegra.Step) throws {
+        let directory = try TemporaryDirectory()
+        let inputs = try syntheticInputs(in: directory)
+        let device = SimulatedTegra(faults: [.disconnect(step, afterBytes: step == .miniloaderUpload ? 50_000 : 200_000)])
+        let started = Date()
+        let error = try #require(throws: TegraError.self) { try flasher(device, inputs).run() }
+        #expect(error.kind == .deviceGone)
+        // While unplugged, a retry says so and does not hang.
+        let absent = try #require(throws: TegraError.self) { try flasher(device, inputs).run() }
+        #expect(absent.kind == .noDevice)
+        device.replug()
+        let report = try flasher(device, inputs).run()
+        #expect(report.uid == "101112131415161718191a1b1c1d1e1f")
+        #expect(Date().timeIntervalSince(started) < 10)
+        #expect(device.record.violations.isEmpty, "\(device.record.violations)")
+        #expect(device.resetAfterFlash())
+    }
+
+    @Test func twoBoardsAtOnce() async throws {
+        let directory = try TemporaryDirectory()
+        let inputs = try syntheticInputs(in: directory)
+        let boards = [SimulatedTegra(uid: Array(0x10...0x1F)), SimulatedTegra(uid: Array(0xA0...0xAF))]
+        let reports = try await withThrowingTaskGroup(of: TegraFlashReport.self) { group in
+            for board in boards {
+                let job = self.flasher(board, inputs)
+                group.addTask {
+                    // Each board on its own thread, as the station runs them.
+                    try await withCheckedThrowingContinuation { continuation in
+                        Thread { continuation.resume(with: Result(catching: { try job.run() })) }.start()
+                    }
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(Set(reports.map(\.uid)) == ["101112131415161718191a1b1c1d1e1f", "a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"])
+        for board in boards {
+            #expect(board.record.violations.isEmpty, "\(board.record.violations)")
+            #expect(board.resetAfterFlash())
+        }
+    }
+
+    @Test func miniloaderWithAnotherProductIDHighByteIsTheSameBoard() throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra(faults: [.productIDAfterReenumeration(0x7F40)])
+        let report = try flasher(device, try syntheticInputs(in: directory)).run()
+        #expect(report.uid == "101112131415161718191a1b1c1d1e1f")
+        #expect(LibUSBDeviceSource.isSameChipAfterReenumeration(original: 0x7140, found: 0x7F40))
+        #expect(!LibUSBDeviceSource.isSameChipAfterReenumeration(original: 0x7140, found: 0x7130))
+        #expect(!LibUSBDeviceSource.isSameChipAfterReenumeration(original: 0x7140, found: 0x7199))
+    }
+
+    @Test func uidCheckStopsBeforeAnythingIsSent() throws {
+        let directory = try TemporaryDirectory()
+        let device = SimulatedTegra()
+        let flasher = TegraFlasher(source: device.source, inputs: try syntheticInputs(in: directory), timeoutMilliseconds: 50,
+                                   reenumerationTimeoutSeconds: 0.3, uidCheck: { uid in
+            throw TegraError(.cameBack, "came back: \(uid)")
+        })
+        let error = try #require(throws: TegraError.self) { try flasher.run() }
+        #expect(error.kind == .cameBack && error.message.contains("101112"))
+        #expect(device.record.rcmMessages.isEmpty && device.record.miniloader == nil)
     }
 
     func failure(_ faults: [SimulatedTegra.Fault], chip: TegraChip = .t124, productID: UInt16 = 0x7140,

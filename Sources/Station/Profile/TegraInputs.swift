@@ -18,13 +18,19 @@ public struct TegraInputs: Sendable, Equatable {
     public var ramBase: UInt32?
     /// Where the BCT and U-Boot go, e.g. `emmc`.
     public var bootDevice: String?
+    /// Seconds after a board's job said "done" during which the same board (chip UID) showing up
+    /// in recovery mode again is taken as "it did not boot", not flashed again: a board whose
+    /// BCT cannot boot falls back to recovery, and flashing it again would loop. 0 turns the
+    /// check off (every appearance is flashed). Default 600.
+    public var cameBackWindow: Int?
     /// U-Boot environment variables set after `env default` (`[tegra.env]`).
     public var environment: [String: String]
     public var location: ConfigLocation
 
     public static let knownSoCs = ["tegra20", "tegra30", "tegra114", "tegra124"]
     static let keys = ["soc", "usb_product_ids", "miniloader", "miniloader_entry", "bct", "uboot",
-                       "uboot_dtb", "uboot_bss_size", "load_address", "ram_base", "boot_device", "env"]
+                       "uboot_dtb", "uboot_bss_size", "load_address", "ram_base", "boot_device", "came_back_window", "env"]
+    public static let defaultCameBackWindow = 600
 
     static func parse(_ reader: TOMLTableReader) throws -> TegraInputs {
         try reader.rejectUnknownKeys(keys)
@@ -70,7 +76,8 @@ public struct TegraInputs: Sendable, Equatable {
             ubootDTB: try reader.string("uboot_dtb").map(reader.document.resolve(path:)),
             ubootBSSSize: try reader.byteSize("uboot_bss_size"),
             loadAddress: try address("load_address"), ramBase: try address("ram_base"),
-            bootDevice: try reader.string("boot_device"), environment: environment,
+            bootDevice: try reader.string("boot_device"),
+            cameBackWindow: try reader.integer("came_back_window", in: 0...(7 * 86_400)), environment: environment,
             location: reader.document.location(of: reader.path))
     }
 }

@@ -9,17 +9,19 @@ extension SimulatedTegra {
         state.incoming += bytes
         state.transferSizes.append(bytes.count)
         guard state.incoming.count >= 4 else { return }
-        let total = Int(state.incoming.loadWord(0))
-        let version = chip.rcmVersion
-        guard total >= RCMMessage.minimumLength + 4, total <= 4 << 20 else {
-            state.record.violations.append("RCM message announces \(total) bytes")
-            finishMessage(opcode: 0, &state, reply: Self.rejectionWord)
+        let total = Int(simulatorWord(state.incoming, 0))
+        guard total >= 1024 + 4, total <= 4 << 20 else {
+            // Not an RCM message (an nv3p packet starts with its version, 1): a host checking
+            // whether the miniloader runs. The ROM refuses it with one reply word.
+            state.record.nonRCMInBootROM += 1
+            state.incoming = []
+            state.transferSizes = []
+            state.outgoing.append(simulatorBytes(Self.rejectionWord))
             return
         }
-        if state.incoming.count >= version.opcodeOffset + 4, state.incoming.loadWord(version.opcodeOffset) == 0x4,
-           let limit = faults.compactMap({ if case let .disconnect(.miniloaderUpload, n) = $0 { n } else { nil } }).first,
-           state.incoming.count >= limit {
-            unplug(&state)
+        if state.incoming.count >= spec.opcodeOffset + 4, simulatorWord(state.incoming, spec.opcodeOffset) == 0x4,
+           let limit = disconnectLimit(.miniloaderUpload, &state), state.incoming.count >= limit {
+            unplug(&state, at: .miniloaderUpload)
             throw TegraError(.deviceGone, "simulated device unplugged during the miniloader upload")
         }
         if state.incoming.count < total {
@@ -35,23 +37,22 @@ extension SimulatedTegra {
         }
         let message: ReceivedRCMMessage
         do {
-            message = try ReceivedRCMMessage(checking: state.incoming, version: version,
-                                             cmacKeyIsZero: !has(.secureBoot))
+            message = try ReceivedRCMMessage(checking: state.incoming, spec: spec, cmacKeyIsZero: !has(.secureBoot))
         } catch let violation as SimulatorViolation {
             if !(violation.isSignatureFailure && has(.secureBoot)) {
                 state.record.violations.append(violation.description)
             }
-            finishMessage(opcode: state.incoming.loadWord(version.opcodeOffset), &state, reply: Self.rejectionWord)
+            finishMessage(opcode: simulatorWord(state.incoming, spec.opcodeOffset), &state, reply: Self.rejectionWord)
             return
         }
         switch message.opcode {
-        case RCMOpcode.rcmVersion.rawValue:
+        case 0x6:
             finishMessage(opcode: message.opcode, &state,
-                          reply: has(.silentAt(.rcmVersionReply)) ? nil : version.versionWord)
-        case RCMOpcode.downloadExecute.rawValue:
+                          reply: has(.silentAt(.rcmVersionReply)) ? nil : spec.rcmVersionWord)
+        case 0x4:
             state.record.miniloader = message.payload
             state.record.miniloaderEntry = message.args[0]
-            guard message.args[0] == chip.miniloaderEntry else {
+            guard message.args[0] == spec.miniloaderEntry else {
                 state.record.violations.append("miniloader entry \(String(message.args[0], radix: 16))")
                 finishMessage(opcode: message.opcode, &state, reply: 1)
                 return
@@ -71,14 +72,6 @@ extension SimulatedTegra {
         state.record.rcmMessages.append((opcode, state.transferSizes))
         state.incoming = []
         state.transferSizes = []
-        if let reply {
-            state.outgoing.append([UInt8(reply & 0xFF), UInt8(reply >> 8 & 0xFF), UInt8(reply >> 16 & 0xFF), UInt8(reply >> 24)])
-        }
-    }
-}
-
-extension Array where Element == UInt8 {
-    func loadWord(_ offset: Int) -> UInt32 {
-        UInt32(self[offset]) | UInt32(self[offset + 1]) << 8 | UInt32(self[offset + 2]) << 16 | UInt32(self[offset + 3]) << 24
+        if let reply { state.outgoing.append(simulatorBytes(reply)) }
     }
 }

@@ -3,8 +3,12 @@ import Synchronization
 import Tegra
 
 /// A Tegra boot ROM and miniloader behind `USBTransport`, strict about every rule of
-/// tegra-rcm.md, and able to misbehave on request. The one simulated part of the project:
-/// no USB bus exists on the build machines.
+/// tegra-rcm.md and checking the host with code of its own (`SimulatedChipSpec`,
+/// `SimulatorCrypto`, its own nv3p parser), and able to misbehave on request. The one
+/// simulated part of the project: no USB bus exists on the build machines.
+///
+/// Like the real target, it pads some device packets and splits others over two transfers
+/// (unless `.plainDevicePackets`), so every flow the tests run meets both.
 public final class SimulatedTegra: Sendable {
     /// Points in the flow where a fault can strike.
     public enum Step: Sendable, Equatable {
@@ -18,7 +22,8 @@ public final class SimulatedTegra: Sendable {
         case nack(command: UInt32, code: UInt32)
         /// The miniloader's STATUS after this command carries `code`.
         case badStatus(command: UInt32, code: UInt32)
-        /// The device drops off the bus after taking this many bytes of the step's upload.
+        /// The device drops off the bus after taking this many bytes of the step's upload
+        /// (once: after `replug()` the board behaves).
         case disconnect(Step, afterBytes: Int)
         /// The boot ROM sends a UID of this length.
         case uidLength(Int)
@@ -32,6 +37,16 @@ public final class SimulatedTegra: Sendable {
         case corruptPlatformInfoChecksum
         /// The board is already running the miniloader (no UID on the first read).
         case miniloaderAlreadyRunning
+        /// The boot ROM's UID was read by an earlier program: none comes on open.
+        case withholdUID
+        /// The boot ROM sends its UID again on every open.
+        case resendUID
+        /// Device packets come whole, one per transfer, never padded.
+        case plainDevicePackets
+        /// The miniloader enumerates with this product id (same chip byte, other high byte).
+        case productIDAfterReenumeration(UInt16)
+        /// Whatever boot0 holds, the board does not start (as with SDRAM settings that do not fit it).
+        case neverBoots
     }
 
     /// What the simulator saw, for the tests to check.
@@ -48,9 +63,18 @@ public final class SimulatedTegra: Sendable {
         public var violations: [String] = []
         public var reenumerations = 0
         public var opens = 0
+        public var uidsSent = 0
+        /// Transfers the boot ROM got that are not RCM messages (a host probing for the miniloader).
+        public var nonRCMInBootROM = 0
+        public var paddedPackets = 0
+        public var splitPackets = 0
+        /// eMMC boot0 after `resetAfterFlash()`, and whether the boot ROM could boot from it.
+        public var eMMCBoot0: [UInt8]?
+        public var bootVerdict: SimulatedBootVerdict?
     }
 
     public let chip: TegraChip
+    public let spec: SimulatedChipSpec
     public let productID: UInt16
     public let uid: [UInt8]
     let faults: [Fault]
@@ -59,8 +83,9 @@ public final class SimulatedTegra: Sendable {
     public init(chip: TegraChip = .t124, productID: UInt16 = 0x7140,
                 uid: [UInt8] = Array(0x10...0x1F), faults: [Fault] = []) {
         self.chip = chip
+        self.spec = SimulatedChipSpec.of(chip)
         self.productID = productID
-        self.uid = Array(uid.prefix(chip.uidLength))
+        self.uid = Array(uid.prefix(spec.uidLength))
         self.faults = faults
         state = Mutex(SimulatorState(mode: faults.contains(.miniloaderAlreadyRunning) ? .miniloader : .bootROM))
     }
@@ -70,27 +95,87 @@ public final class SimulatedTegra: Sendable {
     /// The device source a flasher uses to open this board.
     public var source: SimulatedTegraSource { SimulatedTegraSource(device: self) }
 
-    func fault(where match: (Fault) -> Bool) -> Fault? { faults.first(where: match) }
     func has(_ fault: Fault) -> Bool { faults.contains(fault) }
+
+    // MARK: the board, from outside
+
+    /// The operator plugs the board back in after an unplug (or holds FORCE RECOVERY and presses
+    /// RESET): a fresh boot ROM, UID not yet sent, every old connection dead.
+    public func replug() {
+        state.withLock { state in
+            state.generation += 1
+            state.mode = .bootROM
+            state.uidSent = false
+            state.resetTransfers()
+            state.resetNv3p()
+            state.bctReceived = false
+        }
+    }
+
+    /// The flasher U-Boot has written boot0 and resets the board: the boot ROM reads boot0 and
+    /// either boots U-Boot (the board leaves USB) or falls back to recovery mode (a fresh boot
+    /// ROM on USB, as a board with an unbootable BCT does). Returns whether it booted.
+    @discardableResult
+    public func resetAfterFlash() -> Bool {
+        state.withLock { state in
+            guard state.mode == .bootloaderRunning, let payload = state.record.bootloader,
+                  let load = state.record.bootloaderLoadAddress else {
+                state.record.bootVerdict = .fellBackToRecovery("no flasher bootloader ran")
+                return false
+            }
+            var (image, verdict) = SimulatedBootImageCheck.flashAndBoot(payload: payload, loadAddress: load, chip: chip)
+            if has(.neverBoots), case .booted = verdict { verdict = .fellBackToRecovery("the board does not start from this BCT (simulated)") }
+            state.record.eMMCBoot0 = image
+            state.record.bootVerdict = verdict
+            state.generation += 1
+            state.resetTransfers()
+            state.resetNv3p()
+            if case .booted = verdict {
+                state.mode = .gone
+                return true
+            }
+            state.mode = .bootROM
+            state.uidSent = false
+            return false
+        }
+    }
+
+    /// The boot ROM's verdict on a boot0 image, for tests that hold an image in hand.
+    public static func bootVerdict(forBoot0 image: [UInt8]) -> SimulatedBootVerdict { SimulatedBootImageCheck.boot(image) }
+
+    /// Whether this disconnect fault fires now (each fires once).
+    func disconnectLimit(_ step: Step, _ state: inout SimulatorState) -> Int? {
+        guard !state.disconnectFired.contains(where: { $0 == step }),
+              let limit = faults.compactMap({ if case let .disconnect(s, n) = $0, s == step { n } else { nil } }).first else { return nil }
+        return limit
+    }
 
     // MARK: connections
 
     func connect() throws -> SimulatedTransport {
         try state.withLock { state in
-            guard state.mode != .gone else {
+            guard state.mode == .bootROM || state.mode == .miniloader || state.mode == .reenumerated else {
                 throw TegraError(.noDevice, "no Tegra device in recovery mode found (simulated board is off the bus)")
+            }
+            var product = productID
+            if state.mode == .reenumerated {
+                state.mode = .miniloader
+                if let other = faults.compactMap({ if case let .productIDAfterReenumeration(p) = $0 { p } else { nil } }).first {
+                    product = other
+                }
             }
             state.record.opens += 1
             state.generation += 1
-            state.incoming = []
-            state.outgoing = []
-            state.transferSizes = []
-            if state.mode == .bootROM && !state.uidSent {
+            state.resetTransfers()
+            // A new connection is a new host session: its sequence starts again at 0.
+            state.resetNv3p()
+            if state.mode == .bootROM && !has(.withholdUID) && (!state.uidSent || has(.resendUID)) {
                 state.uidSent = true
+                state.record.uidsSent += 1
                 let length = faults.compactMap { if case let .uidLength(n) = $0 { n } else { nil } }.first ?? uid.count
                 state.outgoing.append(Array((uid + [UInt8](repeating: 0xAB, count: 32)).prefix(length)))
             }
-            return SimulatedTransport(device: self, generation: state.generation, productID: productID)
+            return SimulatedTransport(device: self, generation: state.generation, productID: product)
         }
     }
 
@@ -108,7 +193,7 @@ public final class SimulatedTegra: Sendable {
             case .miniloader: try miniloaderReceive(bytes, &state)
             case .bootloaderRunning:
                 state.record.violations.append("bulk OUT after the bootloader started")
-            case .reenumerating, .gone:
+            case .reenumerating, .reenumerated, .gone:
                 throw TegraError(.deviceGone, "simulated device is gone")
             }
             return bytes.count
@@ -143,10 +228,10 @@ public final class SimulatedTegra: Sendable {
         repeat {
             let ready = state.withLock { state -> Bool in
                 if state.mode == .reenumerating && !has(.neverReenumerates) {
-                    state.mode = .miniloader
+                    state.mode = .reenumerated
                     state.record.reenumerations += 1
                 }
-                return state.mode == .miniloader
+                return state.mode == .reenumerated || state.mode == .miniloader
             }
             if ready { return try connect() }
             Thread.sleep(forTimeInterval: 0.01)
@@ -156,15 +241,34 @@ public final class SimulatedTegra: Sendable {
     }
 
     /// Takes the device off the bus mid-transfer.
-    func unplug(_ state: inout SimulatorState) {
+    func unplug(_ state: inout SimulatorState, at step: Step) {
+        state.disconnectFired.append(step)
         state.mode = .gone
         state.outgoing = []
+    }
+
+    /// Queues one nv3p device packet: every third padded with 8 zero bytes, every third split
+    /// over two transfers inside its header, the rest whole (unless `.plainDevicePackets`).
+    func sendDevicePacket(_ packet: [UInt8], _ state: inout SimulatorState) {
+        state.devicePackets += 1
+        guard !has(.plainDevicePackets) else { state.outgoing.append(packet); return }
+        switch state.devicePackets % 3 {
+        case 1:
+            state.record.paddedPackets += 1
+            state.outgoing.append(packet + [UInt8](repeating: 0, count: 8))
+        case 2:
+            state.record.splitPackets += 1
+            state.outgoing.append(Array(packet.prefix(10)))
+            state.outgoing.append(Array(packet.dropFirst(10)))
+        default:
+            state.outgoing.append(packet)
+        }
     }
 }
 
 /// Mutable simulator state, only touched under the lock.
 struct SimulatorState: Sendable {
-    enum Mode: Sendable { case bootROM, reenumerating, miniloader, bootloaderRunning, gone }
+    enum Mode: Sendable { case bootROM, reenumerating, reenumerated, miniloader, bootloaderRunning, gone }
     var mode: Mode
     var generation = 0
     var uidSent = false
@@ -173,6 +277,8 @@ struct SimulatorState: Sendable {
     var transferSizes: [Int] = []
     var outgoing: [[UInt8]] = []
     var record = SimulatedTegra.Record()
+    var devicePackets = 0
+    var disconnectFired: [SimulatedTegra.Step] = []
     // nv3p
     var expectedHostSequence: UInt32 = 0
     var deviceSequence: UInt32 = 0
@@ -183,6 +289,21 @@ struct SimulatorState: Sendable {
     var bctReceived = false
     var pendingStatusCode: UInt32 = 0
     var pendingBootloaderLength = 0
+
+    mutating func resetTransfers() {
+        incoming = []
+        outgoing = []
+        transferSizes = []
+        reenumerateWhenDrained = false
+    }
+
+    mutating func resetNv3p() {
+        expectedHostSequence = 0
+        awaitingAckFor = nil
+        afterAck = []
+        afterAckAction = .none
+        receiving = nil
+    }
 }
 
 enum NV3PAfterAck: Sendable { case none, startBootloaderData }
