@@ -81,17 +81,7 @@ struct TegraJob {
             let window = Double(profile.tegra?.cameBackWindow ?? TegraInputs.defaultCameBackWindow)
             let phase = TegraPhaseBox()
             let station = context.station, ownJob = context.record.id
-            let flasher = TegraFlasher(source: source(usb, inputs.usbProductIDs), inputs: inputs, uidCheck: { uid in
-                // Before anything is written: the same board back in recovery soon after its
-                // "done" did not boot; flashing it again would only repeat that, in a loop.
-                guard window > 0 else { return }
-                let previous = blockingAwait { try? await station.ledger.jobs(.init(limit: 500)) }?
-                    .first { $0.id != ownJob && $0.kind == "tegra" && $0.unit == uid }
-                if let previous, previous.state == .done, Date().timeIntervalSince(previous.updated) <= window {
-                    cameBackUID.value = uid
-                    throw TegraError(.cameBack, Self.cameBackMessage)
-                }
-            }) { p, fraction in
+            let flasher = TegraFlasher(source: source(usb, inputs.usbProductIDs), inputs: inputs, progress: { p, fraction in
                 let state = Self.state(p)
                 let progress = JobProgress(bytesDone: UInt64(fraction * 1000), bytesTotal: 1000, bytesPerSecond: 0, secondsRemaining: nil)
                 if phase.state != state {
@@ -101,7 +91,17 @@ struct TegraJob {
                     phase.lastFraction = fraction
                     context.report(progress)
                 }
-            }
+            }, uidCheck: { uid in
+                // Before anything is written: the same board back in recovery soon after its
+                // "done" did not boot; flashing it again would only repeat that, in a loop.
+                guard window > 0 else { return }
+                let previous = blockingAwait { try? await station.ledger.jobs(.init(limit: 500)) }?
+                    .first { $0.id != ownJob && $0.kind == "tegra" && $0.unit == uid }
+                if let previous, previous.state == .done, Date().timeIntervalSince(previous.updated) <= window {
+                    cameBackUID.value = uid
+                    throw TegraError(.cameBack, Self.cameBackMessage)
+                }
+            })
             let watcher = CancelWatcher(flag: context.cancellation) { flasher.cancel() }
             defer { watcher.stop() }
             let report = try flasher.run()

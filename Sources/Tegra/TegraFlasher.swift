@@ -52,8 +52,8 @@ public final class TegraFlasher: Sendable {
     public init(source: any TegraDeviceSource, inputs: TegraFlashInputs,
                 timeoutMilliseconds: Int = USBTransferRules.defaultTimeoutMilliseconds,
                 reenumerationTimeoutSeconds: Double = 10,
-                uidCheck: @escaping @Sendable (String) throws -> Void = { _ in },
-                progress: @escaping @Sendable (TegraPhase, Double) -> Void = { _, _ in }) {
+                progress: @escaping @Sendable (TegraPhase, Double) -> Void = { _, _ in },
+                uidCheck: @escaping @Sendable (String) throws -> Void = { _ in }) {
         self.source = source
         self.inputs = inputs
         self.timeoutMilliseconds = timeoutMilliseconds
@@ -208,10 +208,13 @@ public struct TegraProbeResult: Sendable {
     public let location: String
     public let productID: UInt16
     public let chip: TegraChip
-    /// Nil when the first read timed out: the miniloader is already running.
+    /// The chip UID: from the boot ROM, or from the miniloader's platform info when it runs;
+    /// nil when the boot ROM runs but gave its UID to an earlier program.
     public let uid: String?
-    /// The boot ROM's answer to the (zero-key signed) RCM version query.
+    /// The boot ROM's answer to the (zero-key signed) RCM version query; nil when the miniloader runs.
     public let rcmVersion: UInt32?
+    /// The miniloader (not the boot ROM) answered.
+    public let miniloaderRunning: Bool
 }
 
 extension TegraFlasher {
@@ -225,11 +228,20 @@ extension TegraFlasher {
             throw TegraError(.invalidInput, "\(transport.location) is not a supported Tegra (product id 0x\(String(transport.productID, radix: 16)))")
         }
         let rom = BootROMSession(transport: transport, chip: chip, timeoutMilliseconds: timeoutMilliseconds)
-        guard let uid = try rom.readUID() else {
-            return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip, uid: nil, rcmVersion: nil)
+        func result(uid: String?, version: UInt32?, miniloader: Bool) -> TegraProbeResult {
+            TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip, uid: uid,
+                             rcmVersion: version, miniloaderRunning: miniloader)
         }
-        let version = try rom.queryRCMVersion()
-        return TegraProbeResult(location: transport.location, productID: transport.productID, chip: chip,
-                                uid: uid.hexString, rcmVersion: version)
+        if let uid = try rom.readUID() {
+            return result(uid: uid.hexString, version: try rom.queryRCMVersion(), miniloader: false)
+        }
+        // No UID: either the miniloader runs, or the boot ROM already gave its UID away.
+        do {
+            let info = try Nv3pSession(transport: transport, timeoutMilliseconds: timeoutMilliseconds).getPlatformInfo()
+            return result(uid: Array(info.uid.prefix(chip.uidLength)).hexString, version: nil, miniloader: true)
+        } catch let error as TegraError {
+            guard case .bootROMAnswered = error.kind else { throw error }
+            return result(uid: nil, version: try rom.queryRCMVersion(), miniloader: false)
+        }
     }
 }

@@ -47,12 +47,13 @@ struct TegraCommand: ParsableCommand {
                     let probe = try TegraFlasher.probe(source: source, timeoutMilliseconds: device.timeoutMs)
                     print("device:       \(probe.location)")
                     print("chip:         \(probe.chip)")
-                    if let uid = probe.uid, let version = probe.rcmVersion {
-                        print("unit UID:     \(uid)")
+                    if probe.miniloaderRunning {
+                        print("state:        the miniloader is running (an earlier `info --profile` or flash started it)")
+                        if let uid = probe.uid { print("unit UID:     \(uid)") }
+                    } else if let version = probe.rcmVersion {
+                        print("unit UID:     \(probe.uid ?? "(already read by an earlier program: the boot ROM sends it once)")")
                         print("RCM version:  \(version >> 16).\(version & 0xFFFF) (zero-key CMAC accepted: no secure boot)")
                         print("(give --profile with a miniloader to read the full platform info)")
-                    } else {
-                        print("state:        the miniloader is already running (no UID from the boot ROM)")
                     }
                     return
                 }

@@ -97,7 +97,8 @@ struct TegraJobTests {
         let deadline = Date().addingTimeInterval(60)
         while Date() < deadline {
             let jobs = try await station.jobs(.init())
-            if jobs.count >= count && jobs.allSatisfy({ $0.state.isFinal }) && await station.runningJobCount == 0 {
+            let running = await station.runningJobCount
+            if jobs.count >= count && jobs.allSatisfy({ $0.state.isFinal }) && running == 0 {
                 return jobs.reversed()
             }
             try await Task.sleep(for: .milliseconds(20))

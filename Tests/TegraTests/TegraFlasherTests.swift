@@ -106,6 +106,16 @@ import TestSupport
         #expect(device.resetAfterFlash())
     }
 
+    @Test func probeTwiceSaysWhatItFinds() throws {
+        let device = SimulatedTegra()
+        _ = try TegraFlasher.probe(source: device.source, timeoutMilliseconds: 50)
+        let again = try TegraFlasher.probe(source: device.source, timeoutMilliseconds: 50)
+        #expect(again.uid == nil && again.rcmVersion == 0x0040_0001 && !again.miniloaderRunning)
+        let running = SimulatedTegra(faults: [.miniloaderAlreadyRunning])
+        let found = try TegraFlasher.probe(source: running.source, timeoutMilliseconds: 50)
+        #expect(found.miniloaderRunning && found.uid == "101112131415161718191a1b1c1d1e1f" && found.rcmVersion == nil)
+    }
+
     @Test(arguments: [SimulatedTegra.Fault.withholdUID, .resendUID])
     func uidWithheldOrResentStillFlashes(fault: SimulatedTegra.Fault) throws {
         let directory = try TemporaryDirectory()
@@ -321,6 +331,7 @@ import TestSupport
         let directory = try TemporaryDirectory()
         var inputs = try syntheticInputs(in: directory)
         inputs.chip = .t30
+        inputs.bct = try ReferenceBCT.make(.t30, in: directory)
         inputs.usbProductIDs = [0x7030]
         inputs.miniloaderEntry = 0x4000_A000
         let device = SimulatedTegra(chip: .t30, productID: 0x7030, uid: Array(1...8))
