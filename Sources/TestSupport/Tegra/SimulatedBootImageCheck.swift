@@ -79,10 +79,16 @@ enum SimulatedBootImageCheck {
     /// `mmc write 0xADDR 0 0xCOUNT` in the payload (the script sits in the DTB as plain text).
     static func mmcWrite(in payload: [UInt8]) -> (UInt32, UInt32)? {
         let needle = Array("mmc write 0x".utf8)
-        guard payload.count > needle.count,
-              let at = (0...(payload.count - needle.count)).first(where: { payload[$0..<($0 + needle.count)].elementsEqual(needle) }) else {
+        guard payload.count > needle.count else { return nil }
+        let found: Int? = payload.withUnsafeBufferPointer { bytes in
+            var i = 0
+            while i <= bytes.count - needle.count {
+                if bytes[i] == needle[0] && (1..<needle.count).allSatisfy({ bytes[i + $0] == needle[$0] }) { return i }
+                i += 1
+            }
             return nil
         }
+        guard let at = found else { return nil }
         let rest = String(decoding: payload[(at + needle.count - 2)..<min(payload.count, at + needle.count + 40)], as: UTF8.self)
         let words = rest.split(separator: " ")
         guard words.count >= 3, let address = UInt32(words[0].dropFirst(2), radix: 16), words[1] == "0",

@@ -21,94 +21,124 @@ public enum SimulatorCrypto {
         return inverse ^ rotl(inverse, 1) ^ rotl(inverse, 2) ^ rotl(inverse, 3) ^ rotl(inverse, 4) ^ 0x63
     }
 
-    /// The 11 round keys of AES-128, 16 bytes each, in state order.
-    static func roundKeys(_ key: [UInt8]) -> [[UInt8]] {
-        precondition(key.count == 16)
-        var words = (0..<4).map { Array(key[(4 * $0)..<(4 * $0 + 4)]) }
-        var rcon: UInt8 = 1
-        for i in 4..<44 {
-            var temp = words[i - 1]
-            if i % 4 == 0 {
-                temp = [temp[1], temp[2], temp[3], temp[0]].map { sbox[Int($0)] }
-                temp[0] ^= rcon
-                rcon = multiply(rcon, 2)
-            }
-            words.append(zip(words[i - 4], temp).map { $0 ^ $1 })
-        }
-        return (0..<11).map { round in words[(4 * round)..<(4 * round + 4)].flatMap { $0 } }
-    }
+    static let xtime: [UInt8] = (0..<256).map { multiply(UInt8($0), 2) }
 
-    /// One block; `state[r + 4c]` is row r, column c, as the input bytes come.
-    static func encrypt(_ block: [UInt8], _ keys: [[UInt8]]) -> [UInt8] {
-        var state = zip(block, keys[0]).map { $0 ^ $1 }
-        for round in 1...10 {
-            state = state.map { sbox[Int($0)] }
-            var shifted = state
-            for r in 0..<4 { for c in 0..<4 { shifted[r + 4 * c] = state[r + 4 * ((c + r) % 4)] } }
-            state = shifted
-            if round != 10 {
-                for c in 0..<4 {
-                    let a = Array(state[(4 * c)..<(4 * c + 4)])
-                    state[4 * c] = multiply(a[0], 2) ^ multiply(a[1], 3) ^ a[2] ^ a[3]
-                    state[4 * c + 1] = a[0] ^ multiply(a[1], 2) ^ multiply(a[2], 3) ^ a[3]
-                    state[4 * c + 2] = a[0] ^ a[1] ^ multiply(a[2], 2) ^ multiply(a[3], 3)
-                    state[4 * c + 3] = multiply(a[0], 3) ^ a[1] ^ a[2] ^ multiply(a[3], 2)
+    /// An expanded AES-128 key: 11 round keys of 16 bytes, in state order.
+    struct Schedule {
+        let bytes: [UInt8]
+
+        init(_ key: [UInt8]) {
+            precondition(key.count == 16)
+            var words = (0..<4).map { Array(key[(4 * $0)..<(4 * $0 + 4)]) }
+            var rcon: UInt8 = 1
+            for i in 4..<44 {
+                var temp = words[i - 1]
+                if i % 4 == 0 {
+                    temp = [temp[1], temp[2], temp[3], temp[0]].map { sbox[Int($0)] }
+                    temp[0] ^= rcon
+                    rcon = multiply(rcon, 2)
+                }
+                words.append(zip(words[i - 4], temp).map { $0 ^ $1 })
+            }
+            bytes = words.flatMap { $0 }
+        }
+
+        /// Encrypts the 16 bytes at `state` in place; `state[r + 4c]` is row r, column c.
+        /// Pointers and tables, not arrays: the simulator MACs megabytes in debug builds.
+        func encrypt(_ state: UnsafeMutablePointer<UInt8>) {
+            bytes.withUnsafeBufferPointer { keyBuffer in
+                sbox.withUnsafeBufferPointer { sboxBuffer in
+                    xtime.withUnsafeBufferPointer { xtimeBuffer in
+                        let key = keyBuffer.baseAddress!, s = sboxBuffer.baseAddress!, x2 = xtimeBuffer.baseAddress!
+                        for i in 0..<16 { state[i] ^= key[i] }
+                        var shifted = (UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0),
+                                       UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0))
+                        withUnsafeMutableBytes(of: &shifted) { raw in
+                            let t = raw.baseAddress!.assumingMemoryBound(to: UInt8.self)
+                            for round in 1...10 {
+                                // SubBytes and ShiftRows together: row r moves left by r columns.
+                                for c in 0..<4 {
+                                    for r in 0..<4 { t[r + 4 * c] = s[Int(state[r + 4 * ((c + r) & 3)])] }
+                                }
+                                if round != 10 {
+                                    for c in 0..<4 {
+                                        let a0 = t[4 * c], a1 = t[4 * c + 1], a2 = t[4 * c + 2], a3 = t[4 * c + 3]
+                                        let all = a0 ^ a1 ^ a2 ^ a3
+                                        // 2a ^ 3b ^ c ^ d = a ^ all ^ 2(a ^ b), and so on round the column.
+                                        state[4 * c] = a0 ^ all ^ x2[Int(a0 ^ a1)]
+                                        state[4 * c + 1] = a1 ^ all ^ x2[Int(a1 ^ a2)]
+                                        state[4 * c + 2] = a2 ^ all ^ x2[Int(a2 ^ a3)]
+                                        state[4 * c + 3] = a3 ^ all ^ x2[Int(a3 ^ a0)]
+                                    }
+                                } else {
+                                    for i in 0..<16 { state[i] = t[i] }
+                                }
+                                let k = key + 16 * round
+                                for i in 0..<16 { state[i] ^= k[i] }
+                            }
+                        }
+                    }
                 }
             }
-            state = zip(state, keys[round]).map { $0 ^ $1 }
         }
-        return state
+
+        func encrypt(_ block: [UInt8]) -> [UInt8] {
+            var out = block
+            out.withUnsafeMutableBufferPointer { encrypt($0.baseAddress!) }
+            return out
+        }
+
+        /// CBC-MAC with a zero IV over whole blocks, `tweak` XORed into the last block first.
+        func chain(_ data: [UInt8], lastBlockTweak tweak: [UInt8]) -> [UInt8] {
+            precondition(data.count % 16 == 0 && !data.isEmpty)
+            var x = [UInt8](repeating: 0, count: 16)
+            let blocks = data.count / 16
+            x.withUnsafeMutableBufferPointer { xBuffer in
+                data.withUnsafeBufferPointer { dataBuffer in
+                    let state = xBuffer.baseAddress!, input = dataBuffer.baseAddress!
+                    for block in 0..<blocks {
+                        for i in 0..<16 { state[i] ^= input[16 * block + i] }
+                        if block == blocks - 1 { for i in 0..<16 { state[i] ^= tweak[i] } }
+                        encrypt(state)
+                    }
+                }
+            }
+            return x
+        }
     }
 
-    public static func aes128(block: [UInt8], key: [UInt8]) -> [UInt8] { encrypt(block, roundKeys(key)) }
+    public static func aes128(block: [UInt8], key: [UInt8]) -> [UInt8] { Schedule(key).encrypt(block) }
 
     /// RFC 4493 section 2.3: K1 = L·x, K2 = L·x², L = AES(K, 0¹²⁸).
-    static func subkeys(_ keys: [[UInt8]]) -> (k1: [UInt8], k2: [UInt8]) {
+    static func subkeys(_ schedule: Schedule) -> (k1: [UInt8], k2: [UInt8]) {
         func double(_ v: [UInt8]) -> [UInt8] {
             var out = (0..<16).map { i in (v[i] << 1) | (i < 15 ? v[i + 1] >> 7 : 0) }
             if v[0] & 0x80 != 0 { out[15] ^= 0x87 }
             return out
         }
-        let l = encrypt([UInt8](repeating: 0, count: 16), keys)
+        let l = schedule.encrypt([UInt8](repeating: 0, count: 16))
         let k1 = double(l)
         return (k1, double(k1))
     }
 
-    /// AES-CMAC of RFC 4493 (section 2.4).
+    /// AES-CMAC of RFC 4493 (section 2.4): a complete last block takes K1, a padded one K2.
     public static func cmac(_ message: [UInt8], key: [UInt8] = [UInt8](repeating: 0, count: 16)) -> [UInt8] {
-        let keys = roundKeys(key)
-        let (k1, k2) = subkeys(keys)
-        let blocks = max(1, (message.count + 15) / 16)
-        let complete = !message.isEmpty && message.count % 16 == 0
-        var last = Array(message[((blocks - 1) * 16)...])
-        if complete {
-            last = zip(last, k1).map { $0 ^ $1 }
-        } else {
-            last += [0x80] + [UInt8](repeating: 0, count: 15 - last.count)
-            last = zip(last, k2).map { $0 ^ $1 }
-        }
-        var x = [UInt8](repeating: 0, count: 16)
-        for i in 0..<(blocks - 1) {
-            x = encrypt(zip(x, message[(16 * i)..<(16 * i + 16)]).map { $0 ^ $1 }, keys)
-        }
-        return encrypt(zip(x, last).map { $0 ^ $1 }, keys)
+        let schedule = Schedule(key)
+        let (k1, k2) = subkeys(schedule)
+        if !message.isEmpty && message.count % 16 == 0 { return schedule.chain(message, lastBlockTweak: k1) }
+        let padded = message + [0x80] + [UInt8](repeating: 0, count: 15 - message.count % 16)
+        return schedule.chain(padded, lastBlockTweak: k2)
     }
 
     /// What a Tegra boot ROM compares with a BCT's bootloader hash, as cbootimage computes it:
     /// `0x80 0…` padding to whole blocks, then CBC-MAC with K1 on the last block even when it was
     /// padded (RFC 4493 would take K2 there). Inferred from cbootimage's crypto.c, not observed on a ROM.
     public static func bootloaderHash(_ data: [UInt8]) -> [UInt8] {
-        let keys = roundKeys([UInt8](repeating: 0, count: 16))
-        let (k1, _) = subkeys(keys)
+        let schedule = Schedule([UInt8](repeating: 0, count: 16))
+        let (k1, _) = subkeys(schedule)
         var padded = data
         if padded.count % 16 != 0 { padded += [0x80] + [UInt8](repeating: 0, count: 15 - padded.count % 16) }
-        var x = [UInt8](repeating: 0, count: 16)
-        let blocks = padded.count / 16
-        for i in 0..<blocks {
-            var block = zip(x, padded[(16 * i)..<(16 * i + 16)]).map { $0 ^ $1 }
-            if i == blocks - 1 { block = zip(block, k1).map { $0 ^ $1 } }
-            x = encrypt(block, keys)
-        }
-        return x
+        guard !padded.isEmpty else { return [UInt8](repeating: 0, count: 16) }
+        return schedule.chain(padded, lastBlockTweak: k1)
     }
 }
