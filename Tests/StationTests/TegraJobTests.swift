@@ -98,7 +98,10 @@ struct TegraJobTests {
         while Date() < deadline {
             let jobs = try await station.jobs(.init())
             let running = await station.runningJobCount
-            if jobs.count >= count && jobs.allSatisfy({ $0.state.isFinal }) && running == 0 {
+            // The port is released after the final state is in the ledger: a board showing up
+            // again before that is the running job's own re-enumeration.
+            let ports = await station.tegraPorts
+            if jobs.count >= count && jobs.allSatisfy({ $0.state.isFinal }) && running == 0 && ports.isEmpty {
                 return jobs.reversed()
             }
             try await Task.sleep(for: .milliseconds(20))
