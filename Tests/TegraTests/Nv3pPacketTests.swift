@@ -75,4 +75,57 @@ import Testing
     @Test func platformInfoOfTheWrongLengthIsRejected() {
         #expect(throws: TegraError.self) { try TegraPlatformInfo(decoding: [UInt8](repeating: 0, count: 71)) }
     }
+
+    /// tegrarcm's nv3p_read notes that the target sometimes pads a response and drops the extra.
+    @Test func trailingPaddingAfterTheAnnouncedLengthIsDropped() throws {
+        let ack = try Nv3pReceivedPacket(parsing: Nv3p.ackPacket(sequence: 7) + [UInt8](repeating: 0, count: 8), from: "test")
+        #expect(ack.type == .ack && ack.sequence == 7 && ack.body.isEmpty)
+        let data = try Nv3pReceivedPacket(parsing: Nv3p.dataPacket([1, 2, 3], sequence: 2) + [0xEE, 0xEE], from: "test")
+        #expect(data.data == [1, 2, 3])
+    }
+
+    @Test func announcedLengthNeedsTheHeaderFirst() {
+        let data = Nv3p.dataPacket(pattern(72, seed: 3), sequence: 0)
+        #expect(Nv3p.announcedLength(Array(data.prefix(7))) == nil)
+        #expect(Nv3p.announcedLength(Array(data.prefix(10))) == nil, "a DATA length sits at 12")
+        #expect(Nv3p.announcedLength(Array(data.prefix(16))) == 92)
+        #expect(Nv3p.announcedLength(Array(Nv3p.ackPacket(sequence: 1).prefix(8))) == 16)
+    }
+
+    /// A packet split over transfers is read on to its announced length; a padded one is cut.
+    @Test func sessionAssemblesSplitAndPaddedPackets() throws {
+        let ack = Nv3p.ackPacket(sequence: 0)
+        let transport = ScriptedTransport(inbound: [Array(ack.prefix(5)), Array(ack.dropFirst(5)) + [0, 0, 0, 0]])
+        let session = Nv3pSession(transport: transport, timeoutMilliseconds: 10)
+        let packet = try session.receivePacket(waitingFor: "test")
+        #expect(packet.type == .ack && packet.sequence == 0)
+    }
+
+    @Test func aLoneFourByteAnswerIsTheBootROM() throws {
+        let transport = ScriptedTransport(inbound: [[3, 0, 0, 0]])
+        let session = Nv3pSession(transport: transport, timeoutMilliseconds: 10)
+        let error = try #require(throws: TegraError.self) { try session.receivePacket(waitingFor: "test") }
+        #expect(error.kind == .bootROMAnswered(3))
+    }
+
+    @Test func aPacketCutShortIsATimeoutNamingWhatCame() throws {
+        let transport = ScriptedTransport(inbound: [Array(Nv3p.dataPacket(pattern(72, seed: 3), sequence: 0).prefix(40))])
+        let session = Nv3pSession(transport: transport, timeoutMilliseconds: 10)
+        let error = try #require(throws: TegraError.self) { try session.receivePacket(waitingFor: "platform info") }
+        #expect(error.kind == .timeout && error.message.contains("40 bytes of a packet"))
+    }
+}
+
+/// A transport that hands out prepared IN transfers, then times out.
+final class ScriptedTransport: USBTransport {
+    var inbound: [[UInt8]]
+    let productID: UInt16 = 0x7140
+    let location = "scripted"
+    init(inbound: [[UInt8]]) { self.inbound = inbound }
+    func bulkOut(_ bytes: ArraySlice<UInt8>, timeoutMilliseconds: Int) throws -> Int { bytes.count }
+    func bulkIn(maxLength: Int, timeoutMilliseconds: Int) throws -> [UInt8] {
+        guard !inbound.isEmpty else { throw TegraError(.timeout, "scripted: nothing more") }
+        return inbound.removeFirst()
+    }
+    func close() {}
 }

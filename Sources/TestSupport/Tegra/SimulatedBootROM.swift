@@ -25,7 +25,7 @@ extension SimulatedTegra {
             throw TegraError(.deviceGone, "simulated device unplugged during the miniloader upload")
         }
         if state.incoming.count < total {
-            if bytes.count != USBTransferRules.maxTransferLength {
+            if bytes.count != SimulatedTegra.maxTransfer {
                 state.record.violations.append("short bulk OUT piece of \(bytes.count) bytes in the middle of an RCM message")
             }
             return

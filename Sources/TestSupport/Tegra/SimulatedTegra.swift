@@ -73,6 +73,9 @@ public final class SimulatedTegra: Sendable {
         public var bootVerdict: SimulatedBootVerdict?
     }
 
+    /// Bulk transfers of at most 4096 bytes (tegra-rcm.md, "Finding the device").
+    static let maxTransfer = 4096
+
     public let chip: TegraChip
     public let spec: SimulatedChipSpec
     public let productID: UInt16
@@ -184,7 +187,7 @@ public final class SimulatedTegra: Sendable {
             guard state.generation == generation, state.mode != .gone else {
                 throw TegraError(.deviceGone, "simulated device is gone (re-enumerated or unplugged)")
             }
-            guard bytes.count <= USBTransferRules.maxTransferLength else {
+            guard bytes.count <= SimulatedTegra.maxTransfer else {
                 state.record.violations.append("bulk OUT transfer of \(bytes.count) bytes (> 4096)")
                 throw TegraError(.usb(-9), "simulated device stalled a \(bytes.count)-byte transfer")
             }
