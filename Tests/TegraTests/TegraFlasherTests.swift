@@ -179,6 +179,15 @@ import TestSupport
         #expect(!LibUSBDeviceSource.isSameChipAfterReenumeration(original: 0x7140, found: 0x7199))
     }
 
+    /// The simulated miniloader checks the BCT's signature with its own CMAC: a raw BCT changed
+    /// after cbootimage signed it is refused as the board would (STATUS "invalid BCT").
+    @Test func aBCTWhoseSignatureDoesNotVerifyIsRefusedByTheMiniloader() throws {
+        let (error, device) = try failure([], mutate: { $0.bct[0x1000] ^= 0x01 })
+        #expect(error.kind == .status(0x0C) && error.message.contains("invalid BCT"))
+        #expect(device.record.violations.contains { $0.contains("AES-CMAC") })
+        #expect(device.record.bootloader == nil)
+    }
+
     @Test func uidCheckStopsBeforeAnythingIsSent() throws {
         let directory = try TemporaryDirectory()
         let device = SimulatedTegra()
