@@ -54,7 +54,7 @@ struct TegraJobTests {
         await station.handle(.recovery(.add, board))
         // Re-enumeration (remove + add on the same port) must not start a second job.
         await station.handle(.recovery(.add, board))
-        try await waitFor(events) { $0.job?.state.isFinal == true }
+        try await waitFor(events, seconds: 300) { $0.job?.state.isFinal == true }
         let jobs = try await station.jobs(.init())
         #expect(jobs.count == 1)
         let job = try #require(jobs.first)
@@ -75,7 +75,7 @@ struct TegraJobTests {
         let station = try makeStation(scratch, simulator: simulator)
         let events = await station.subscribe()
         await station.handle(.recovery(.add, board))
-        try await waitFor(events) { $0.job?.state.isFinal == true }
+        try await waitFor(events, seconds: 300) { $0.job?.state.isFinal == true }
         let job = try #require(try await station.jobs(.init()).first)
         #expect(job.state == .failed)
         #expect(job.message?.isEmpty == false)
@@ -94,7 +94,7 @@ struct TegraJobTests {
 
     /// Waits until `count` jobs are final, and returns them oldest first.
     func waitForFinalJobs(_ station: Station, count: Int) async throws -> [JobRecord] {
-        let deadline = Date().addingTimeInterval(60)
+        let deadline = Date().addingTimeInterval(300)
         while Date() < deadline {
             let jobs = try await station.jobs(.init())
             let running = await station.runningJobCount
@@ -106,7 +106,7 @@ struct TegraJobTests {
             }
             try await Task.sleep(for: .milliseconds(20))
         }
-        throw StationTestError(description: "jobs did not finish within 60 s")
+        throw StationTestError(description: "jobs did not finish within 300 s")
     }
 
     @Test("a board back in recovery soon after its done is not flashed again; the job says why; recovery once more flashes it")

@@ -7,7 +7,9 @@ import TestSupport
 /// lays the message out from tegra-rcm.md's table and signs it with the `cryptography`
 /// package's AES-CMAC (PyPI; `make test` installs it), over payload lengths around every
 /// padding edge (the 1024-byte minimum and each 16-byte step).
-@Suite struct RCMReferenceTests {
+// Serialized: these synchronous tests keep a cooperative-pool thread busy (CPU or a child
+// process); one at a time leaves the pool to the async suites (the station's jobs await on it).
+@Suite(.serialized) struct RCMReferenceTests {
     static let builder = """
     import sys
     from cryptography.hazmat.primitives import cmac

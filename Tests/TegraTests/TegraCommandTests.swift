@@ -4,7 +4,9 @@ import Testing
 import TestSupport
 
 /// `provision tegra flash` offline: the profile is read and checked before any USB access.
-@Suite struct TegraCommandTests {
+// Serialized: these synchronous tests keep a cooperative-pool thread busy (CPU or a child
+// process); one at a time leaves the pool to the async suites (the station's jobs await on it).
+@Suite(.serialized) struct TegraCommandTests {
     static let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
     static let jetsonProfile = repositoryRoot + "/images/jetson-tk1/profile.toml"

@@ -5,7 +5,9 @@ import TestSupport
 @testable import Tegra
 
 /// The whole T124 sequence against the simulated boot ROM and miniloader, and every fault.
-@Suite struct TegraFlasherTests {
+// Serialized: these synchronous tests keep a cooperative-pool thread busy (CPU or a child
+// process); one at a time leaves the pool to the async suites (the station's jobs await on it).
+@Suite(.serialized) struct TegraFlasherTests {
     final class PhaseLog: Sendable {
         let entries = Mutex<[(TegraPhase, Double)]>([])
         func add(_ phase: TegraPhase, _ fraction: Double) { entries.withLock { $0.append((phase, fraction)) } }
