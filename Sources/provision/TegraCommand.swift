@@ -107,13 +107,11 @@ extension TegraCommand {
         static let configuration = CommandConfiguration(
             abstract: "Build the eMMC boot image (BCT completed for U-Boot, then U-Boot) as cbootimage does.",
             discussion: """
-                Equivalent to cbootimage with an image config of
-                  Version = <the chip's boot data version>; Bctcopy = 1; Bctfile = BCT;
-                  BootLoader = U-BOOT,LOAD,ENTRY,Complete;
-                The BCT is the raw one `cbootimage -gbct` makes (empty bootloader table). With --profile,
-                the soc, BCT, U-Boot (u-boot-nodtb + its DTB, as flashed) and addresses come from the
-                profile; options given on the command line win. With --check, an existing image is checked
-                against the U-Boot instead (bootloader entry 0, hash and BCT signature); nothing is written.
+                Equivalent to cbootimage with the image config `Version = <the chip's boot data version>; Bctcopy = 1; Bctfile = BCT; BootLoader = U-BOOT,LOAD,ENTRY,Complete;` (byte for byte). The BCT is the raw one `cbootimage -gbct` makes (empty bootloader table).
+
+                With --profile, the soc, BCT, U-Boot (u-boot-nodtb + its DTB, as flashed) and addresses come from the profile; options given on the command line win.
+
+                With --check, an existing image (made by cbootimage) is checked against the U-Boot instead (bootloader entry 0, its hash, the BCT signature); nothing is written.
                 """)
         @Option(help: "Board profile (TOML) with a [tegra] table: defaults for everything else.")
         var profile: String?
