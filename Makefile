@@ -20,6 +20,7 @@ DEB_TOOLS = udev systemd bmap-tools whois openssl e2fsprogs fdisk dosfstools mto
 # installed would replace the host's busybox-static, which build-test-image runs)
 DEB_TOOLS += qemu-system-x86 qemu-system-arm linux-image-amd64 kmod
 ARMHF_PARTS = .build/armhf-boot-parts
+DEB_TOOLS += chromium chromium-driver curl iproute2  # issue 19: the board's tests in a real browser
 STAMP = .build/.deps-installed
 
 .PHONY: deps build release test demo bench clean boot-parts
