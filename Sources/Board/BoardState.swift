@@ -137,6 +137,8 @@ public struct BoardState: Sendable {
             tile.secondsRemaining = p.secondsRemaining.map { $0.rounded() }
         }
         if job.state == .done { tile.percent = 100 }
+        // "done — remove card" is the daemon's message for a finished job: said once.
+        if tile.detail == word { tile.detail = nil }
         return tile
     }
 

@@ -90,6 +90,16 @@ public final class BrowserSession: Sendable {
         _ = try command("POST", "window/rect", ["width": width, "height": height])
     }
 
+    /// Resizes the window so that the page's viewport is `width`×`height` CSS pixels (the
+    /// window's own frame, even headless, takes some of the window size).
+    public func setViewport(width: Int, height: Int) throws {
+        try resize(width: width, height: height)
+        guard let inner = try evaluate("return [window.innerWidth, window.innerHeight]") as? [Int], inner.count == 2 else {
+            throw WebDriverError(description: "the page did not report its viewport")
+        }
+        try resize(width: 2 * width - inner[0], height: 2 * height - inner[1])
+    }
+
     /// A PNG of the viewport.
     public func screenshot() throws -> Data {
         guard let text = try command("GET", "screenshot", nil) as? String, let png = Data(base64Encoded: text) else {

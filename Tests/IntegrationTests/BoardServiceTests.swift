@@ -33,6 +33,25 @@ extension IntegrationTests {
             #expect((live["tiles"] as? [[String: Any]])?.map { $0["name"] as? String } == ["A1"])
         }
 
+        @Test("provisiond stops at once on SIGTERM while the board watches it, and the board waits for the next one")
+        func daemonStopsWhileWatched() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            try bench.writeConfig([.init(name: "A1", image: try bench.image("small.img", bytes: 1 << 20))])
+            let daemon = try bench.startDaemon()
+            let board = try BoardUnderTest(bench: bench)
+            defer { board.stop() }
+            try board.waitForState("the daemon") { Self.connected($0) }
+            // A watch session never ends by itself; the daemon's shutdown must end it.
+            let start = ContinuousClock.now
+            #expect(daemon.stop(timeout: .seconds(15)) == 0, "provisiond did not exit on SIGTERM; log:\n\(bench.log)")
+            #expect(ContinuousClock.now - start < .seconds(5), "stopping took \(ContinuousClock.now - start)")
+            try board.waitForState("the daemon gone") { !Self.connected($0) }
+            try bench.startDaemon()
+            try board.waitForState("the daemon back") { Self.connected($0) }
+            #expect(board.process.isRunning)
+        }
+
         @Test("a socket nobody listens on: 'Connection refused' on the page")
         func refusedSocket() throws {
             let bench = try StationBench()
@@ -158,6 +177,11 @@ extension IntegrationTests {
             let stream = try ChildProcess(["curl", "-sN", "--max-time", "180", board.url + "/events"], logPath: bench.directory + "/events.txt")
             defer { stream.stop() }
             try stream.waitForLine(containing: "data: ")
+            // What the daemon sent the same kind of connection (root), for comparison: the
+            // password is really there to be filtered.
+            let watch = try ChildProcess([DaemonProcess.cliBinary, "watch", "--json", "--socket", bench.socketPath],
+                                         logPath: bench.directory + "/watch.json")
+            defer { watch.stop() }
             try bench.card(slot: "U1", size: 160 << 20)
             let done = try board.waitForState("U1 done", timeout: .seconds(150)) { state in
                 (state["tiles"] as? [[String: Any]])?.first?["word"] as? String == "done — remove card"
@@ -167,6 +191,8 @@ extension IntegrationTests {
             let export = try String(contentsOfFile: bench.directory + "/passwords.tsv", encoding: .utf8)
             let password = try #require(export.split(separator: "\n").last?.split(separator: "\t").last.map(String.init))
             #expect(password.count >= 8)
+            try watch.waitForLine(containing: "\"state\":\"done\"")
+            #expect(watch.log.contains(password), "the daemon did not send the password to root: the test would prove nothing")
             let hash = try Command.check(["sqlite3", bench.ledgerPath, "SELECT hash FROM jobUser"]).stdout
                 .trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(hash.hasPrefix("$6$"))
