@@ -43,8 +43,6 @@ actor BoardHub {
         subscribers.removeValue(forKey: id)?.finish()
     }
 
-    var subscriberCount: Int { subscribers.count }
-
     func close() {
         closed = true
         for continuation in subscribers.values { continuation.finish() }

@@ -122,11 +122,12 @@ final class StationFeed: Service, Sendable {
 
         /// One connection's life; returns or throws when the daemon goes away.
         private func session(followed: inout Bool) throws {
+            // Whatever ends this session, the connections go with it (closed by deinit).
+            defer { state.withLock { $0.open.removeAll() } }
             let watch = try ReadOnlyControl(socket: socketPath)
             try keep(watch)
             let query = try ReadOnlyControl(socket: socketPath)
             try keep(query)
-            defer { state.withLock { $0.open.removeAll() } }
             if watch.greeting.access == "admin" {
                 logger.warning("connected to provisiond with admin rights; the board needs only read access: run it as a member of group provision, not root or provision-admin (its systemd unit does)")
             }

@@ -47,9 +47,21 @@ extension IntegrationTests {
             #expect(daemon.stop(timeout: .seconds(15)) == 0, "provisiond did not exit on SIGTERM; log:\n\(bench.log)")
             #expect(ContinuousClock.now - start < .seconds(5), "stopping took \(ContinuousClock.now - start)")
             try board.waitForState("the daemon gone") { !Self.connected($0) }
-            try bench.startDaemon()
+            var daemonAgain = try bench.startDaemon()
             try board.waitForState("the daemon back") { Self.connected($0) }
             #expect(board.process.isRunning)
+            // Every connection of an ended session is closed: the board's descriptors are
+            // the same after more restarts.
+            let pid = try #require(board.process.pid)
+            func descriptors() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").count }
+            let before = try descriptors()
+            for _ in 0..<3 {
+                daemonAgain.stop()
+                try board.waitForState("the daemon gone") { !Self.connected($0) }
+                daemonAgain = try bench.startDaemon()
+                try board.waitForState("the daemon back") { Self.connected($0) }
+            }
+            #expect(try descriptors() == before, "descriptors before: \(before)")
         }
 
         @Test("a socket nobody listens on: 'Connection refused' on the page")
