@@ -82,6 +82,17 @@ public struct BoardState: Sendable {
         guard job.state.isFinal else { return }
         finished[job.id] = (job.state, job.updated)
         if let slot = job.slot, job.state != .done { lastFailure[slot] = job }
+        if finished.count > Self.pruneThreshold { prune(before: job.updated.addingTimeInterval(-2 * 86_400)) }
+    }
+
+    var finishedCount: Int { finished.count }
+
+    /// A board runs for months: what no tile or count can show any more is dropped.
+    static let pruneThreshold = 5_000
+
+    private mutating func prune(before limit: Date) {
+        finished = finished.filter { $0.value.updated >= limit }
+        otherJobs = otherJobs.filter { !$0.value.state.isFinal || $0.value.updated >= limit }
     }
 
     // MARK: - The page's view

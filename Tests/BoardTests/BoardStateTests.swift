@@ -125,6 +125,18 @@ struct BoardStateTests {
         #expect(snapshot.failedToday == 2)
     }
 
+    @Test func oldFinishedJobsAreForgottenButTodaysCount() {
+        var state = BoardState()
+        let old = Self.now.addingTimeInterval(-5 * 86_400)
+        state.apply(finishedJobs: (1...Int64(BoardState.pruneThreshold)).map { job($0, slot: "A", .done, updated: old) })
+        state.apply(finishedJobs: [job(100_000, slot: "A", .done)])
+        state.apply(Event(kind: .job, job: job(100_001, slot: "A", .failed)))  // past the threshold: prunes
+        let snapshot = state.snapshot(now: Self.now, calendar: Self.utc)
+        #expect(snapshot.doneToday == 1)
+        #expect(snapshot.failedToday == 1)
+        #expect(state.finishedCount == 2)
+    }
+
     @Test func disconnectionIsReportedWithItsReasonAndTheLastTilesStay() {
         var state = BoardState()
         state.connected(station: "bench-1")
