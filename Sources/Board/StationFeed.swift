@@ -131,8 +131,11 @@ final class StationFeed: Service, Sendable {
             if watch.greeting.access == "admin" {
                 logger.warning("connected to provisiond with admin rights; the board needs only read access: run it as a member of group provision, not root or provision-admin (its systemd unit does)")
             }
+            // Connected means answering: a daemon that lets the board in but refuses to read
+            // (a user outside the socket's group) is reported as the problem it is.
+            let status = try watch.watch()
             output.yield(.connected(watch.greeting))
-            output.yield(.status(try watch.watch()))
+            output.yield(.status(status))
             output.yield(.finished(try query.finishedJobs(states: [.done, .failed, .interrupted])))
             followed = true
             logger.info("following station \(watch.greeting.station) at \(socketPath)")
