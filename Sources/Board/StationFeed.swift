@@ -72,6 +72,8 @@ final class StationFeed: Service, Sendable {
         private let logger: Logger
         private let wakeUp = DispatchSemaphore(value: 0)
         private let state = Mutex(State())
+        /// Used by the feed's thread only.
+        private var warnedAboutAdmin = false
 
         private struct State {
             var stopping = false
@@ -128,7 +130,8 @@ final class StationFeed: Service, Sendable {
             try keep(watch)
             let query = try ReadOnlyControl(socket: socketPath)
             try keep(query)
-            if watch.greeting.access == "admin" {
+            if watch.greeting.access == "admin", !warnedAboutAdmin {
+                warnedAboutAdmin = true
                 logger.warning("connected to provisiond with admin rights; the board needs only read access: run it as a member of group provision, not root or provision-admin (its systemd unit does)")
             }
             // Connected means answering: a daemon that lets the board in but refuses to read
