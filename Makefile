@@ -22,6 +22,7 @@ DEB_TOOLS += qemu-system-x86 qemu-system-arm linux-image-amd64 kmod
 ARMHF_PARTS = .build/armhf-boot-parts
 DEB_TOOLS += cbootimage  # issue 14: reference image builder (cbootimage, bct_dump)
 PIP_TOOLS += cryptography  # issue 14: independent AES-CMAC for the RCM message tests
+DEB_TOOLS += chromium chromium-driver curl iproute2  # issue 19: the board's tests in a real browser
 STAMP = .build/.deps-installed
 
 .PHONY: deps build release test demo bench clean boot-parts

@@ -26,6 +26,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"4.0.0"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        // The bench board's web server only (issue 19); no trait needs swift-configuration.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
     ],
     targets: [
         // C headers from Debian, nothing else.
@@ -76,6 +78,16 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The CLI's blocking client of the control socket; the board reuses it.
+        .target(name: "ProvisionClient", dependencies: ["ControlProtocol"]),
+        // `provision board`: the web page for the bench's screen, a read-only client (issue 19).
+        .target(name: "Board", dependencies: [
+            "ControlProtocol", "ProvisionClient",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "NIOCore", package: "swift-nio"),
+        ], resources: [.embedInCode("Page/index.html"), .embedInCode("Page/board.css"), .embedInCode("Page/board.js")]),
         .executableTarget(name: "provisiond", dependencies: [
             "Station", "ControlProtocol", "BlockDevices", "CSystemd", "ProvisionCShims",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -85,7 +97,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .executableTarget(name: "provision", dependencies: [
-            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol",
+            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol", "ProvisionClient", "Board",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -100,6 +112,7 @@ let package = Package(
         .testTarget(name: "ImagesTests", dependencies: ["Station", "Accounts", "TestSupport"]),
         .testTarget(name: "SystemFilesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["ControlProtocol", "Station", "TestSupport"]),
+        .testTarget(name: "BoardTests", dependencies: ["Board", "ControlProtocol"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -17,6 +17,7 @@ struct Provision: AsyncParsableCommand {
             ConfigCommand.self,
             TegraCommand.self,
             InjectCommand.self,
+            BoardCommand.self,
         ]
     )
 }

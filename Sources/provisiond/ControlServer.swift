@@ -134,7 +134,7 @@ struct ControlSession {
                     }
                     if method == .watch {
                         try await send(ServerMessage(id: request.id, result: ResultPayload(status: await station.status())))
-                        try await streamEvents(to: outbound, until: connection.channel.closeFuture, admin: access == .admin)
+                        try await streamEvents(to: outbound, until: connection.channel, admin: access == .admin)
                         return
                     }
                     do {
@@ -154,7 +154,7 @@ struct ControlSession {
 
     /// Streams events until the client goes away. The inbound stream already has its one
     /// iterator (the request loop), so the end is seen through the channel's close future.
-    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, until closed: EventLoopFuture<Void>, admin: Bool) async throws {
+    func streamEvents(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, until channel: any Channel, admin: Bool) async throws {
         let events = await station.subscribe()
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
@@ -166,7 +166,14 @@ struct ControlSession {
             }
             group.addTask {
                 // The client closing its end ends the watch.
-                try await closed.get()
+                // So does the daemon's shutdown: this task is cancelled then, but a future's
+                // get() does not notice cancellation, and a watcher that never hangs up (the
+                // web board) would hold the stop until systemd's SIGKILL.
+                try await withTaskCancellationHandler {
+                    try await channel.closeFuture.get()
+                } onCancel: {
+                    channel.close(promise: nil)
+                }
             }
             try await group.next()
             group.cancelAll()

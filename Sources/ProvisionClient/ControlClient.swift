@@ -1,26 +1,25 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import ArgumentParser
 import ControlProtocol
 import Foundation
 
 /// The CLI's side of the control socket: a plain blocking Unix socket, one JSON line out,
 /// one line back. Exit statuses follow sysexits: 69 daemon unreachable, 77 permission
 /// denied, 65 bad request, 66 not found, 75 conflict/refused.
-final class ControlClient {
-    let path: String
+public final class ControlClient {
+    public let path: String
     private let fd: Int32
     private var buffer = Data()
     private var nextID = 1
     /// The daemon's greeting: protocol version, station name, and what this user may do.
-    private(set) var greeting = Hello(daemon: "", station: "", access: "")
+    public private(set) var greeting = Hello(daemon: "", station: "", access: "")
 
-    static func socketPath(_ option: String?) -> String {
+    public static func socketPath(_ option: String?) -> String {
         option ?? ProcessInfo.processInfo.environment["PROVISION_SOCKET"] ?? ControlProtocol.defaultSocketPath
     }
 
-    init(path: String) throws {
+    public init(path: String) throws {
         self.path = path
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         self.fd = fd
@@ -48,8 +47,12 @@ final class ControlClient {
 
     deinit { close(fd) }
 
+    /// Ends a blocking `nextEvent`/`call` in another thread: it throws `unreachable`.
+    /// The descriptor itself is closed by deinit only, so it cannot be reused meanwhile.
+    public func shutdown() { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
     /// Sends a request and returns its result, or throws the daemon's error as a CLIError.
-    func call(_ method: Method, _ params: Request.Params? = nil) throws -> ResultPayload {
+    public func call(_ method: Method, _ params: Request.Params? = nil) throws -> ResultPayload {
         let id = nextID
         nextID += 1
         var line = try LineCodec.encode(Request(id: id, method: method, params: params))
@@ -70,14 +73,14 @@ final class ControlClient {
     }
 
     /// The next event of a `watch`.
-    func nextEvent() throws -> Event? {
+    public func nextEvent() throws -> Event? {
         while true {
             let m = try readMessage()
             if let e = m.event { return e }
         }
     }
 
-    func readMessage() throws -> ServerMessage {
+    public func readMessage() throws -> ServerMessage {
         while true {
             if let nl = buffer.firstIndex(of: 0x0A) {
                 let line = buffer[buffer.startIndex..<nl]
@@ -95,18 +98,18 @@ final class ControlClient {
     }
 }
 
-struct CLIError: Error, CustomStringConvertible {
-    let message: String
-    let status: Int32
-    var description: String { message }
+public struct CLIError: Error, CustomStringConvertible {
+    public let message: String
+    public let status: Int32
+    public var description: String { message }
 
-    static func unreachable(_ m: String) -> CLIError { CLIError(message: m, status: 69) }
-    static func permission(_ m: String) -> CLIError { CLIError(message: m, status: 77) }
-    static func badRequest(_ m: String) -> CLIError { CLIError(message: m, status: 65) }
+    public static func unreachable(_ m: String) -> CLIError { CLIError(message: m, status: 69) }
+    public static func permission(_ m: String) -> CLIError { CLIError(message: m, status: 77) }
+    public static func badRequest(_ m: String) -> CLIError { CLIError(message: m, status: 65) }
 
-    init(message: String, status: Int32) { self.message = message; self.status = status }
+    public init(message: String, status: Int32) { self.message = message; self.status = status }
 
-    init(_ e: ErrorPayload) {
+    public init(_ e: ErrorPayload) {
         message = e.message
         switch e.code {
         case .permissionDenied: status = 77
@@ -116,37 +119,4 @@ struct CLIError: Error, CustomStringConvertible {
         case .internalError: status = 70
         }
     }
-}
-
-/// Options every client command shares.
-struct ClientOptions: ParsableArguments {
-    @Option(help: "Control socket (default: $PROVISION_SOCKET or /run/provision/control.sock).")
-    var socket: String?
-
-    @Flag(help: "Print JSON instead of a table.")
-    var json = false
-
-    func connect() throws -> ControlClient { try ControlClient(path: ControlClient.socketPath(socket)) }
-}
-
-/// Runs a client command body, printing the error and exiting with its status.
-func withClient(_ options: ClientOptions, _ body: (ControlClient) throws -> Void) throws {
-    do {
-        try body(try options.connect())
-    } catch let e as CLIError {
-        FileHandle.standardError.write(Data("provision: \(e.message)\n".utf8))
-        throw ExitCode(e.status)
-    }
-}
-
-func printJSON<T: Encodable>(_ value: T) throws {
-    let e = JSONEncoder()
-    e.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-    e.dateEncodingStrategy = .iso8601
-    print(String(decoding: try e.encode(value), as: UTF8.self))
-}
-
-/// Writes to stdout at once (watch output must not sit in a buffer when piped).
-func emitLine(_ text: String) {
-    FileHandle.standardOutput.write(Data((text + "\n").utf8))
 }

@@ -1,0 +1,57 @@
+import Foundation
+
+/// Owns the board's state and hands each open page the newest snapshot. A page that reads
+/// slowly (a phone on bad Wi-Fi) gets the latest picture when it is ready, never a backlog:
+/// each subscription buffers one snapshot only.
+actor BoardHub {
+    private var state = BoardState()
+    private var subscribers: [Int: AsyncStream<BoardSnapshot>.Continuation] = [:]
+    private var nextSubscriber = 0
+    private var closed = false
+
+    func apply(_ message: StationFeed.Message) {
+        switch message {
+        case .connected(let hello): state.connected(station: hello.station)
+        case .status(let status): state.apply(status)
+        case .finished(let jobs): state.apply(finishedJobs: jobs)
+        case .event(let event): state.apply(event)
+        case .disconnected(let reason): state.disconnected(reason)
+        }
+        broadcast()
+    }
+
+    /// Sends the snapshot again (time-dependent parts may have changed).
+    func touch() { broadcast() }
+
+    var snapshot: BoardSnapshot { state.snapshot() }
+
+    /// A stream that starts with the current snapshot and ends when the board stops.
+    func subscribe() -> (id: Int, snapshots: AsyncStream<BoardSnapshot>) {
+        let (stream, continuation) = AsyncStream.makeStream(of: BoardSnapshot.self, bufferingPolicy: .bufferingNewest(1))
+        if closed {
+            continuation.finish()
+            return (-1, stream)
+        }
+        let id = nextSubscriber
+        nextSubscriber += 1
+        subscribers[id] = continuation
+        continuation.yield(state.snapshot())
+        return (id, stream)
+    }
+
+    func unsubscribe(_ id: Int) {
+        subscribers.removeValue(forKey: id)?.finish()
+    }
+
+    func close() {
+        closed = true
+        for continuation in subscribers.values { continuation.finish() }
+        subscribers.removeAll()
+    }
+
+    private func broadcast() {
+        guard !subscribers.isEmpty else { return }
+        let snapshot = state.snapshot()
+        for continuation in subscribers.values { continuation.yield(snapshot) }
+    }
+}

@@ -1,0 +1,39 @@
+import ArgumentParser
+import ControlProtocol
+import Foundation
+// The client moved to its own library so `provision board` shares it; every command file
+// of this target sees it through this one import.
+@_exported import ProvisionClient
+
+/// Options every client command shares.
+struct ClientOptions: ParsableArguments {
+    @Option(help: "Control socket (default: $PROVISION_SOCKET or /run/provision/control.sock).")
+    var socket: String?
+
+    @Flag(help: "Print JSON instead of a table.")
+    var json = false
+
+    func connect() throws -> ControlClient { try ControlClient(path: ControlClient.socketPath(socket)) }
+}
+
+/// Runs a client command body, printing the error and exiting with its status.
+func withClient(_ options: ClientOptions, _ body: (ControlClient) throws -> Void) throws {
+    do {
+        try body(try options.connect())
+    } catch let e as CLIError {
+        FileHandle.standardError.write(Data("provision: \(e.message)\n".utf8))
+        throw ExitCode(e.status)
+    }
+}
+
+func printJSON<T: Encodable>(_ value: T) throws {
+    let e = JSONEncoder()
+    e.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    e.dateEncodingStrategy = .iso8601
+    print(String(decoding: try e.encode(value), as: UTF8.self))
+}
+
+/// Writes to stdout at once (watch output must not sit in a buffer when piped).
+func emitLine(_ text: String) {
+    FileHandle.standardOutput.write(Data((text + "\n").utf8))
+}
