@@ -431,6 +431,7 @@ struct StationFileCheckTests {
             partition = 5
             [[profiles.demo.users]]
             name = "lab"
+            password = "locked"
 
             """ + Self.slot)
         let error = try #require(loadFailure(path))
@@ -501,23 +502,23 @@ struct StationFileCheckTests {
         func config(_ image: String, _ user: String) throws -> String {
             try station(disk, "[profiles.demo]\nimage = \"\(image)\"\n[profiles.demo.root]\npartition = 2\n" + user + Self.slot)
         }
-        let good = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"users\"]\n")
+        let good = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\npassword = \"locked\"\ngroups = [\"users\"]\n")
         #expect(try StationConfig.load(file: good).warnings.isEmpty)
-        let missingGroup = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"gpio\"]\n")
+        let missingGroup = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\npassword = \"locked\"\ngroups = [\"gpio\"]\n")
         let error = try #require(loadFailure(missingGroup))
         #expect(error.line == 8 && error.keyPath == "profiles.demo.users[0]", "\(error)")
         #expect(error.message.contains("would fail") && error.message.contains("gpio"), "\(error)")
-        let takenUID = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\nuid = 1000\n")
+        let takenUID = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\npassword = \"locked\"\nuid = 1000\n")
         #expect(try #require(loadFailure(takenUID)).message.contains("already used by lab"))
-        let missingShell = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\nshell = \"/bin/zsh\"\n")
+        let missingShell = try config("disk.img", "[[profiles.demo.users]]\nname = \"tech\"\npassword = \"locked\"\nshell = \"/bin/zsh\"\n")
         #expect(try #require(loadFailure(missingShell)).message.contains("/bin/zsh"))
         // A compressed image is not decompressed that far: only its partitions are checked.
-        _ = try StationConfig.load(file: try config("disk.img.zst", "[[profiles.demo.users]]\nname = \"tech\"\ngroups = [\"gpio\"]\n"))
+        _ = try StationConfig.load(file: try config("disk.img.zst", "[[profiles.demo.users]]\nname = \"tech\"\npassword = \"locked\"\ngroups = [\"gpio\"]\n"))
     }
 
     @Test func goodStationLoads() throws {
         let disk = try DiskFixture()
-        _ = try disk.scratch.write("inventory.toml", "name_pattern = \"lab-{seq:03}\"\n[[users]]\nname = \"lab\"\npassword = \"generate\"\n")
+        _ = try disk.scratch.write("inventory.toml", "name_pattern = \"lab-{seq:03}\"\npassword_export = \"passwords.tsv\"\n[[users]]\nname = \"lab\"\npassword = \"generate\"\n")
         let path = try station(disk, """
             inventory = "inventory.toml"
             [profiles.demo]
