@@ -107,7 +107,9 @@ public actor Station {
         guard refusals.isEmpty, let slot, let profile else {
             devices[facts.deviceNumber] = entry
             if isCandidate(facts) {
-                if !refusedBefore { metrics.refusedCard() }
+                // Counted: cards in a slot the policy refused. A device in no slot is not a
+                // refused card (another bench's loop device, a stick in a spare port).
+                if !refusedBefore, slot != nil { metrics.refusedCard() }
                 logger.notice("refusing \(facts.devnode): \(refusals.map(\.reason).joined(separator: "; "))", metadata: ["device": "\(facts.devnode)"])
             }
             return

@@ -43,7 +43,7 @@ struct StationMetrics {
 
     private var refused: Counter {
         registry.makeCounter(descriptor: .init(namespace: "provision", metricName: "cards_refused", unitName: "total",
-                                               helpText: "Cards the safety policy refused to write (on insertion or at open)."),
+                                               helpText: "Cards in a slot (or asked for by a manual flash) that the safety policy refused to write."),
                              labels: labels)
     }
 
