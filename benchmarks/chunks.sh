@@ -45,9 +45,9 @@ echo "| chunk | write only (s) | MB/s | write + verify (s) |"
 echo "|---|---|---|---|"
 IFS=, read -r -a LIST <<< "$SIZES"
 for c in "${LIST[@]}"; do
-  s=$(date +%s.%N); "$PROVISION" write -y --nobmap --no-verify --chunk-size "$c" "$WORK/image.img" "$LOOP" >/dev/null; e=$(date +%s.%N)
+  s=$(date +%s.%N); "$PROVISION" write -y --nobmap --no-verify --chunk-size "$c" "$WORK/image.img" "$LOOP" >/dev/null 2>&1; e=$(date +%s.%N)
   w=$(awk -v a="$s" -v b="$e" 'BEGIN { printf "%.2f", b - a }')
-  s=$(date +%s.%N); "$PROVISION" write -y --nobmap --chunk-size "$c" "$WORK/image.img" "$LOOP" >/dev/null; e=$(date +%s.%N)
+  s=$(date +%s.%N); "$PROVISION" write -y --nobmap --chunk-size "$c" "$WORK/image.img" "$LOOP" >/dev/null 2>&1; e=$(date +%s.%N)
   v=$(awk -v a="$s" -v b="$e" 'BEGIN { printf "%.2f", b - a }')
   echo "| $c | $w | $(awk -v m="$MIB" -v t="$w" 'BEGIN { printf "%.1f", m * 1.048576 / t }') | $v |"
 done
