@@ -28,6 +28,8 @@ let package = Package(
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
         // The bench board's web server only (issue 19); no trait needs swift-configuration.
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        // Issue 18: the station's metrics in Prometheus' text format (brings swift-metrics 2.13.0).
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C headers from Debian, nothing else.
@@ -77,6 +79,7 @@ let package = Package(
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         // The CLI's blocking client of the control socket; the board reuses it.
         .target(name: "ProvisionClient", dependencies: ["ControlProtocol"]),

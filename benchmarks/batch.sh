@@ -17,18 +17,23 @@
 # daemons, loop devices, throttles, rule files and scratch files, also on failure. A
 # systemd-udevd it had to start is left running (as TestSupport.Udevd does).
 #
-#   benchmarks/batch.sh [--quick] [--formats zst,xz] [--fresh-images] [--keep DIR]
+# --cards N (issue 18: lab scale) runs N cards instead of 8, a third of them at each speed
+# (10, 20, 40 MB/s); with more than 8 the targets are those of issue 18: user CPU ≤ 2.5× one
+# card's and the daemon's peak RSS ≤ 128 MiB. `benchmarks/batch32.sh` is `--cards 32`.
+#
+#   benchmarks/batch.sh [--quick] [--cards N] [--formats zst,xz] [--fresh-images] [--keep DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; FORMATS="zst,xz"; FRESH=0; KEEP=""
+QUICK=0; FORMATS="zst,xz"; FRESH=0; KEEP=""; CARDS=8
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --cards) CARDS=$2; shift ;;
     --formats) FORMATS=$2; shift ;;
     --fresh-images) FRESH=1 ;;
     --keep) KEEP=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -48,9 +53,17 @@ PROVISION=$BIN/provision
 if [ $QUICK = 1 ]; then IMG_MB=256; CHUNKS=18; else IMG_MB=1024; CHUNKS=75; fi
 CHUNK_MB=4
 MAPPED_MB=$((CHUNKS * CHUNK_MB))
-SLOTS=(S1 S2 S3 S4 S5 S6 S7 S8)
-declare -A WBPS=([S1]=10 [S2]=10 [S3]=10 [S4]=20 [S5]=20 [S6]=20 [S7]=40 [S8]=40)  # MB/s write
-ALONE_OF=(S1 S4 S7)  # one card per speed class runs alone
+[[ "$CARDS" =~ ^[0-9]+$ ]] && [ "$CARDS" -ge 3 ] && [ "$CARDS" -le 64 ] || { echo "--cards wants a number from 3 to 64, not '$CARDS'" >&2; exit 64; }
+# A third of the cards at each speed (8: S1–S3 10, S4–S6 20, S7–S8 40 MB/s, as before).
+SLOTS=(); declare -A WBPS   # MB/s write
+C20=$(( (CARDS + 2) / 3 )); C40=$(( C20 + (CARDS + 1) / 3 ))
+for ((i = 1; i <= CARDS; i++)); do
+  SLOTS+=(S$i)
+  if [ $i -le $C20 ]; then WBPS[S$i]=10; elif [ $i -le $C40 ]; then WBPS[S$i]=20; else WBPS[S$i]=40; fi
+done
+ALONE_OF=(S1 S$((C20 + 1)) S$((C40 + 1)))  # one card per speed class runs alone
+# Targets: issue 7 for 8 cards, issue 18 for more.
+if [ "$CARDS" -le 8 ]; then CPU_TARGET=1.5; RSS_TARGET=""; else CPU_TARGET=2.5; RSS_TARGET=128; fi
 TAG=batchbench-$$
 TCK=$(getconf CLK_TCK)
 
@@ -287,18 +300,18 @@ done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
 verdict() { if le "$1" "$2"; then echo PASS; else echo "**FAIL**"; fi; }
-classof() { case ${WBPS[$1]} in 10) echo S1 ;; 20) echo S4 ;; 40) echo S7 ;; esac; }
+classof() { case ${WBPS[$1]} in 10) echo "${ALONE_OF[0]}" ;; 20) echo "${ALONE_OF[1]}" ;; 40) echo "${ALONE_OF[2]}" ;; esac; }
 REPORT=$WORK/report.md
 echo
 for fmt in "${FMTS[@]}"; do
   name=$([ "$fmt" = zst ] && echo zstd || echo xz)
-  echo "### Batch imaging, $name image: ${IMG_MB} MiB, ${MAPPED_MB} MiB mapped (bmap), 8 loop cards throttled with blkio"
+  echo "### Batch imaging, $name image: ${IMG_MB} MiB, ${MAPPED_MB} MiB mapped (bmap), $CARDS loop cards throttled with blkio"
   echo
   echo "Times in seconds. provisiond writes every mapped block and then verifies it by reading it back from the card"
   echo "(O_DIRECT); \`bmaptool copy\` only writes (it does not read the card back), so its column covers less work."
-  echo "Alone: the card is the only one on a fresh daemon with an empty cache (decompression included); batch: all 8 on one fresh daemon."
+  echo "Alone: the card is the only one on a fresh daemon with an empty cache (decompression included); batch: all $CARDS on one fresh daemon."
   echo
-  echo "| card | speed (write/read MB/s) | alone | batch | batch/alone (≤ 1.05) | bmaptool copy (8 parallel, no read-back) |"
+  echo "| card | speed (write/read MB/s) | alone | batch | batch/alone (≤ 1.05) | bmaptool copy ($CARDS parallel, no read-back) |"
   echo "|---|---|---|---|---|---|"
   worst=0
   for s in "${SLOTS[@]}"; do
@@ -306,17 +319,19 @@ for fmt in "${FMTS[@]}"; do
     le "$r" "$worst" || worst=$r
     echo "| $s | ${WBPS[$s]}/$((WBPS[$s] * 2)) | $a | $b | $r $(verdict "$r" 1.05) | ${T[$fmt/bmaptool/$s]} |"
   done
-  u1=$(awk -v a="${CPUU[$fmt/alone-S1]}" -v b="${CPUU[$fmt/alone-S4]}" -v c="${CPUU[$fmt/alone-S7]}" 'BEGIN { printf "%.2f", (a + b + c) / 3 }')
+  A1=${ALONE_OF[0]}; A2=${ALONE_OF[1]}; A3=${ALONE_OF[2]}
+  u1=$(awk -v a="${CPUU[$fmt/alone-$A1]}" -v b="${CPUU[$fmt/alone-$A2]}" -v c="${CPUU[$fmt/alone-$A3]}" 'BEGIN { printf "%.2f", (a + b + c) / 3 }')
   echo
   echo "| total | value | target | result |"
   echo "|---|---|---|---|"
   echo "| slowest batch/alone ratio | $worst | ≤ 1.05 | $(verdict "$worst" 1.05) |"
-  echo "| provisiond user CPU, 1 card (alone runs 10/20/40 MB/s: ${CPUU[$fmt/alone-S1]}, ${CPUU[$fmt/alone-S4]}, ${CPUU[$fmt/alone-S7]} s; mean) | $u1 s | | |"
-  echo "| provisiond user CPU, 8 cards (sys ${CPUS[$fmt/batch]} s; user+sys $(awk -v a="${CPUU[$fmt/batch]}" -v b="${CPUS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${CPUU[$fmt/batch]} s | ≤ 1.5 × 1 card | $(ratio "${CPUU[$fmt/batch]}" "$u1")× $(verdict "$(ratio "${CPUU[$fmt/batch]}" "$u1")" 1.5) |"
-  echo "| bmaptool user CPU, 8 cards, with its decompressor processes (cpuacct cgroup; sys ${CPUS[$fmt/bmaptool-cg]} s; /usr/bin/time alone sees user ${CPUU[$fmt/bmaptool]} s, sys ${CPUS[$fmt/bmaptool]} s) | ${CPUU[$fmt/bmaptool-cg]} s | – | $(ratio "${CPUU[$fmt/bmaptool-cg]}" "${CPUU[$fmt/batch]}")× provisiond's |"
+  echo "| provisiond user CPU, 1 card (alone runs 10/20/40 MB/s: ${CPUU[$fmt/alone-$A1]}, ${CPUU[$fmt/alone-$A2]}, ${CPUU[$fmt/alone-$A3]} s; mean) | $u1 s | | |"
+  echo "| provisiond user CPU, $CARDS cards (sys ${CPUS[$fmt/batch]} s; user+sys $(awk -v a="${CPUU[$fmt/batch]}" -v b="${CPUS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${CPUU[$fmt/batch]} s | ≤ $CPU_TARGET × 1 card | $(ratio "${CPUU[$fmt/batch]}" "$u1")× $(verdict "$(ratio "${CPUU[$fmt/batch]}" "$u1")" "$CPU_TARGET") |"
+  echo "| bmaptool user CPU, $CARDS cards, with its decompressor processes (cpuacct cgroup; sys ${CPUS[$fmt/bmaptool-cg]} s; /usr/bin/time alone sees user ${CPUU[$fmt/bmaptool]} s, sys ${CPUS[$fmt/bmaptool]} s) | ${CPUU[$fmt/bmaptool-cg]} s | – | $(ratio "${CPUU[$fmt/bmaptool-cg]}" "${CPUU[$fmt/batch]}")× provisiond's |"
   buf=$(( (ANONK[$fmt/batch] - ANONK[idle]) / 1024 ))
-  echo "| provisiond peak RSS (VmHWM), 8 cards (1 card: $((RSSK[$fmt/alone-S1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $((RSSK[$fmt/batch] / 1024)) MiB | – | |"
-  echo "| buffers: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-S1] - ANONK[idle]) / 1024 )) MiB) | $buf MiB | ≤ 64 MiB | $(verdict "$buf" 64) |"
+  rss=$((RSSK[$fmt/batch] / 1024))
+  echo "| provisiond peak RSS (VmHWM), $CARDS cards (1 card: $((RSSK[$fmt/alone-$A1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $rss MiB | ${RSS_TARGET:+≤ $RSS_TARGET MiB}${RSS_TARGET:-–} | ${RSS_TARGET:+$(verdict "$rss" "${RSS_TARGET:-0}")} |"
+  echo "| buffers: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-$A1] - ANONK[idle]) / 1024 )) MiB) | $buf MiB | ≤ 64 MiB | $(verdict "$buf" 64) |"
   echo "| decompressed cache on disk after the batch (du -sk) | $((CACHEK[$fmt/batch] / 1024)) MiB | ≈ mapped data (${MAPPED_MB} MiB) | |"
   echo
 done | tee "$REPORT"

@@ -13,11 +13,14 @@ public enum ControlProtocol {
 
 public enum Method: String, Codable, Sendable, CaseIterable {
     case status, devices, jobs, watch, flash, cancel, reload
+    /// The station's counters in Prometheus' text format (issue 18), for a scraper that reads
+    /// through this socket: the daemon itself keeps no IP socket.
+    case metrics
 
     /// Changing calls need root or the admin group; reading ones the socket's group.
     public var changesState: Bool {
         switch self {
-        case .status, .devices, .jobs, .watch: return false
+        case .status, .devices, .jobs, .watch, .metrics: return false
         case .flash, .cancel, .reload: return true
         }
     }
@@ -103,8 +106,10 @@ public struct ResultPayload: Codable, Sendable {
     public var jobs: [JobRecord]?
     public var job: JobRecord?
     public var message: String?
+    /// `metrics`: Prometheus text exposition format 0.0.4, as one string.
+    public var metrics: String?
 
-    public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil) {
-        self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message
+    public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil, metrics: String? = nil) {
+        self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message; self.metrics = metrics
     }
 }

@@ -15,6 +15,8 @@ public actor Station {
     let hub = EventHub()
     let jobRunner: JobRunning
     let cache: ImageCacheStore?
+    /// Counters for `provision metrics` (issue 18).
+    var metrics: StationMetrics
 
     struct DeviceEntry {
         var facts: DeviceFacts
@@ -46,6 +48,7 @@ public actor Station {
         self.ledger = ledger
         self.logger = logger
         self.jobRunner = jobRunner
+        self.metrics = StationMetrics(station: config.name)
     }
 
     var policy: SafetyPolicy {
@@ -97,11 +100,16 @@ public actor Station {
         if slot == nil, refusals.isEmpty {
             refusals.append(.init(rule: .notEligible, reason: "in no configured slot (slot path \(facts.slotPath ?? "unknown"))"))
         }
+        // Judged again on every event: counted once per media, not once per event.
+        let refusedBefore = devices[facts.deviceNumber].map { !$0.refusals.isEmpty && $0.facts.diskSequence == facts.diskSequence } ?? false
         var entry = DeviceEntry(facts: facts, slot: slot?.name, refusals: refusals, jobID: nil)
         defer { publish(.init(kind: .device, device: deviceStatus(entry))) }
         guard refusals.isEmpty, let slot, let profile else {
             devices[facts.deviceNumber] = entry
             if isCandidate(facts) {
+                // Counted: cards in a slot the policy refused. A device in no slot is not a
+                // refused card (another bench's loop device, a stick in a spare port).
+                if !refusedBefore, slot != nil { metrics.refusedCard() }
                 logger.notice("refusing \(facts.devnode): \(refusals.map(\.reason).joined(separator: "; "))", metadata: ["device": "\(facts.devnode)"])
             }
             return
@@ -229,8 +237,10 @@ public actor Station {
     func apply(_ report: CardReport, to id: Int64) async {
         switch report {
         case .stage(let stage, let note, let unit, let progress):
+            if let progress { metrics.progress(id, progress) }
             await transition(id, to: JobState(stage), message: note, unit: unit, progress: progress.map { JobProgress($0) })
         case .progress(let p):
+            metrics.progress(id, p)
             self.progress(id, JobProgress(p))
         case .accounts(let unit, let accounts):
             do {
@@ -241,6 +251,7 @@ public actor Station {
                 ledgerFailed(id, error)
             }
         case .finished(let outcome):
+            if let started = running[id]?.record.created { metrics.finished(id, outcome: outcome, started: started) }
             switch outcome {
             case .done(let result):
                 await transition(id, to: .done, message: "done — remove card", unit: result.unit,
@@ -348,6 +359,7 @@ public actor Station {
         if let profile { minimum = minimumSize(of: profile) } else if let image { minimum = (try? ImageSource(path: image))?.uncompressedSizeHint }
         let refusals = policy.refusals(for: facts, minimumSize: minimum)
         guard refusals.isEmpty else {
+            metrics.refusedCard()
             throw ErrorPayload(.refused, "refusing \(device): " + refusals.map(\.reason).joined(separator: "; "))
         }
         let slot = config.slot(forSlotPath: facts.slotPath)?.name
@@ -406,6 +418,11 @@ public actor Station {
     }
 
     public var runningJobCount: Int { running.count }
+
+    /// Prometheus' text format: this station's counters and its present state.
+    public func metricsText() -> String {
+        metrics.text(slots: config.slots.map(\.name), running: running.values.map(\.record.slot), cache: cache)
+    }
 
     /// At shutdown: cancels every running job and waits until each has recorded its end.
     public func cancelAll(waitingUpTo limit: Duration) async -> Int {

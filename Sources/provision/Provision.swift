@@ -11,6 +11,7 @@ struct Provision: AsyncParsableCommand {
             WatchCommand.self,
             JobsCommand.self,
             DevicesCommand.self,
+            MetricsCommand.self,
             FlashCommand.self,
             CancelCommand.self,
             ReloadCommand.self,

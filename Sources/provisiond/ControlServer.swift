@@ -205,6 +205,8 @@ struct ControlSession {
             return ResultPayload(status: await station.status())
         case .devices:
             return ResultPayload(devices: await station.deviceList())
+        case .metrics:
+            return ResultPayload(metrics: await station.metricsText())
         case .jobs:
             if let s = p.state, JobState(rawValue: s) == nil {
                 throw ErrorPayload(.badRequest, "unknown job state \"\(s)\"; known: \(JobState.allCases.map(\.rawValue).joined(separator: ", "))")

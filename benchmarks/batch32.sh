@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# benchmarks/batch32.sh — lab scale (issue 18): one provisiond writing 32 throttled loop cards
+# (a third each at 10, 20 and 40 MB/s) from one zstd image, each speed class alone, and 32
+# parallel `bmaptool copy` of the same image in the same run. Targets: every card ≤ 1.05× its
+# time alone, daemon user CPU ≤ 2.5× one card's, peak RSS ≤ 128 MiB. Needs root and a quiet
+# machine (32 cards at up to 40 MB/s want most of a disk; on a shared machine the ratios
+# measure the neighbours). Extra options go to batch.sh (--quick, --keep DIR, --formats).
+#
+#   benchmarks/batch32.sh [--quick] [--formats zst] [--keep DIR]
+set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
+exec "$(dirname "$0")/batch.sh" --cards 32 --formats zst "$@"
