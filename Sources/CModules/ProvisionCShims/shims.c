@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <malloc.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,4 +101,8 @@ int provision_fix_mmap_threshold(int bytes) {
 
 int provision_pipe_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
+}
+
+int provision_malloc_trim(void) {
+    return malloc_trim(0);
 }
