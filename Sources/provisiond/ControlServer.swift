@@ -83,8 +83,8 @@ struct ControlServer: Service {
     }
 
     /// Runs on the connection's event loop as it is accepted, before any task or buffer
-    /// exists for it: counts it against the cap, and either sets up its pipeline (output
-    /// budget, line framing, small inbound buffer) or gives it the refusal.
+    /// exists for it: counts it against the cap, and either sets up its pipeline (small send
+    /// buffer, the unread-output watch, a small inbound buffer) or gives it the refusal.
     static func admit(_ channel: Channel, admission: ClientAdmission, policy: AccessPolicy, logger: Logger) -> EventLoopFuture<Connection> {
         let credentials: EventLoopFuture<PeerCredentials?>
         if let provider = channel as? SocketOptionProvider {
