@@ -6,8 +6,10 @@ import Foundation
 public enum ControlProtocol {
     /// Bumped on any incompatible change; the CLI refuses a daemon with another major.
     public static let version = 1
-    /// Longest accepted line; longer ones get an error reply and the connection is closed.
-    public static let maxLineLength = 1 << 20
+    /// Longest accepted request line; longer ones get an error reply and the connection is
+    /// closed. Requests are small (a method and a few names): 64 KiB is far beyond any, and
+    /// keeps what a client can make the daemon buffer small.
+    public static let maxLineLength = 64 << 10
     public static let defaultSocketPath = "/run/provision/control.sock"
 }
 
@@ -92,6 +94,8 @@ public struct ErrorPayload: Codable, Sendable, Equatable, Error, CustomStringCon
         case notFound = "not-found"
         case refused
         case conflict
+        /// A `watch` client read too slowly to be sent every state change: it was disconnected.
+        case tooSlow = "too-slow"
         case internalError = "internal"
     }
     public var code: Code

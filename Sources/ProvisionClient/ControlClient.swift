@@ -38,6 +38,8 @@ public final class ControlClient {
             throw CLIError.unreachable("cannot reach provisiond at \(path): \(String(cString: strerror(e))) — is it running? (systemctl status provisiond, or --socket PATH / PROVISION_SOCKET)")
         }
         let first = try readMessage()
+        // A daemon serving its limit of clients says so instead of greeting.
+        if let refusal = first.error { throw CLIError(refusal) }
         guard let h = first.hello else { throw CLIError.unreachable("\(path) did not greet like provisiond") }
         guard h.protocolVersion == ControlProtocol.version else {
             throw CLIError.unreachable("provisiond speaks protocol \(h.protocolVersion), this provision speaks \(ControlProtocol.version): upgrade one of them")
@@ -59,7 +61,8 @@ public final class ControlClient {
         try line.withUnsafeMutableBytes { raw in
             var off = 0
             while off < raw.count {
-                let n = write(fd, raw.baseAddress! + off, raw.count - off)
+                // MSG_NOSIGNAL: a daemon that hung up is an error to report, not SIGPIPE.
+                let n = send(fd, raw.baseAddress! + off, raw.count - off, Int32(MSG_NOSIGNAL))
                 if n < 0 { if errno == EINTR { continue }; throw CLIError.unreachable("provisiond closed the connection") }
                 off += n
             }
@@ -72,11 +75,13 @@ public final class ControlClient {
         }
     }
 
-    /// The next event of a `watch`.
+    /// The next event of a `watch`. Throws when the daemon ends the watch with an error (a
+    /// client too slow for the state changes is told so, then disconnected).
     public func nextEvent() throws -> Event? {
         while true {
             let m = try readMessage()
             if let e = m.event { return e }
+            if let e = m.error { throw CLIError(e) }
         }
     }
 
@@ -115,7 +120,7 @@ public struct CLIError: Error, CustomStringConvertible {
         case .permissionDenied: status = 77
         case .badRequest, .unknownMethod: status = 65
         case .notFound: status = 66
-        case .refused, .conflict: status = 75
+        case .refused, .conflict, .tooSlow: status = 75
         case .internalError: status = 70
         }
     }

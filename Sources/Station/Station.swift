@@ -63,7 +63,10 @@ public actor Station {
         }
     }
 
-    public func subscribe() -> AsyncStream<Event> { hub.subscribe() }
+    public func subscribe() -> EventSubscription { hub.subscribe() }
+    /// Changes with every event published: a `status` computed under one value is still
+    /// current while it holds (the control socket reuses the encoded reply).
+    public nonisolated var eventGeneration: Int { hub.generation }
 
     // MARK: - Devices
 

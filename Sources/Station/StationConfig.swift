@@ -16,6 +16,7 @@ import TOMLKit
 /// cache_dir = "/var/cache/provision"   # decompressed images shared by a batch
 /// cache_limit = "16GiB"
 /// profiles_dir = "/usr/share/provision/images"   # optional: */profile.toml found there
+/// max_clients = 256               # control-socket connections; 8 more are kept for admins
 ///
 /// [profiles.demo]
 /// image = "/srv/images/demo.img.zst"
@@ -45,6 +46,10 @@ public struct StationConfig: Sendable {
     public var cacheDirectory: String
     public var cacheLimit: UInt64
     public var passwordExportPath: String?
+    /// Control-socket connections served at once (admins get a few more, see the daemon);
+    /// past it a client is refused with the reason. Kept well under the descriptor limit so
+    /// that udev and the cards' jobs always find descriptors.
+    public var maxClients: Int
     public var profiles: [String: Profile]
     public var slots: [Slot]
     /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
@@ -108,7 +113,7 @@ public struct StationConfig: Sendable {
         try root.rejectUnknownKeys(["station", "profiles", "slots"])
 
         let station = try root.table("station")
-        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit"])
+        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients"])
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
@@ -120,6 +125,7 @@ public struct StationConfig: Sendable {
             cacheDirectory: (try station?.string("cache_dir")).map { document.resolve(path: $0) } ?? "/var/cache/provision",
             cacheLimit: try station?.byteSize("cache_limit") ?? 16 << 30,
             passwordExportPath: (try station?.string("password_export")).map { document.resolve(path: $0) },
+            maxClients: try station?.integer("max_clients", in: 1...(1 << 20)) ?? 256,
             profiles: [:], slots: [])
         config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
         config.exportLocation = station.map { document.location(of: $0.path("password_export")) }

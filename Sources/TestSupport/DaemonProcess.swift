@@ -39,15 +39,17 @@ public final class DaemonProcess: Sendable {
     /// Starts `provisiond --config configPath --socket socketPath` and waits until
     /// `provision status` answers on the socket. Throws (with the daemon's log) when the
     /// daemon exits or does not answer within `timeout`; the process is killed then.
+    /// `launcher` runs the daemon through a program that execs it (same process), e.g.
+    /// `prlimit --nofile=1024:1024 --` to start it under systemd's default descriptor limit.
     public init(configPath: String, socketPath: String, logPath: String, extraArguments: [String] = [],
-                timeout: Duration = .seconds(30)) throws {
+                launcher: [String] = [], timeout: Duration = .seconds(30)) throws {
         self.configPath = configPath
         self.socketPath = socketPath
         self.logPath = logPath
         for binary in [Self.daemonBinary, Self.cliBinary] where access(binary, X_OK) != 0 {
             throw DaemonProcessError(description: "\(binary) is missing: run `swift build --build-tests` first (or set PROVISION_BIN_DIR)")
         }
-        let pid = try Self.spawn([Self.daemonBinary, "--config", configPath, "--socket", socketPath] + extraArguments, logPath: logPath)
+        let pid = try Self.spawn(launcher + [Self.daemonBinary, "--config", configPath, "--socket", socketPath] + extraArguments, logPath: logPath)
         process.withLock { $0 = pid }
         do {
             try waitUntilAnswering(timeout: timeout)

@@ -57,6 +57,21 @@ struct Provisiond: AsyncParsableCommand {
             FileHandle.standardError.write(Data("provisiond: \(error)\n".utf8))
             throw ExitCode(78)  // EX_CONFIG
         }
+        // Before anything else opens a descriptor: what the cap on clients is computed from.
+        let descriptorLimit = DescriptorBudget.raiseSoftLimit()
+        // One daemon per ledger and cache, decided before either is touched (opening the
+        // cache empties it).
+        let locks: [InstanceLock]
+        do {
+            locks = [try InstanceLock("ledger", path: stationConfig.ledgerPath, directory: false),
+                     try InstanceLock("image cache", path: stationConfig.cacheDirectory, directory: true)]
+        } catch let held as InstanceLock.Held {
+            FileHandle.standardError.write(Data("provisiond: \(held)\n".utf8))
+            throw ExitCode(75)  // EX_TEMPFAIL
+        } catch {
+            FileHandle.standardError.write(Data("provisiond: \(error)\n".utf8))
+            throw ExitCode(73)  // EX_CANTCREAT
+        }
         let ledger: Ledger
         do {
             ledger = try Ledger(path: stationConfig.ledgerPath)
@@ -75,10 +90,12 @@ struct Provisiond: AsyncParsableCommand {
         try await station.recoverFromLedger()
 
         let notifier = SystemdNotifier(station: station, logger: logger)
+        // The udev monitor's socket is opened before the control socket takes any client.
         let discovery = try Discovery(station: station, logger: logger)
+        let admission = ClientAdmission(config: stationConfig, descriptorLimit: descriptorLimit, logger: logger)
         let server = ControlServer(station: station, socketPath: socket, socketGroup: socketGroup, configPath: config,
-                                   notifier: notifier, logger: logger)
-        let reloader = Reloader(station: station, configPath: config, logger: logger)
+                                   notifier: notifier, admission: admission, logger: logger)
+        let reloader = Reloader(station: station, configPath: config, admission: admission, logger: logger)
         let group = ServiceGroup(configuration: .init(
             services: [
                 .init(service: discovery),
@@ -95,6 +112,7 @@ struct Provisiond: AsyncParsableCommand {
         let cancelled = await station.cancelAll(waitingUpTo: .seconds(10))
         if cancelled > 0 { logger.notice("cancelled \(cancelled) running job(s) at shutdown") }
         logger.info("provisiond stopped")
+        withExtendedLifetime(locks) {}
     }
 }
 
@@ -102,6 +120,7 @@ struct Provisiond: AsyncParsableCommand {
 struct Reloader: Service {
     let station: Station
     let configPath: String
+    let admission: ClientAdmission
     let logger: Logger
 
     func run() async throws {
@@ -114,13 +133,13 @@ struct Reloader: Service {
         }
         await withGracefulShutdownHandler {
             for await _ in signals.cancelOnGracefulShutdown() {
-                _ = await reload(station: station, configPath: configPath, logger: logger)
+                _ = await reload(station: station, configPath: configPath, admission: admission, logger: logger)
             }
         } onGracefulShutdown: {}
     }
 }
 
-func reload(station: Station, configPath: String, logger: Logger) async -> Result<StationConfig, Error> {
+func reload(station: Station, configPath: String, admission: ClientAdmission, logger: Logger) async -> Result<StationConfig, Error> {
     // Loading reads and decompresses the start of every image: blocking I/O, so on a
     // thread of its own rather than the cooperative pool.
     let loaded = await withCheckedContinuation { (done: CheckedContinuation<Result<StationConfig, Error>, Never>) in
@@ -132,6 +151,7 @@ func reload(station: Station, configPath: String, logger: Logger) async -> Resul
     switch loaded {
     case .success(let config):
         await station.reload(config)
+        admission.apply(config)
         logger.notice("configuration reloaded from \(configPath)")
         for warning in config.warnings { logger.warning("\(warning)") }
     case .failure(let error):

@@ -43,9 +43,13 @@ final class SystemdNotifier: Service, @unchecked Sendable {
                     var iterator = self.readySignal.stream.makeAsyncIterator()
                     _ = await iterator.next()
                     Self.notify("READY=1\nSTATUS=ready: waiting for cards")
-                    for await event in await station.subscribe() where event.kind == .job {
-                        let running = await station.runningJobCount
-                        Self.notify("STATUS=\(running) job(s) running" + (event.job.map { "; job \($0.id) \($0.state.rawValue)" } ?? ""))
+                    // A subscription that overflowed (this loop fell far behind) is renewed:
+                    // STATUS only ever shows the latest state anyway.
+                    while !Task.isCancelled {
+                        for await event in await station.subscribe() where event.kind == .job {
+                            let running = await station.runningJobCount
+                            Self.notify("STATUS=\(running) job(s) running" + (event.job.map { "; job \($0.id) \($0.state.rawValue)" } ?? ""))
+                        }
                     }
                 }
                 await group.waitForAll()

@@ -77,7 +77,7 @@ extension IntegrationTests {
             try expectAnswersStatus(bench)
         }
 
-        @Test("a line over 1 MiB gets an error reply and its connection is closed; the daemon goes on")
+        @Test("a line over the limit (64 KiB) gets an error reply and its connection is closed; the daemon goes on")
         func overlongLineIsRefused() throws {
             let bench = try startedBench()
             defer { bench.close() }

@@ -115,7 +115,8 @@ final class StationBench: Sendable {
     }
 
     /// station.toml: one profile per slot (writing `image`, verified), loop cards allowed.
-    func writeConfig(_ slots: [Slot], maxDeviceSize: String? = nil) throws {
+    /// `stationLines` go into [station] as they are (e.g. `max_clients = 4`).
+    func writeConfig(_ slots: [Slot], maxDeviceSize: String? = nil, stationLines: [String] = []) throws {
         var text = """
             [station]
             name = "integration-\(token)"
@@ -126,6 +127,7 @@ final class StationBench: Sendable {
 
             """
         if let maxDeviceSize { text += "max_device_size = \"\(maxDeviceSize)\"\n" }
+        for line in stationLines { text += line + "\n" }
         for slot in slots {
             text += """
 
@@ -145,8 +147,8 @@ final class StationBench: Sendable {
 
     /// Starts provisiond on this bench's config and socket; stopped by `close()`.
     @discardableResult
-    func startDaemon() throws -> DaemonProcess {
-        let daemon = try DaemonProcess(configPath: configPath, socketPath: socketPath, logPath: logPath)
+    func startDaemon(launcher: [String] = []) throws -> DaemonProcess {
+        let daemon = try DaemonProcess(configPath: configPath, socketPath: socketPath, logPath: logPath, launcher: launcher)
         state.withLock { $0.daemons.append(daemon) }
         return daemon
     }

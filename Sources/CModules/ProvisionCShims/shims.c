@@ -101,3 +101,7 @@ int provision_fix_mmap_threshold(int bytes) {
 int provision_pipe_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
 }
+
+int provision_malloc_trim(void) {
+    return malloc_trim(0);
+}

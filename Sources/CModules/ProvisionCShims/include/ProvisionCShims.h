@@ -55,4 +55,9 @@ int provision_fix_mmap_threshold(int bytes);
 /* pipe2(fds, O_CLOEXEC): a pipe whose ends no concurrently spawned child inherits. */
 int provision_pipe_cloexec(int fds[2]);
 
+/// malloc_trim(0): hands the free pages of every glibc arena back to the kernel (glibc keeps
+/// what threads freed, so a burst of clients would otherwise stay in the daemon's RSS).
+/// Returns 1 when memory was released.
+int provision_malloc_trim(void);
+
 #endif
