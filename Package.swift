@@ -28,6 +28,7 @@ let package = Package(
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
         // The bench board's web server only (issue 19); no trait needs swift-configuration.
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // C headers from Debian, nothing else.
@@ -39,6 +40,8 @@ let package = Package(
         systemLibrary("CLZMA", pkgConfig: "liblzma", apt: "liblzma-dev"),
         systemLibrary("CZstd", pkgConfig: "libzstd", apt: "libzstd-dev"),
         systemLibrary("CZlib", pkgConfig: "zlib", apt: "zlib1g-dev"),
+        // The long tail of image formats (bzip2, lz4, lzop, zip, tar), as Raspberry Pi Imager reads them.
+        systemLibrary("CArchive", pkgConfig: "libarchive", apt: "libarchive-dev"),
         // What Glibc's Swift overlay cannot give: O_DIRECT, block ioctls, struct ucred,
         // non-variadic sd_notify helpers. Compiled with _GNU_SOURCE.
         .target(name: "ProvisionCShims", path: "Sources/CModules/ProvisionCShims",
@@ -48,9 +51,16 @@ let package = Package(
         .target(name: "CFingerprint", path: "Sources/CModules/CFingerprint"),
 
         .target(name: "ImageIO", dependencies: [
-            "CLZMA", "CZstd", "CZlib", "ProvisionCShims", "CFingerprint",
+            "CLZMA", "CZstd", "CZlib", "CArchive", "ProvisionCShims", "CFingerprint",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        // Images over HTTP(S), streamed into ImageIO's write engine (issue 17).
+        .target(name: "ImageHTTP", dependencies: [
+            "ImageIO",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .target(name: "BlockDevices", dependencies: [
             "CUdev", "ProvisionCShims",
@@ -68,11 +78,11 @@ let package = Package(
         ]),
         // One card, start to end: open and judge → write → verify → inject → check (issue 13).
         .target(name: "Pipeline", dependencies: [
-            "ImageIO", "BlockDevices", "Accounts", "ProvisionCShims",
+            "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "ProvisionCShims",
         ]),
         .target(name: "ControlProtocol"),
         .target(name: "Station", dependencies: [
-            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
+            "Pipeline", "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -97,7 +107,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .executableTarget(name: "provision", dependencies: [
-            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol", "ProvisionClient", "Board",
+            "Pipeline", "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol", "ProvisionClient", "Board",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -105,6 +115,8 @@ let package = Package(
             "ImageIO", "BlockDevices", "Tegra", "ProvisionCShims",
         ]),
         .testTarget(name: "ImageIOTests", dependencies: ["ImageIO", "BlockDevices", "TestSupport"]),
+        .testTarget(name: "ImageHTTPTests", dependencies: ["ImageHTTP", "ImageIO", "Station", "TestSupport"],
+                    exclude: ["imageserver.py"]),
         .testTarget(name: "BlockDevicesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "TestSupport"]),
         .testTarget(name: "TegraTests", dependencies: ["Tegra", "TestSupport"]),
