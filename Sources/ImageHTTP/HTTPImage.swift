@@ -87,13 +87,14 @@ extension HTTPImage {
     public static func locateBmap(forImage url: String, options: HTTPOptions = HTTPOptions()) throws(ImageIOError) -> Bmap? {
         let query = url.firstIndex(of: "?").map { String(url[$0...]) } ?? ""
         var base = String(url.dropLast(query.count))
-        let slash = base.lastIndex(of: "/").map { base.index(after: $0) } ?? base.startIndex
         while true {
             let candidate = base + ".bmap"
             if let bytes = try fetch(url: candidate + query, options: options) {
                 return try Bmap.parse(Data(bytes), path: candidate)
             }
-            guard let dot = base[slash...].lastIndex(of: "."), dot > slash else { return nil }
+            // Strip one extension of the file name (never a dot in the host or a directory).
+            let name = base.lastIndex(of: "/").map { base.index(after: $0) } ?? base.startIndex
+            guard let dot = base[name...].lastIndex(of: "."), dot > name else { return nil }
             base = String(base[..<dot])
         }
     }
