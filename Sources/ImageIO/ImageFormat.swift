@@ -56,7 +56,7 @@ public struct UnsupportedFormat: Sendable, Equatable {
         let convert = "convert it to a raw image first, e.g. `qemu-img convert -O raw IN OUT.img`"
         if starts([0x37, 0x7A, 0xBC, 0xAF, 0x27, 0x1C]) { return .init(name: "7-Zip archive", advice: extract) }
         if starts("Rar!\u{1A}\u{07}") { return .init(name: "RAR archive", advice: extract) }
-        if starts("QFI\u{FB}") { return .init(name: "QEMU qcow2 disk image", advice: convert) }
+        if starts([0x51, 0x46, 0x49, 0xFB]) { return .init(name: "QEMU qcow2 disk image", advice: convert) }  // "QFI\xFB"
         if starts("KDMV") || starts("# Disk DescriptorFile") { return .init(name: "VMware VMDK disk image", advice: convert) }
         if starts("vhdxfile") { return .init(name: "Hyper-V VHDX disk image", advice: convert) }
         if starts("conectix") { return .init(name: "VHD disk image (dynamic)", advice: convert) }

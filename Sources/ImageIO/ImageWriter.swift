@@ -466,7 +466,18 @@ final class WriteJob: @unchecked Sendable {
             i += n
         }
         if let s = runStart { try writeRun(UnsafeRawBufferPointer(rebasing: bytes[s..<count]), at: offset + UInt64(s)) }
+        // A run of zeros at the end of what is written is a hole only once the file reaches
+        // past it: the verifier reads it back before the file's final length is set.
+        if end > fileLength {
+            if ftruncate(target.fd, off_t(end)) != 0 {
+                throw ImageIOError.device(Errno(rawValue: errno), operation: "extend", path: target.path, offset: end)
+            }
+            fileLength = end
+        }
     }
+
+    /// How long the (emptied) file target is now.
+    private var fileLength: UInt64 = 0
 
     /// Writes `bytes` at `offset` as they are (whole blocks, and the last one by
     /// read-modify-write when the image ends inside it).
