@@ -143,6 +143,8 @@ public final class ImageSource: @unchecked Sendable {
         // Up to 1 MiB whatever the size says (a block device's st_size is 0).
         let prefix = bytes(at: 0, 1 << 20)
         let tail = fileSize >= 1024 ? bytes(at: fileSize - 512, 512) : []
+        // The look was one-off: leave the page cache as the O_DIRECT read-ahead would.
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
         return try identify(prefix: prefix, tail: tail, name: path) { format in
             ArchiveReader.listCandidates(path: path, format: format)
         }
