@@ -30,6 +30,8 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
         // Issue 18: the station's metrics in Prometheus' text format (brings swift-metrics 2.13.0).
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        // Images over HTTP(S) (issue 17).
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // C headers from Debian, nothing else.
@@ -41,6 +43,8 @@ let package = Package(
         systemLibrary("CLZMA", pkgConfig: "liblzma", apt: "liblzma-dev"),
         systemLibrary("CZstd", pkgConfig: "libzstd", apt: "libzstd-dev"),
         systemLibrary("CZlib", pkgConfig: "zlib", apt: "zlib1g-dev"),
+        // The long tail of image formats (bzip2, lz4, lzop, zip, tar), as Raspberry Pi Imager reads them.
+        systemLibrary("CArchive", pkgConfig: "libarchive", apt: "libarchive-dev"),
         // What Glibc's Swift overlay cannot give: O_DIRECT, block ioctls, struct ucred,
         // non-variadic sd_notify helpers. Compiled with _GNU_SOURCE.
         .target(name: "ProvisionCShims", path: "Sources/CModules/ProvisionCShims",
@@ -50,9 +54,16 @@ let package = Package(
         .target(name: "CFingerprint", path: "Sources/CModules/CFingerprint"),
 
         .target(name: "ImageIO", dependencies: [
-            "CLZMA", "CZstd", "CZlib", "ProvisionCShims", "CFingerprint",
+            "CLZMA", "CZstd", "CZlib", "CArchive", "ProvisionCShims", "CFingerprint",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        // Images over HTTP(S), streamed into ImageIO's write engine (issue 17).
+        .target(name: "ImageHTTP", dependencies: [
+            "ImageIO",
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .target(name: "BlockDevices", dependencies: [
             "CUdev", "ProvisionCShims",
@@ -70,11 +81,11 @@ let package = Package(
         ]),
         // One card, start to end: open and judge → write → verify → inject → check (issue 13).
         .target(name: "Pipeline", dependencies: [
-            "ImageIO", "BlockDevices", "Accounts", "ProvisionCShims",
+            "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "ProvisionCShims",
         ]),
         .target(name: "ControlProtocol"),
         .target(name: "Station", dependencies: [
-            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
+            "Pipeline", "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "Tegra", "ControlProtocol", "ProvisionCShims",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "TOMLKit", package: "TOMLKit"),
@@ -100,7 +111,7 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
         .executableTarget(name: "provision", dependencies: [
-            "Pipeline", "ImageIO", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol", "ProvisionClient", "Board",
+            "Pipeline", "ImageIO", "ImageHTTP", "BlockDevices", "Accounts", "Tegra", "Station", "ControlProtocol", "ProvisionClient", "Board",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
@@ -108,6 +119,8 @@ let package = Package(
             "ImageIO", "BlockDevices", "Tegra", "ProvisionCShims",
         ]),
         .testTarget(name: "ImageIOTests", dependencies: ["ImageIO", "BlockDevices", "TestSupport"]),
+        .testTarget(name: "ImageHTTPTests", dependencies: ["ImageHTTP", "ImageIO", "Station", "TestSupport"],
+                    exclude: ["imageserver.py"]),
         .testTarget(name: "BlockDevicesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "TestSupport"]),
         .testTarget(name: "TegraTests", dependencies: ["Tegra", "TestSupport"]),

@@ -55,10 +55,13 @@ public struct Bmap: Sendable, Equatable {
     /// the size the compressed container states. The write engine and the config check both
     /// call this, before anything is written.
     public func checkSize(of source: ImageSource) throws(ImageIOError) {
-        if source.format == .raw, source.fileSize != imageSize {
-            throw ImageIOError(.bmapMismatch, "bmap \(path) belongs to a different image: it describes \(imageSize) bytes, \(source.path) has \(source.fileSize)")
+        if source.format == .raw, let size = source.uncompressedSizeHint, size != imageSize {
+            throw ImageIOError(.bmapMismatch, "bmap \(path) belongs to a different image: it describes \(imageSize) bytes, \(source.path) has \(size)")
         }
-        if source.format != .raw, let hint = source.uncompressedSizeHint, hint != imageSize {
+        // gzip's size is only its last four bytes: a truncated .gz ends in arbitrary bytes
+        // there, and calling that "a different image" hid the real fault (issue 17). Its
+        // stream tells (truncated, or ends before the bmap's end) once it is read.
+        if source.format != .raw, source.format != .gzip, let hint = source.uncompressedSizeHint, hint != imageSize {
             throw ImageIOError(.bmapMismatch, "bmap \(path) belongs to a different image: it describes \(imageSize) bytes, \(source.path) decompresses to \(hint)")
         }
     }

@@ -24,6 +24,12 @@ extension StreamDecoder {
 enum DecodeFailure: Error {
     case corrupt(String)
     case truncated
+    /// An archive with no disk image in it (the names of what it holds instead).
+    case noImage([String])
+    /// An archive with more than one file that could be the image.
+    case severalImages([String])
+    /// The input itself failed (a read error, a dropped download).
+    case input(Error)
 }
 
 func makeDecoder(_ format: ImageFormat) -> StreamDecoder? {
@@ -32,6 +38,18 @@ func makeDecoder(_ format: ImageFormat) -> StreamDecoder? {
     case .gzip: return GzipDecoder()
     case .xz: return XZDecoder()
     case .zstd: return ZstdDecoder()
+    case .bzip2, .lz4, .lzop, .zip, .tar: return nil  // libarchive: see ArchiveReader
+    }
+}
+
+/// A raw image arriving as a stream (over HTTP): its bytes as they come.
+final class IdentityDecoder: StreamDecoder {
+    func skipStreamChecksum() -> Bool { false }
+
+    func decode(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer, atEndOfInput: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
+        let n = min(input.count, output.count)
+        if n > 0 { output.baseAddress!.copyMemory(from: input.baseAddress!, byteCount: n) }
+        return (n, n, atEndOfInput && input.isEmpty)
     }
 }
 

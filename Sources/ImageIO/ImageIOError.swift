@@ -8,6 +8,9 @@ public struct ImageIOError: Error, CustomStringConvertible, Sendable, Equatable 
         case imageMissing, imageUnreadable
         case compressedStreamCorrupt, compressedStreamTruncated
         case imageCorrupt
+        /// A container provision does not write (7z, qcow2, …), or an archive without exactly
+        /// one disk image in it.
+        case unsupportedFormat
         case bmapInvalid, bmapMismatch
         case deviceTooSmall, deviceReadOnly, deviceBusy, deviceRemoved, deviceChanged
         case ioError, verifyMismatch, cancelled, invalidArgument

@@ -62,7 +62,7 @@ final class WriteJob: @unchecked Sendable {
         self.options = options
         self.progress = progress
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
-        self.compareWithSource = source.format == .raw
+        self.compareWithSource = source.format == .raw && source.isFile
         self.sourceFD = compareWithSource ? ((try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1) : -1
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
@@ -151,6 +151,20 @@ final class WriteJob: @unchecked Sendable {
         do { try options.beforeFirstWrite?(target) } catch let e as ImageIOError { throw e } catch {
             throw ImageIOError(.deviceChanged, "\(target.path): \(error)")
         }
+        if target.kind == .regularFile { try emptyFileTarget() }
+    }
+
+    /// A file target is emptied first, as bmaptool does: what the image leaves unwritten
+    /// (unmapped ranges, runs of zeros) then reads as zeros, and the file equals the image
+    /// (`cmp IMAGE FILE`) instead of keeping an older file's bytes in the holes.
+    private func emptyFileTarget() throws(ImageIOError) {
+        var st = stat()
+        if fstat(target.fd, &st) == 0, let identity = source.fileIdentity, identity == (UInt64(st.st_dev), UInt64(st.st_ino)) {
+            throw ImageIOError(.invalidArgument, "\(target.path) is the image itself: writing it onto itself would destroy it")
+        }
+        if ftruncate(target.fd, 0) != 0 {
+            throw ImageIOError.device(Errno(rawValue: errno), operation: "truncate", path: target.path, offset: nil)
+        }
     }
 
     // MARK: - Reader thread: decompress, overlay blobs; checker thread: bmap check, fingerprint
@@ -158,8 +172,7 @@ final class WriteJob: @unchecked Sendable {
     private var blobCoverage: [[Range<UInt64>]] = []
     /// The chunk at offset 0 is this long (see `WriteOptions.headSize`), aligned for direct I/O.
     private var headSize: Int {
-        let aligned = max(options.headSize / target.alignment, 1) * target.alignment
-        return min(aligned, pool.bufferSize)
+        max(options.headSize / target.alignment, 1) * target.alignment
     }
 
     private func readStream() throws(ImageIOError) {
@@ -174,7 +187,8 @@ final class WriteJob: @unchecked Sendable {
                 var pos = extent.start
                 while pos < extent.end {
                     guard let buf = acquire() else { return }
-                    let n = Int(min(UInt64(pos == 0 ? headSize : pool.bufferSize), extent.end - pos))
+                    // Chunks end at the head's end, so the held-back head is exactly the first MiB.
+                    let n = Int(min(pos < UInt64(headSize) ? min(UInt64(headSize) - pos, UInt64(pool.bufferSize)) : UInt64(pool.bufferSize), extent.end - pos))
                     let got = try read(into: buf, count: n)
                     guard got == n else {
                         pool.release(buf)
@@ -192,7 +206,7 @@ final class WriteJob: @unchecked Sendable {
             var pos: UInt64 = 0
             while true {
                 guard let buf = acquire() else { return }
-                let wanted = pos == 0 ? headSize : pool.bufferSize
+                let wanted = pos < UInt64(headSize) ? min(headSize - Int(pos), pool.bufferSize) : pool.bufferSize
                 let got = try read(into: buf, count: wanted)
                 if got == 0 { pool.release(buf); break }
                 buf.offset = pos
@@ -321,16 +335,26 @@ final class WriteJob: @unchecked Sendable {
     private func writeAll() throws(ImageIOError) {
         let total = options.bmap.map { $0.mappedBytes } ?? expectedImageSize
         var meter = PhaseMeter(phase: .writing, total: total)
-        progress(meter.progress)
-        var firstChunk: AlignedBuffer?
+        progress(withDownload(meter.progress))
         var lastReport = ContinuousClock.now
         while true {
             let next: AlignedBuffer?
             do { next = try queue.take() } catch let e as ImageIOError { throw e } catch { throw ImageIOError(.ioError, "\(error)") }
             guard let buf = next else { break }
             if options.cancellation.isCancelled { pool.release(buf); throw cancelledError(after: bytesWrittenSoFar) }
-            if buf.offset == 0 && firstChunk == nil {
-                firstChunk = buf  // written last; see the type's comment
+            if buf.offset < UInt64(headSize) {
+                // Written last; see the type's comment. Whatever lies in the first MiB (the
+                // partition table, a boot loader at 8 or 300 KiB) waits in `head`.
+                let held = min(buf.count, headSize - Int(buf.offset))
+                holdBack(UnsafeRawBufferPointer(start: buf.bytes, count: held), at: buf.offset, fingerprint: held == buf.count ? buf.fingerprint : nil)
+                meter.add(UInt64(held))
+                if held == buf.count { pool.release(buf); continue }
+                // A chunk straddling the head's end (a blob): the rest is written now.
+                let rest = UnsafeRawBufferPointer(start: buf.bytes + held, count: buf.count - held)
+                try writeBytes(rest, at: UInt64(headSize))
+                meter.add(UInt64(rest.count))
+                unverified.append(WrittenChunk(offset: UInt64(headSize), count: rest.count, fingerprint: fingerprintsChunks ? Fingerprint(rest) : nil))
+                pool.release(buf)
                 continue
             }
             try writeChunk(buf)
@@ -347,7 +371,7 @@ final class WriteJob: @unchecked Sendable {
             }
             if ContinuousClock.now - lastReport > .milliseconds(200) {
                 lastReport = ContinuousClock.now
-                progress(meter.progress)
+                progress(withDownload(meter.progress))
             }
         }
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
@@ -355,13 +379,12 @@ final class WriteJob: @unchecked Sendable {
         // Phases are reported in the order a reader expects (writing 100 %, then syncing):
         // the sync that must precede the first MiB is still part of writing it.
         try sync()
-        if let first = firstChunk {
-            try writeChunk(first)
-            meter.add(UInt64(first.count))
-            unverified.append(WrittenChunk(offset: first.offset, count: first.count, fingerprint: first.fingerprint))
-            pool.release(first)
+        for piece in heldBack {
+            try writeBytes(UnsafeRawBufferPointer(start: head.bytes + Int(piece.offset), count: piece.count), at: piece.offset)
+            unverified.append(piece)
         }
-        var written = meter.progress
+        heldBack = []
+        var written = withDownload(meter.progress)
         written.bytesTotal = meter.done
         written.secondsRemaining = 0
         progress(written)
@@ -378,6 +401,21 @@ final class WriteJob: @unchecked Sendable {
         syncSeconds = (ContinuousClock.now - s0) / .seconds(1)
     }
 
+    /// Adds the download's progress, for an image read over HTTP; where the image's size is
+    /// unknown (a compressed stream), the download's share done gives the ETA.
+    private func withDownload(_ p: WriteProgress) -> WriteProgress {
+        guard let (received, total) = source.inputProgress?() else { return p }
+        var p = p
+        p.bytesDownloaded = received
+        p.downloadTotal = total
+        if p.secondsRemaining == nil, let total, total > 0, received > 0 {
+            let elapsed = p.bytesPerSecond > 0 ? Double(p.bytesDone) / p.bytesPerSecond : 0
+            let share = Double(received) / Double(total)
+            if elapsed > 0 { p.secondsRemaining = elapsed * (1 - share) / share }
+        }
+        return p
+    }
+
     /// Near the end, sync and hand over every chunk: what is left unverified when the last
     /// byte is written is what the card must still read back before the job is done (16 MiB:
     /// 0.4 s at 40 MB/s). (Tried: longer intervals on fast disks, where a sync costs a few
@@ -387,31 +425,98 @@ final class WriteJob: @unchecked Sendable {
         return total - meter.done <= 2 * interval ? UInt64(pool.bufferSize) : interval
     }
 
+    /// The first MiB of the image, held back until the rest is on the card and synced (its
+    /// own buffer: the first MiB of a bmap may be many small ranges, and holding ring
+    /// buffers for them would starve the reader).
+    private lazy var head = AlignedBuffer(capacity: headSize, alignment: target.alignment)
+    /// The ranges of `head` that hold image bytes, in the order they came.
+    private var heldBack: [WrittenChunk] = []
+
+    private func holdBack(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, fingerprint: Fingerprint?) {
+        (head.bytes + Int(offset)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        heldBack.append(WrittenChunk(offset: offset, count: bytes.count,
+                                     fingerprint: fingerprint ?? (fingerprintsChunks ? Fingerprint(bytes) : nil)))
+    }
+
     private func writeChunk(_ buf: AlignedBuffer) throws(ImageIOError) {
-        let end = buf.offset + UInt64(buf.count)
+        try writeBytes(UnsafeRawBufferPointer(start: buf.bytes, count: buf.count), at: buf.offset)
+    }
+
+    /// Writes image bytes at `offset`; `bytes` is aligned for direct I/O.
+    private func writeBytes(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
+        let count = bytes.count
+        let end = offset + UInt64(count)
         if let size = target.size, end > size {
             throw ImageIOError(.deviceTooSmall, "card too small: the image continues past byte \(size), the end of \(target.path)", offset: size)
         }
-        let body = buf.count / ioUnit * ioUnit
-        if body > 0, case .failure(let e) = Syscall.pwriteAll(target.fd, buf.bytes, body, buf.offset) {
-            throw target.failure(e, operation: "write", offset: buf.offset)
+        guard target.kind == .regularFile else { return try writeRun(bytes, at: offset) }
+        // An emptied file target reads zeros where nothing is written: runs of zeros (4 KiB
+        // blocks) stay holes, and a 4 GiB image with 1 GiB of data takes 1 GiB of disk.
+        let block = max(ioUnit, 4096)
+        var runStart: Int?
+        var i = 0
+        while i < count {
+            let n = min(block, count - i)
+            if isAllZero(UnsafeRawBufferPointer(rebasing: bytes[i..<(i + n)])) {
+                if let s = runStart { try writeRun(UnsafeRawBufferPointer(rebasing: bytes[s..<i]), at: offset + UInt64(s)) }
+                runStart = nil
+            } else if runStart == nil {
+                runStart = i
+            }
+            i += n
         }
-        let tail = buf.count - body
+        if let s = runStart { try writeRun(UnsafeRawBufferPointer(rebasing: bytes[s..<count]), at: offset + UInt64(s)) }
+        // A run of zeros at the end of what is written is a hole only once the file reaches
+        // past it: the verifier reads it back before the file's final length is set.
+        if end > fileLength {
+            if ftruncate(target.fd, off_t(end)) != 0 {
+                throw ImageIOError.device(Errno(rawValue: errno), operation: "extend", path: target.path, offset: end)
+            }
+            fileLength = end
+        }
+    }
+
+    /// How long the (emptied) file target is now.
+    private var fileLength: UInt64 = 0
+
+    /// Writes `bytes` at `offset` as they are (whole blocks, and the last one by
+    /// read-modify-write when the image ends inside it).
+    private func writeRun(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
+        let count = bytes.count
+        let body = count / ioUnit * ioUnit
+        if body > 0, case .failure(let e) = Syscall.pwriteAll(target.fd, bytes.baseAddress!, body, offset) {
+            throw target.failure(e, operation: "write", offset: offset)
+        }
+        let tail = count - body
         if tail > 0 {
             // Read-modify-write the last block: direct I/O writes whole blocks, and the bytes of
             // the card beyond the image's end must stay what they were.
             let block = tailBlock
-            let at = buf.offset + UInt64(body)
+            let at = offset + UInt64(body)
             memset(block.bytes, 0, ioUnit)
             if case .failure(let e) = Syscall.preadFully(target.fd, block.bytes, ioUnit, at) {
                 throw target.failure(e, operation: "read before write", offset: at)
             }
-            block.bytes.copyMemory(from: buf.bytes + body, byteCount: tail)
+            block.bytes.copyMemory(from: bytes.baseAddress! + body, byteCount: tail)
             if case .failure(let e) = Syscall.pwriteAll(target.fd, block.bytes, ioUnit, at) {
                 throw target.failure(e, operation: "write", offset: at)
             }
         }
-        bytesWrittenSoFar += UInt64(buf.count)
+        bytesWrittenSoFar += UInt64(count)
+    }
+
+    /// Compared with memcmp, which is vectorised even in a debug build.
+    private static let zeros = [UInt8](repeating: 0, count: 1 << 16)
+
+    private func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var i = 0
+        while i < bytes.count {
+            let n = min(WriteJob.zeros.count, bytes.count - i)
+            let same = WriteJob.zeros.withUnsafeBytes { memcmp(bytes.baseAddress! + i, $0.baseAddress!, n) == 0 }
+            if !same { return false }
+            i += n
+        }
+        return true
     }
 
     private func sync() throws(ImageIOError) {
@@ -436,7 +541,7 @@ final class WriteJob: @unchecked Sendable {
             guard case .success(let n) = got else { throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(offset)") }
             out.removeLast(count - n)
         } else {
-            let again = try ImageSource(path: source.path)
+            let again = try source.reopened()
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 64)
             defer { scratch.deallocate() }
             try again.skip(offset, scratch: scratch)

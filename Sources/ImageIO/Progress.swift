@@ -15,6 +15,10 @@ public struct WriteProgress: Sendable, Codable, Equatable {
     public var bytesPerSecond: Double
     /// Seconds left in this phase, when the total is known and the rate is measurable.
     public var secondsRemaining: Double?
+    /// For an image read over HTTP: bytes of it downloaded so far, and how many the server
+    /// announced (the download is the write's pace: its bytes are decoded as they arrive).
+    public var bytesDownloaded: UInt64? = nil
+    public var downloadTotal: UInt64? = nil
 
     public init(phase: WritePhase, bytesDone: UInt64, bytesTotal: UInt64?, bytesPerSecond: Double, secondsRemaining: Double?) {
         self.phase = phase

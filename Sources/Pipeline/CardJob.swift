@@ -6,7 +6,7 @@ import ImageIO
 /// device, which rules, which accounts. Both `provision write` and `provisiond` fill one in
 /// and hand it to `CardPipeline`; nothing else writes a card.
 public struct CardJob: Sendable {
-    /// The image file (raw or compressed).
+    /// The image file (raw, compressed or an archive of one image), or an http(s):// URL.
     public var image: String
     /// The device (or file) to write, as a path: opened once, then judged on its descriptor.
     public var target: String
@@ -21,6 +21,8 @@ public struct CardJob: Sendable {
     /// What the card must hold at least, beyond the image itself (a profile's minimum).
     public var minimumDeviceSize: UInt64?
     public var bmap: BmapChoice = .discover
+    /// Write the image file as it is, whatever its first bytes look like (`--raw`).
+    public var forceRaw = false
     public var verify = true
     public var chunkSize = 4 << 20
     public var bufferCount = 4

@@ -1,6 +1,7 @@
 import Accounts
 import BlockDevices
 import Foundation
+import ImageHTTP
 import ImageIO
 
 /// One card, start to end: open the device and judge it on its descriptor → write →
@@ -75,7 +76,7 @@ public final class CardPipeline: Sendable {
         options.beforeFirstWrite = { t in try media?.check(t, before: "written") }
 
         let meter = StageMeter(interval: job.progressInterval)
-        sink.receive(.stage(.writing, note: supplied.note ?? "\(source.format.rawValue) image", unit: nil,
+        sink.receive(.stage(.writing, note: supplied.note ?? "\(source.formatName) image", unit: nil,
                             progress: WriteProgress(phase: .writing, bytesDone: 0, bytesTotal: bmap?.mappedBytes ?? source.uncompressedSizeHint,
                                                     bytesPerSecond: 0, secondsRemaining: nil)))
         let sink = self.sink
@@ -113,7 +114,9 @@ public final class CardPipeline: Sendable {
         do throws(ImageIOError) {
             switch job.bmap {
             case .none: return nil
-            case .file(let path): return try Bmap.load(path: path)
+            case .file(let path): return HTTPImage.isURL(path) ? try HTTPImage.loadBmap(url: path) : try Bmap.load(path: path)
+            // An image on a server: its bmap is looked for next to it there (issue 17).
+            case .discover where HTTPImage.isURL(job.image): return try HTTPImage.locateBmap(forImage: job.image)
             case .discover: return try Bmap.locate(forImage: job.image).map { (p: String) throws(ImageIOError) in try Bmap.load(path: p) }
             }
         } catch {
@@ -124,7 +127,13 @@ public final class CardPipeline: Sendable {
     private func supply(bmap: Bmap?) throws(CardFailure) -> SuppliedImage {
         do throws(ImageIOError) {
             if let supplier = job.supplier { return try supplier.supply(image: job.image, bmap: bmap) }
-            return SuppliedImage(source: try ImageSource(path: job.image), token: nil, note: nil, checkedAgainstBmap: false)
+            if HTTPImage.isURL(job.image) {
+                // Streamed as it downloads: no copy for a single card (the source holds the
+                // download and ends it with itself).
+                let (source, _) = try HTTPImage.source(url: job.image, forceRaw: job.forceRaw)
+                return SuppliedImage(source: source, token: nil, note: "streaming \(source.formatName) from \(job.image)", checkedAgainstBmap: false)
+            }
+            return SuppliedImage(source: try ImageSource(path: job.image, forceRaw: job.forceRaw), token: nil, note: nil, checkedAgainstBmap: false)
         } catch {
             throw CardFailure(error)
         }

@@ -15,6 +15,10 @@ import ProvisionCShims
 /// file costs one write of the mapped data to the station's disk — far faster than any SD
 /// card — and keeps memory flat whatever the number of cards and the image size.
 ///
+/// An image named by URL is downloaded once per version the server names (ETag,
+/// Last-Modified) into this directory and then treated like a file; every card asks the
+/// server (HEAD) whether the version changed, so a rebuilt image is picked up at the next card.
+///
 /// Entries are keyed by the SHA-256 of the image file's identity (device, inode, size,
 /// modification time) and of its bmap, so a rebuilt image never reuses a stale cache. The
 /// total size (allocated blocks) is kept under `limit` by dropping the least recently used
@@ -24,6 +28,8 @@ public final class ImageCacheStore: @unchecked Sendable {
     public let limit: UInt64
     private let lock = NSLock()
     private var entries: [String: Entry] = [:]
+    /// Images downloaded from URLs, by URL and version (see ImageCacheStore+Downloads.swift).
+    let downloads = DownloadTable()
 
     final class Entry: @unchecked Sendable {
         let key: String
@@ -43,7 +49,7 @@ public final class ImageCacheStore: @unchecked Sendable {
         self.limit = limit
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         // Files from an earlier run may be half-filled: nothing records how far they got.
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".img") {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".img") || name.hasSuffix(".download") || name.hasSuffix(".bmap") {
             try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(name))
         }
     }

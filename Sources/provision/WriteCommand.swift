@@ -11,9 +11,15 @@ struct WriteCommand: ParsableCommand {
         commandName: "write",
         abstract: "Write an image to a card (or file), then verify it by reading it back.",
         discussion: """
-        IMAGE may be raw or compressed with gzip, xz or zstd (found by its first bytes, not its \
-        name). A bmap file next to the image (IMAGE.bmap, or with extensions stripped, like \
-        bmaptool) makes provision write and verify only the mapped blocks.
+        IMAGE may be raw or compressed with gzip, xz, zstd, bzip2, lz4 or lzop, or a zip or tar \
+        (itself compressed or not) holding one disk image; the format is found by its first \
+        bytes, not its name. Other containers (7z, rar, qcow2, vmdk, dmg, ...) are refused \
+        before anything is written; --raw writes a file as it is. IMAGE may be an http:// or \
+        https:// URL: it is streamed as it downloads, and resumed after a dropped connection \
+        where the server allows ranges. A bmap file next to the image (IMAGE.bmap, or with \
+        extensions stripped, like bmaptool; on the server too for a URL) makes provision write \
+        and verify only the mapped blocks. A file target is emptied first and ends up equal to \
+        the image.
 
         DEVICE must be a whole removable disk (USB or MMC) or a loop device, not mounted and not \
         in use; provision refuses anything else and says why. It shows the device and asks \
@@ -24,17 +30,20 @@ struct WriteCommand: ParsableCommand {
         75 device busy; 77 refused by the safety policy or write-protected; 130 cancelled.
         """)
 
-    @Argument(help: "Image file: raw, .gz, .xz or .zst.")
+    @Argument(help: "Image file or http(s):// URL: raw, .gz, .xz, .zst, .bz2, .lz4, .lzo, .zip or a tar of one image.")
     var image: String
 
     @Argument(help: "Target: a whole-disk block device (/dev/sdX, /dev/mmcblkN, /dev/loopN) or a file.")
     var device: String
 
-    @Option(help: "Use this bmap file.")
+    @Option(help: "Use this bmap file (or URL).")
     var bmap: String?
 
     @Flag(name: .customLong("nobmap"), help: "Ignore any bmap file and write the whole image.")
     var noBmap = false
+
+    @Flag(help: "Write IMAGE as it is, even if its first bytes look like an archive or a compressed file.")
+    var raw = false
 
     @Flag(name: .customLong("no-verify"), help: "Skip reading the card back after writing.")
     var noVerify = false
@@ -68,6 +77,7 @@ struct WriteCommand: ParsableCommand {
         job.chunkSize = Int(chunkBytes!)  // validate() checked it
         job.bmap = noBmap ? .none : (bmap.map { BmapChoice.file($0) } ?? .discover)
         job.progressInterval = .zero
+        job.forceRaw = raw
         if !noBmap, let path = bmap ?? Bmap.locate(forImage: image), let loaded = try? Bmap.load(path: path) {
             output.note("using bmap \(path): \(ByteCount.human(loaded.mappedBytes)) of \(ByteCount.human(loaded.imageSize)) mapped")
         }
@@ -120,7 +130,7 @@ struct WriteCommand: ParsableCommand {
     static func exitStatus(_ code: ImageIOError.Code) -> Int32 {
         switch code {
         case .imageMissing, .imageUnreadable: return 66
-        case .compressedStreamCorrupt, .compressedStreamTruncated, .imageCorrupt, .bmapInvalid, .bmapMismatch: return 65
+        case .compressedStreamCorrupt, .compressedStreamTruncated, .imageCorrupt, .bmapInvalid, .bmapMismatch, .unsupportedFormat: return 65
         case .deviceTooSmall: return 73
         case .deviceReadOnly: return 77
         case .deviceBusy: return 75

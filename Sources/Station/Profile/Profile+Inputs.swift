@@ -20,7 +20,8 @@ extension Profile {
     /// Throws for the first named file that does not exist. Parsing does not check this (the
     /// tree's profiles name images built elsewhere); a job does, before touching a card.
     public func checkInputsExist() throws {
-        for (path, location) in inputFiles where !FileManager.default.isReadableFile(atPath: path) {
+        // URLs are checked when a job downloads them.
+        for (path, location) in inputFiles where !path.hasPrefix("http://") && !path.hasPrefix("https://") && !FileManager.default.isReadableFile(atPath: path) {
             throw location.error("file not found or unreadable: \(path)")
         }
     }

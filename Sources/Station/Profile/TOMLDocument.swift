@@ -41,7 +41,8 @@ public struct TOMLDocument: Sendable {
 
     /// `path` made absolute against `baseDirectory` (absolute paths are kept as they are).
     public func resolve(path: String) -> String {
-        if path.hasPrefix("/") { return path }
+        // An image (or its bmap) on a build server stays a URL (issue 17).
+        if path.hasPrefix("/") || path.hasPrefix("http://") || path.hasPrefix("https://") { return path }
         if baseDirectory.isEmpty || baseDirectory == "." { return path }
         return baseDirectory.hasSuffix("/") ? baseDirectory + path : baseDirectory + "/" + path
     }

@@ -1,0 +1,322 @@
+import Foundation
+import ImageHTTP
+import Station
+@testable import ImageIO
+import Testing
+import TestSupport
+
+/// A local HTTP(S) server of the tests' own (Python's http.server, `imageserver.py`), which
+/// can drop, stall, lie about the length and refuse ranges on request.
+final class ImageServer: @unchecked Sendable {
+    let process = Process()
+    private let stdinPipe = Pipe()
+    private let stdoutPipe = Pipe()
+    private let output = LineCollector()
+    let port: Int
+    let scheme: String
+
+    /// The server's stdout, line by line, collected on a thread of its own.
+    final class LineCollector: @unchecked Sendable {
+        let condition = NSCondition()
+        var lines: [String] = []
+        var ended = false
+
+        /// Waits (with a deadline) until `value` finds what it looks for in the lines.
+        func wait<T>(timeout: Duration, _ value: ([String], Bool) -> T?) throws -> T {
+            let deadline = ContinuousClock.now + timeout
+            condition.lock()
+            defer { condition.unlock() }
+            while true {
+                if let v = value(lines, ended) { return v }
+                guard ContinuousClock.now < deadline else { throw FixtureError("timed out waiting for the image server") }
+                _ = condition.wait(until: Date().addingTimeInterval(0.2))
+            }
+        }
+    }
+
+    init(root: String, tls: (cert: String, key: String)? = nil) throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("imageserver.py").path
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = ["python3", script, root] + (tls.map { ["--tls", $0.cert, $0.key] } ?? [])
+        process.standardInput = stdinPipe
+        process.standardOutput = stdoutPipe
+        scheme = tls == nil ? "http" : "https"
+        try process.run()
+        let handle = stdoutPipe.fileHandleForReading
+        let output = output
+        Thread {
+            var pending = Data()
+            while true {
+                let data = handle.availableData
+                if data.isEmpty { break }
+                pending += data
+                while let nl = pending.firstIndex(of: 0x0A) {
+                    let line = String(decoding: pending[pending.startIndex..<nl], as: UTF8.self)
+                    pending = Data(pending[(nl + 1)...])
+                    output.condition.withLock { output.lines.append(line); output.condition.broadcast() }
+                }
+            }
+            output.condition.withLock { output.ended = true; output.condition.broadcast() }
+        }.start()
+        let first = try output.wait(timeout: .seconds(20)) { lines, ended in
+            lines.first(where: { $0.hasPrefix("PORT ") }) ?? (ended ? "" : nil)
+        }
+        guard let port = Int(first.dropFirst(5)) else { throw FixtureError("image server did not start") }
+        self.port = port
+    }
+
+    func url(_ name: String, _ query: String = "") -> String {
+        "\(scheme)://127.0.0.1:\(port)/\(name)\(query.isEmpty ? "" : "?" + query)"
+    }
+
+    /// The requests the server has logged: "GET /x.img bytes=100-".
+    var requests: [String] { output.condition.withLock { output.lines.filter { $0.hasPrefix("REQ ") }.map { String($0.dropFirst(4)) } } }
+
+    func stop() {
+        try? stdinPipe.fileHandleForWriting.close()
+        process.waitUntilExit()
+    }
+
+    deinit { if process.isRunning { stop() } }
+}
+
+/// Runs blocking work (the write engine, which waits for the download) on a thread of its
+/// own: the download's task needs Swift's cooperative threads, which a synchronous test would
+/// otherwise hold (two cores: two threads).
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+func patternBytes(_ count: Int, seed: UInt64 = 0x9E37_79B9_7F4A_7C15) -> [UInt8] {
+    var x = seed
+    var out = [UInt8](repeating: 0, count: count)
+    var i = 0
+    while i < count {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17
+        withUnsafeBytes(of: x) { w in for b in w where i < count { out[i] = b; i += 1 } }
+    }
+    return out
+}
+
+@Suite("Images over HTTP", .serialized)
+struct HTTPImageTests {
+    let scratch: TemporaryDirectory
+    let served: String
+    let server: ImageServer
+    /// 6 MiB of data at 0, 300 KiB and 2 MiB, holes elsewhere; and its .zst and .bmap.
+    let image: String
+
+    init() throws {
+        scratch = try TemporaryDirectory("provision-http")
+        served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        image = served + "/disk.img"
+        try Command.check(["truncate", "-s", "6M", image])
+        let h = FileHandle(forUpdatingAtPath: image)!
+        for (offset, seed) in [(UInt64(0), UInt64(1)), (300 << 10, 2), (2 << 20, 3)] {
+            try h.seek(toOffset: offset)
+            h.write(Data(patternBytes(offset == 2 << 20 ? 3 << 20 : 64 << 10, seed: seed)))
+        }
+        try h.close()
+        try Command.check(["bmaptool", "create", "-o", image + ".bmap", image])
+        try Command.check(["zstd", "-q", "-f", image, "-o", image + ".zst"])
+        server = try ImageServer(root: served)
+    }
+
+    var fastOptions: HTTPOptions {
+        var o = HTTPOptions()
+        o.readTimeout = .seconds(2)
+        o.connectTimeout = .seconds(2)
+        return o
+    }
+
+    func writeURL(_ url: String, bmap: Bool = false, target name: String = "out.img") throws(ImageIOError) -> (WriteResult, String, HTTPDownload) {
+        let (source, download) = try HTTPImage.source(url: url, options: fastOptions)
+        var options = WriteOptions()
+        if bmap { options.bmap = try Bmap.load(path: image + ".bmap") }
+        let path = scratch.file(name)
+        let target = try WriteTarget.open(path: path)
+        defer { target.close() }
+        return (try ImageWriter.write(source: source, to: target, options: options), path, download)
+    }
+
+    @Test("raw and zstd images stream byte-exact, with and without a bmap", arguments: ["disk.img", "disk.img.zst"])
+    func streamsByteExact(name: String) async throws {
+        for bmap in [false, true] {
+            let (result, path, _) = try await onThread { try self.writeURL(self.server.url(name), bmap: bmap, target: "out-\(bmap).img") }
+            #expect(result.verified)
+            #expect(try Command.run(["cmp", image, path]).succeeded, "\(name) bmap=\(bmap)")
+        }
+        // Streamed: one GET each, no temporary copy.
+        #expect(server.requests.filter { $0.hasPrefix("GET /\(name) ") }.count == 2)
+    }
+
+    @Test("a dropped connection is resumed with a range request, and the card is byte-exact")
+    func resumesAfterDrop() async throws {
+        let (result, path, download) = try await onThread { try self.writeURL(self.server.url("disk.img.zst", "drop=100000")) }
+        #expect(result.verified)
+        #expect(download.resumptions == 1)
+        #expect(try Command.run(["cmp", image, path]).succeeded)
+        // Resumed from what had arrived (at most the 100000 bytes sent: an abrupt close can
+        // lose some in flight), not from the start.
+        let resumedAt = server.requests.compactMap { r -> Int? in
+            guard r.hasPrefix("GET /disk.img.zst bytes="), r.hasSuffix("-") else { return nil }
+            return Int(r.dropFirst("GET /disk.img.zst bytes=".count).dropLast())
+        }
+        #expect(resumedAt.count == 1 && resumedAt[0] > 0 && resumedAt[0] <= 100000, "\(server.requests)")
+    }
+
+    @Test("a stalled connection is resumed after the read timeout")
+    func resumesAfterStall() async throws {
+        let (result, path, download) = try await onThread { try self.writeURL(self.server.url("disk.img", "stall=1500000")) }
+        #expect(result.verified)
+        #expect(download.resumptions == 1)
+        #expect(try Command.run(["cmp", image, path]).succeeded)
+    }
+
+    @Test("a drop from a server without ranges fails the write with a clear error, never 'done'")
+    func dropWithoutRangesFails() async throws {
+        let target = scratch.file("dropped.img")
+        let e = await #expect(throws: ImageIOError.self) {
+            _ = try await onThread { try self.writeURL(self.server.url("disk.img", "drop=2500000&ranges=0"), target: "dropped.img") }
+        }
+        #expect(e?.code == .imageUnreadable && e!.message.contains("2500000") && e!.message.contains("does not allow resuming"), "\(String(describing: e))")
+        // The first MiB was held back: the file does not look like the image.
+        #expect(!(try Command.run(["cmp", "-n", "4096", image, target]).succeeded))
+    }
+
+    @Test("a server that announces more bytes than it sends fails the write")
+    func wrongContentLength() async throws {
+        let e = await #expect(throws: ImageIOError.self) {
+            _ = try await onThread { try self.writeURL(self.server.url("disk.img", "extra=4096&ranges=0"), target: "short.img") }
+        }
+        #expect(e?.code == .imageUnreadable && e!.message.contains("\(6 << 20)") && e!.message.contains("\((6 << 20) + 4096)"), "\(String(describing: e))")
+    }
+
+    @Test("404 is 'image not found', naming the URL")
+    func notFound() async throws {
+        let e = await #expect(throws: ImageIOError.self) {
+            _ = try await onThread { try HTTPImage.source(url: self.server.url("missing.img"), options: self.fastOptions).source }
+        }
+        #expect(e?.code == .imageMissing && e!.message.contains("404") && e!.message.contains("missing.img"), "\(String(describing: e))")
+    }
+
+    @Test("a server whose certificate is not trusted is a TLS failure, before anything is written")
+    func tlsFailure() async throws {
+        let cert = scratch.file("cert.pem"), key = scratch.file("key.pem")
+        try Command.check(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                           "-days", "1", "-subj", "/CN=127.0.0.1"])
+        let tls = try ImageServer(root: served, tls: (cert, key))
+        defer { tls.stop() }
+        let e = await #expect(throws: ImageIOError.self) {
+            _ = try await onThread { try HTTPImage.source(url: tls.url("disk.img"), options: self.fastOptions).source }
+        }
+        #expect(e?.code == .imageUnreadable && e!.message.contains("TLS failure"), "\(String(describing: e))")
+    }
+
+    @Test("a format provision does not write is refused from the first bytes of the download")
+    func refusesOtherFormatOverHTTP() async throws {
+        try Command.check(["qemu-img", "convert", "-O", "qcow2", image, served + "/disk.qcow2"])
+        let e = await #expect(throws: ImageIOError.self) {
+            _ = try await onThread { try HTTPImage.source(url: self.server.url("disk.qcow2"), options: self.fastOptions).source }
+        }
+        #expect(e?.code == .unsupportedFormat, "\(String(describing: e))")
+    }
+}
+
+/// `provision write URL FILE` end to end, through the real CLI binary.
+@Suite("provision write with a URL", .serialized)
+struct WriteCommandURLTests {
+    let scratch: TemporaryDirectory
+    let served: String
+    let server: ImageServer
+    let image: String
+
+    init() throws {
+        scratch = try TemporaryDirectory("provision-http-cli")
+        served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        image = served + "/disk.img"
+        try Command.check(["truncate", "-s", "6M", image])
+        let h = FileHandle(forUpdatingAtPath: image)!
+        try h.seek(toOffset: 1 << 20)
+        h.write(Data(patternBytes(2 << 20, seed: 7)))
+        try h.close()
+        try Command.check(["bmaptool", "create", "-o", image + ".bmap", image])
+        try Command.check(["zstd", "-q", "-f", image, "-o", image + ".zst"])
+        server = try ImageServer(root: served)
+    }
+
+    @Test("a .zst URL is written and verified, with the bmap found next to it on the server")
+    func writesURL() throws {
+        let out = scratch.file("cli-out.img")
+        let r = try Command.run([DaemonProcess.cliBinary, "write", "--json", server.url("disk.img.zst"), out, "--yes"], timeout: .seconds(120))
+        #expect(r.status == 0, "\(r)")
+        // The bmap was found on the server, next to the image (its name with .zst stripped).
+        let result = try #require(r.stdout.split(separator: "\n").last(where: { $0.contains("\"result\"") }))
+        #expect(result.contains("disk.img.bmap"), "\(result)")
+        #expect(server.requests.contains("GET /disk.img.bmap -"), "\(server.requests)")
+        #expect(try Command.run(["cmp", image, out]).succeeded)
+    }
+
+    @Test("a URL that is not there exits 66 and says 404")
+    func missingURL() throws {
+        let r = try Command.run([DaemonProcess.cliBinary, "write", server.url("nothing.img.xz"), scratch.file("x.img"), "--yes"], timeout: .seconds(60))
+        #expect(r.status == 66, "\(r)")
+        #expect(r.stderr.contains("404"), "\(r.stderr)")
+    }
+}
+
+/// The station's download cache: a batch downloads once; a rebuilt image is noticed at the
+/// next card.
+@Suite("Station downloads", .serialized)
+struct StationDownloadTests {
+    @Test("cards of a batch share one download; a changed image is downloaded again for the next card")
+    func downloadsOncePerVersion() async throws {
+        let scratch = try TemporaryDirectory("provision-http-cache")
+        let served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        let image = served + "/board.img.xz"
+        try Data(patternBytes(1 << 20, seed: 1)).write(to: URL(fileURLWithPath: served + "/board.img"))
+        try Command.check(["xz", "-0", "-k", "-f", served + "/board.img"])
+        let server = try ImageServer(root: served)
+        defer { server.stop() }
+        let cache = try ImageCacheStore(directory: scratch.file("cache"), limit: 1 << 30)
+        let url = server.url("board.img.xz")
+
+        let first = try await onThread { try cache.localImage(url: url, findBmap: true) }
+        let second = try await onThread { try cache.localImage(url: url, findBmap: true) }
+        #expect(first.path == second.path)
+        #expect(cache.downloadsCompleted == 1)
+        #expect(server.requests.filter { $0.hasPrefix("GET /board.img.xz ") }.count == 1)
+        #expect(try Command.run(["cmp", image, first.path]).succeeded)
+        cache.releaseDownload(first.key)
+        cache.releaseDownload(second.key)
+
+        // The build server rebuilds the image: the next card gets the new one.
+        try Data(patternBytes(1 << 20, seed: 2)).write(to: URL(fileURLWithPath: served + "/board.img"))
+        try Command.check(["xz", "-0", "-k", "-f", served + "/board.img"])
+        let third = try await onThread { try cache.localImage(url: url, findBmap: true) }
+        defer { cache.releaseDownload(third.key) }
+        #expect(third.path != first.path)
+        #expect(cache.downloadsCompleted == 2)
+        #expect(try Command.run(["cmp", image, third.path]).succeeded)
+        // The old version is gone from the station's disk once no card reads it.
+        #expect(!FileManager.default.fileExists(atPath: first.path))
+    }
+
+    @Test("a profile's image URL stays a URL (not a path under the profile's directory)")
+    func profileKeepsURL() throws {
+        let profile = try Profile.parse(toml: "name = \"net\"\nimage = \"https://build.example/pi.img.xz\"\nbmap = \"https://build.example/pi.img.bmap\"\n",
+                                        source: "/etc/provision/net.toml", baseDirectory: "/etc/provision")
+        #expect(profile.image?.file == "https://build.example/pi.img.xz")
+        #expect(profile.image?.bmap == .file("https://build.example/pi.img.bmap"))
+    }
+}
