@@ -22,6 +22,9 @@ public struct CardJob: Sendable {
     public var minimumDeviceSize: UInt64?
     public var bmap: BmapChoice = .discover
     public var verify = true
+    /// Capacity probe before the first image byte (issue 16); block devices only.
+    /// `provision write --no-probe` and a profile's `probe = false` turn it off.
+    public var probeCapacity = true
     public var chunkSize = 4 << 20
     public var bufferCount = 4
     /// Raw boot-loader blobs laid over the image, and a check of the image's first chunk

@@ -60,6 +60,7 @@ public final class CardPipeline: Sendable {
             throw CardFailure(.refused, "\(error)")
         }
         if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
+        let probe = try probeCapacity(target, media: media)
 
         var options = WriteOptions()
         options.cancellation = cancellation
@@ -88,6 +89,7 @@ public final class CardPipeline: Sendable {
             throw CardFailure(error)
         }
         var result = CardResult(write: written, facts: facts, unit: unit?.unitName)
+        result.probe = probe
         guard let unit else { return result }
 
         // The writer's exclusive descriptor goes (libext2fs claims the device itself); the
@@ -106,6 +108,20 @@ public final class CardPipeline: Sendable {
         try guardFD.checkStillSame(before: "checked")
         result.accounts = provisioned.accounts
         result.partition = provisioned.report.partition
+        return result
+    }
+
+    /// The capacity probe (issue 16) on a block device, unless the job turned it off: a card
+    /// that stores less than it claims is refused before the first image byte, and is left
+    /// as it was (the probe restores what it overwrote).
+    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?) throws(CardFailure) -> CapacityProbe.Result? {
+        guard job.probeCapacity, target.kind == .blockDevice else { return nil }
+        do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
+        let result: CapacityProbe.Result
+        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target) } catch {
+            throw CardFailure(.image(.ioError), error.description)
+        }
+        if let refusal = result.refusal { throw CardFailure(.refused, "\(refusal) (\(target.path))") }
         return result
     }
 

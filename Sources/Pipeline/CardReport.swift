@@ -67,6 +67,8 @@ public struct CardResult: Sendable {
     public var accounts: [ProvisionedAccount] = []
     /// The injection's partition, when there was one.
     public var partition: Int?
+    /// The capacity probe's result, when it ran.
+    public var probe: CapacityProbe.Result?
 
     public init(write: WriteResult, facts: DeviceFacts? = nil, unit: String? = nil, accounts: [ProvisionedAccount] = [], partition: Int? = nil) {
         self.write = write
