@@ -23,6 +23,7 @@ ARMHF_PARTS = .build/armhf-boot-parts
 DEB_TOOLS += cbootimage  # issue 14: reference image builder (cbootimage, bct_dump)
 PIP_TOOLS += cryptography  # issue 14: independent AES-CMAC for the RCM message tests
 DEB_TOOLS += chromium chromium-driver curl iproute2  # issue 19: the board's tests in a real browser
+DEB_TOOLS += fuse3 libfuse3-dev gcc  # issue 16: FakeCard's FUSE program (tools/fake-card), built by the tests
 STAMP = .build/.deps-installed
 
 .PHONY: deps build release test demo bench clean boot-parts
