@@ -182,6 +182,7 @@ public actor Station {
         job.expectedMedia = MediaIdentity(facts)
         job.minimumDeviceSize = profile?.image?.minDeviceSize
         job.verify = profile?.image?.verify ?? true
+        job.probeCapacity = profile?.image?.probe ?? true
         // A manual flash of a bare image only uses a bmap that sits next to it.
         job.bmap = switch profile?.image?.bmap ?? .discover {
         case .none: .none
