@@ -244,7 +244,12 @@ public actor Station {
         case .finished(let outcome):
             switch outcome {
             case .done(let result):
-                await transition(id, to: .done, message: "done — remove card", unit: result.unit,
+                // A repair is said where every done job is (status, jobs, the journal): the
+                // card matched only after one rewrite (issue 16).
+                let repaired = result.write.repairedAt.map { at in
+                    "done after a repair (the card returned other data at byte \(at.map(String.init).joined(separator: ", byte ")) once; rewritten and read back right)"
+                }
+                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card", unit: result.unit,
                                  users: result.unit == nil ? nil : result.accounts.map { UnitAccount($0) })
             case .failed(let failure):
                 await transition(id, to: .failed, message: failure.message)

@@ -103,6 +103,7 @@ struct BatchTests {
         // One repair attempt: the block is written again, reads back right, the card is done
         // and holds the image (a card that differs twice: PipelineTests.RepairTests).
         #expect(v2.state == .done, "\(v2.message ?? "")")
+        #expect(v2.message == "done after a repair (the card returned other data at byte \(offset) once; rewritten and read back right) — remove card")
         let imageHash = try Command.check(["sha256sum", bench.directory + "/batch.img"]).stdout.prefix(64)
         let size = try #require(try FileManager.default.attributesOfItem(atPath: bench.directory + "/batch.img")[.size] as? Int64)
         #expect(try liar.sha256(bytes: size) == String(imageHash))
