@@ -1,3 +1,4 @@
+import ControlProtocol
 import Foundation
 import GRDB
 
@@ -5,21 +6,7 @@ import GRDB
 /// repairs and measured write speed. A card found counterfeit or failing is refused on
 /// sight, with the date and reason, until an admin forgets it (`provision cards forget ID`).
 extension Ledger {
-    public struct CardRecord: Sendable, Equatable, Codable {
-        public var id: String
-        /// "cid" (the SD card's own CID) or "reader" (weaker: reader serial, size, first sectors).
-        public var strength: String
-        public var detail: String
-        /// good, repaired, counterfeit, failing (the last verdict).
-        public var verdict: String
-        public var reason: String?
-        public var lastJob: Int64?
-        public var firstSeen: Date
-        public var lastSeen: Date
-        public var repairs: Int
-        public var writeBytesPerSecond: Double?
-        public var refused: Bool { verdict == "counterfeit" || verdict == "failing" }
-    }
+    public typealias CardRecord = CardSummary
 
     static func createCardTables(_ db: Database) throws {
         try db.create(table: "card") { t in
@@ -72,12 +59,12 @@ extension Ledger {
     }
 
     /// Every remembered card, refused ones first, then the most recently seen.
-    public func cards() async throws -> [CardRecord] {
+    public func cards() async throws -> [CardSummary] {
         try await db.read { db in
             try Row.fetchAll(db, sql: """
                 SELECT * FROM card ORDER BY verdict IN ('counterfeit', 'failing') DESC, lastSeen DESC
                 """).map { row in
-                CardRecord(id: row["id"], strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"],
+                CardSummary(id: row["id"], strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"],
                            lastJob: row["lastJob"], firstSeen: row["firstSeen"], lastSeen: row["lastSeen"], repairs: row["repairs"],
                            writeBytesPerSecond: row["writeBytesPerSecond"])
             }

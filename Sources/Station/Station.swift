@@ -268,6 +268,12 @@ public actor Station {
         }
     }
 
+    /// Cards remembered (issue 16), refused ones first.
+    public func cards() async throws -> [CardSummary] { try await ledger.cards() }
+
+    /// An admin clears a card: it is no longer refused. False when no such card is known.
+    public func forgetCard(_ id: String) async throws -> Bool { try await ledger.forgetCard(id: id) }
+
     /// What a job found out about its card goes into the ledger before the job's end is
     /// announced (issue 16): a card found counterfeit or failing is refused on sight later.
     private func rememberCard(_ outcome: CardOutcome, job id: Int64) async {

@@ -18,6 +18,7 @@ struct Provision: AsyncParsableCommand {
             TegraCommand.self,
             InjectCommand.self,
             BoardCommand.self,
+            CardsCommand.self,
         ]
     )
 }
