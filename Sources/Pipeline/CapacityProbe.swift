@@ -78,8 +78,10 @@ public enum CapacityProbe {
     /// card cannot be read or written at all; a lying card is a result, not an error.
     public static func run(_ target: WriteTarget) throws(Failure) -> Result {
         let started = ContinuousClock.now
-        guard let size = target.size, size > 0 else { throw Failure(description: "\(target.path) reports no size") }
         let block = target.alignment
+        guard let size = target.size, size >= UInt64(2 * block) else {
+            throw Failure(description: "capacity probe: \(target.path) reports no size, or less than two \(block)-byte blocks")
+        }
         let nonce = UInt64.random(in: 1...UInt64.max)
         var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce)
         defer { session.restore() }

@@ -289,7 +289,11 @@ public actor Station {
             rate = seconds > 0 ? Double(result.write.bytesWritten) / seconds : nil
         case .failed(let failure):
             guard let identified = failure.card, let found = failure.verdict else { return }
-            (card, verdict, reason, repairs, rate) = (identified, found, failure.message, 0, nil)
+            card = identified
+            verdict = found
+            reason = failure.message
+            repairs = 0
+            rate = nil
         case .cancelled:
             return
         }
