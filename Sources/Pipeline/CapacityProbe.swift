@@ -36,6 +36,13 @@ public enum CapacityProbe {
         public let seconds: Double
         public var isCounterfeit: Bool { realBytes != nil }
 
+        public init(claimedBytes: UInt64, realBytes: UInt64?, blocks: Int, seconds: Double) {
+            self.claimedBytes = claimedBytes
+            self.realBytes = realBytes
+            self.blocks = blocks
+            self.seconds = seconds
+        }
+
         /// "card claims 64.0 GB but stores about 8.0 GB: refused as counterfeit"
         public var refusal: String? {
             realBytes.map { "card claims \(Self.gigabytes(claimedBytes)) but stores about \(Self.gigabytes($0)): refused as counterfeit" }

@@ -20,7 +20,7 @@ private func fillRandom(_ device: String, bytes: Int64) throws {
 
 @Suite("Capacity probe", .serialized)
 struct CapacityProbeTests {
-    @Test(arguments: [Int64(4 << 20), 8 << 20, 16 << 20, 32 << 20])
+    @Test(arguments: [4 << 20, 8 << 20, 16 << 20, 32 << 20] as [Int64])
     func refusesACardThatWrapsWithItsRealSize(real: Int64) throws {
         let fake = try FakeCard(label: "wrap-\(real >> 20)m", claimedSize: 64 << 20, lie: .wraps(realSize: real))
         defer { fake.close() }
@@ -30,7 +30,7 @@ struct CapacityProbeTests {
         #expect(result.claimedBytes == 64 << 20)
     }
 
-    @Test(arguments: [Int64(8 << 20), 24 << 20, (40 << 20) + 12288])
+    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288] as [Int64])
     func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
         let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
         defer { fake.close() }
@@ -45,7 +45,7 @@ struct CapacityProbeTests {
         #expect(CapacityProbe.Result(claimedBytes: 1, realBytes: nil, blocks: 1, seconds: 0).refusal == nil)
     }
 
-    @Test(arguments: [Int64(1 << 20), 8 << 20, (24 << 20) + 4096, 100 << 20, 1 << 30])
+    @Test(arguments: [1 << 20, 8 << 20, (24 << 20) + 4096, 100 << 20, 1 << 30] as [Int64])
     func passesAnHonestLoopCard(size: Int64) throws {
         let card = try LoopCard(label: "honest", size: size)
         defer { card.close() }

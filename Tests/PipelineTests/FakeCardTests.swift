@@ -14,9 +14,13 @@ func writeBlock(_ device: String, offset: Int64, byte: UInt8) throws {
 func readFirstByte(_ device: String, offset: Int64) throws -> UInt8 {
     let out = try Command.bash("dd if=\(device) bs=4096 skip=\(offset / 4096) count=1 iflag=direct status=none | od -An -tu1 -N1")
     guard let value = UInt8(out.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
-        throw LoopCardError(description: "unreadable od output: \(out.stdout)")
+        throw FixtureError(description: "unreadable od output: \(out.stdout)")
     }
     return value
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
 }
 
 @Suite("FakeCard fixture", .serialized)

@@ -5,7 +5,7 @@
 import BlockDevices
 import ControlProtocol
 import Foundation
-import ImageIO
+@testable import ImageIO
 import Pipeline
 @testable import Station
 import Testing
