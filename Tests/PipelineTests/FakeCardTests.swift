@@ -23,6 +23,15 @@ struct FixtureError: Error, CustomStringConvertible {
     let description: String
 }
 
+/// The byte at `offset`, read with O_DIRECT in its 4 KiB block.
+func readByte(_ device: String, at offset: Int64) throws -> UInt8 {
+    let out = try Command.bash("dd if=\(device) bs=4096 skip=\(offset / 4096) count=1 iflag=direct status=none | od -An -tu1 -j\(offset % 4096) -N1")
+    guard let value = UInt8(out.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+        throw FixtureError(description: "unreadable od output: \(out.stdout)")
+    }
+    return value
+}
+
 @Suite("FakeCard fixture", .serialized)
 struct FakeCardTests {
     @Test func wrapsWritesPastItsRealSizeOntoEarlierOffsets() throws {
@@ -47,20 +56,24 @@ struct FakeCardTests {
     }
 
     @Test func flipsAByteOnTheFirstReadOnlyOrOnEveryRead() throws {
-        let once = try FakeCard(label: "flip-once", claimedSize: 16 << 20, lie: .honest, flip: .once(at: 1 << 20))
+        // Mid-card, in a block of its own: udevd's blkid probe after each write (the watch
+        // rule) reads the card's start and end, and must not spend the one flip.
+        let at: Int64 = (9 << 20) + 12345
+        let block = at / 4096 * 4096
+        let once = try FakeCard(label: "flip-once", claimedSize: 16 << 20, lie: .honest, flip: .once(at: at))
         defer { once.close() }
         // Unwritten: no flip yet (a probe of the card before the write must not spend it).
-        #expect(try readFirstByte(once.devicePath, offset: 1 << 20) == 0)
-        try writeBlock(once.devicePath, offset: 1 << 20, byte: 0x0F)
-        #expect(try readFirstByte(once.devicePath, offset: 1 << 20) == 0xF0)
-        #expect(try readFirstByte(once.devicePath, offset: 1 << 20) == 0x0F)
+        #expect(try readByte(once.devicePath, at: at) == 0)
+        try writeBlock(once.devicePath, offset: block, byte: 0x0F)
+        #expect(try readByte(once.devicePath, at: at) == 0xF0)
+        #expect(try readByte(once.devicePath, at: at) == 0x0F)
 
-        let always = try FakeCard(label: "flip-always", claimedSize: 16 << 20, lie: .honest, flip: .always(at: 2 << 20))
+        let always = try FakeCard(label: "flip-always", claimedSize: 16 << 20, lie: .honest, flip: .always(at: at))
         defer { always.close() }
-        try writeBlock(always.devicePath, offset: 2 << 20, byte: 0x0F)
-        #expect(try readFirstByte(always.devicePath, offset: 2 << 20) == 0xF0)
-        #expect(try readFirstByte(always.devicePath, offset: 2 << 20) == 0xF0)
-        #expect(try readFirstByte(always.devicePath, offset: 3 << 20) == 0)
+        try writeBlock(always.devicePath, offset: block, byte: 0x0F)
+        #expect(try readByte(always.devicePath, at: at) == 0xF0)
+        #expect(try readByte(always.devicePath, at: at) == 0xF0)
+        #expect(try readByte(always.devicePath, at: at + 1) == 0x0F)
     }
 
     @Test func closingUnmountsAndDetaches() throws {
