@@ -18,12 +18,14 @@ public enum Method: String, Codable, Sendable, CaseIterable {
     /// The station's counters in Prometheus' text format (issue 18), for a scraper that reads
     /// through this socket: the daemon itself keeps no IP socket.
     case metrics
+    /// Cards remembered (issue 16): list them; forget one (admins).
+    case cards, forgetCard = "forget-card"
 
     /// Changing calls need root or the admin group; reading ones the socket's group.
     public var changesState: Bool {
         switch self {
-        case .status, .devices, .jobs, .watch, .metrics: return false
-        case .flash, .cancel, .reload: return true
+        case .status, .devices, .jobs, .watch, .metrics, .cards: return false
+        case .flash, .cancel, .reload, .forgetCard: return true
         }
     }
 }
@@ -50,11 +52,13 @@ public struct Request: Codable, Sendable, Equatable {
         public var image: String?
         // cancel
         public var job: Int64?
+        // forget-card
+        public var card: String?
 
         public init(state: String? = nil, slot: String? = nil, device: String? = nil, limit: Int? = nil,
-                    profile: String? = nil, image: String? = nil, job: Int64? = nil) {
+                    profile: String? = nil, image: String? = nil, job: Int64? = nil, card: String? = nil) {
             self.state = state; self.slot = slot; self.device = device; self.limit = limit
-            self.profile = profile; self.image = image; self.job = job
+            self.profile = profile; self.image = image; self.job = job; self.card = card
         }
     }
 }
@@ -112,8 +116,35 @@ public struct ResultPayload: Codable, Sendable {
     public var message: String?
     /// `metrics`: Prometheus text exposition format 0.0.4, as one string.
     public var metrics: String?
+    public var cards: [CardSummary]?
 
-    public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil, metrics: String? = nil) {
-        self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message; self.metrics = metrics
+    public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil,
+                metrics: String? = nil, cards: [CardSummary]? = nil) {
+        self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message; self.metrics = metrics; self.cards = cards
+    }
+}
+
+/// A card the station remembers (issue 16), as `provision cards` shows it.
+public struct CardSummary: Codable, Sendable, Equatable {
+    public var id: String
+    /// "cid" (the SD card's own CID) or "reader" (weaker: reader serial, size, first sectors).
+    public var strength: String
+    public var detail: String
+    /// good, repaired, counterfeit or failing; the last two refuse the card on sight.
+    public var verdict: String
+    public var reason: String?
+    public var lastJob: Int64?
+    public var firstSeen: Date
+    public var lastSeen: Date
+    public var repairs: Int
+    public var writeBytesPerSecond: Double?
+    /// Refused on sight until an admin forgets it.
+    public var refused: Bool { verdict == "counterfeit" || verdict == "failing" }
+
+    public init(id: String, strength: String, detail: String, verdict: String, reason: String?, lastJob: Int64?,
+                firstSeen: Date, lastSeen: Date, repairs: Int, writeBytesPerSecond: Double?) {
+        self.id = id; self.strength = strength; self.detail = detail; self.verdict = verdict; self.reason = reason
+        self.lastJob = lastJob; self.firstSeen = firstSeen; self.lastSeen = lastSeen; self.repairs = repairs
+        self.writeBytesPerSecond = writeBytesPerSecond
     }
 }

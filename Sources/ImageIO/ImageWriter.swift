@@ -115,6 +115,7 @@ final class WriteJob: @unchecked Sendable {
 
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
         var verifySeconds = 0.0
+        var repairs: [UInt64] = []
         if let verifier {
             options.testHookBeforeVerify?(target)
             let v0 = ContinuousClock.now
@@ -122,12 +123,13 @@ final class WriteJob: @unchecked Sendable {
             unverified = []
             try verifier.finish(reportingTo: progress)
             verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
+            repairs = verifier.repairs
         }
         progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
         return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
                            bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
                            writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
-                           verifySeconds: verifySeconds)
+                           verifySeconds: verifySeconds, repairedAt: repairs.isEmpty ? nil : repairs)
     }
 
     // MARK: - Before the first byte

@@ -18,6 +18,9 @@ final class BackgroundVerifier: @unchecked Sendable {
     private var error: ImageIOError?
     private var verified: UInt64 = 0
     private var submitted: UInt64 = 0
+    /// First differing byte of each chunk that read back wrong once and right after it was
+    /// written again (issue 16: one repair attempt).
+    private var repaired: [UInt64] = []
     private let done = DispatchSemaphore(value: 0)
 
     init(job: WriteJob) {
@@ -38,6 +41,7 @@ final class BackgroundVerifier: @unchecked Sendable {
     }
 
     var failure: ImageIOError? { condition.withLock { error } }
+    var repairs: [UInt64] { condition.withLock { repaired } }
 
     /// No more chunks: waits until all are verified, reporting progress, and throws the first
     /// mismatch or read error.
@@ -89,10 +93,14 @@ final class BackgroundVerifier: @unchecked Sendable {
             while let buffer = try? filled.take() {
                 let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
                 if !same {
-                    let failure = mismatch(buffer)
-                    condition.withLock { error = failure }
-                    pool.close()
-                    return
+                    switch job.options.repair ? repair(buffer) : .failure(mismatch(buffer)) {
+                    case .success(let at):
+                        condition.withLock { repaired.append(at) }
+                    case .failure(let failure):
+                        condition.withLock { error = failure }
+                        pool.close()
+                        return
+                    }
                 }
                 pool.release(buffer)
                 condition.withLock { verified += UInt64(buffer.count) }
@@ -147,6 +155,42 @@ final class BackgroundVerifier: @unchecked Sendable {
         }
         guard case .success(let n) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, buffer.count, buffer.offset), n == buffer.count else { return false }
         return memcmp(sourceBuffer.baseAddress!, buffer.bytes, n) == 0
+    }
+
+    /// The read-back `buffer` differs from the image: one repair attempt. The chunk is
+    /// written again (the image's bytes; whatever the card returned past the image's end
+    /// in its last block goes back as it was), flushed, and read back once more. A card
+    /// that now returns the image is repaired at the first byte that differed; one that
+    /// differs again is failing. Runs on the hasher thread while the writer may still be
+    /// writing later chunks: other offsets of the same descriptor.
+    private func repair(_ buffer: AlignedBuffer) -> Result<UInt64, ImageIOError> {
+        let target = job.target
+        let expected: [UInt8]
+        do throws(ImageIOError) { expected = try job.expectedBytes(offset: buffer.offset, count: buffer.count) } catch { return .failure(error) }
+        guard expected.count == buffer.count else { return .failure(mismatch(buffer)) }
+        let first = firstDifference(buffer, expected) ?? buffer.offset
+        let length = (buffer.count + job.ioUnit - 1) / job.ioUnit * job.ioUnit
+        expected.withUnsafeBytes { buffer.bytes.copyMemory(from: $0.baseAddress!, byteCount: buffer.count) }
+        if case .failure(let e) = Syscall.pwriteAll(target.fd, buffer.bytes, length, buffer.offset) {
+            return .failure(target.failure(e, operation: "repair write", offset: buffer.offset))
+        }
+        if case .failure(let e) = Syscall.fdatasync(target.fd) {
+            return .failure(target.failure(e, operation: "repair sync", offset: buffer.offset))
+        }
+        switch Syscall.preadFully(target.fd, buffer.bytes, length, buffer.offset) {
+        case .failure(let e): return .failure(target.failure(e, operation: "repair read-back", offset: buffer.offset))
+        case .success(let n) where n < buffer.count:
+            return .failure(shortRead(WrittenChunk(offset: buffer.offset, count: buffer.count, fingerprint: nil), got: n))
+        case .success: break
+        }
+        guard let again = firstDifference(buffer, expected) else { return .success(first) }
+        return .failure(ImageIOError(.verifyMismatch, "card returned other data twice at byte \(again): failing card (\(target.path); do not use it)", offset: again))
+    }
+
+    private func firstDifference(_ buffer: AlignedBuffer, _ expected: [UInt8]) -> UInt64? {
+        let actual = UnsafeRawBufferPointer(start: buffer.bytes, count: min(buffer.count, expected.count))
+        for i in 0..<actual.count where actual[i] != expected[i] { return buffer.offset + UInt64(i) }
+        return nil
     }
 
     /// The read-back `buffer` differs from the image: finds the first differing byte.

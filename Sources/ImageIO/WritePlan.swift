@@ -20,6 +20,9 @@ public struct WriteOptions: @unchecked Sendable {
     /// Buffers in the ring between decompressor and writer. Memory = chunkSize × bufferCount.
     public var bufferCount = 4
     public var verify = true
+    /// One repair attempt when the read-back differs (issue 16): the chunk is written again
+    /// and read back once more. Off, the first difference fails the write.
+    public var repair = true
     /// Verify while writing: every `syncInterval` bytes the card is synced and what is now on
     /// it is read back by a second thread while the writer goes on. On an SD card the read
     /// path is idle while it writes, so most of the read-back hides behind the write; on a
@@ -61,6 +64,9 @@ public struct WriteResult: Sendable, Codable, Equatable {
     public var writeSeconds: Double
     public var syncSeconds: Double
     public var verifySeconds: Double
+    /// Where the read-back differed once and matched after one rewrite (the first differing
+    /// byte of each repaired chunk); nil when nothing needed repair (issue 16).
+    public var repairedAt: [UInt64]?
 }
 
 /// A written range and, for a compressed source, the fingerprint of the bytes that should be

@@ -24,6 +24,12 @@ public struct CardJob: Sendable {
     /// Write the image file as it is, whatever its first bytes look like (`--raw`).
     public var forceRaw = false
     public var verify = true
+    /// Capacity probe before the first image byte (issue 16); block devices only.
+    /// `provision write --no-probe` and a profile's `probe = false` turn it off.
+    public var probeCapacity = true
+    /// Asked with the card's identity before the probe: a refusal (a card found counterfeit
+    /// or failing before, with the date and reason) fails the job before anything is written.
+    public var knownCard: (@Sendable (CardIdentity) -> String?)?
     public var chunkSize = 4 << 20
     public var bufferCount = 4
     /// Raw boot-loader blobs laid over the image, and a check of the image's first chunk

@@ -28,18 +28,21 @@ public final class CardPipeline: Sendable {
     /// the same outcome.
     public func run() -> CardOutcome {
         let outcome: CardOutcome
+        var card: CardIdentity?
         do throws(CardFailure) {
-            outcome = .done(try perform())
+            outcome = .done(try perform(&card))
         } catch let failure where failure.kind == .image(.cancelled) {
             outcome = .cancelled(failure.message)
         } catch {
-            outcome = .failed(error)
+            var failure = error
+            failure.card = card
+            outcome = .failed(failure)
         }
         sink.receive(.finished(outcome))
         return outcome
     }
 
-    private func perform() throws(CardFailure) -> CardResult {
+    private func perform(_ card: inout CardIdentity?) throws(CardFailure) -> CardResult {
         let bmap = try loadBmap()
         let supplied = try supply(bmap: bmap)
         defer { job.supplier?.release(supplied) }
@@ -61,6 +64,9 @@ public final class CardPipeline: Sendable {
             throw CardFailure(.refused, "\(error)")
         }
         if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
+        card = CardIdentity.read(target, facts: facts)
+        if let card, let refusal = job.knownCard?(card) { throw CardFailure(.refused, refusal) }
+        let probe = try probeCapacity(target, media: media)
 
         var options = WriteOptions()
         options.cancellation = cancellation
@@ -86,9 +92,14 @@ public final class CardPipeline: Sendable {
                 if let report = meter.report(p) { sink.receive(report) }
             }
         } catch {
-            throw CardFailure(error)
+            var failure = CardFailure(error)
+            // With the repair on, a mismatch means the card returned other data twice.
+            if error.code == .verifyMismatch && options.repair { failure.verdict = .failing }
+            throw failure
         }
         var result = CardResult(write: written, facts: facts, unit: unit?.unitName)
+        result.probe = probe
+        result.card = card
         guard let unit else { return result }
 
         // The writer's exclusive descriptor goes (libext2fs claims the device itself); the
@@ -107,6 +118,24 @@ public final class CardPipeline: Sendable {
         try guardFD.checkStillSame(before: "checked")
         result.accounts = provisioned.accounts
         result.partition = provisioned.report.partition
+        return result
+    }
+
+    /// The capacity probe (issue 16) on a block device, unless the job turned it off: a card
+    /// that stores less than it claims is refused before the first image byte, and is left
+    /// as it was (the probe restores what it overwrote).
+    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?) throws(CardFailure) -> CapacityProbe.Result? {
+        guard job.probeCapacity, target.kind == .blockDevice else { return nil }
+        do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
+        let result: CapacityProbe.Result
+        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target) } catch {
+            throw CardFailure(.image(.ioError), error.description)
+        }
+        if let refusal = result.refusal {
+            var failure = CardFailure(.refused, "\(refusal) (\(target.path))")
+            failure.verdict = .counterfeit
+            throw failure
+        }
         return result
     }
 

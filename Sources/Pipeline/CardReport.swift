@@ -67,6 +67,10 @@ public struct CardResult: Sendable {
     public var accounts: [ProvisionedAccount] = []
     /// The injection's partition, when there was one.
     public var partition: Int?
+    /// The capacity probe's result, when it ran.
+    public var probe: CapacityProbe.Result?
+    /// The card, identified before the write (block devices).
+    public var card: CardIdentity?
 
     public init(write: WriteResult, facts: DeviceFacts? = nil, unit: String? = nil, accounts: [ProvisionedAccount] = [], partition: Int? = nil) {
         self.write = write
@@ -91,6 +95,11 @@ public struct CardFailure: Error, Sendable, CustomStringConvertible {
     }
     public let kind: Kind
     public let message: String
+    /// The card, when it was identified before the failure (issue 16).
+    public var card: CardIdentity?
+    /// Set when the failure is a verdict on the card itself: counterfeit (the capacity
+    /// probe) or failing (it returned other data twice). The station remembers such cards.
+    public var verdict: CardVerdict?
 
     public init(_ kind: Kind, _ message: String) {
         self.kind = kind

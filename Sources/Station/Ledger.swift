@@ -8,7 +8,8 @@ import GRDB
 ///
 /// GRDB runs each access on its own serial queue, off Swift's cooperative pool.
 public final class Ledger: Sendable {
-    private let db: DatabaseQueue
+    /// Internal, not private: Ledger+Cards.swift reads and writes it too.
+    let db: DatabaseQueue
     public let path: String
 
     public init(path: String) throws {
@@ -66,6 +67,8 @@ public final class Ledger: Sendable {
         m.registerMigration("v2-password-export") { db in
             try db.alter(table: "jobUser") { t in t.add(column: "passwordExport", .text) }
         }
+        // Issue 16: cards remembered (Ledger+Cards.swift).
+        m.registerMigration("v3-cards") { db in try createCardTables(db) }
         return m
     }
 

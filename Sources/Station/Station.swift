@@ -193,6 +193,15 @@ public actor Station {
         job.expectedMedia = MediaIdentity(facts)
         job.minimumDeviceSize = profile?.image?.minDeviceSize
         job.verify = profile?.image?.verify ?? true
+        job.probeCapacity = profile?.image?.probe ?? true
+        // A card once found counterfeit or failing is refused on sight (issue 16). A ledger
+        // that cannot be read refuses too: the station cannot tell that card from another.
+        let ledger = self.ledger
+        job.knownCard = { card in
+            do { return try ledger.cardRefusal(id: card.id) } catch {
+                return "cannot check \(card) against the ledger (\(ledger.path)): \(error)"
+            }
+        }
         // A manual flash of a bare image only uses a bmap that sits next to it.
         job.bmap = switch profile?.image?.bmap ?? .discover {
         case .none: .none
@@ -255,15 +264,58 @@ public actor Station {
             }
         case .finished(let outcome):
             if let started = running[id]?.record.created { metrics.finished(id, outcome: outcome, started: started) }
+            await rememberCard(outcome, job: id)
             switch outcome {
             case .done(let result):
-                await transition(id, to: .done, message: "done — remove card", unit: result.unit,
+                // A repair is said where every done job is (status, jobs, the journal): the
+                // card matched only after one rewrite (issue 16).
+                let repaired = result.write.repairedAt.map { at in
+                    "done after a repair (the card returned other data at byte \(at.map(String.init).joined(separator: ", byte ")) once; rewritten and read back right)"
+                }
+                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card", unit: result.unit,
                                  users: result.unit == nil ? nil : result.accounts.map { UnitAccount($0) })
             case .failed(let failure):
                 await transition(id, to: .failed, message: failure.message)
             case .cancelled(let message):
                 await transition(id, to: .cancelled, message: message)
             }
+        }
+    }
+
+    /// Cards remembered (issue 16), refused ones first.
+    public func cards() async throws -> [CardSummary] { try await ledger.cards() }
+
+    /// An admin clears a card: it is no longer refused. False when no such card is known.
+    public func forgetCard(_ id: String) async throws -> Bool { try await ledger.forgetCard(id: id) }
+
+    /// What a job found out about its card goes into the ledger before the job's end is
+    /// announced (issue 16): a card found counterfeit or failing is refused on sight later.
+    private func rememberCard(_ outcome: CardOutcome, job id: Int64) async {
+        let card: CardIdentity, verdict: CardVerdict, reason: String?, repairs: Int, rate: Double?
+        switch outcome {
+        case .done(let result):
+            guard let identified = result.card else { return }
+            card = identified
+            repairs = result.write.repairedAt?.count ?? 0
+            verdict = repairs > 0 ? .repaired : .good
+            reason = result.write.repairedAt.map { "repaired at byte " + $0.map(String.init).joined(separator: ", byte ") }
+            let seconds = result.write.writeSeconds + result.write.syncSeconds
+            rate = seconds > 0 ? Double(result.write.bytesWritten) / seconds : nil
+        case .failed(let failure):
+            guard let identified = failure.card, let found = failure.verdict else { return }
+            card = identified
+            verdict = found
+            reason = failure.message
+            repairs = 0
+            rate = nil
+        case .cancelled:
+            return
+        }
+        do {
+            try await ledger.rememberCard(id: card.id, strength: card.strength.rawValue, detail: card.detail, verdict: verdict.rawValue,
+                                          reason: reason, job: id, repairs: repairs, writeBytesPerSecond: rate)
+        } catch {
+            ledgerFailed(id, error)
         }
     }
 

@@ -21,6 +21,7 @@ import TOMLKit
 /// [profiles.demo]
 /// image = "/srv/images/demo.img.zst"
 /// verify = true
+/// probe = true                  # capacity probe before writing (issue 16)
 ///
 /// [[slots]]
 /// name = "A1"

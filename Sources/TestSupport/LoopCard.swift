@@ -54,6 +54,9 @@ public final class LoopCard: Sendable {
 
     private let directory: String
     private let ownsDirectory: Bool
+    /// False for a card attached to a file someone else made (`existingFile`, FakeCard's
+    /// FUSE file): `close()` leaves that file alone.
+    private let ownsFile: Bool
     private let state = Mutex(State())
 
     private struct State {
@@ -70,13 +73,20 @@ public final class LoopCard: Sendable {
     ///     when `size` is larger).
     ///   - directory: where the backing file goes; a fresh /tmp/provision-cards-XXXXXX
     ///     (deleted by `close()`) when nil.
+    ///   - existingFile: attach this file as it is instead of making one (its name must
+    ///     contain `provision-card` for the udev rule; `size`, `image` and `directory` are
+    ///     ignored, and `close()` does not delete it).
     public init(
         label: String, size: Int64, image: String? = nil, options: Options = Options(),
-        directory: String? = nil
+        directory: String? = nil, existingFile: String? = nil
     ) throws {
         let safe = String(label.map { $0.isLetter || $0.isNumber || "._-".contains($0) ? $0 : "_" })
         self.label = safe
-        if let directory {
+        ownsFile = existingFile == nil
+        if let existingFile {
+            self.directory = URL(fileURLWithPath: existingFile).deletingLastPathComponent().path
+            ownsDirectory = false
+        } else if let directory {
             self.directory = directory
             ownsDirectory = false
         } else {
@@ -88,24 +98,26 @@ public final class LoopCard: Sendable {
             ownsDirectory = true
         }
         let random = String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        backingFile = "\(self.directory)/provision-card-\(safe)-\(random).img"
+        backingFile = existingFile ?? "\(self.directory)/provision-card-\(safe)-\(random).img"
 
         var attached: String?
         do {
-            if let image {
-                try Command.check(["cp", "--sparse=always", image, backingFile])
-            }
-            let fd = open(backingFile, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
-            guard fd >= 0 else {
-                throw LoopCardError(description: "cannot create \(backingFile): \(String(cString: strerror(errno)))")
-            }
-            var info = stat()
-            fstat(fd, &info)
-            let grown = Int64(info.st_size) < size ? ftruncate(fd, off_t(size)) : 0
-            let truncateErrno = errno
-            Glibc.close(fd)
-            guard grown == 0 else {
-                throw LoopCardError(description: "cannot grow \(backingFile) to \(size) bytes: \(String(cString: strerror(truncateErrno)))")
+            if existingFile == nil {
+                if let image {
+                    try Command.check(["cp", "--sparse=always", image, backingFile])
+                }
+                let fd = open(backingFile, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
+                guard fd >= 0 else {
+                    throw LoopCardError(description: "cannot create \(backingFile): \(String(cString: strerror(errno)))")
+                }
+                var info = stat()
+                fstat(fd, &info)
+                let grown = Int64(info.st_size) < size ? ftruncate(fd, off_t(size)) : 0
+                let truncateErrno = errno
+                Glibc.close(fd)
+                guard grown == 0 else {
+                    throw LoopCardError(description: "cannot grow \(backingFile) to \(size) bytes: \(String(cString: strerror(truncateErrno)))")
+                }
             }
 
             var losetup = ["losetup", "--find", "--show"]
@@ -133,7 +145,7 @@ public final class LoopCard: Sendable {
             self.minor = minor
         } catch {
             if let attached { _ = try? Command.run(["losetup", "--detach", attached]) }
-            unlink(backingFile)
+            if existingFile == nil { unlink(backingFile) }
             if ownsDirectory { rmdir(self.directory) }
             throw error
         }
@@ -323,7 +335,7 @@ public final class LoopCard: Sendable {
         }
         guard first else { return }
         try? detach()
-        unlink(backingFile)
+        if ownsFile { unlink(backingFile) }
         if ownsDirectory { rmdir(directory) }
     }
 

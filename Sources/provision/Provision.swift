@@ -19,6 +19,7 @@ struct Provision: AsyncParsableCommand {
             TegraCommand.self,
             InjectCommand.self,
             BoardCommand.self,
+            CardsCommand.self,
         ]
     )
 }

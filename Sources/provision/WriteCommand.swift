@@ -27,7 +27,8 @@ struct WriteCommand: ParsableCommand {
 
         Exit status: 0 written and verified; 64 usage; 65 image or bmap corrupt; 66 image \
         missing; 73 card too small; 74 I/O error, card removed, or verification failed; \
-        75 device busy; 77 refused by the safety policy or write-protected; 130 cancelled.
+        75 device busy; 77 refused by the safety policy, refused as counterfeit by the capacity \
+        probe, or write-protected; 130 cancelled.
         """)
 
     @Argument(help: "Image file or http(s):// URL: raw, .gz, .xz, .zst, .bz2, .lz4, .lzo, .zip or a tar of one image.")
@@ -47,6 +48,9 @@ struct WriteCommand: ParsableCommand {
 
     @Flag(name: .customLong("no-verify"), help: "Skip reading the card back after writing.")
     var noVerify = false
+
+    @Flag(name: .customLong("no-probe"), help: "Skip the capacity probe: by default provision first checks that a card stores what it claims (tagged blocks over its whole size, read back and restored) and refuses a counterfeit one.")
+    var noProbe = false
 
     @Flag(name: .customLong("follow-symlinks"), help: "Write where TARGET points if it is a symbolic link (by default a link is refused: one planted where a file was expected must not redirect the write).")
     var followSymlinks = false
@@ -74,6 +78,7 @@ struct WriteCommand: ParsableCommand {
         var job = CardJob(image: image, target: device, policy: SafetyPolicy(mode: .offline))
         job.followSymlinks = followSymlinks
         job.verify = !noVerify
+        job.probeCapacity = !noProbe
         job.chunkSize = Int(chunkBytes!)  // validate() checked it
         job.bmap = noBmap ? .none : (bmap.map { BmapChoice.file($0) } ?? .discover)
         job.progressInterval = .zero
@@ -98,6 +103,12 @@ struct WriteCommand: ParsableCommand {
 
         switch pipeline.run() {
         case .done(let result):
+            if let probe = result.probe {
+                output.note("capacity probe: \(probe.blocks) blocks over \(ByteCount.human(probe.claimedBytes)) came back as written in \(String(format: "%.3f", probe.seconds)) s")
+            }
+            if let repaired = result.write.repairedAt {
+                output.note("repaired: the card returned other data at byte \(repaired.map(String.init).joined(separator: ", byte ")) once and the image after one rewrite")
+            }
             output.finish(result: result.write, device: device)
         case .cancelled(let message):
             output.fail(message: message, code: ImageIOError.Code.cancelled.rawValue)

@@ -312,6 +312,13 @@ struct ControlSession {
             case .success(let c): return ResultPayload(message: "reloaded \(c.file): \(c.slots.count) slot(s), \(c.profiles.count) profile(s)")
             case .failure(let e): throw ErrorPayload(.badRequest, "reload failed, the running configuration stays: \(e)")
             }
+        case .cards:
+            return ResultPayload(cards: try await station.cards())
+        case .forgetCard:
+            guard let card = p.card else { throw ErrorPayload(.badRequest, "forget-card needs params.card") }
+            guard try await station.forgetCard(card) else { throw ErrorPayload(.notFound, "no card \(card) is remembered (see provision cards)") }
+            logger.notice("card \(card) forgotten by uid \(peer?.uid ?? 0): it is no longer refused", metadata: ["card": "\(card)"])
+            return ResultPayload(message: "card \(card) forgotten: it is no longer refused")
         case .watch:
             throw ErrorPayload(.internalError, "watch is handled by the session")
         }

@@ -257,6 +257,8 @@ struct BmapTests {
         let original = expectedByte.1[Int(badOffset - expectedByte.0)]
         // Nothing is read back before the hook: verification waits for the final sync.
         options.syncInterval = nil
+        // The mismatch itself, without the repair attempt (RepairTests cover that).
+        options.repair = false
         options.testHookBeforeVerify = { target in
             let h = FileHandle(forUpdatingAtPath: target.path)!
             try? h.seek(toOffset: badOffset)

@@ -75,6 +75,8 @@ struct WriteEngineTests {
         let badOffset: UInt64 = 6 * 1024 * 1024 + 4242
         // Nothing is read back before the hook: verification waits for the final sync.
         options.syncInterval = nil
+        // The mismatch itself, without the repair attempt (RepairTests cover that).
+        options.repair = false
         options.testHookBeforeVerify = { target in
             // Flip one byte behind the writer's back, through a separate buffered descriptor.
             let h = FileHandle(forUpdatingAtPath: target.path)!
@@ -100,6 +102,8 @@ struct WriteEngineTests {
         var options = WriteOptions()
         // Nothing is read back before the hook: verification waits for the final sync.
         options.syncInterval = nil
+        // The mismatch itself, without the repair attempt (RepairTests cover that).
+        options.repair = false
         options.testHookBeforeVerify = { target in
             let h = FileHandle(forUpdatingAtPath: target.path)!
             try? h.seek(toOffset: 4_500_001)

@@ -70,7 +70,7 @@ struct BatchTests {
         _ = fast
     }
 
-    @Test("a card that fails verification fails alone, with the offset; the others are done")
+    @Test("a card that reads back wrong once is repaired alone (issue 16); the others are done")
     func cardFailingVerificationFailsAlone() throws {
         let bench = try StationBench()
         defer { bench.close() }
@@ -100,9 +100,13 @@ struct BatchTests {
         try bench.waitForStatus("all three finished", timeout: .seconds(90)) { s in ["V1", "V2", "V3"].allSatisfy { s.slot($0)?.job?.state.isFinal == true } }
         let jobs = try bench.jobs()
         let v2 = try #require(jobs.first { $0.slot == "V2" })
-        #expect(v2.state == .failed)
-        #expect(v2.message?.contains("verification failed") == true, "\(v2.message ?? "")")
-        #expect(v2.message?.contains("byte offset \(offset)") == true, "\(v2.message ?? "")")
+        // One repair attempt: the block is written again, reads back right, the card is done
+        // and holds the image (a card that differs twice: PipelineTests.RepairTests).
+        #expect(v2.state == .done, "\(v2.message ?? "")")
+        #expect(v2.message == "done after a repair (the card returned other data at byte \(offset) once; rewritten and read back right) — remove card")
+        let imageHash = try Command.check(["sha256sum", bench.directory + "/batch.img"]).stdout.prefix(64)
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: bench.directory + "/batch.img")[.size] as? Int64)
+        #expect(try liar.sha256(bytes: size) == String(imageHash))
         #expect(jobs.first { $0.slot == "V1" }?.state == .done)
         #expect(jobs.first { $0.slot == "V3" }?.state == .done)
         _ = (a, c)

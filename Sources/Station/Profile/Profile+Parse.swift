@@ -3,10 +3,10 @@ import Foundation
 import TOMLKit
 
 extension Profile {
-    static let fileKeys = ["name", "description", "kind", "image", "bmap", "verify", "min_device_size",
+    static let fileKeys = ["name", "description", "kind", "image", "bmap", "verify", "probe", "min_device_size",
                            "inject", "partitions", "root", "blobs", "users", "tegra"]
     /// Keys that may sit at the top level (next to `image = "…"`) or inside `[image]`.
-    static let imageSettingKeys = ["bmap", "verify", "min_device_size", "inject"]
+    static let imageSettingKeys = ["bmap", "verify", "probe", "min_device_size", "inject"]
 
     /// Loads `images/NAME/profile.toml` (or any profile file). A file called `profile.toml`
     /// must have `name` equal to its directory's name, so the catalog and the file agree.
@@ -158,6 +158,7 @@ extension Profile {
         let location = reader.document.location(of: value.string != nil ? reader.path("image") : reader.path("image") + [.key("file")])
         return Image(file: reader.document.resolve(path: file), bmap: bmap,
                      verify: try imageSetting(reader, "verify") { try $0.bool($1) } ?? true,
+                     probe: try imageSetting(reader, "probe") { try $0.bool($1) } ?? true,
                      minDeviceSize: try imageSetting(reader, "min_device_size") { try $0.byteSize($1) },
                      location: location)
     }

@@ -56,6 +56,8 @@ public struct Profile: Sendable, Equatable {
         public var bmap: BmapSource
         /// Read the card back after writing and compare (default true).
         public var verify: Bool
+        /// Check the card's real capacity before writing (issue 16; default true).
+        public var probe: Bool
         /// Cards smaller than this are refused before the first byte is written.
         public var minDeviceSize: UInt64?
         public var location: ConfigLocation

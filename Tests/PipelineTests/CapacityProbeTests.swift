@@ -1,0 +1,94 @@
+// The capacity probe (issue 16) against cards that lie (FakeCard: a FUSE program of our
+// own behind an O_DIRECT loop device) and honest loop cards.
+
+import Foundation
+import ImageIO
+import Pipeline
+import Testing
+import TestSupport
+
+private func probe(_ device: String) throws -> CapacityProbe.Result {
+    let target = try WriteTarget.open(path: device)
+    defer { target.close() }
+    return try CapacityProbe.run(target)
+}
+
+/// Fills a card with random bytes through the device (O_DIRECT).
+private func fillRandom(_ device: String, bytes: Int64) throws {
+    try Command.bash("head -c \(bytes) /dev/urandom | dd of=\(device) bs=1M iflag=fullblock oflag=direct status=none")
+}
+
+@Suite("Capacity probe", .serialized)
+struct CapacityProbeTests {
+    @Test(arguments: [4 << 20, 8 << 20, 16 << 20, 32 << 20] as [Int64])
+    func refusesACardThatWrapsWithItsRealSize(real: Int64) throws {
+        let fake = try FakeCard(label: "wrap-\(real >> 20)m", claimedSize: 64 << 20, lie: .wraps(realSize: real))
+        defer { fake.close() }
+        let result = try probe(fake.devicePath)
+        #expect(result.isCounterfeit)
+        #expect(result.realBytes == UInt64(real))
+        #expect(result.claimedBytes == 64 << 20)
+    }
+
+    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288] as [Int64])
+    func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
+        let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
+        defer { fake.close() }
+        let result = try probe(fake.devicePath)
+        let estimate = try #require(result.realBytes)
+        #expect(estimate >= UInt64(real) && estimate <= UInt64(real) + (1 << 20), "real \(real), estimated \(estimate)")
+    }
+
+    @Test func theRefusalSaysWhatTheCardClaimsAndStores() {
+        let result = CapacityProbe.Result(claimedBytes: 64_000_000_000, realBytes: 8_000_000_000, blocks: 90, seconds: 0.1)
+        #expect(result.refusal == "card claims 64.0 GB but stores about 8.0 GB: refused as counterfeit")
+        #expect(CapacityProbe.Result(claimedBytes: 1, realBytes: nil, blocks: 1, seconds: 0).refusal == nil)
+    }
+
+    @Test(arguments: [1 << 20, 8 << 20, (24 << 20) + 4096, 100 << 20, 1 << 30] as [Int64])
+    func passesAnHonestLoopCard(size: Int64) throws {
+        let card = try LoopCard(label: "honest", size: size)
+        defer { card.close() }
+        let result = try probe(card.devicePath)
+        #expect(result.realBytes == nil)
+        #expect(result.claimedBytes == UInt64(size))
+    }
+
+    @Test func passesAnHonestFuseCard() throws {
+        let fake = try FakeCard(label: "honest-fuse", claimedSize: 64 << 20, lie: .honest)
+        defer { fake.close() }
+        #expect(try probe(fake.devicePath).realBytes == nil)
+    }
+
+    /// Positions cover 0, the end and every power of two: a wrap at any power-of-two size
+    /// below the claimed one has a pair of blocks that collide.
+    @Test func positionsIncludeTheEndAndEveryPowerOfTwo() {
+        let size: UInt64 = 64_000_000_000
+        let positions = CapacityProbe.positions(size: size, block: 4096)
+        #expect(positions.contains(0))
+        #expect(positions.contains(size / 4096 * 4096 - 4096))
+        var p: UInt64 = 4096
+        while p < size - 4096 { #expect(positions.contains(p)); p <<= 1 }
+        #expect(positions == positions.sorted(by: >))
+        #expect(positions.count < 100)
+    }
+
+    @Test func restoresWhatItOverwroteByteForByte() throws {
+        let card = try LoopCard(label: "restore", size: 48 << 20)
+        defer { card.close() }
+        try fillRandom(card.devicePath, bytes: 48 << 20)
+        let before = try card.sha256()
+        #expect(try probe(card.devicePath).realBytes == nil)
+        #expect(try card.sha256() == before)
+    }
+
+    @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .drops(realSize: 20 << 20)])
+    func restoresAFakeCardItRefused(lie: FakeCard.Lie) throws {
+        let fake = try FakeCard(label: "restore-fake", claimedSize: 64 << 20, lie: lie)
+        defer { fake.close() }
+        try fillRandom(fake.devicePath, bytes: 64 << 20)
+        let before = try fake.card.sha256()
+        #expect(try probe(fake.devicePath).isCounterfeit)
+        #expect(try fake.card.sha256() == before)
+    }
+}
