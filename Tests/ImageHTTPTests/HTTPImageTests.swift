@@ -154,8 +154,9 @@ struct HTTPImageTests {
             #expect(result.verified)
             #expect(try Command.run(["cmp", image, path]).succeeded, "\(name) bmap=\(bmap)")
         }
-        // Streamed: one GET each, no temporary copy.
-        #expect(server.requests.filter { $0.hasPrefix("GET /\(name) ") }.count == 2)
+        // Streamed: one full GET each, no temporary copy. (On a loaded machine the tests'
+        // short read timeout may make a download resume: those GETs ask for a byte range.)
+        #expect(server.requests.filter { $0.hasPrefix("GET /\(name) ") && !$0.contains("bytes=") }.count == 2, "\(server.requests)")
     }
 
     @Test("a dropped connection is resumed with a range request, and the card is byte-exact")
@@ -197,7 +198,9 @@ struct HTTPImageTests {
         let e = await #expect(throws: ImageIOError.self) {
             _ = try await onThread { try self.writeURL(self.server.url("disk.img", "extra=4096&ranges=0"), target: "short.img") }
         }
-        #expect(e?.code == .imageUnreadable && e!.message.contains("\(6 << 20)") && e!.message.contains("\((6 << 20) + 4096)"), "\(String(describing: e))")
+        // The bytes received before it broke off depend on the read timeout under load; the
+        // announced length and that it broke off do not.
+        #expect(e?.code == .imageUnreadable && e!.message.contains("broke off after") && e!.message.contains("of \((6 << 20) + 4096) bytes"), "\(String(describing: e))")
     }
 
     @Test("404 is 'image not found', naming the URL")
