@@ -32,7 +32,8 @@ STAMP = .build/.deps-installed
 $(STAMP): Makefile
 	@if ! dpkg -s $(DEB_LIBS) $(DEB_TOOLS) >/dev/null 2>&1; then \
 	  echo ">>> installing Debian packages"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
+	  apt-get update -qq || echo ">>> apt-get update reported errors (a mirror mid-sync?); installing from the lists it has"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
 	fi
 	@for m in $(PIP_TOOLS); do python3 -c "import $$m" 2>/dev/null || python3 -m pip install -q $$m || exit 1; done
 	@mkdir -p .build && touch $@
