@@ -1,6 +1,7 @@
 @testable import ImageIO
 import CFingerprint
 import Testing
+import TestSupport
 
 /// The read-back fingerprint of compressed sources must tell apart exactly what a bad card
 /// returns: one flipped bit anywhere, a chunk from another offset, a short or longer read.
