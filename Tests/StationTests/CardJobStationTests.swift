@@ -82,7 +82,7 @@ struct CardJobStationTests {
     }
 
     /// The job records announced until (and with) the first final one.
-    func jobEventsUntilFinal(_ events: EventSubscription, seconds: Double = 60) async throws -> [JobRecord] {
+    func jobEventsUntilFinal(_ events: EventSubscription, seconds: Double = 600) async throws -> [JobRecord] {
         try await withThrowingTaskGroup(of: [JobRecord]?.self) { group in
             group.addTask {
                 var seen: [JobRecord] = []

@@ -10,7 +10,7 @@ func filler(_ count: Int, seed: UInt8) -> [UInt8] {
 
 /// Waits for events of an already subscribed stream until `done` says so, or fails after
 /// `seconds` (subscribe before causing the events, or they may pass unseen).
-func waitFor(_ events: EventSubscription, seconds: Double = 120, until done: @escaping @Sendable (Event) -> Bool) async throws {
+func waitFor(_ events: EventSubscription, seconds: Double = 600, until done: @escaping @Sendable (Event) -> Bool) async throws {
     try await withThrowingTaskGroup(of: Void.self) { group in
         group.addTask {
             for await e in events where done(e) { return }

@@ -11,12 +11,7 @@ import TestSupport
 /// wide on this machine and busy with other tests' blocking work, and a writer queued
 /// behind them would not start before the test gave up on it.
 func runInBackground(_ arguments: [String]) async throws -> CommandOutput {
-    try await withCheckedThrowingContinuation { continuation in
-        let thread = Thread {
-            continuation.resume(with: Result { try Command.run(arguments, timeout: .seconds(120)) })
-        }
-        thread.start()
-    }
+    try await offPool { try Command.run(arguments, timeout: .seconds(120)) }
 }
 
 /// A file of `size` bytes, all 0xAB: written data that a zero-filled card does not have.
@@ -161,12 +156,16 @@ struct LoopCardTests {
         let pattern = try patternFile(in: directory, size: 16 << 20)
         let card = try LoopCard(label: "pulled", size: 16 << 20)
         defer { card.close() }
-        // 16 MiB at 2 MB/s takes 8 s: the pull lands in the middle.
-        try card.throttle(writeBytesPerSecond: 2_000_000)
+        // 16 MiB at 1 MB/s takes 16 s: the pull lands in the middle. It is made from a thread
+        // of its own as soon as 2 MiB are in: a poll on the concurrency pool, starved by the
+        // other suites' blocking work, once woke after dd had finished (CI failed so).
+        try card.throttle(writeBytesPerSecond: 1_000_000)
         async let writer = runInBackground(
             ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
-        try await waitUntilWritten(card, bytes: 2 << 20)
-        try card.pull()
+        try await offPool {
+            try waitUntilWritten(card, bytes: 2 << 20)
+            try card.pull()
+        }
         // Checked while dd still holds the device: once it exits, the lazy detach frees
         // loopN, and a parallel test may attach another card to the same node.
         #expect(card.deviceSize == 0)
@@ -197,8 +196,10 @@ struct LoopCardTests {
         try card.throttle(writeBytesPerSecond: 4_000_000)
         async let writer = runInBackground(
             ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
-        try await waitUntilWritten(card, bytes: 1 << 20)
-        try Command.check(["losetup", "--detach", card.devicePath])
+        try await offPool {
+            try waitUntilWritten(card, bytes: 1 << 20)
+            try Command.check(["losetup", "--detach", card.devicePath])
+        }
         let output = try await writer
         #expect(output.succeeded, "\(output)")
         let expected = try Command.check(["sha256sum", pattern]).stdout.prefix(64)
@@ -227,18 +228,23 @@ struct LoopCardTests {
 /// the device open and is under way, however slowly the machine started it.
 /// (A full parallel `make test` has shown a writer stall for 30 s right at the start of the
 /// run, when every suite starts at once; hence the long wait and the diagnostics.)
-func waitUntilWritten(_ card: LoopCard, bytes: Int) async throws {
+/// Blocks: call it through `offPool`.
+func waitUntilWritten(_ card: LoopCard, bytes: Int) throws {
     let deadline = ContinuousClock.now.advanced(by: .seconds(90))
     var info = stat()
     while stat(card.backingFile, &info) == 0, Int(info.st_blocks) * 512 < bytes, ContinuousClock.now < deadline {
-        try await Task.sleep(for: .milliseconds(20))
+        usleep(20_000)
     }
     guard Int(info.st_blocks) * 512 < bytes else { return }
     let rules = ["write", "read"].map { direction in
         (try? String(contentsOfFile: "/sys/fs/cgroup/blkio/blkio.throttle.\(direction)_bps_device", encoding: .utf8)) ?? "?"
     }
     let loops = (try? Command.run(["losetup", "--list", "--output", "NAME,DIO,BACK-FILE"]).stdout) ?? "?"
-    Issue.record("the writer did not get going: \(Int(info.st_blocks) * 512) of \(bytes) bytes reached \(card.backingFile) on \(card.devicePath) (attached: \(card.isAttached)); throttle rules write [\(rules[0])] read [\(rules[1])]; loop devices:\n\(loops)")
+    throw WriterStalled(description: "the writer did not get going: \(Int(info.st_blocks) * 512) of \(bytes) bytes reached \(card.backingFile) on \(card.devicePath) (attached: \(card.isAttached)); throttle rules write [\(rules[0])] read [\(rules[1])]; loop devices:\n\(loops)")
+}
+
+struct WriterStalled: Error, CustomStringConvertible {
+    let description: String
 }
 
 func timed(_ body: () throws -> Void) rethrows -> Duration {
