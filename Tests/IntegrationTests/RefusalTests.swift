@@ -74,7 +74,7 @@ extension IntegrationTests {
             try bench.unmount(point)
             try Udevd.ensureRunning().trigger(card.devicePath, action: "change")
 
-            let status = try bench.waitForStatus("the unmounted card to be written", timeout: .seconds(15)) {
+            let status = try bench.waitForStatus("the unmounted card to be written", timeout: .seconds(120)) {
                 $0.slot("MNT")?.job?.state.isFinal == true
             }
             #expect(status.slot("MNT")?.job?.state == .done)

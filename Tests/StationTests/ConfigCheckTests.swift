@@ -533,3 +533,26 @@ struct StationFileCheckTests {
         #expect(config.slots.count == 1 && config.warnings.isEmpty)
     }
 }
+
+/// `unread_output_timeout`: how long a control client may leave replies unread.
+struct UnreadOutputTimeoutTests {
+    func parse(_ line: String) throws -> StationConfig {
+        let scratch = try TemporaryDirectory("provision-unread")
+        let image = try scratch.write("card.img", [UInt8](repeating: 0, count: 4096))
+        let text = "[station]\nname = \"t\"\n\(line)\n[profiles.p]\nimage = \"\(image)\"\n[[slots]]\nname = \"S1\"\nmatch = \"usb-1-1\"\nprofile = \"p\"\n"
+        return try StationConfig.parse(text: text, file: scratch.file("station.toml"))
+    }
+
+    @Test func defaultsToTenSecondsAndTakesAValue() throws {
+        #expect(try parse("").unreadOutputTimeout == 10)
+        #expect(try parse("unread_output_timeout = 120").unreadOutputTimeout == 120)
+    }
+
+    @Test(arguments: ["unread_output_timeout = 0", "unread_output_timeout = 3601", "unread_output_timeout = \"10s\""])
+    func outOfRangeOrNotANumberIsRefusedNamingTheKey(_ line: String) {
+        #expect(throws: ConfigError.self) { try parse(line) }
+        do { _ = try parse(line) } catch {
+            #expect("\(error)".contains("unread_output_timeout"), "\(error)")
+        }
+    }
+}
