@@ -126,7 +126,7 @@ def line(s, buf):
         if not chunk: raise RuntimeError("closed")
         buf += chunk
     return buf.split(b"\n", 1)
-lat, failures, fds, rss = [], 0, 0, 0
+lat, worst, failures, fds, rss = [], [], 0, 0, 0
 i = 0
 while not stop:
     i += 1
@@ -140,6 +140,7 @@ while not stop:
         assert json.loads(reply).get("ok"), reply[:200]
         s.close()
         lat.append((time.perf_counter() - t0) * 1000)
+        worst.append((lat[-1], time.time() - (time.perf_counter() - t0)))
     except Exception as e:
         failures += 1
     try:
@@ -152,12 +153,13 @@ while not stop:
 lat.sort()
 pct = lambda p: lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
 json.dump({"n": len(lat), "failures": failures, "p50": pct(50), "p90": pct(90), "p99": pct(99),
-           "max": lat[-1] if lat else float("nan"), "fds": fds, "rssKiB": rss}, open(out, "w"))
+           "max": lat[-1] if lat else float("nan"), "fds": fds, "rssKiB": rss,
+           "worst": sorted(worst, reverse=True)[:5]}, open(out, "w"))
 PY
 
 cat > "$WORK/flood.py" <<'PY'
 import json, socket, sys
-path, pipeliners, idle, burst, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+path, pipeliners, idle, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 requests = b"".join(b'{"id":%d,"method":"status"}\n' % i for i in range(burst))
 held, admitted, refused = [], 0, 0
 for _ in range(pipeliners):
@@ -174,7 +176,7 @@ for _ in range(idle):
         data += chunk
     if b'"hello"' in data: admitted += 1; held.append(s)
     else: refused += 1; s.close()
-open(ready, "w").write(json.dumps({"admitted": admitted, "refused": refused}))
+print(json.dumps({"admitted": admitted, "refused": refused}), flush=True)
 sys.stdin.read()
 PY
 
@@ -183,11 +185,17 @@ probe() {  # probe OUT — runs until SIGTERM
 }
 stop_probe() { kill -TERM "$PROBE"; wait "$PROBE" || true; PROBE=""; }
 show() {  # show LABEL FILE
-  python3 - "$1" "$2" <<'PY'
+  python3 - "$@" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[2]))
 print("%-26s %5d samples  p50 %7.1f ms  p90 %7.1f ms  p99 %7.1f ms  max %7.1f ms  failures %d  daemon peak %d fds, %d MiB"
       % (sys.argv[1], r["n"], r["p50"], r["p90"], r["p99"], r["max"], r["failures"], r["fds"], r["rssKiB"] // 1024))
+if len(sys.argv) > 3:
+    marks = [l.split(" ", 1) for l in open(sys.argv[3]).read().splitlines()]
+    def when(t):
+        last = max((m for m in marks if float(m[0]) <= t), key=lambda m: float(m[0]), default=None)
+        return "%.1f s after %s" % (t - float(last[0]), last[1]) if last else "before the flood"
+    print("  slowest: " + "; ".join("%.0f ms %s" % (ms, when(t)) for ms, t in r["worst"]))
 PY
 }
 
@@ -195,23 +203,30 @@ echo ">>> quiet daemon: 10 s of probes"
 probe "$WORK/quiet.json"; sleep 10; stop_probe
 
 echo ">>> flood: $PIPELINERS pipelining clients ($BURST requests each, never read) and $IDLE idle ones; then $SLOTS cards"
+mark() { echo "$(date +%s.%N) $*" >> "$WORK/marks"; }
 probe "$WORK/flood.json"
+sleep 1
+mark "the flood started"
 mkfifo "$WORK/flood.in"
 setpriv --reuid=nobody --regid=nogroup --groups="$(getent group provision | cut -d: -f3)" \
-  python3 "$WORK/flood.py" "$SOCK" $PIPELINERS $IDLE $BURST "$WORK/flood.ready" < "$WORK/flood.in" &
+  /usr/bin/python3 "$WORK/flood.py" "$SOCK" $PIPELINERS $IDLE $BURST < "$WORK/flood.in" > "$WORK/flood.ready" &
 FLOOD=$!
 exec 9>"$WORK/flood.in"
 for _ in $(seq 1800); do [ -s "$WORK/flood.ready" ] && break; sleep 0.1; done
 [ -s "$WORK/flood.ready" ] || { echo "the flood did not get its connections within 180 s" >&2; exit 1; }
+mark "every flood connection was open"
 for i in $(seq $SLOTS); do
   f=$WORK/provision-card-F$i-$TOKEN-x.img
   truncate -s ${CARD_MB}M "$f"
   LOOPS+=("$(losetup --find --show --direct-io=on "$f")")
 done
+mark "the cards arrived"
 for _ in $(seq 1800); do
   final=$("$PROVISION" status --socket "$SOCK" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(1 for x in s["slots"] if x.get("job") and x["job"]["state"] in ("done","failed","cancelled")))')
   [ "$final" = $SLOTS ] && break; sleep 0.1
 done
+mark "the cards were done"
+sleep 1
 stop_probe
 exec 9>&-; wait "$FLOOD" || true; FLOOD=""
 states=$("$PROVISION" status --socket "$SOCK" --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join("%s=%s" % (x["name"], x["job"]["state"] if x.get("job") else "none") for x in s["slots"]))')
@@ -220,7 +235,7 @@ dropped=$(grep -c "does not read its replies" "$LOG" || true)
 echo
 echo "provision clients benchmark — $BUILD, $(nproc) cores, $(date -u '+%Y-%m-%d %H:%M UTC')"
 show "quiet daemon" "$WORK/quiet.json"
-show "under the flood" "$WORK/flood.json"
+show "under the flood" "$WORK/flood.json" "$WORK/marks"
 python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("flood: %d idle admitted, %d refused with a reason; %s pipelining clients dropped for not reading" % (r["admitted"], r["refused"], sys.argv[2]))' "$WORK/flood.ready" "$dropped"
 echo "cards: $states"
 python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("target max < 100 ms: %s (%.1f ms)" % ("met" if r["max"] < 100 and r["failures"] == 0 else "MISSED", r["max"]))' "$WORK/flood.json"

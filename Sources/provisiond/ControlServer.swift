@@ -102,9 +102,12 @@ struct ControlServer: Service {
                 return .refused
             }
             channel.closeFuture.whenComplete { _ in admission.release() }
-            // A small send buffer: replies are small, and a client that does not read then
-            // makes the daemon answer a few requests (not ~30) before its session parks.
-            try channel.syncOptions?.setOption(ChannelOptions.socketOption(.so_sndbuf), value: 32 << 10)
+            // A small send buffer: a client that does not read makes the daemon answer only as
+            // many requests as fit (2–3 status replies; the kernel doubles the value) before its
+            // session parks. 200 such clients at 32 KiB each took ~8,000 replies' work together
+            // and held a status from another client up for 2 s (benchmarks/clients.sh); a client
+            // that reads drains a local socket at once whatever the size.
+            try channel.syncOptions?.setOption(ChannelOptions.socketOption(.so_sndbuf), value: 4 << 10)
             let who = peer.map { "pid \($0.pid) uid \($0.uid)" } ?? "(unknown peer)"
             let stall = TimeAmount.seconds(Int64(admission.limits.unreadOutputTimeout))
             try channel.pipeline.syncOperations.addHandler(UnreadOutputHandler(stallTimeout: stall, peer: who, logger: logger))
