@@ -174,7 +174,7 @@ extension IntegrationTests {
             let request = Array(String(repeating: "{\"id\":7,\"method\":\"status\"}\n", count: 20_000).utf8)
             let sent = c.send(request)
             try waitFor("the non-reader dropped", timeout: .seconds(60)) { bench.log.contains("does not read its replies") }
-            #expect(bench.log.contains("bytes unsent for 10 s; disconnected"), "\(bench.log)")
+            #expect(bench.log.contains("bytes unsent for 10 s (unread_output_timeout); disconnected"), "\(bench.log)")
             // What the kernel already held is there to read, every line whole, then the end.
             var replies = 0
             while let line = try c.readLine(timeout: .seconds(10)) {
@@ -231,7 +231,7 @@ extension IntegrationTests {
             #expect(watch.terminationStatus == 75, "\(stderr)")
             #expect(stderr.contains("watch ended: this client fell 512 state changes behind"), "\(stderr)")
             let lines = printed.split(separator: "\n")
-            #expect(lines.count > 100 && lines.count < reloads, "\(lines.count) events printed")
+            #expect(lines.count > 10 && lines.count < reloads, "\(lines.count) events printed")
             // Reloads, and device events of loop devices other tests on the machine make.
             #expect(lines.allSatisfy { (try? JSONDecoder().decode(Event.self, from: Data($0.utf8))) != nil }, "\(lines.prefix(3))")
             print("provision watch printed \(lines.count) events (\(lines.filter { $0.contains("\"kind\":\"reload\"") }.count) reloads of \(reloads + 1)) before it was told it was too slow")
