@@ -76,6 +76,21 @@ public final class SerialConsole: Sendable {
     /// deadline, not a guess at how long something takes).
     @discardableResult
     public func expect(_ patterns: [String], timeout: Duration, _ what: String? = nil) async throws -> (index: Int, text: String) {
+        try await offPool { try self.expectBlocking(patterns, timeout: timeout, what) }
+    }
+
+    /// Answers a prompt: waits for `prompt`, then types `line` at once, both on a thread of
+    /// their own. The guest's programs time out (login waits 60 s for a password): an answer
+    /// typed from the concurrency pool, which a full test run starves, came too late (seen).
+    public func answer(_ prompt: String, with line: String, timeout: Duration, _ what: String? = nil) async throws {
+        try await offPool {
+            _ = try self.expectBlocking([prompt], timeout: timeout, what)
+            try self.sendLine(line)
+        }
+    }
+
+    /// `expect` on the calling thread: polls the console every 20 ms.
+    func expectBlocking(_ patterns: [String], timeout: Duration, _ what: String?) throws -> (index: Int, text: String) {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         let needles = patterns.map { Array($0.utf8) }
         var buffer = [UInt8](repeating: 0, count: 65536)
@@ -101,7 +116,7 @@ public final class SerialConsole: Sendable {
             let ready = poll(&pfd, 1, 0)
             if ready < 0, errno == EINTR { continue }
             guard ready > 0 else {
-                try await Task.sleep(for: .milliseconds(20))
+                usleep(20_000)
                 continue
             }
             let count = read(fd, &buffer, buffer.count)

@@ -199,8 +199,7 @@ struct BootTests {
 
     func logIn(_ console: SerialConsole, _ user: String, _ password: String) async throws {
         try console.sendLine(user)
-        try await console.expect("Password: ", timeout: Self.stepTimeout)
-        try console.sendLine(password)
+        try await console.answer("Password: ", with: password, timeout: Self.stepTimeout)
     }
 
     /// Commands typed into a logged-in shell. Each one's output is what came between two

@@ -162,13 +162,15 @@ struct LoopCardTests {
         try card.throttle(writeBytesPerSecond: 1_000_000)
         async let writer = runInBackground(
             ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
-        try await offPool {
+        // The size is read on the same thread right after the pull, while dd still holds the
+        // device: once dd exits, the lazy detach frees loopN, and a parallel test may attach
+        // another card to the same node (a full run once read 160 MiB here).
+        let sizeAfterPull = try await offPool {
             try waitUntilWritten(card, bytes: 2 << 20)
             try card.pull()
+            return card.deviceSize
         }
-        // Checked while dd still holds the device: once it exits, the lazy detach frees
-        // loopN, and a parallel test may attach another card to the same node.
-        #expect(card.deviceSize == 0)
+        #expect(sizeAfterPull == 0)
         let output = try await writer
 
         #expect(!output.succeeded)
