@@ -5,8 +5,9 @@
 # A station of 3 slots. A flood process, run as `nobody` in the socket's group (a reader, as
 # an untrusted member of the provision group would be), opens 200 connections that each send
 # 4,000 `status` requests and never read, then 1,100 idle connections (the daemon admits what
-# its descriptor budget allows and refuses the rest with a reason). Three cards (loop devices)
-# arrive while every connection is taken, and are written. Throughout, a probe opens a fresh
+# its descriptor budget allows and refuses the rest with a reason). Three cards (loop devices
+# throttled to 20 MB/s, an SD card's speed) arrive while every connection is taken, and are
+# written. Throughout, a probe opens a fresh
 # root connection every 50 ms (connect → hello → status → reply) and times it.
 # Printed: the probe's p50/p90/p99/max, the same for a quiet daemon measured first in the same
 # run, the daemon's peak descriptors and memory, and the cards' outcome.
@@ -46,7 +47,8 @@ BUILD=${BUILD:-binaries from $BIN}
 PROVISIOND=$BIN/provisiond; PROVISION=$BIN/provision
 [ -x "$PROVISIOND" ] && [ -x "$PROVISION" ] || { echo "no provisiond/provision in $BIN" >&2; exit 66; }
 
-SLOTS=3; IMAGE_MB=8; CARD_MB=32; PIPELINERS=200; IDLE=1100; BURST=4000
+SLOTS=3; IMAGE_MB=8; CARD_MB=32; PIPELINERS=${PIPELINERS:-200}; IDLE=${IDLE:-1100}; BURST=4000; CARD_BPS=20000000
+BLKIO=/sys/fs/cgroup/blkio
 WORK=$(mktemp -d /var/tmp/provision-clients-bench.XXXXXX)
 chmod 755 "$WORK"
 SOCK=$WORK/control.sock; LOG=$WORK/provisiond.log
@@ -64,7 +66,12 @@ cleanup() {
   fi
   for l in "${LOOPS[@]}"; do
     # Only the loop devices this script attached, and only while they still hold its files.
-    grep -q "$WORK" "/sys/block/$(basename "$l")/loop/backing_file" 2>/dev/null && losetup -d "$l" 2>/dev/null
+    if grep -q "$WORK" "/sys/block/$(basename "$l")/loop/backing_file" 2>/dev/null; then
+      mm=$(cat "/sys/block/$(basename "$l")/dev")
+      echo "$mm 0" > $BLKIO/blkio.throttle.write_bps_device 2>/dev/null
+      echo "$mm 0" > $BLKIO/blkio.throttle.read_bps_device 2>/dev/null
+      losetup -d "$l" 2>/dev/null
+    fi
   done
   for r in "${RULES[@]}"; do rm -f "$r"; done
   [ ${#RULES[@]} -gt 0 ] && udevadm control --reload 2>/dev/null
@@ -218,7 +225,11 @@ mark "every flood connection was open"
 for i in $(seq $SLOTS); do
   f=$WORK/provision-card-F$i-$TOKEN-x.img
   truncate -s ${CARD_MB}M "$f"
-  LOOPS+=("$(losetup --find --show --direct-io=on "$f")")
+  l=$(losetup --find --show --direct-io=on "$f"); LOOPS+=("$l")
+  # SD-card speed, as at a bench: a card's job waits on its card, it does not spin the CPU.
+  mm=$(cat "/sys/block/$(basename "$l")/dev")
+  echo "$mm $CARD_BPS" > $BLKIO/blkio.throttle.write_bps_device
+  echo "$mm $CARD_BPS" > $BLKIO/blkio.throttle.read_bps_device
 done
 mark "the cards arrived"
 for _ in $(seq 1800); do
