@@ -32,6 +32,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         // Images over HTTP(S) (issue 17).
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
+        // Issue 18: the lab's shared ledger on PostgreSQL.
+        .package(url: "https://github.com/vapor/postgres-nio", from: "1.33.2"),
     ],
     targets: [
         // C headers from Debian, nothing else.
@@ -91,6 +93,7 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
         ]),
         // The CLI's blocking client of the control socket; the board reuses it.
         .target(name: "ProvisionClient", dependencies: ["ControlProtocol"]),

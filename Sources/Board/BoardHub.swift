@@ -16,6 +16,8 @@ actor BoardHub {
         case .finished(let jobs): state.apply(finishedJobs: jobs)
         case .event(let event): state.apply(event)
         case .disconnected(let reason): state.disconnected(reason)
+        case .lab(let lab): state.apply(lab: lab)
+        case .labUnavailable(let reason): state.labUnavailable(reason)
         }
         broadcast()
     }

@@ -40,6 +40,34 @@ public struct BoardSnapshot: Codable, Sendable, Equatable {
         public enum Tone: String, Codable, Sendable { case idle, busy, verifying, injecting, done, failed, refused }
     }
 
+    /// Every station of the lab, when this station's ledger is a lab's shared one (issue 18);
+    /// nil for a station with its own ledger.
+    public var lab: Lab?
+
+    public struct Lab: Codable, Sendable, Equatable {
+        /// The database as `postgresql://user@host:port/db` (never a password).
+        public var database: String
+        /// Why the lab's view is not current (the database is away), in words.
+        public var problem: String?
+        public var unitsNumbered: Int
+        public var stations: [Station]
+
+        public struct Station: Codable, Sendable, Equatable {
+            public var name: String
+            /// This board's own station.
+            public var here: Bool
+            public var live: Bool
+            /// "live", or when the station last reached the database.
+            public var seen: String
+            public var doneToday: Int
+            public var failedToday: Int
+            /// Rows the station had not yet sent to the database.
+            public var unsent: Int
+            /// Its jobs not yet finished, as the database has them (state, no progress).
+            public var running: [Tile]
+        }
+    }
+
     public init(station: String, connected: Bool, problem: String?, doneToday: Int, failedToday: Int, tiles: [Tile]) {
         self.station = station; self.connected = connected; self.problem = problem
         self.doneToday = doneToday; self.failedToday = failedToday; self.tiles = tiles

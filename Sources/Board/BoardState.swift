@@ -20,6 +20,10 @@ public struct BoardState: Sendable {
     /// Finished jobs by id with their state and time, for the header's counts.
     private var finished: [Int64: (state: JobState, updated: Date)] = [:]
 
+    /// The lab's view (issue 18): nil until a station with a shared ledger answered.
+    private var lab: LabStatus?
+    private var labProblem: String?
+
     /// How long a finished Tegra or manual job keeps its tile.
     public static let finishedTileLifetime: TimeInterval = 15 * 60
 
@@ -60,6 +64,19 @@ public struct BoardState: Sendable {
     /// The ledger's finished jobs (from `jobs`), for the day's counts after a (re)connect.
     public mutating func apply(finishedJobs: [JobRecord]) {
         for job in finishedJobs where job.state.isFinal { finished[job.id] = (job.state, job.updated) }
+    }
+
+    /// The lab's status as the daemon read it from the shared ledger.
+    public mutating func apply(lab: LabStatus) {
+        self.lab = lab
+        labProblem = nil
+    }
+
+    /// The lab's view could not be read: `nil` for a station that keeps its own ledger (the
+    /// section goes), else why (the last view stays, marked as not current).
+    public mutating func labUnavailable(_ reason: String?) {
+        if reason == nil { lab = nil }
+        labProblem = reason
     }
 
     public mutating func apply(_ event: Event) {
@@ -116,8 +133,23 @@ public struct BoardState: Sendable {
         tiles += others.filter { $0.kind != "tegra" }.map { job in
             Self.tile(job, key: "job:\(job.id)", kind: .manual, name: (job.device as NSString).lastPathComponent)
         }
-        return BoardSnapshot(station: station, connected: connected, problem: problem,
-                             doneToday: done, failedToday: failed, tiles: tiles)
+        var snapshot = BoardSnapshot(station: station, connected: connected, problem: problem,
+                                     doneToday: done, failedToday: failed, tiles: tiles)
+        snapshot.lab = lab.map(labView)
+        return snapshot
+    }
+
+    private func labView(_ lab: LabStatus) -> BoardSnapshot.Lab {
+        let time = DateFormatter()
+        time.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        return BoardSnapshot.Lab(database: lab.database, problem: labProblem, unitsNumbered: lab.unitsNumbered, stations: lab.stations.map { s in
+            BoardSnapshot.Lab.Station(
+                name: s.name, here: s.name == station, live: s.live, seen: s.live ? "live" : "last seen " + time.string(from: s.lastSeen),
+                doneToday: s.doneToday, failedToday: s.failedToday, unsent: s.outboxPending,
+                running: s.running.map { job in
+                    Self.tile(job, key: "lab:\(s.name):\(job.id)", kind: .slot, name: job.slot ?? (job.device as NSString).lastPathComponent)
+                })
+        })
     }
 
     private func tile(for slot: SlotStatus) -> BoardSnapshot.Tile {

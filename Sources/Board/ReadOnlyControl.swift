@@ -14,13 +14,14 @@ import ProvisionClient
 final class ReadOnlyControl: @unchecked Sendable {
     /// Every call the board makes. A test checks each against `Method.changesState`.
     enum ReadCall: CaseIterable {
-        case status, jobs, watch
+        case status, jobs, watch, labStatus
 
         var method: Method {
             switch self {
             case .status: return .status
             case .jobs: return .jobs
             case .watch: return .watch
+            case .labStatus: return .labStatus
             }
         }
     }
@@ -40,6 +41,17 @@ final class ReadOnlyControl: @unchecked Sendable {
     /// Finished jobs in `states`, newest first, as many as the ledger gives (capped there).
     func finishedJobs(states: [JobState]) throws -> [JobRecord] {
         try states.flatMap { try call(.jobs, .init(state: $0.rawValue, limit: 10_000)).jobs ?? [] }
+    }
+
+    /// Every station of the lab (issue 18). `nil` when this station keeps its own ledger
+    /// (the daemon answers "bad request": there is no lab to show); throws when the daemon
+    /// or the lab's database cannot answer.
+    func labStatus() throws -> LabStatus? {
+        do {
+            return try call(.labStatus).lab
+        } catch let error as CLIError where error.status == 65 {
+            return nil
+        }
     }
 
     /// Turns this connection into the event stream; returns the status at that moment.

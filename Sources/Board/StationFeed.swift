@@ -32,6 +32,10 @@ final class StationFeed: Service, Sendable {
         case finished([JobRecord])
         case event(Event)
         case disconnected(String)
+        /// The lab's view (issue 18), read every few seconds; `labUnavailable(nil)` for a
+        /// station with its own ledger, else why the view is not current.
+        case lab(LabStatus)
+        case labUnavailable(String?)
     }
 
     func run() async throws {
@@ -40,6 +44,10 @@ final class StationFeed: Service, Sendable {
         let thread = Thread { worker.loop() }
         thread.name = "board-feed"
         thread.start()
+        let labPoller = LabPoller(socketPath: socketPath, output: continuation)
+        let labThread = Thread { labPoller.loop() }
+        labThread.name = "board-lab"
+        labThread.start()
         await withGracefulShutdownHandler {
             await withTaskGroup(of: Void.self) { group in
                 group.addTask { [hub] in
@@ -59,8 +67,10 @@ final class StationFeed: Service, Sendable {
             }
         } onGracefulShutdown: {
             worker.stop()
+            labPoller.stop()
         }
         worker.stop()
+        labPoller.stop()
         await hub.close()
     }
 
@@ -170,6 +180,64 @@ final class StationFeed: Service, Sendable {
             default:
                 return "provisiond at \(socketPath) refused the board: \(error.message)"
             }
+        }
+    }
+}
+
+/// Reads the lab's status every few seconds on a connection of its own (issue 18): the lab
+/// has no event stream (other stations' changes reach this daemon only through the shared
+/// database), so the lab section of the page lags by up to `interval`. A station that keeps
+/// its own ledger is asked again only rarely, in case a reload made it part of a lab. When
+/// the daemon is away this poller stays quiet: the station's feed reports that.
+final class LabPoller: @unchecked Sendable {
+    // @unchecked: `state` is behind its mutex; the rest is immutable or used by the thread only.
+    private let socketPath: String
+    private let output: AsyncStream<StationFeed.Message>.Continuation
+    private let wakeUp = DispatchSemaphore(value: 0)
+    private let state = Mutex<(stopping: Bool, open: ReadOnlyControl?)>((false, nil))
+    static let interval = 2.0
+
+    init(socketPath: String, output: AsyncStream<StationFeed.Message>.Continuation) {
+        self.socketPath = socketPath; self.output = output
+    }
+
+    func stop() {
+        let open = state.withLock { s -> ReadOnlyControl? in
+            s.stopping = true
+            return s.open
+        }
+        open?.shutdown()
+        wakeUp.signal()
+    }
+
+    func loop() {
+        var control: ReadOnlyControl?
+        while !state.withLock({ $0.stopping }) {
+            var wait = Self.interval
+            do {
+                if control == nil {
+                    let opened = try ReadOnlyControl(socket: socketPath)
+                    let stopping = state.withLock { s -> Bool in
+                        if !s.stopping { s.open = opened }
+                        return s.stopping
+                    }
+                    if stopping { break }
+                    control = opened
+                }
+                if let lab = try control?.labStatus() {
+                    output.yield(.lab(lab))
+                } else {
+                    output.yield(.labUnavailable(nil))
+                    wait = 30
+                }
+            } catch let error as CLIError where error.status != 69 {
+                // The daemon answered, the lab's database did not.
+                output.yield(.labUnavailable(error.message))
+            } catch {
+                control = nil
+                state.withLock { $0.open = nil }
+            }
+            _ = wakeUp.wait(timeout: .now() + wait)
         }
     }
 }

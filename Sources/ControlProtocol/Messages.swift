@@ -20,11 +20,13 @@ public enum Method: String, Codable, Sendable, CaseIterable {
     case metrics
     /// Cards remembered (issue 16): list them; forget one (admins).
     case cards, forgetCard = "forget-card"
+    /// Every station of the lab, from the shared ledger (issue 18): `status --lab`, `jobs --lab`.
+    case labStatus = "lab-status", labJobs = "lab-jobs"
 
     /// Changing calls need root or the admin group; reading ones the socket's group.
     public var changesState: Bool {
         switch self {
-        case .status, .devices, .jobs, .watch, .metrics, .cards: return false
+        case .status, .devices, .jobs, .watch, .metrics, .cards, .labStatus, .labJobs: return false
         case .flash, .cancel, .reload, .forgetCard: return true
         }
     }
@@ -54,11 +56,18 @@ public struct Request: Codable, Sendable, Equatable {
         public var job: Int64?
         // forget-card
         public var card: String?
+        // lab-jobs: one station's only
+        public var station: String?
 
         public init(state: String? = nil, slot: String? = nil, device: String? = nil, limit: Int? = nil,
                     profile: String? = nil, image: String? = nil, job: Int64? = nil, card: String? = nil) {
             self.state = state; self.slot = slot; self.device = device; self.limit = limit
             self.profile = profile; self.image = image; self.job = job; self.card = card
+        }
+
+        public init(labJobsOf station: String?, state: String?, slot: String?, limit: Int?) {
+            self.init(state: state, slot: slot, limit: limit)
+            self.station = station
         }
     }
 }
@@ -117,10 +126,13 @@ public struct ResultPayload: Codable, Sendable {
     /// `metrics`: Prometheus text exposition format 0.0.4, as one string.
     public var metrics: String?
     public var cards: [CardSummary]?
+    /// `lab-status`: every station of a lab with a shared ledger.
+    public var lab: LabStatus?
 
     public init(status: StationStatus? = nil, devices: [DeviceStatus]? = nil, jobs: [JobRecord]? = nil, job: JobRecord? = nil, message: String? = nil,
-                metrics: String? = nil, cards: [CardSummary]? = nil) {
+                metrics: String? = nil, cards: [CardSummary]? = nil, lab: LabStatus? = nil) {
         self.status = status; self.devices = devices; self.jobs = jobs; self.job = job; self.message = message; self.metrics = metrics; self.cards = cards
+        self.lab = lab
     }
 }
 

@@ -66,6 +66,8 @@ public struct JobRecord: Codable, Sendable, Equatable {
     public var created: Date
     public var updated: Date
     public var users: [UnitAccount]?
+    /// The station that wrote the card: set in the lab's view (a shared ledger, issue 18).
+    public var station: String?
 
     public init(id: Int64, kind: String, slot: String?, device: String, serial: String?, unit: String?, profile: String?, image: String?,
                 state: JobState, progress: JobProgress? = nil, message: String? = nil, created: Date, updated: Date, users: [UnitAccount]? = nil) {

@@ -11,19 +11,30 @@ public final class Ledger: Sendable {
     /// Internal, not private: Ledger+Cards.swift reads and writes it too.
     let db: DatabaseQueue
     public let path: String
+    /// The lab's shared ledger this one feeds (issue 18); nil for a station's own SQLite ledger.
+    public let shared: SharedLedger?
 
-    public init(path: String) throws {
+    /// A station's ledger: `path` alone is the whole ledger; with `lab`, `path` is the
+    /// station's own copy and outbox, replayed into the lab's PostgreSQL database as `station`.
+    public init(path: String, lab: LabLedgerConfig? = nil, station: String = "") throws {
         self.path = path
         try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         var config = Configuration()
         config.busyMode = .timeout(5)
-        db = try DatabaseQueue(path: path, configuration: config)
-        try db.writeWithoutTransaction { db in
+        let queue = try DatabaseQueue(path: path, configuration: config)
+        try queue.writeWithoutTransaction { db in
             // WAL: readers (status) never wait for the writer; NORMAL is durable across a
             // daemon crash, which is the failure this ledger is for.
             try db.execute(sql: "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL")
         }
-        try Self.migrator.migrate(db)
+        try Self.migrator.migrate(queue)
+        if let lab {
+            try Self.enableOutbox(queue)
+            shared = SharedLedger(config: lab, station: station, local: queue)
+        } else {
+            shared = nil
+        }
+        db = queue
     }
 
     private static var migrator: DatabaseMigrator {

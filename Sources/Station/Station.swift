@@ -236,10 +236,11 @@ public actor Station {
         }
         if let profile {
             let inventory = config.inventoryPath, export = config.passwordExportPath
-            let serial = facts.serial, slot = record.slot, sequence = record.id
+            let serial = facts.serial, slot = record.slot, id = record.id
             job.provisioning = {
+                // The job's id, or with a shared ledger a number unique in the lab (issue 18).
                 try UnitPlan.make(profile: profile, inventoryPath: inventory, exportPath: export,
-                                  serial: serial, slot: slot, sequence: sequence)
+                                  serial: serial, slot: slot, sequence: try ledger.unitSequence(job: id))
             }
         }
         return job

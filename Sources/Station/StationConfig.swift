@@ -11,7 +11,11 @@ import TOMLKit
 /// name = "bench-1"
 /// allow_loop_devices = false      # tests and the demo set true
 /// max_device_size = "512GiB"
-/// ledger = "/var/lib/provision/ledger.sqlite"
+/// ledger = "/var/lib/provision/ledger.sqlite"   # or a lab's shared ledger (issue 18):
+/// # ledger = "postgresql://provision@db.lab:5432/provision"
+/// # ledger_password_file = "/etc/provision/ledger.password"   # else ~/.pgpass
+/// # ledger_local = "/var/lib/provision/ledger.sqlite"   # this station's copy and outbox
+/// # ledger_unit_block = 32                             # unit numbers reserved ahead
 /// admin_group = "provision-admin"
 /// cache_dir = "/var/cache/provision"   # decompressed images shared by a batch
 /// cache_limit = "16GiB"
@@ -40,7 +44,12 @@ public struct StationConfig: Sendable {
     public var name: String
     public var allowLoopDevices: Bool
     public var maxDeviceSize: UInt64
+    /// The station's own SQLite ledger: the whole ledger by default; with a shared ledger,
+    /// this station's copy of its rows and the outbox that feeds the database (`ledger_local`).
     public var ledgerPath: String
+    /// The lab's shared ledger, when `ledger` is a postgresql:// URL (issue 18).
+    public var lab: LabLedgerConfig?
+    var labLocation: ConfigLocation?
     public var adminGroup: String
     public var inventoryPath: String?
     /// Decompressed images shared by the cards of a batch, and the most disk they may take.
@@ -118,14 +127,15 @@ public struct StationConfig: Sendable {
         try root.rejectUnknownKeys(["station", "profiles", "slots"])
 
         let station = try root.table("station")
-        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
-                                          "unread_output_timeout"])
+        try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "ledger_password_file", "ledger_local", "ledger_unit_block",
+                                        "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
+                                        "unread_output_timeout"])
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
             allowLoopDevices: try station?.bool("allow_loop_devices") ?? false,
             maxDeviceSize: try station?.byteSize("max_device_size") ?? 512 << 30,
-            ledgerPath: (try station?.string("ledger")).map { document.resolve(path: $0) } ?? "/var/lib/provision/ledger.sqlite",
+            ledgerPath: try Self.localLedgerPath(station, document),
             adminGroup: try station?.string("admin_group") ?? "provision-admin",
             inventoryPath: (try station?.string("inventory")).map { document.resolve(path: $0) },
             cacheDirectory: (try station?.string("cache_dir")).map { document.resolve(path: $0) } ?? "/var/cache/provision",
@@ -134,6 +144,19 @@ public struct StationConfig: Sendable {
             maxClients: try station?.integer("max_clients", in: 1...(1 << 20)) ?? 256,
             profiles: [:], slots: [])
         config.unreadOutputTimeout = try station?.integer("unread_output_timeout", in: 1...3600) ?? 10
+        if let station, let url = try station.string("ledger"), LabLedgerConfig.isURL(url) {
+            do {
+                config.lab = try LabLedgerConfig.parse(url: url, passwordFile: (try station.string("ledger_password_file")).map { document.resolve(path: $0) },
+                                                       unitBlock: try station.integer("ledger_unit_block", in: 1...100_000) ?? 32)
+            } catch let problem as LabConfigProblem {
+                throw station.error("ledger", problem.message)
+            }
+            config.labLocation = document.location(of: station.path(station.contains("ledger_password_file") ? "ledger_password_file" : "ledger"))
+        } else {
+            for key in ["ledger_password_file", "ledger_local", "ledger_unit_block"] where station?.contains(key) == true {
+                throw station!.error(key, "only for a shared ledger (ledger = \"postgresql://…\"); this station's ledger is its own SQLite file")
+            }
+        }
         config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
         config.exportLocation = station.map { document.location(of: $0.path("password_export")) }
         if let name = try station?.string("name"), let bad = UserSpec.forbidden(in: name, also: []) {
@@ -185,6 +208,13 @@ public struct StationConfig: Sendable {
         return config
     }
 
+    /// `ledger` when it is a file; `ledger_local` (or the default file) when `ledger` is shared.
+    static func localLedgerPath(_ station: TOMLTableReader?, _ document: TOMLDocument) throws -> String {
+        let ledger = try station?.string("ledger")
+        if let ledger, !LabLedgerConfig.isURL(ledger) { return document.resolve(path: ledger) }
+        return (try station?.string("ledger_local")).map { document.resolve(path: $0) } ?? "/var/lib/provision/ledger.sqlite"
+    }
+
     /// The checks that read the files the config names: every profile a slot uses, every
     /// profile written in this file and every Tegra profile (boards pick those by USB id)
     /// must have its image, bmap, blobs and root partition right (`Profile.checkFiles`); the
@@ -205,6 +235,13 @@ public struct StationConfig: Sendable {
                 checked.append(profile)
             } catch let error as ConfigError where !required(name) {
                 warnings.append(error)
+            }
+        }
+        // The shared ledger's password file: missing, unreadable or readable by others is an
+        // error here, not a surprise at the first card.
+        if let lab {
+            do { _ = try lab.password() } catch {
+                throw (labLocation ?? ConfigLocation(file: file, line: nil, keyPath: "station.ledger")).error(error.message)
             }
         }
         var exportPath = passwordExportPath

@@ -7,14 +7,52 @@ import ControlProtocol
 import Foundation
 
 struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "One line a slot: device, unit, state, progress, speed, ETA, image; refused devices with their reason.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "One line a slot: device, unit, state, progress, speed, ETA, image; refused devices with their reason.",
+        discussion: """
+        With --lab (a station whose ledger is a lab's shared PostgreSQL database): every station of \
+        the lab as the database holds it — when each last reached it, its cards done and failed \
+        today, its running jobs — and this station's outbox (rows not yet sent, and why).
+        """)
     @OptionGroup var options: ClientOptions
+    @Flag(help: "Every station of the lab, from the shared ledger (asked through this station's daemon).")
+    var lab = false
 
     func run() throws {
         try withClient(options) { client in
+            if lab {
+                let status = try client.call(.labStatus).lab!
+                if options.json { try printJSON(status) } else { print(LabTable.render(status), terminator: "") }
+                return
+            }
             let status = try client.call(.status).status!
             if options.json { try printJSON(status) } else { print(StatusTable.render(status), terminator: "") }
         }
+    }
+}
+
+enum LabTable {
+    static func render(_ lab: LabStatus) -> String {
+        var out = "lab ledger \(lab.database): \(lab.stations.count) station(s), \(lab.unitsNumbered) unit(s) numbered\n"
+        var rows = [["STATION", "SEEN", "JOBS", "DONE TODAY", "FAILED TODAY", "RUNNING", "UNSENT"]]
+        let f = ISO8601DateFormatter()
+        for s in lab.stations {
+            rows.append([s.name, s.live ? "live" : "last " + f.string(from: s.lastSeen), "\(s.jobs)", "\(s.doneToday)", "\(s.failedToday)",
+                         "\(s.running.count)", "\(s.outboxPending)"])
+        }
+        out += StatusTable.table(rows)
+        let running = lab.stations.flatMap(\.running)
+        if !running.isEmpty {
+            var jobs = [["STATION", "SLOT", "DEVICE", "UNIT", "STATE", "PROGRESS", "MB/s", "ETA", "IMAGE"]]
+            for j in running { jobs.append([j.station ?? "-"] + StatusTable.row(slot: j.slot ?? "-", job: j)) }
+            out += StatusTable.table(jobs)
+        }
+        if let o = lab.outbox {
+            out += "this station: " + (o.connected ? "connected" : "database unreachable" + (o.downSince.map { " since " + f.string(from: $0) } ?? ""))
+                + ", \(o.pending) row(s) waiting in the outbox, \(o.unitsReserved) unit number(s) in hand"
+                + (o.lastError.map { " (\($0))" } ?? "") + "\n"
+        }
+        return out
     }
 }
 
@@ -153,15 +191,23 @@ struct JobsCommand: ParsableCommand {
     @Option(help: "Only jobs of this slot.") var slot: String?
     @Option(help: "Only jobs on this device.") var device: String?
     @Option(help: "At most this many.") var limit: Int = 50
+    @Flag(help: "Every station's jobs, from the lab's shared ledger (newest change first).") var lab = false
+    @Option(help: "With --lab: only this station's jobs.") var station: String?
+
+    func validate() throws {
+        if station != nil, !lab { throw ValidationError("--station needs --lab (this station's own jobs need no filter by station)") }
+        if lab, device != nil { throw ValidationError("--device names a device of one station; with --lab use --station and --slot") }
+    }
 
     func run() throws {
         try withClient(options) { client in
-            let jobs = try client.call(.jobs, .init(state: state, slot: slot, device: device, limit: limit)).jobs ?? []
+            let jobs = lab ? try client.call(.labJobs, .init(labJobsOf: station, state: state, slot: slot, limit: limit)).jobs ?? []
+                : try client.call(.jobs, .init(state: state, slot: slot, device: device, limit: limit)).jobs ?? []
             if options.json { try printJSON(jobs); return }
-            var rows = [["JOB", "WHEN", "SLOT", "DEVICE", "UNIT", "STATE", "IMAGE", "MESSAGE"]]
+            var rows = [(lab ? ["STATION"] : []) + ["JOB", "WHEN", "SLOT", "DEVICE", "UNIT", "STATE", "IMAGE", "MESSAGE"]]
             let f = ISO8601DateFormatter()
             for j in jobs {
-                rows.append(["\(j.id)", f.string(from: j.created), j.slot ?? "-", j.device, j.unit ?? j.serial ?? "-", j.state.rawValue,
+                rows.append((lab ? [j.station ?? "-"] : []) + ["\(j.id)", f.string(from: j.created), j.slot ?? "-", j.device, j.unit ?? j.serial ?? "-", j.state.rawValue,
                              j.image.map { ($0 as NSString).lastPathComponent } ?? "-",
                              [j.message, StatusTable.passwordNotes(j)].compactMap { $0 }.joined(separator: "; ")])
             }

@@ -323,6 +323,13 @@ struct ControlSession {
             guard try await station.forgetCard(card) else { throw ErrorPayload(.notFound, "no card \(card) is remembered (see provision cards)") }
             logger.notice("card \(card) forgotten by uid \(peer?.uid ?? 0): it is no longer refused", metadata: ["card": "\(card)"])
             return ResultPayload(message: "card \(card) forgotten: it is no longer refused")
+        case .labStatus:
+            return ResultPayload(lab: try await labCall { try await station.labStatus() })
+        case .labJobs:
+            if let s = p.state, JobState(rawValue: s) == nil {
+                throw ErrorPayload(.badRequest, "unknown job state \"\(s)\"; known: \(JobState.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return ResultPayload(jobs: try await labCall { try await station.labJobs(station: p.station, state: p.state, slot: p.slot, limit: p.limit ?? 50) })
         case .watch:
             throw ErrorPayload(.internalError, "watch is handled by the session")
         }
@@ -362,5 +369,15 @@ actor StatusReplyCache {
         buffer.writeBytes(result)
         buffer.writeBytes([UInt8(ascii: "}"), UInt8(ascii: "\n")])
         return buffer
+    }
+}
+
+/// A lab call's errors as the wire says them (issue 18): a station without a shared ledger
+/// was asked the wrong thing; a database away is a refusal, not a daemon fault.
+func labCall<T: Sendable>(_ body: () async throws -> T) async throws -> T {
+    do { return try await body() } catch let e as Station.NotShared {
+        throw ErrorPayload(.badRequest, e.description)
+    } catch let e as LinkFailure {
+        throw ErrorPayload(.refused, e.message)
     }
 }

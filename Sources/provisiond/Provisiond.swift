@@ -74,7 +74,7 @@ struct Provisiond: AsyncParsableCommand {
         }
         let ledger: Ledger
         do {
-            ledger = try Ledger(path: stationConfig.ledgerPath)
+            ledger = try Ledger(path: stationConfig.ledgerPath, lab: stationConfig.lab, station: stationConfig.name)
         } catch {
             FileHandle.standardError.write(Data("provisiond: cannot open the ledger \(stationConfig.ledgerPath): \(error)\n".utf8))
             throw ExitCode(73)  // EX_CANTCREAT
@@ -102,11 +102,11 @@ struct Provisiond: AsyncParsableCommand {
                 .init(service: server),
                 .init(service: notifier),
                 .init(service: reloader),
-            ],
+            ] + (ledger.shared.map { [.init(service: SharedLedgerService(shared: $0))] } ?? []),
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         for warning in stationConfig.warnings { logger.warning("\(warning)") }
-        logger.info("provisiond starting: station \(stationConfig.name), \(stationConfig.slots.count) slot(s), ledger \(stationConfig.ledgerPath)")
+        logger.info("provisiond starting: station \(stationConfig.name), \(stationConfig.slots.count) slot(s), ledger \(stationConfig.lab.map { "\($0.display) (local copy and outbox \(stationConfig.ledgerPath))" } ?? stationConfig.ledgerPath)")
         try await group.run()
         // Jobs still writing are cancelled, so the ledger says "cancelled", not "interrupted".
         let cancelled = await station.cancelAll(waitingUpTo: .seconds(10))

@@ -84,7 +84,37 @@
     existing.forEach((tile, key) => { if (!seen.has(key)) tile.remove(); });
     $("tegra-heading").hidden = !snapshot.tiles.some((t) => t.kind === "tegra");
     $("manual-heading").hidden = !snapshot.tiles.some((t) => t.kind === "manual");
+    renderLab(snapshot.lab);
     showBanner();
+  }
+
+  // The lab's view (a station on a shared ledger): every station, its day and its
+  // unfinished jobs, as the lab's database has them. Rebuilt whole: a few stations.
+  function renderLab(lab) {
+    $("lab").hidden = !lab;
+    if (!lab) return;
+    $("lab-summary").textContent = `— ${lab.stations.length} station${lab.stations.length === 1 ? "" : "s"}, ${lab.unitsNumbered} units numbered`;
+    $("lab-problem").textContent = lab.problem ? `Lab view not current: ${lab.problem}` : "";
+    $("lab-problem").hidden = !lab.problem;
+    const box = $("lab-stations");
+    box.replaceChildren();
+    for (const s of lab.stations) {
+      const card = element("article", "station", box);
+      card.dataset.station = s.name;
+      card.dataset.live = String(s.live);
+      card.dataset.here = String(s.here);
+      element("div", "station-name", card).textContent = s.name + (s.here ? " (this station)" : "");
+      const unsent = s.unsent > 0 ? ` · ${s.unsent} rows not yet sent` : "";
+      element("div", "station-figures", card).textContent =
+        `${s.seen} · ${s.doneToday} done, ${s.failedToday} failed today · ${s.running.length} running${unsent}`;
+      for (const t of s.running) {
+        const row = element("div", "job", card);
+        row.dataset.tone = t.tone;
+        element("span", "job-slot", row).textContent = t.name;
+        element("span", "job-word", row).textContent = t.word;
+        element("span", "job-unit", row).textContent = t.unit || "";
+      }
+    }
   }
 
   function showBanner() {

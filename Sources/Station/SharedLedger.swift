@@ -1,0 +1,474 @@
+import ControlProtocol
+import Foundation
+import GRDB
+import Logging
+import PostgresNIO
+import Synchronization
+
+/// A lab's shared ledger on PostgreSQL (issue 18, DESIGN.md §11): every station of the lab
+/// replays its local outbox (Ledger+Outbox.swift) into one database, where every row carries
+/// the station's name, and takes its units' numbers from one database sequence.
+///
+/// Replay is idempotent, keyed by what identifies a row in the lab: (station, local job id)
+/// for a job, (station, job, local event id) for a state change, (station, job, user name)
+/// for an account, (station, card id) for a card, the number itself for a unit. A row sent
+/// twice (the database committed it, then the link broke before the outbox entry was
+/// removed) is a no-op the second time; the outbox is replayed in its own order, so a job's
+/// row never goes back to an older state.
+///
+/// Unit numbers while the database is away: a station reserves a block of numbers from the
+/// lab's sequence while it can reach the database (`ledger_unit_block`, 32 by default), keeps
+/// them in its local file, and tops the block up when half of it is used. A unit takes the
+/// smallest number it holds, so two stations can never both take one (the database gave
+/// each number to one station, `nextval` never gives it again, and `lab_unit.number` is a
+/// primary key besides). The cost: numbers are unique but not dense or in time order across
+/// the lab (station A's block may be 1–32 while B writes 33…), and a station that is retired
+/// leaves its unused numbers as a gap. Waiting for the database instead would stop a bench
+/// for as long as the database is away, which is what the outbox is there to avoid. Only a
+/// station that writes a whole block while the database is away runs out; its next card
+/// then fails before anything is written, saying why (`Ledger.unitSequence`).
+public final class SharedLedger: Sendable {
+    public let config: LabLedgerConfig
+    public let station: String
+    let local: DatabaseQueue
+    let logger: Logger
+    private let link = Mutex(LinkState())
+    /// Cards that find the block empty at the same moment ask the database one at a time
+    /// (the first one's block serves the others).
+    let reserving = Mutex(())
+
+    struct LinkState {
+        var connected = false
+        var lastError: String?
+        var downSince: Date?
+        var stopped = false
+    }
+
+    init(config: LabLedgerConfig, station: String, local: DatabaseQueue) {
+        self.config = config
+        self.station = station
+        self.local = local
+        var logger = Logger(label: "provisiond.lab")
+        logger.logLevel = .info
+        self.logger = logger
+    }
+
+    /// Outbox entries not yet in the database, and whether the link is up.
+    public func outboxState() -> LabOutbox {
+        let pending = (try? local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") }) ?? nil
+        let reserved = (try? local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") }) ?? nil
+        return link.withLock { s in
+            LabOutbox(database: config.display, connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
+                      lastError: s.lastError, downSince: s.downSince)
+        }
+    }
+
+    // MARK: - The replicator
+
+    /// Replays the outbox for as long as the daemon runs: connects (again and again while the
+    /// database is away, waiting up to 5 s between tries), then sends each entry in order,
+    /// keeps the unit block full, and says every few seconds that the station is alive.
+    /// Returns when `stop()` is called or the task is cancelled.
+    public func run() async {
+        var backoff = Duration.milliseconds(250)
+        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+            do {
+                let connection = try await connect()
+                backoff = .milliseconds(250)
+                do {
+                    try await serve(connection)
+                } catch {
+                    try? await connection.close()
+                    throw error
+                }
+                try? await connection.close()
+            } catch is CancellationError {
+                break
+            } catch {
+                let message = Self.describe(error)
+                let wasUp = link.withLock { s -> Bool in
+                    let was = s.connected || s.lastError == nil
+                    s.connected = false
+                    s.lastError = message
+                    if s.downSince == nil { s.downSince = Date() }
+                    return was
+                }
+                if wasUp { logger.warning("shared ledger \(config.display) unreachable: \(message); cards go on, their rows wait in the outbox") }
+                try? await Task.sleep(for: backoff)
+                backoff = min(backoff * 2, .seconds(5))
+            }
+        }
+    }
+
+    public func stop() { link.withLock { $0.stopped = true } }
+
+    private func serve(_ connection: PostgresConnection) async throws {
+        try await Self.createSchema(connection, logger: logger)
+        let instance = try await local.read { db in try String.fetchOne(db, sql: "SELECT instance FROM labIdentity") } ?? ""
+        try await register(connection, instance: instance)
+        // Numbers in hand and the backlog sent before the link says "connected".
+        try await topUpUnits(connection)
+        _ = try await drain(connection)
+        let downSince = link.withLock { s -> Date? in
+            let d = s.downSince
+            s.connected = true; s.lastError = nil; s.downSince = nil
+            return d
+        }
+        logger.info("shared ledger \(config.display) connected\(downSince.map { String(format: " after %.0f s away", Date().timeIntervalSince($0)) } ?? "")")
+        var lastBeat = ContinuousClock.now
+        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+            try await topUpUnits(connection)
+            let sent = try await drain(connection)
+            if ContinuousClock.now - lastBeat > .seconds(2) {
+                try await register(connection, instance: instance)
+                lastBeat = ContinuousClock.now
+            }
+            // The outbox is polled: its rows are written by triggers inside the ledger's
+            // transactions, which have no hook of their own; a quarter second is what a
+            // lab view may lag behind, and an idle poll is one indexed SQLite read.
+            if sent == 0 { try await Task.sleep(for: .milliseconds(250)) }
+        }
+    }
+
+    private func connect() async throws -> PostgresConnection {
+        let password: String?
+        do { password = try config.password() } catch { throw LinkFailure(error.message) }
+        var configuration: PostgresConnection.Configuration
+        switch config.endpoint {
+        case .tcp(let host, let port):
+            let tls: PostgresConnection.Configuration.TLS
+            switch config.tls {
+            case .disable: tls = .disable
+            case .prefer, .require:
+                // As libpq: prefer/require encrypt but do not check the certificate.
+                var c = TLSConfiguration.makeClientConfiguration()
+                c.certificateVerification = .none
+                let context = try NIOSSLContext(configuration: c)
+                tls = config.tls == .prefer ? .prefer(context) : .require(context)
+            case .verifyFull:
+                tls = .require(try NIOSSLContext(configuration: .makeClientConfiguration()))
+            }
+            configuration = .init(host: host, port: port, username: config.user, password: password, database: config.database, tls: tls)
+        case .unixSocket(let directory, let port):
+            configuration = .init(unixSocketPath: "\(directory)/.s.PGSQL.\(port)", username: config.user, password: password, database: config.database)
+        }
+        configuration.options.connectTimeout = .seconds(5)
+        return try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+    }
+
+    /// Two stations starting at once both create the schema: an advisory lock takes turns.
+    static func createSchema(_ c: PostgresConnection, logger: Logger) async throws {
+        func run(_ q: PostgresQuery) async throws { for try await _ in try await c.query(q, logger: logger) {} }
+        try await run("SELECT pg_advisory_lock(1818)")
+        do {
+            for statement in schema { try await run(PostgresQuery(unsafeSQL: statement)) }
+        } catch {
+            try? await run("SELECT pg_advisory_unlock(1818)")
+            throw error
+        }
+        try await run("SELECT pg_advisory_unlock(1818)")
+    }
+
+    static let schema = [
+        """
+        CREATE TABLE IF NOT EXISTS lab_station (name text PRIMARY KEY, instance text NOT NULL,
+          first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL, outbox_pending integer NOT NULL DEFAULT 0)
+        """,
+        "CREATE SEQUENCE IF NOT EXISTS lab_unit_number",
+        """
+        CREATE TABLE IF NOT EXISTS lab_unit (number bigint PRIMARY KEY, station text NOT NULL, job bigint,
+          reserved timestamptz NOT NULL, UNIQUE (station, job))
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS lab_job (station text NOT NULL, job bigint NOT NULL, kind text NOT NULL, slot text,
+          device text NOT NULL, serial text, unit text, unit_number bigint, profile text, image text, state text NOT NULL,
+          message text, bytes_total bigint, created timestamptz NOT NULL, updated timestamptz NOT NULL, PRIMARY KEY (station, job))
+        """,
+        "CREATE INDEX IF NOT EXISTS lab_job_updated ON lab_job (updated DESC)",
+        """
+        CREATE TABLE IF NOT EXISTS lab_job_event (station text NOT NULL, job bigint NOT NULL, seq bigint NOT NULL,
+          state text NOT NULL, message text, at timestamptz NOT NULL, PRIMARY KEY (station, job, seq))
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS lab_job_user (station text NOT NULL, job bigint NOT NULL, name text NOT NULL,
+          uid integer NOT NULL, hash text NOT NULL, password_export text, PRIMARY KEY (station, job, name))
+        """,
+        """
+        CREATE TABLE IF NOT EXISTS lab_card (station text NOT NULL, id text NOT NULL, strength text NOT NULL, detail text NOT NULL,
+          verdict text NOT NULL, reason text, last_job bigint, first_seen timestamptz NOT NULL, last_seen timestamptz NOT NULL,
+          repairs integer NOT NULL, write_bytes_per_second double precision, PRIMARY KEY (station, id))
+        """,
+    ]
+
+    /// Says this station is alive (and how far behind it is); refuses to go on when another
+    /// station's ledger already uses this name (their rows would mix).
+    private func register(_ c: PostgresConnection, instance: String) async throws {
+        let pending = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") } ?? 0
+        let rows = try await c.query("""
+            INSERT INTO lab_station (name, instance, first_seen, last_seen, outbox_pending) VALUES (\(station), \(instance), now(), now(), \(pending))
+            ON CONFLICT (name) DO UPDATE SET last_seen = now(), outbox_pending = excluded.outbox_pending
+            WHERE lab_station.instance = excluded.instance RETURNING name
+            """, logger: logger)
+        var mine = false
+        for try await _ in rows { mine = true }
+        guard mine else {
+            throw LinkFailure("another station's ledger already calls itself \"\(station)\" in \(config.display): give this station its own name (station.name)")
+        }
+    }
+
+    /// Keeps at least half a block of unit numbers in hand.
+    private func topUpUnits(_ c: PostgresConnection) async throws {
+        let free = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") } ?? 0
+        guard free * 2 <= config.unitBlock else { return }
+        try await reserve(config.unitBlock - free, on: c)
+    }
+
+    /// Reserves `count` numbers from the lab's sequence for this station: in the database
+    /// first (the numbers are this station's from then on), then locally. A crash between the
+    /// two loses those numbers (a gap), never gives one twice.
+    private func reserve(_ count: Int, on c: PostgresConnection) async throws {
+        guard count > 0 else { return }
+        let rows = try await c.query("""
+            INSERT INTO lab_unit (number, station, reserved) SELECT nextval('lab_unit_number'), \(station), now()
+            FROM generate_series(1, \(count)) RETURNING number
+            """, logger: logger)
+        var numbers: [Int64] = []
+        for try await row in rows { numbers.append(try row.decode(Int64.self)) }
+        let now = Date(), taken = numbers
+        try await local.write { db in
+            for n in taken { try db.execute(sql: "INSERT INTO labUnit (number, reserved) VALUES (?, ?)", arguments: [n, now]) }
+        }
+    }
+
+    /// Called by a card that found the block empty: one try on a connection of its own.
+    /// Returns nil when numbers were reserved, else why not.
+    func reserveNow() async -> String? {
+        let c: PostgresConnection
+        do { c = try await connect() } catch { return Self.describe(error) }
+        defer { Task { try? await c.close() } }
+        do {
+            try await reserve(config.unitBlock, on: c)
+            return nil
+        } catch {
+            return Self.describe(error)
+        }
+    }
+
+    /// One outbox entry: which local row changed. The row itself is read when it is sent, so
+    /// a job changed five times while the database was away is sent as it is now, five times
+    /// (each an idempotent upsert), never as a state it no longer has.
+    struct OutboxEntry: Sendable {
+        var id: Int64, kind: String, jobId: Int64?, eventId: Int64?, cardId: String?, unitNumber: Int64?
+    }
+
+    /// Sends the outbox in order, a batch at a time; each entry is removed once the database
+    /// holds it. Returns how many were sent.
+    private func drain(_ c: PostgresConnection) async throws -> Int {
+        let batch = try await local.read { db in
+            try Row.fetchAll(db, sql: "SELECT id, kind, jobId, eventId, cardId, unitNumber FROM labOutbox ORDER BY id LIMIT 200").map {
+                OutboxEntry(id: $0["id"], kind: $0["kind"], jobId: $0["jobId"], eventId: $0["eventId"], cardId: $0["cardId"], unitNumber: $0["unitNumber"])
+            }
+        }
+        guard !batch.isEmpty else { return 0 }
+        var done: Int64?
+        func forget() async throws {
+            guard let done else { return }
+            try await local.write { db in try db.execute(sql: "DELETE FROM labOutbox WHERE id <= ?", arguments: [done]) }
+        }
+        do {
+            for entry in batch {
+                try await send(entry, on: c)
+                done = entry.id
+            }
+        } catch {
+            // What the database holds is not sent again (it would be a no-op, but a slow one).
+            try? await forget()
+            throw error
+        }
+        try await forget()
+        return batch.count
+    }
+
+    /// A statement whose rows (if any) are not needed: read to the end, so the connection
+    /// is ready for the next one.
+    private func execute(_ query: PostgresQuery, on c: PostgresConnection) async throws {
+        for try await _ in try await c.query(query, logger: logger) {}
+    }
+
+    struct LocalJob: Sendable {
+        var kind: String, slot: String?, device: String, serial: String?, unit: String?, unitNumber: Int64?, profile: String?, image: String?
+        var state: String, message: String?, bytesTotal: Int64?, created: Date, updated: Date
+    }
+
+    struct LocalCard: Sendable {
+        var strength: String, detail: String, verdict: String, reason: String?, lastJob: Int64?, firstSeen: Date, lastSeen: Date
+        var repairs: Int, speed: Double?
+    }
+
+    private func send(_ entry: OutboxEntry, on c: PostgresConnection) async throws {
+        switch entry.kind {
+        case "job":
+            guard let jobId = entry.jobId, let j = try await local.read({ db in
+                try Row.fetchOne(db, sql: "SELECT job.*, labUnit.number AS unitNumber FROM job LEFT JOIN labUnit ON labUnit.jobId = job.id WHERE job.id = ?",
+                                 arguments: [jobId]).map { row in
+                    LocalJob(kind: row["kind"], slot: row["slot"], device: row["device"], serial: row["serial"], unit: row["unit"], unitNumber: row["unitNumber"],
+                             profile: row["profile"], image: row["image"], state: row["state"], message: row["message"], bytesTotal: row["bytesTotal"],
+                             created: row["created"], updated: row["updated"])
+                }
+            }) else { return }
+            try await execute("""
+                INSERT INTO lab_job (station, job, kind, slot, device, serial, unit, unit_number, profile, image, state, message, bytes_total, created, updated)
+                VALUES (\(station), \(jobId), \(j.kind), \(j.slot), \(j.device), \(j.serial), \(j.unit), \(j.unitNumber), \(j.profile), \(j.image),
+                        \(j.state), \(j.message), \(j.bytesTotal), \(j.created), \(j.updated))
+                ON CONFLICT (station, job) DO UPDATE SET slot = excluded.slot, device = excluded.device, serial = excluded.serial,
+                  unit = excluded.unit, unit_number = excluded.unit_number, profile = excluded.profile, image = excluded.image,
+                  state = excluded.state, message = excluded.message, bytes_total = excluded.bytes_total, updated = excluded.updated
+                """, on: c)
+        case "event":
+            guard let jobId = entry.jobId, let eventId = entry.eventId, let e = try await local.read({ db in
+                try Row.fetchOne(db, sql: "SELECT state, message, at FROM jobEvent WHERE id = ?", arguments: [eventId]).map { row -> (String, String?, Date) in
+                    (row["state"], row["message"], row["at"])
+                }
+            }) else { return }
+            try await execute("""
+                INSERT INTO lab_job_event (station, job, seq, state, message, at) VALUES (\(station), \(jobId), \(eventId), \(e.0), \(e.1), \(e.2))
+                ON CONFLICT DO NOTHING
+                """, on: c)
+        case "users":
+            guard let jobId = entry.jobId else { return }
+            let users = try await local.read { db in
+                try Row.fetchAll(db, sql: "SELECT name, uid, hash, passwordExport FROM jobUser WHERE jobId = ?", arguments: [jobId]).map { row -> (String, Int, String, String?) in
+                    (row["name"], row["uid"], row["hash"], row["passwordExport"])
+                }
+            }
+            for u in users {
+                try await execute("""
+                    INSERT INTO lab_job_user (station, job, name, uid, hash, password_export) VALUES (\(station), \(jobId), \(u.0), \(u.1), \(u.2), \(u.3))
+                    ON CONFLICT DO NOTHING
+                    """, on: c)
+            }
+        case "card":
+            guard let id = entry.cardId else { return }
+            let card = try await local.read { db in
+                try Row.fetchOne(db, sql: "SELECT * FROM card WHERE id = ?", arguments: [id]).map { row in
+                    LocalCard(strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"], lastJob: row["lastJob"],
+                              firstSeen: row["firstSeen"], lastSeen: row["lastSeen"], repairs: row["repairs"], speed: row["writeBytesPerSecond"])
+                }
+            }
+            if let k = card {
+                try await execute("""
+                    INSERT INTO lab_card (station, id, strength, detail, verdict, reason, last_job, first_seen, last_seen, repairs, write_bytes_per_second)
+                    VALUES (\(station), \(id), \(k.strength), \(k.detail), \(k.verdict), \(k.reason), \(k.lastJob), \(k.firstSeen), \(k.lastSeen), \(k.repairs), \(k.speed))
+                    ON CONFLICT (station, id) DO UPDATE SET strength = excluded.strength, detail = excluded.detail, verdict = excluded.verdict,
+                      reason = excluded.reason, last_job = excluded.last_job, last_seen = excluded.last_seen, repairs = excluded.repairs,
+                      write_bytes_per_second = excluded.write_bytes_per_second
+                    """, on: c)
+            } else {
+                // Forgotten by an admin (`provision cards forget`): forgotten in the lab too.
+                try await execute("DELETE FROM lab_card WHERE station = \(station) AND id = \(id)", on: c)
+            }
+        case "unit":
+            guard let number = entry.unitNumber else { return }
+            var found = false
+            for try await _ in try await c.query("UPDATE lab_unit SET job = \(entry.jobId) WHERE number = \(number) AND station = \(station) RETURNING number", logger: logger) {
+                found = true
+            }
+            if !found { logger.error("lab unit number \(number) is not this station's in \(config.display): the lab's numbering was changed by hand?") }
+        default:
+            logger.error("unknown outbox entry kind \(entry.kind): skipped")
+        }
+    }
+
+    // MARK: - The lab's view (read-only, on a connection of its own)
+
+    public func labJobs(station: String?, state: String?, slot: String?, limit: Int) async throws -> [JobRecord] {
+        try await withConnection { c in
+            let rows = try await c.query("""
+                SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
+                WHERE (\(station)::text IS NULL OR station = \(station)) AND (\(state)::text IS NULL OR state = \(state))
+                  AND (\(slot)::text IS NULL OR slot = \(slot))
+                ORDER BY updated DESC, station, job DESC LIMIT \(max(1, min(limit, 10_000)))
+                """, logger: logger)
+            var jobs: [JobRecord] = []
+            for try await row in rows { jobs.append(try Self.job(row.makeRandomAccess())) }
+            return jobs
+        }
+    }
+
+    public func labStatus() async throws -> LabStatus {
+        try await withConnection { c in
+            var stations: [String: LabStationStatus] = [:]
+            var order: [String] = []
+            let summary = try await c.query("""
+                SELECT s.name, s.last_seen, s.outbox_pending, now() - s.last_seen < interval '15 seconds' AS live,
+                  (SELECT count(*) FROM lab_job j WHERE j.station = s.name AND j.state = 'done' AND j.updated >= date_trunc('day', now())) AS done_today,
+                  (SELECT count(*) FROM lab_job j WHERE j.station = s.name AND j.state IN ('failed', 'interrupted') AND j.updated >= date_trunc('day', now())) AS failed_today,
+                  (SELECT count(*) FROM lab_job j WHERE j.station = s.name) AS jobs
+                FROM lab_station s ORDER BY s.name
+                """, logger: logger)
+            for try await row in summary {
+                let r = row.makeRandomAccess()
+                let name = try r["name"].decode(String.self)
+                order.append(name)
+                stations[name] = LabStationStatus(name: name, lastSeen: try r["last_seen"].decode(Date.self), live: try r["live"].decode(Bool.self),
+                                                  outboxPending: try r["outbox_pending"].decode(Int.self), jobs: try r["jobs"].decode(Int.self),
+                                                  doneToday: try r["done_today"].decode(Int.self), failedToday: try r["failed_today"].decode(Int.self), running: [])
+            }
+            let finals = JobState.allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
+            let running = try await c.query("""
+                SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
+                WHERE state NOT IN (\(unescaped: finals)) ORDER BY station, slot, job
+                """, logger: logger)
+            for try await row in running {
+                let job = try Self.job(row.makeRandomAccess())
+                if let name = job.station { stations[name]?.running.append(job) }
+            }
+            var units: Int64 = 0
+            for try await row in try await c.query("SELECT count(*) FROM lab_unit WHERE job IS NOT NULL", logger: logger) { units = try row.decode(Int64.self) }
+            return LabStatus(database: config.display, stations: order.compactMap { stations[$0] }, unitsNumbered: Int(units))
+        }
+    }
+
+    private func withConnection<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
+        let c: PostgresConnection
+        do { c = try await connect() } catch {
+            throw LinkFailure("the shared ledger \(config.display) is unreachable: \(Self.describe(error))")
+        }
+        do {
+            let result = try await body(c)
+            try? await c.close()
+            return result
+        } catch {
+            try? await c.close()
+            throw LinkFailure("the shared ledger \(config.display) failed the query: \(Self.describe(error))")
+        }
+    }
+
+    static func job(_ r: PostgresRandomAccessRow) throws -> JobRecord {
+        var job = JobRecord(id: try r["job"].decode(Int64.self), kind: try r["kind"].decode(String.self), slot: try r["slot"].decode(String?.self),
+                            device: try r["device"].decode(String.self), serial: try r["serial"].decode(String?.self), unit: try r["unit"].decode(String?.self),
+                            profile: try r["profile"].decode(String?.self), image: try r["image"].decode(String?.self),
+                            state: JobState(rawValue: try r["state"].decode(String.self)) ?? .failed, message: try r["message"].decode(String?.self),
+                            created: try r["created"].decode(Date.self), updated: try r["updated"].decode(Date.self))
+        job.station = try r["station"].decode(String.self)
+        return job
+    }
+
+    /// postgres-nio keeps its errors' details out of `description` (they may hold data); the
+    /// server's message and the cause are what an operator needs, and hold no password.
+    static func describe(_ error: any Error) -> String {
+        if let e = error as? LinkFailure { return e.message }
+        guard let e = error as? PSQLError else { return "\(error)" }
+        if let message = e.serverInfo?[.message] {
+            return message + (e.serverInfo?[.detail].map { " (\($0))" } ?? "")
+        }
+        if let underlying = e.underlying { return "\(e.code): \(underlying)" }
+        return "\(e.code)"
+    }
+}
+
+public struct LinkFailure: Error, CustomStringConvertible, Sendable {
+    public let message: String
+    init(_ message: String) { self.message = message }
+    public var description: String { message }
+}

@@ -1,0 +1,296 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ControlProtocol
+import Foundation
+import Synchronization
+import Testing
+import TestSupport
+
+/// A lab of two stations on one shared ledger (issue 18): a real PostgreSQL server of the
+/// test's own (initdb + pg_ctl, run as nobody), two real provisiond against it, loop cards in
+/// both at the same moment. The database's contents are read with psql, not with the code
+/// under test; each station's local ledger with sqlite3.
+@Suite("Shared ledger on PostgreSQL", .serialized)
+struct SharedLedgerTests {
+    static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    /// Two benches (each its own directory, socket, local ledger and cards) on one database.
+    final class Lab: Sendable {
+        let database: PostgresServer
+        let benches: [StationBench]
+        let image: String
+
+        init(stations: Int = 2, unitBlock: Int = 8) throws {
+            database = try PostgresServer()
+            var benches: [StationBench] = []
+            do {
+                for _ in 0..<stations { benches.append(try StationBench()) }
+                try Command.check([SharedLedgerTests.repository + "/images/build-test-image", "--out", benches[0].directory,
+                                   "--size", "128MiB", "--compress", "none", "--quiet"], timeout: .seconds(300))
+                image = benches[0].directory + "/rpi-test.img"
+            } catch {
+                for b in benches { b.close() }
+                database.close()
+                throw error
+            }
+            self.benches = benches
+            for (i, bench) in benches.enumerated() { try writeConfig(bench, name: "station-\(i + 1)", unitBlock: unitBlock) }
+        }
+
+        func close() {
+            for b in benches { b.close() }
+            database.close()
+        }
+
+        func writeConfig(_ bench: StationBench, name: String, unitBlock: Int, url: String? = nil) throws {
+            var text = """
+                [station]
+                name = "\(name)"
+                allow_loop_devices = true
+                ledger = "\(url ?? database.url)"
+                ledger_password_file = "\(database.passwordFile)"
+                ledger_local = "\(bench.ledgerPath)"
+                ledger_unit_block = \(unitBlock)
+                cache_dir = "\(bench.directory)/cache"
+                password_export = "\(bench.directory)/passwords.tsv"
+
+                [profiles.p]
+                image = "\(image)"
+                [profiles.p.root]
+                partition = 2
+                [[profiles.p.users]]
+                name = "tech"
+                password = "generate"
+
+                """
+            for slot in Self.slots {
+                text += """
+
+                    [[slots]]
+                    name = "\(slot)"
+                    match = "loop:*/provision-card-\(bench.label(slot))-*"
+                    profile = "p"
+
+                    """
+            }
+            try text.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+        }
+
+        static let slots = ["S1", "S2", "S3", "S4", "S5"]
+
+        /// Starts every station's daemon at once (each enumerates the cards already present).
+        func startDaemons() throws {
+            let errors = Mutex<[String]>([])
+            DispatchQueue.concurrentPerform(iterations: benches.count) { i in
+                do { try benches[i].startDaemon() } catch { errors.withLock { $0.append("\(error)") } }
+            }
+            if let first = errors.withLock({ $0.first }) { throw BenchError(first) }
+        }
+
+        /// `provision status --lab --json` of a station; nil while the database cannot answer.
+        func labStatus(_ bench: StationBench) throws -> LabStatus? {
+            let out = try bench.cli(["status", "--lab", "--json"])
+            guard out.succeeded else { return nil }
+            return try decode(LabStatus.self, out.stdout)
+        }
+
+        /// Waits until every station has sent its whole outbox to a reachable database.
+        func waitUntilCaughtUp(timeout: Duration = .seconds(300)) throws {
+            let deadline = ContinuousClock.now + timeout
+            var last = ""
+            while ContinuousClock.now < deadline {
+                let states = try benches.map { try labStatus($0)?.outbox }
+                if states.allSatisfy({ $0?.connected == true && $0?.pending == 0 }) { return }
+                last = "\(states)"
+                usleep(200_000)
+            }
+            throw BenchError("the stations did not catch up with the database within \(timeout): \(last)\n" + benches.map(\.log).joined(separator: "\n---\n"))
+        }
+
+        func waitForJobs(_ bench: StationBench, slots: [String], timeout: Duration = .seconds(300)) throws -> StationStatus {
+            try bench.waitForStatus("\(slots) finished", timeout: timeout) { s in slots.allSatisfy { s.slot($0)?.job?.state.isFinal == true } }
+        }
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try decoder.decode(type, from: Data(text.utf8))
+    }
+
+    /// `sqlite3` on a station's local ledger: "jobId|eventId|state" lines, in order.
+    static func localEvents(_ bench: StationBench) throws -> [String] {
+        try Command.check(["sqlite3", bench.ledgerPath, "SELECT jobId || '|' || id || '|' || state FROM jobEvent ORDER BY jobId, id"])
+            .stdout.split(separator: "\n").map(String.init)
+    }
+
+    @Test("two stations, cards at the same moment, the database stopped and restarted mid-batch: unique units, both stations' rows, nothing lost or doubled")
+    func twoStationsShareOneLedger() async throws {
+        try await offPool {
+            let lab = try Lab()
+            defer { lab.close() }
+            let (a, b) = (lab.benches[0], lab.benches[1])
+            // First wave: three throttled cards in each station, present when both daemons
+            // start together, so both stations take unit numbers at the same moment.
+            var cards: [LoopCard] = []
+            for bench in lab.benches {
+                for slot in ["S1", "S2", "S3"] {
+                    let card = try bench.card(slot: slot, size: 160 << 20)
+                    try card.throttle(writeBytesPerSecond: 3_000_000)
+                    cards.append(card)
+                }
+            }
+            try lab.startDaemons()
+            for bench in lab.benches {
+                try bench.waitForStatus("first wave writing", timeout: .seconds(300)) { s in
+                    ["S1", "S2", "S3"].allSatisfy { (s.slot($0)?.job?.progress?.bytesDone ?? 0) > 1 << 20 }
+                }
+            }
+            // The database goes away mid-batch: the cards go on.
+            try lab.database.stop()
+            let down = try a.cli(["status", "--lab"])
+            #expect(down.status != 0 && down.stderr.contains("unreachable"), "\(down)")
+            // A second wave while it is away: these take numbers reserved before.
+            for bench in lab.benches {
+                for slot in ["S4", "S5"] { cards.append(try bench.card(slot: slot, size: 160 << 20)) }
+            }
+            var finished: [StationStatus] = []
+            for bench in lab.benches { finished.append(try lab.waitForJobs(bench, slots: Lab.slots)) }
+            for status in finished {
+                for slot in Lab.slots { #expect(status.slot(slot)?.job?.state == .done, "\(status.station) \(slot): \(status.slot(slot)?.job?.message ?? "")") }
+            }
+            // Still away: every row of the second half waits in each station's outbox.
+            let pending = try Command.check(["sqlite3", a.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect((Int(pending) ?? 0) > 0, "station-1's outbox is empty while the database is down")
+            try lab.database.start()
+            try lab.waitUntilCaughtUp()
+
+            // Unique unit names across both stations, each from the lab's sequence.
+            let units = try lab.database.psql("SELECT station || '|' || unit || '|' || unit_number FROM lab_job ORDER BY station, job")
+                .split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
+            #expect(units.count == 10, "\(units)")
+            #expect(Set(units.map { $0[1] }).count == 10, "unit names taken twice: \(units)")
+            for row in units { #expect(row[1] == String(format: "unit-%03d", Int(row[2]) ?? -1), "\(row)") }
+            #expect(Set(units.map { $0[0] }) == ["station-1", "station-2"])
+            // The database's lab_unit agrees: each used number once, held by the station that used it.
+            let used = try lab.database.psql("SELECT count(*), count(DISTINCT number) FROM lab_unit WHERE job IS NOT NULL")
+            #expect(used == "10|10")
+            // Nothing lost, nothing doubled: the database holds exactly each station's local rows.
+            for (i, bench) in lab.benches.enumerated() {
+                let station = "station-\(i + 1)"
+                let remote = try lab.database.psql("SELECT job || '|' || seq || '|' || state FROM lab_job_event WHERE station = '\(station)' ORDER BY job, seq")
+                    .split(separator: "\n").map(String.init)
+                let local = try Self.localEvents(bench)
+                #expect(remote == local, "\(station): database \(remote.count) events, local \(local.count)")
+                let jobs = try lab.database.psql("SELECT count(*) FROM lab_job WHERE station = '\(station)' AND state = 'done'")
+                #expect(jobs == "5")
+                let users = try lab.database.psql("SELECT count(*) FROM lab_job_user WHERE station = '\(station)' AND name = 'tech' AND hash LIKE '$6$%'")
+                #expect(users == "5")
+                let outbox = try Command.check(["sqlite3", bench.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+                #expect(outbox == "0")
+            }
+            // The lab's view through either station's daemon.
+            let jobs = try Self.decode([JobRecord].self, try b.cli(["jobs", "--lab", "--json", "--limit", "100"]).stdout)
+            #expect(jobs.count == 10)
+            #expect(Set(jobs.compactMap(\.station)) == ["station-1", "station-2"])
+            let onlyA = try Self.decode([JobRecord].self, try b.cli(["jobs", "--lab", "--station", "station-1", "--json"]).stdout)
+            #expect(onlyA.count == 5 && onlyA.allSatisfy { $0.station == "station-1" })
+            let table = try b.cli(["status", "--lab"])
+            #expect(table.succeeded, "\(table)")
+            #expect(table.stdout.contains("station-1") && table.stdout.contains("station-2") && table.stdout.contains("10 unit(s) numbered"), "\(table.stdout)")
+            let lines = try b.cli(["jobs", "--lab"]).stdout
+            #expect(lines.hasPrefix("STATION"), "\(lines)")
+            _ = cards
+        }
+    }
+
+    @Test("a station that used up its reserved unit numbers while the database is away refuses the next card before writing it, and says why")
+    func unitBlockUsedUpWhileAway() async throws {
+        try await offPool {
+            let lab = try Lab(stations: 1, unitBlock: 2)
+            defer { lab.close() }
+            let bench = lab.benches[0]
+            try lab.startDaemons()
+            try lab.waitUntilCaughtUp()
+            #expect(try lab.labStatus(bench)?.outbox?.unitsReserved == 2)
+            try lab.database.stop()
+            var cards: [LoopCard] = []
+            for slot in ["S1", "S2", "S3"] { cards.append(try bench.card(slot: slot, size: 160 << 20)) }
+            let status = try lab.waitForJobs(bench, slots: ["S1", "S2", "S3"])
+            let jobs = ["S1", "S2", "S3"].compactMap { status.slot($0)?.job }
+            #expect(jobs.filter { $0.state == .done }.count == 2)
+            let refused = try #require(jobs.first { $0.state == .failed })
+            #expect(refused.message?.contains("no lab unit number for this card") == true, "\(refused.message ?? "")")
+            #expect(refused.message?.contains("nothing was written") == true)
+            // Nothing of the image reached that card: its first MiB is still zeros.
+            let card = try #require(cards.first { $0.devicePath == refused.device })
+            let head = try Command.check(["bash", "-c", "head -c 1048576 '\(card.devicePath)' | tr -d '\\0' | wc -c"]).stdout
+            #expect(head.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+            try lab.database.start()
+            try lab.waitUntilCaughtUp()
+            #expect(try lab.database.psql("SELECT count(*) FROM lab_job") == "3")
+            #expect(try lab.database.psql("SELECT count(DISTINCT unit) FROM lab_job WHERE unit IS NOT NULL") == "2")
+        }
+    }
+
+    @Test("a station whose unit keeps it off IP reaches the database through systemd-socket-proxyd on a Unix socket, as provision-ledger.socket sets it up")
+    func reachesTheDatabaseThroughAUnixSocketProxy() async throws {
+        try await offPool {
+            let lab = try Lab(stations: 1, unitBlock: 4)
+            defer { lab.close() }
+            let bench = lab.benches[0]
+            let link = bench.directory + "/ledger-link"
+            try FileManager.default.createDirectory(atPath: link, withIntermediateDirectories: true)
+            // systemd's own proxy, started the way its socket unit starts it (socket activation).
+            let proxy = try ChildProcess(["systemd-socket-activate", "-l", link + "/.s.PGSQL.5432",
+                                          "/lib/systemd/systemd-socket-proxyd", "127.0.0.1:\(lab.database.port)"], logPath: bench.directory + "/proxy.log")
+            defer { _ = proxy.stop() }
+            _ = try proxy.waitForLine(containing: "Listening on")
+            let url = "postgresql://\(lab.database.user)@\(link.replacingOccurrences(of: "/", with: "%2F"))/\(lab.database.database)"
+            try lab.writeConfig(bench, name: "proxied", unitBlock: 4, url: url)
+            try lab.startDaemons()
+            let card = try bench.card(slot: "S1", size: 160 << 20)
+            let status = try lab.waitForJobs(bench, slots: ["S1"])
+            #expect(status.slot("S1")?.job?.state == .done, "\(status.slot("S1")?.job?.message ?? "")")
+            try lab.waitUntilCaughtUp()
+            #expect(try lab.database.psql("SELECT station || ' ' || unit FROM lab_job") == "proxied unit-001")
+            #expect(try lab.labStatus(bench)?.outbox?.database.contains("(Unix socket)") == true)
+            _ = card
+        }
+    }
+
+    @Test("config check names a missing or world-readable password file; the daemon does not start without one")
+    func passwordFileProblemsAreClear() async throws {
+        try await offPool {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let config = """
+                [station]
+                name = "pw"
+                allow_loop_devices = true
+                ledger = "postgresql://provision@127.0.0.1:1/lab"
+                ledger_password_file = "\(bench.directory)/missing.password"
+                ledger_local = "\(bench.ledgerPath)"
+                [profiles.p]
+                image = "\(try bench.image("i.img", bytes: 1 << 20))"
+                [[slots]]
+                name = "S1"
+                match = "loop:*/nothing-*"
+                profile = "p"
+                """
+            try config.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+            let check = try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath])
+            #expect(check.status == 78)
+            #expect(check.stderr.contains("ledger_password_file") && check.stderr.contains("missing.password: no such file"), "\(check.stderr)")
+            let open = bench.directory + "/open.password"
+            try "secret\n".write(toFile: open, atomically: false, encoding: .utf8)
+            chmod(open, 0o644)
+            try config.replacingOccurrences(of: "missing.password", with: "open.password").write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+            let loose = try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath])
+            #expect(loose.status == 78)
+            #expect(loose.stderr.contains("can be read by others (mode 644): chmod 600 it"), "\(loose.stderr)")
+            #expect(throws: DaemonProcessError.self) { try bench.startDaemon() }
+        }
+    }
+}
