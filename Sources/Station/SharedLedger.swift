@@ -158,7 +158,7 @@ public final class SharedLedger: Sendable {
 
     /// Two stations starting at once both create the schema: an advisory lock takes turns.
     static func createSchema(_ c: PostgresConnection, logger: Logger) async throws {
-        func run(_ q: PostgresQuery) async throws { for try await _ in try await c.query(q, logger: logger) {} }
+        func run(_ q: PostgresQuery) async throws { _ = try await fetch(q, on: c, logger: logger) }
         try await run("SELECT pg_advisory_lock(1818)")
         do {
             for statement in schema { try await run(PostgresQuery(unsafeSQL: statement)) }
@@ -204,14 +204,12 @@ public final class SharedLedger: Sendable {
     /// station's ledger already uses this name (their rows would mix).
     private func register(_ c: PostgresConnection, instance: String) async throws {
         let pending = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") } ?? 0
-        let rows = try await c.query("""
+        let rows = try await fetch("""
             INSERT INTO lab_station (name, instance, first_seen, last_seen, outbox_pending) VALUES (\(station), \(instance), now(), now(), \(pending))
             ON CONFLICT (name) DO UPDATE SET last_seen = now(), outbox_pending = excluded.outbox_pending
             WHERE lab_station.instance = excluded.instance RETURNING name
-            """, logger: logger)
-        var mine = false
-        for try await _ in rows { mine = true }
-        guard mine else {
+            """, on: c)
+        guard !rows.isEmpty else {
             throw LinkFailure("another station's ledger already calls itself \"\(station)\" in \(config.display): give this station its own name (station.name)")
         }
     }
@@ -228,12 +226,11 @@ public final class SharedLedger: Sendable {
     /// two loses those numbers (a gap), never gives one twice.
     private func reserve(_ count: Int, on c: PostgresConnection) async throws {
         guard count > 0 else { return }
-        let rows = try await c.query("""
+        let rows = try await fetch("""
             INSERT INTO lab_unit (number, station, reserved) SELECT nextval('lab_unit_number'), \(station), now()
             FROM generate_series(1, \(count)) RETURNING number
-            """, logger: logger)
-        var numbers: [Int64] = []
-        for try await row in rows { numbers.append(try row.decode(Int64.self)) }
+            """, on: c)
+        let numbers = try rows.map { try $0.decode(Int64.self) }
         let now = Date(), taken = numbers
         try await local.write { db in
             for n in taken { try db.execute(sql: "INSERT INTO labUnit (number, reserved) VALUES (?, ?)", arguments: [n, now]) }
@@ -247,6 +244,8 @@ public final class SharedLedger: Sendable {
         do { c = try await connect() } catch { return Self.describe(error) }
         defer { Task { try? await c.close() } }
         do {
+            // At a lab's very first start the replicator may not have made the tables yet.
+            try await Self.createSchema(c, logger: logger)
             try await reserve(config.unitBlock, on: c)
             return nil
         } catch {
@@ -292,8 +291,50 @@ public final class SharedLedger: Sendable {
     /// A statement whose rows (if any) are not needed: read to the end, so the connection
     /// is ready for the next one.
     private func execute(_ query: PostgresQuery, on c: PostgresConnection) async throws {
-        for try await _ in try await c.query(query, logger: logger) {}
+        _ = try await fetch(query, on: c)
     }
+
+    private func fetch(_ query: PostgresQuery, on c: PostgresConnection) async throws -> [PostgresRow] {
+        try await Self.fetch(query, on: c, logger: logger)
+    }
+
+    /// Every statement goes through here. postgres-nio 1.33 writes a query to its channel
+    /// without a promise: on a connection the server has already closed (a database stopped
+    /// while this station was idle) the write fails silently and the query would wait
+    /// forever — seen here, the replicator stuck "connected" to a stopped server. So a
+    /// closed connection is refused up front, and a query still running when the connection
+    /// closes, or after `queryDeadline`, ends with an error (the connection is closed then,
+    /// and the replicator makes a new one).
+    static func fetch(_ query: PostgresQuery, on c: PostgresConnection, logger: Logger) async throws -> [PostgresRow] {
+        guard !c.isClosed else { throw LinkFailure("the database closed the connection") }
+        let outcome = Once<Result<[PostgresRow], any Error>>()
+        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PostgresRow], any Error>) in
+            outcome.onFirst = { continuation.resume(with: $0) }
+            let timer = Task {
+                try? await Task.sleep(for: queryDeadline)
+                if !Task.isCancelled, outcome.settle(.failure(LinkFailure("no answer from the database within \(queryDeadline)"))) {
+                    try? await c.close()
+                }
+            }
+            c.closeFuture.whenComplete { _ in
+                outcome.settle(.failure(LinkFailure("the database closed the connection")))
+            }
+            Task {
+                do {
+                    var rows: [PostgresRow] = []
+                    for try await row in try await c.query(query, logger: logger) { rows.append(row) }
+                    outcome.settle(.success(rows))
+                } catch {
+                    outcome.settle(.failure(error))
+                }
+                timer.cancel()
+            }
+        }
+    }
+
+    /// Longer than any statement here takes (single rows, small batches), short enough that a
+    /// database gone silent (a cable pulled: no FIN, no RST) is noticed and retried.
+    static let queryDeadline = Duration.seconds(30)
 
     struct LocalJob: Sendable {
         var kind: String, slot: String?, device: String, serial: String?, unit: String?, unitNumber: Int64?, profile: String?, image: String?
@@ -369,11 +410,8 @@ public final class SharedLedger: Sendable {
             }
         case "unit":
             guard let number = entry.unitNumber else { return }
-            var found = false
-            for try await _ in try await c.query("UPDATE lab_unit SET job = \(entry.jobId) WHERE number = \(number) AND station = \(station) RETURNING number", logger: logger) {
-                found = true
-            }
-            if !found { logger.error("lab unit number \(number) is not this station's in \(config.display): the lab's numbering was changed by hand?") }
+            let found = try await fetch("UPDATE lab_unit SET job = \(entry.jobId) WHERE number = \(number) AND station = \(station) RETURNING number", on: c)
+            if found.isEmpty { logger.error("lab unit number \(number) is not this station's in \(config.display): the lab's numbering was changed by hand?") }
         default:
             logger.error("unknown outbox entry kind \(entry.kind): skipped")
         }
@@ -383,15 +421,13 @@ public final class SharedLedger: Sendable {
 
     public func labJobs(station: String?, state: String?, slot: String?, limit: Int) async throws -> [JobRecord] {
         try await withConnection { c in
-            let rows = try await c.query("""
+            let rows = try await Self.fetch("""
                 SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
                 WHERE (\(station)::text IS NULL OR station = \(station)) AND (\(state)::text IS NULL OR state = \(state))
                   AND (\(slot)::text IS NULL OR slot = \(slot))
                 ORDER BY updated DESC, station, job DESC LIMIT \(max(1, min(limit, 10_000)))
-                """, logger: logger)
-            var jobs: [JobRecord] = []
-            for try await row in rows { jobs.append(try Self.job(row.makeRandomAccess())) }
-            return jobs
+                """, on: c, logger: logger)
+            return try rows.map { try Self.job($0.makeRandomAccess()) }
         }
     }
 
@@ -399,14 +435,14 @@ public final class SharedLedger: Sendable {
         try await withConnection { c in
             var stations: [String: LabStationStatus] = [:]
             var order: [String] = []
-            let summary = try await c.query("""
+            let summary = try await Self.fetch("""
                 SELECT s.name, s.last_seen, s.outbox_pending, now() - s.last_seen < interval '15 seconds' AS live,
                   (SELECT count(*) FROM lab_job j WHERE j.station = s.name AND j.state = 'done' AND j.updated >= date_trunc('day', now())) AS done_today,
                   (SELECT count(*) FROM lab_job j WHERE j.station = s.name AND j.state IN ('failed', 'interrupted') AND j.updated >= date_trunc('day', now())) AS failed_today,
                   (SELECT count(*) FROM lab_job j WHERE j.station = s.name) AS jobs
                 FROM lab_station s ORDER BY s.name
-                """, logger: logger)
-            for try await row in summary {
+                """, on: c, logger: logger)
+            for row in summary {
                 let r = row.makeRandomAccess()
                 let name = try r["name"].decode(String.self)
                 order.append(name)
@@ -415,16 +451,15 @@ public final class SharedLedger: Sendable {
                                                   doneToday: try r["done_today"].decode(Int.self), failedToday: try r["failed_today"].decode(Int.self), running: [])
             }
             let finals = JobState.allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
-            let running = try await c.query("""
+            let running = try await Self.fetch("""
                 SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
                 WHERE state NOT IN (\(unescaped: finals)) ORDER BY station, slot, job
-                """, logger: logger)
-            for try await row in running {
+                """, on: c, logger: logger)
+            for row in running {
                 let job = try Self.job(row.makeRandomAccess())
                 if let name = job.station { stations[name]?.running.append(job) }
             }
-            var units: Int64 = 0
-            for try await row in try await c.query("SELECT count(*) FROM lab_unit WHERE job IS NOT NULL", logger: logger) { units = try row.decode(Int64.self) }
+            let units = try await Self.fetch("SELECT count(*) FROM lab_unit WHERE job IS NOT NULL", on: c, logger: logger).first?.decode(Int64.self) ?? 0
             return LabStatus(database: config.display, stations: order.compactMap { stations[$0] }, unitsNumbered: Int(units))
         }
     }
@@ -471,4 +506,28 @@ public struct LinkFailure: Error, CustomStringConvertible, Sendable {
     public let message: String
     init(_ message: String) { self.message = message }
     public var description: String { message }
+}
+
+/// A result delivered once: the first of several racers settles it, the others are ignored.
+final class Once<Value: Sendable>: Sendable {
+    private let state = Mutex<(value: Value?, onFirst: (@Sendable (Value) -> Void)?)>((nil, nil))
+
+    /// Set before any racer starts.
+    var onFirst: (@Sendable (Value) -> Void)? {
+        get { state.withLock { $0.onFirst } }
+        set { state.withLock { $0.onFirst = newValue } }
+    }
+
+    /// True for the racer that settled it.
+    @discardableResult
+    func settle(_ value: Value) -> Bool {
+        let first = state.withLock { s -> (@Sendable (Value) -> Void)? in
+            guard s.value == nil else { return nil }
+            s.value = value
+            defer { s.onFirst = nil }
+            return s.onFirst
+        }
+        first?(value)
+        return first != nil
+    }
 }

@@ -125,12 +125,16 @@ struct SharedLedgerTests {
             .stdout.split(separator: "\n").map(String.init)
     }
 
+    // Each test is async and runs its blocking steps (processes, polls with deadlines) on a
+    // thread of their own through `offPool`; the expectations stay in the test's own task,
+    // where Swift Testing knows which test they belong to.
+
     @Test("two stations, cards at the same moment, the database stopped and restarted mid-batch: unique units, both stations' rows, nothing lost or doubled")
     func twoStationsShareOneLedger() async throws {
-        try await offPool {
-            let lab = try Lab()
-            defer { lab.close() }
-            let (a, b) = (lab.benches[0], lab.benches[1])
+        let lab = try await offPool { try Lab() }
+        defer { lab.close() }
+        let (a, b) = (lab.benches[0], lab.benches[1])
+        let cards = try await offPool { () throws -> [LoopCard] in
             // First wave: three throttled cards in each station, present when both daemons
             // start together, so both stations take unit numbers at the same moment.
             var cards: [LoopCard] = []
@@ -147,150 +151,170 @@ struct SharedLedgerTests {
                     ["S1", "S2", "S3"].allSatisfy { (s.slot($0)?.job?.progress?.bytesDone ?? 0) > 1 << 20 }
                 }
             }
-            // The database goes away mid-batch: the cards go on.
+            // The database goes away mid-batch.
             try lab.database.stop()
-            let down = try a.cli(["status", "--lab"])
-            #expect(down.status != 0 && down.stderr.contains("unreachable"), "\(down)")
-            // A second wave while it is away: these take numbers reserved before.
+            return cards
+        }
+        let down = try await offPool { try a.cli(["status", "--lab"]) }
+        #expect(down.status != 0 && down.stderr.contains("unreachable"), "\(down)")
+        // The cards go on, and a second wave arrives while it is away: these take numbers
+        // reserved before.
+        let (finished, pending, more) = try await offPool { () throws -> ([StationStatus], String, [LoopCard]) in
+            var more: [LoopCard] = []
             for bench in lab.benches {
-                for slot in ["S4", "S5"] { cards.append(try bench.card(slot: slot, size: 160 << 20)) }
+                for slot in ["S4", "S5"] { more.append(try bench.card(slot: slot, size: 160 << 20)) }
             }
-            var finished: [StationStatus] = []
-            for bench in lab.benches { finished.append(try lab.waitForJobs(bench, slots: Lab.slots)) }
-            for status in finished {
-                for slot in Lab.slots { #expect(status.slot(slot)?.job?.state == .done, "\(status.station) \(slot): \(status.slot(slot)?.job?.message ?? "")") }
-            }
-            // Still away: every row of the second half waits in each station's outbox.
-            let pending = try Command.check(["sqlite3", a.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-            #expect((Int(pending) ?? 0) > 0, "station-1's outbox is empty while the database is down")
+            let finished = try lab.benches.map { try lab.waitForJobs($0, slots: Lab.slots) }
+            let pending = try Command.check(["sqlite3", a.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout
+            return (finished, pending.trimmingCharacters(in: .whitespacesAndNewlines), more)
+        }
+        for status in finished {
+            for slot in Lab.slots { #expect(status.slot(slot)?.job?.state == .done, "\(status.station) \(slot): \(status.slot(slot)?.job?.message ?? "")") }
+        }
+        // Still away: the rows of the rest of the batch wait in each station's outbox.
+        #expect((Int(pending) ?? 0) > 0, "station-1's outbox is empty while the database is down")
+        try await offPool {
             try lab.database.start()
             try lab.waitUntilCaughtUp()
+        }
 
-            // Unique unit names across both stations, each from the lab's sequence.
-            let units = try lab.database.psql("SELECT station || '|' || unit || '|' || unit_number FROM lab_job ORDER BY station, job")
-                .split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
-            #expect(units.count == 10, "\(units)")
-            #expect(Set(units.map { $0[1] }).count == 10, "unit names taken twice: \(units)")
-            for row in units { #expect(row[1] == String(format: "unit-%03d", Int(row[2]) ?? -1), "\(row)") }
-            #expect(Set(units.map { $0[0] }) == ["station-1", "station-2"])
-            // The database's lab_unit agrees: each used number once, held by the station that used it.
-            let used = try lab.database.psql("SELECT count(*), count(DISTINCT number) FROM lab_unit WHERE job IS NOT NULL")
-            #expect(used == "10|10")
-            // Nothing lost, nothing doubled: the database holds exactly each station's local rows.
-            for (i, bench) in lab.benches.enumerated() {
-                let station = "station-\(i + 1)"
+        // Unique unit names across both stations, each from the lab's sequence.
+        let units = try await offPool { try lab.database.psql("SELECT station || '|' || unit || '|' || unit_number FROM lab_job ORDER BY station, job") }
+            .split(separator: "\n").map { $0.split(separator: "|", omittingEmptySubsequences: false).map(String.init) }
+        #expect(units.count == 10, "\(units)")
+        #expect(Set(units.map { $0[1] }).count == 10, "unit names taken twice: \(units)")
+        for row in units where row.count == 3 { #expect(row[1] == String(format: "unit-%03d", Int(row[2]) ?? -1), "\(row)") }
+        #expect(Set(units.map { $0[0] }) == ["station-1", "station-2"])
+        // The database's lab_unit agrees: each used number once.
+        #expect(try await offPool { try lab.database.psql("SELECT count(*) || '|' || count(DISTINCT number) FROM lab_unit WHERE job IS NOT NULL") } == "10|10")
+        // Nothing lost, nothing doubled: the database holds exactly each station's local rows.
+        for (i, bench) in lab.benches.enumerated() {
+            let station = "station-\(i + 1)"
+            let (remote, local, jobs, users, outbox) = try await offPool { () throws -> ([String], [String], String, String, String) in
                 let remote = try lab.database.psql("SELECT job || '|' || seq || '|' || state FROM lab_job_event WHERE station = '\(station)' ORDER BY job, seq")
                     .split(separator: "\n").map(String.init)
-                let local = try Self.localEvents(bench)
-                #expect(remote == local, "\(station): database \(remote.count) events, local \(local.count)")
-                let jobs = try lab.database.psql("SELECT count(*) FROM lab_job WHERE station = '\(station)' AND state = 'done'")
-                #expect(jobs == "5")
-                let users = try lab.database.psql("SELECT count(*) FROM lab_job_user WHERE station = '\(station)' AND name = 'tech' AND hash LIKE '$6$%'")
-                #expect(users == "5")
-                let outbox = try Command.check(["sqlite3", bench.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-                #expect(outbox == "0")
+                return (remote, try Self.localEvents(bench),
+                        try lab.database.psql("SELECT count(*) FROM lab_job WHERE station = '\(station)' AND state = 'done'"),
+                        try lab.database.psql("SELECT count(*) FROM lab_job_user WHERE station = '\(station)' AND name = 'tech' AND hash LIKE '$6$%'"),
+                        try Command.check(["sqlite3", bench.ledgerPath, "SELECT COUNT(*) FROM labOutbox"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines))
             }
-            // The lab's view through either station's daemon.
-            let jobs = try Self.decode([JobRecord].self, try b.cli(["jobs", "--lab", "--json", "--limit", "100"]).stdout)
-            #expect(jobs.count == 10)
-            #expect(Set(jobs.compactMap(\.station)) == ["station-1", "station-2"])
-            let onlyA = try Self.decode([JobRecord].self, try b.cli(["jobs", "--lab", "--station", "station-1", "--json"]).stdout)
-            #expect(onlyA.count == 5 && onlyA.allSatisfy { $0.station == "station-1" })
-            let table = try b.cli(["status", "--lab"])
-            #expect(table.succeeded, "\(table)")
-            #expect(table.stdout.contains("station-1") && table.stdout.contains("station-2") && table.stdout.contains("10 unit(s) numbered"), "\(table.stdout)")
-            let lines = try b.cli(["jobs", "--lab"]).stdout
-            #expect(lines.hasPrefix("STATION"), "\(lines)")
-            _ = cards
+            #expect(!local.isEmpty && remote == local, "\(station): database \(remote.count) events, local \(local.count)")
+            #expect(jobs == "5")
+            #expect(users == "5")
+            #expect(outbox == "0")
         }
+        // The lab's view through either station's daemon.
+        let (all, onlyA, table, lines) = try await offPool { () throws -> (CommandOutput, CommandOutput, CommandOutput, CommandOutput) in
+            (try b.cli(["jobs", "--lab", "--json", "--limit", "100"]), try b.cli(["jobs", "--lab", "--station", "station-1", "--json"]),
+             try b.cli(["status", "--lab"]), try b.cli(["jobs", "--lab"]))
+        }
+        let jobs = try Self.decode([JobRecord].self, all.stdout)
+        #expect(jobs.count == 10)
+        #expect(Set(jobs.compactMap(\.station)) == ["station-1", "station-2"])
+        let mine = try Self.decode([JobRecord].self, onlyA.stdout)
+        #expect(mine.count == 5 && mine.allSatisfy { $0.station == "station-1" })
+        #expect(table.succeeded, "\(table)")
+        #expect(table.stdout.contains("station-1") && table.stdout.contains("station-2") && table.stdout.contains("10 unit(s) numbered"), "\(table.stdout)")
+        #expect(lines.stdout.hasPrefix("STATION"), "\(lines)")
+        _ = (cards, more)
     }
 
     @Test("a station that used up its reserved unit numbers while the database is away refuses the next card before writing it, and says why")
     func unitBlockUsedUpWhileAway() async throws {
-        try await offPool {
-            let lab = try Lab(stations: 1, unitBlock: 2)
-            defer { lab.close() }
-            let bench = lab.benches[0]
+        let lab = try await offPool { try Lab(stations: 1, unitBlock: 2) }
+        defer { lab.close() }
+        let bench = lab.benches[0]
+        let reserved = try await offPool { () throws -> Int? in
             try lab.startDaemons()
             try lab.waitUntilCaughtUp()
-            #expect(try lab.labStatus(bench)?.outbox?.unitsReserved == 2)
+            return try lab.labStatus(bench)?.outbox?.unitsReserved
+        }
+        #expect(reserved == 2)
+        let (status, cards) = try await offPool { () throws -> (StationStatus, [LoopCard]) in
             try lab.database.stop()
             var cards: [LoopCard] = []
             for slot in ["S1", "S2", "S3"] { cards.append(try bench.card(slot: slot, size: 160 << 20)) }
-            let status = try lab.waitForJobs(bench, slots: ["S1", "S2", "S3"])
-            let jobs = ["S1", "S2", "S3"].compactMap { status.slot($0)?.job }
-            #expect(jobs.filter { $0.state == .done }.count == 2)
-            let refused = try #require(jobs.first { $0.state == .failed })
-            #expect(refused.message?.contains("no lab unit number for this card") == true, "\(refused.message ?? "")")
-            #expect(refused.message?.contains("nothing was written") == true)
-            // Nothing of the image reached that card: its first MiB is still zeros.
-            let card = try #require(cards.first { $0.devicePath == refused.device })
-            let head = try Command.check(["bash", "-c", "head -c 1048576 '\(card.devicePath)' | tr -d '\\0' | wc -c"]).stdout
-            #expect(head.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+            return (try lab.waitForJobs(bench, slots: ["S1", "S2", "S3"]), cards)
+        }
+        let jobs = ["S1", "S2", "S3"].compactMap { status.slot($0)?.job }
+        #expect(jobs.filter { $0.state == .done }.count == 2)
+        let refused = try #require(jobs.first { $0.state == .failed })
+        #expect(refused.message?.contains("no lab unit number for this card") == true, "\(refused.message ?? "")")
+        #expect(refused.message?.contains("nothing was written") == true)
+        // Nothing of the image reached that card: its first MiB is still zeros.
+        let card = try #require(cards.first { $0.devicePath == refused.device })
+        let head = try await offPool { try Command.check(["bash", "-c", "head -c 1048576 '\(card.devicePath)' | tr -d '\\0' | wc -c"]).stdout }
+        #expect(head.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+        let (count, units) = try await offPool { () throws -> (String, String) in
             try lab.database.start()
             try lab.waitUntilCaughtUp()
-            #expect(try lab.database.psql("SELECT count(*) FROM lab_job") == "3")
-            #expect(try lab.database.psql("SELECT count(DISTINCT unit) FROM lab_job WHERE unit IS NOT NULL") == "2")
+            return (try lab.database.psql("SELECT count(*) FROM lab_job"),
+                    try lab.database.psql("SELECT count(DISTINCT unit) FROM lab_job WHERE unit IS NOT NULL"))
         }
+        #expect(count == "3")
+        #expect(units == "2")
     }
 
     @Test("a station whose unit keeps it off IP reaches the database through systemd-socket-proxyd on a Unix socket, as provision-ledger.socket sets it up")
     func reachesTheDatabaseThroughAUnixSocketProxy() async throws {
-        try await offPool {
-            let lab = try Lab(stations: 1, unitBlock: 4)
-            defer { lab.close() }
-            let bench = lab.benches[0]
-            let link = bench.directory + "/ledger-link"
-            try FileManager.default.createDirectory(atPath: link, withIntermediateDirectories: true)
-            // systemd's own proxy, started the way its socket unit starts it (socket activation).
-            let proxy = try ChildProcess(["systemd-socket-activate", "-l", link + "/.s.PGSQL.5432",
-                                          "/lib/systemd/systemd-socket-proxyd", "127.0.0.1:\(lab.database.port)"], logPath: bench.directory + "/proxy.log")
-            defer { _ = proxy.stop() }
+        let lab = try await offPool { try Lab(stations: 1, unitBlock: 4) }
+        defer { lab.close() }
+        let bench = lab.benches[0]
+        let link = bench.directory + "/ledger-link"
+        try FileManager.default.createDirectory(atPath: link, withIntermediateDirectories: true)
+        // systemd's own proxy, started the way its socket unit starts it (socket activation).
+        let proxy = try ChildProcess(["systemd-socket-activate", "-l", link + "/.s.PGSQL.5432",
+                                      "/lib/systemd/systemd-socket-proxyd", "127.0.0.1:\(lab.database.port)"], logPath: bench.directory + "/proxy.log")
+        defer { _ = proxy.stop() }
+        let (status, row, database, card) = try await offPool { () throws -> (StationStatus, String, String?, LoopCard) in
             _ = try proxy.waitForLine(containing: "Listening on")
             let url = "postgresql://\(lab.database.user)@\(link.replacingOccurrences(of: "/", with: "%2F"))/\(lab.database.database)"
             try lab.writeConfig(bench, name: "proxied", unitBlock: 4, url: url)
             try lab.startDaemons()
             let card = try bench.card(slot: "S1", size: 160 << 20)
             let status = try lab.waitForJobs(bench, slots: ["S1"])
-            #expect(status.slot("S1")?.job?.state == .done, "\(status.slot("S1")?.job?.message ?? "")")
             try lab.waitUntilCaughtUp()
-            #expect(try lab.database.psql("SELECT station || ' ' || unit FROM lab_job") == "proxied unit-001")
-            #expect(try lab.labStatus(bench)?.outbox?.database.contains("(Unix socket)") == true)
-            _ = card
+            return (status, try lab.database.psql("SELECT station || ' ' || unit FROM lab_job"), try lab.labStatus(bench)?.outbox?.database, card)
         }
+        #expect(status.slot("S1")?.job?.state == .done, "\(status.slot("S1")?.job?.message ?? "")")
+        #expect(row == "proxied unit-001")
+        #expect(database?.contains("(Unix socket)") == true, "\(database ?? "no lab status")")
+        _ = card
     }
 
     @Test("config check names a missing or world-readable password file; the daemon does not start without one")
     func passwordFileProblemsAreClear() async throws {
-        try await offPool {
-            let bench = try StationBench()
-            defer { bench.close() }
-            let config = """
-                [station]
-                name = "pw"
-                allow_loop_devices = true
-                ledger = "postgresql://provision@127.0.0.1:1/lab"
-                ledger_password_file = "\(bench.directory)/missing.password"
-                ledger_local = "\(bench.ledgerPath)"
-                [profiles.p]
-                image = "\(try bench.image("i.img", bytes: 1 << 20))"
-                [[slots]]
-                name = "S1"
-                match = "loop:*/nothing-*"
-                profile = "p"
-                """
-            try config.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
-            let check = try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath])
-            #expect(check.status == 78)
-            #expect(check.stderr.contains("ledger_password_file") && check.stderr.contains("missing.password: no such file"), "\(check.stderr)")
-            let open = bench.directory + "/open.password"
-            try "secret\n".write(toFile: open, atomically: false, encoding: .utf8)
-            chmod(open, 0o644)
-            try config.replacingOccurrences(of: "missing.password", with: "open.password").write(toFile: bench.configPath, atomically: true, encoding: .utf8)
-            let loose = try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath])
-            #expect(loose.status == 78)
-            #expect(loose.stderr.contains("can be read by others (mode 644): chmod 600 it"), "\(loose.stderr)")
-            #expect(throws: DaemonProcessError.self) { try bench.startDaemon() }
+        let bench = try await offPool { try StationBench() }
+        defer { bench.close() }
+        let image = try await offPool { try bench.image("i.img", bytes: 1 << 20) }
+        let config = """
+            [station]
+            name = "pw"
+            allow_loop_devices = true
+            ledger = "postgresql://provision@127.0.0.1:1/lab"
+            ledger_password_file = "\(bench.directory)/missing.password"
+            ledger_local = "\(bench.ledgerPath)"
+            [profiles.p]
+            image = "\(image)"
+            [[slots]]
+            name = "S1"
+            match = "loop:*/nothing-*"
+            profile = "p"
+            """
+        try config.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+        let check = try await offPool { try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath]) }
+        #expect(check.status == 78)
+        #expect(check.stderr.contains("ledger_password_file") && check.stderr.contains("missing.password: no such file"), "\(check.stderr)")
+        let open = bench.directory + "/open.password"
+        try "secret\n".write(toFile: open, atomically: false, encoding: .utf8)
+        chmod(open, 0o644)
+        try config.replacingOccurrences(of: "missing.password", with: "open.password").write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+        let loose = try await offPool { try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath]) }
+        #expect(loose.status == 78)
+        #expect(loose.stderr.contains("can be read by others (mode 644): chmod 600 it"), "\(loose.stderr)")
+        let started = await offPool { () -> String? in
+            do { try bench.startDaemon(); return nil } catch { return "\(error)" }
         }
+        #expect(started?.contains("chmod 600") == true, "\(started ?? "the daemon started")")
     }
 }
