@@ -282,6 +282,61 @@ struct SharedLedgerTests {
         _ = card
     }
 
+    @Test("the board of a station on a shared ledger shows every station of the lab in Chromium, and says when the lab's view is not current")
+    func boardShowsTheLab() async throws {
+        if let reason = BrowserSession.unavailable { Issue.record(Comment(rawValue: reason)); return }
+        let lab = try await offPool { try Lab() }
+        defer { lab.close() }
+        let (a, b) = (lab.benches[0], lab.benches[1])
+        // Station 2 is still writing (slowly) when the page is looked at.
+        let cards = try await offPool { () throws -> [LoopCard] in
+            let done = try a.card(slot: "S1", size: 160 << 20)
+            let slow = try b.card(slot: "S2", size: 160 << 20)
+            try slow.throttle(writeBytesPerSecond: 1_000_000)
+            try lab.startDaemons()
+            _ = try lab.waitForJobs(a, slots: ["S1"])
+            return [done, slow]
+        }
+        let board = try await offPool { try BoardUnderTest(bench: a, prefix: try IntegrationTests.BoardBrowserTests.asBoardUser(), name: "lab-board") }
+        defer { board.stop() }
+        let browser = try await offPool { try BrowserSession(width: 1920, height: 1080, logPath: a.directory + "/chromedriver.log") }
+        defer { browser.quit() }
+        let stations = """
+            return JSON.stringify(Array.from(document.querySelectorAll('#lab .station')).map(s => ({
+              name: s.querySelector('.station-name').innerText, figures: s.querySelector('.station-figures').innerText,
+              jobs: Array.from(s.querySelectorAll('.job')).map(j => j.innerText) })))
+            """
+        let (seen, picture) = try await offPool { () throws -> (String, Data) in
+            try browser.open(board.url + "/")
+            try browser.waitUntil("the lab's two stations, station-2 writing", timeout: .seconds(300), """
+                const names = Array.from(document.querySelectorAll('#lab .station .station-name')).map(n => n.innerText);
+                const writing = Array.from(document.querySelectorAll('#lab .station[data-station="station-2"] .job')).some(j => j.innerText.toLowerCase().includes('writing'));
+                return !document.getElementById('lab').hidden && names.length === 2 && writing
+                """)
+            let seen = try browser.evaluate(stations) as? String ?? ""
+            try FileManager.default.createDirectory(atPath: IntegrationTests.BoardBrowserTests.artifacts, withIntermediateDirectories: true)
+            _ = try browser.evaluate("document.getElementById('lab').scrollIntoView(); return true")
+            let picture = try browser.screenshot()
+            try picture.write(to: URL(fileURLWithPath: IntegrationTests.BoardBrowserTests.artifacts + "/board-lab.png"))
+            return (seen, picture)
+        }
+        let shown = try #require(try JSONSerialization.jsonObject(with: Data(seen.utf8)) as? [[String: Any]])
+        #expect(shown.map { $0["name"] as? String } == ["station-1 (this station)", "station-2"], "\(shown)")
+        #expect((shown.first?["figures"] as? String)?.contains("1 done, 0 failed today") == true, "\(shown)")
+        #expect(picture.count > 10_000)
+        // The database goes away: the last view stays, marked as not current.
+        let problem = try await offPool { () throws -> String in
+            try lab.database.stop()
+            try browser.waitUntil("the lab's problem banner", timeout: .seconds(300),
+                                  "const p = document.getElementById('lab-problem'); return !p.hidden && p.innerText.includes('not current')")
+            return try browser.evaluate("return JSON.stringify([document.getElementById('lab-problem').innerText, document.querySelectorAll('#lab .station').length])") as? String ?? ""
+        }
+        let banner = try #require(try JSONSerialization.jsonObject(with: Data(problem.utf8)) as? [Any])
+        #expect((banner.first as? String)?.contains("unreachable") == true, "\(banner)")
+        #expect(banner.last as? Int == 2)
+        _ = cards
+    }
+
     @Test("config check names a missing or world-readable password file; the daemon does not start without one")
     func passwordFileProblemsAreClear() async throws {
         let bench = try await offPool { try StationBench() }
