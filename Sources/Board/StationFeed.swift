@@ -187,7 +187,8 @@ final class StationFeed: Service, Sendable {
 /// Reads the lab's status every few seconds on a connection of its own (issue 18): the lab
 /// has no event stream (other stations' changes reach this daemon only through the shared
 /// database), so the lab section of the page lags by up to `interval`. A station that keeps
-/// its own ledger is asked again only rarely, in case a reload made it part of a lab. When
+/// its own ledger is asked again only every 30 s, on a connection opened for that question
+/// and closed after it (a reload may make it part of a lab). When
 /// the daemon is away this poller stays quiet: the station's feed reports that.
 final class LabPoller: @unchecked Sendable {
     // @unchecked: `state` is behind its mutex; the rest is immutable or used by the thread only.
@@ -227,7 +228,10 @@ final class LabPoller: @unchecked Sendable {
                 if let lab = try control?.labStatus() {
                     output.yield(.lab(lab))
                 } else {
+                    // No lab: no connection held for it either (the board keeps its two).
                     output.yield(.labUnavailable(nil))
+                    control = nil
+                    state.withLock { $0.open = nil }
                     wait = 30
                 }
             } catch let error as CLIError where error.status != 69 {
