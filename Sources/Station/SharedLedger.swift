@@ -54,9 +54,11 @@ public final class SharedLedger: Sendable {
     }
 
     /// Outbox entries not yet in the database, and whether the link is up.
-    public func outboxState() -> LabOutbox {
-        let pending = (try? local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") }) ?? nil
-        let reserved = (try? local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") }) ?? nil
+    public func outboxState() async -> LabOutbox {
+        let counts = try? await local.read { db in
+            (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox"), try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL"))
+        }
+        let pending = counts?.0, reserved = counts?.1
         return link.withLock { s in
             LabOutbox(database: config.display, connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
                       lastError: s.lastError, downSince: s.downSince)

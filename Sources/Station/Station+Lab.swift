@@ -8,7 +8,7 @@ extension Station {
     public func labStatus() async throws -> LabStatus {
         guard let shared = ledger.shared else { throw NotShared(station: config.name, ledger: ledger.path) }
         var status = try await shared.labStatus()
-        status.outbox = shared.outboxState()
+        status.outbox = await shared.outboxState()
         return status
     }
 

@@ -25,6 +25,12 @@ struct ConfigCommand: ParsableCommand {
                 let checks = c.loginChecks()
                 let verdict = checks.allSatisfy(\.problems.isEmpty) ? "ok" : "users who could never log in (below)"
                 print("\(file): \(verdict) — station \(c.name), \(c.slots.count) slot(s), profiles: \(c.profiles.keys.sorted().joined(separator: ", "))")
+                if let lab = c.lab {
+                    let password = lab.passwordFile.map { "password from \($0)" } ?? "password from ~/.pgpass, if it has one"
+                    print("  ledger: shared, \(lab.display) (\(password)); this station's copy and outbox: \(c.ledgerPath)")
+                } else {
+                    print("  ledger: \(c.ledgerPath)")
+                }
                 for slot in c.slots { print("  slot \(slot.name): \(slot.match) → \(slot.profile)") }
                 for warning in c.warnings { FileHandle.standardError.write(Data("warning: \(warning)\n".utf8)) }
                 for check in checks { print("  profile \(check.profile): \(check.capabilities?.description ?? check.note ?? "")") }

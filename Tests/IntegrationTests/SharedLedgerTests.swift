@@ -367,6 +367,12 @@ struct SharedLedgerTests {
         let loose = try await offPool { try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath]) }
         #expect(loose.status == 78)
         #expect(loose.stderr.contains("can be read by others (mode 644): chmod 600 it"), "\(loose.stderr)")
+        chmod(open, 0o600)
+        let fine = try await offPool { try Command.run([DaemonProcess.cliBinary, "config", "check", bench.configPath]) }
+        #expect(fine.status == 0, "\(fine)")
+        #expect(fine.stdout.contains("ledger: shared, postgresql://provision@127.0.0.1:1/lab (password from \(open))"), "\(fine.stdout)")
+        #expect(!fine.stdout.contains("secret") && !fine.stderr.contains("secret"))
+        chmod(open, 0o644)
         let started = await offPool { () -> String? in
             do { try bench.startDaemon(); return nil } catch { return "\(error)" }
         }
