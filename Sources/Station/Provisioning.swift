@@ -6,7 +6,8 @@ import Pipeline
 
 /// Who a unit is and which accounts it gets: from the operator's inventory when the station
 /// names one, else from the profile's `[[users]]`. The running sequence number is the job
-/// number, which the ledger makes unique and monotonic.
+/// number, which the ledger makes unique and monotonic; with a lab's shared ledger it is a
+/// number unique in the whole lab (`Ledger.unitSequence`).
 enum UnitPlan {
     static func make(profile: Profile, inventoryPath: String?, exportPath: String?, serial: String?, slot: String?, sequence: Int64) throws -> UnitProvisioning? {
         var users = profile.users.map(Self.spec)
