@@ -206,6 +206,22 @@ struct SharedLedgerTests {
             #expect(users == "5")
             #expect(outbox == "0")
         }
+        // Every row sent again, as after a crash between the database's commit and the
+        // outbox's delete: the replay changes nothing (the keys make each row a no-op).
+        let (before, after) = try await offPool { () throws -> (String, String) in
+            let count = "SELECT (SELECT count(*) FROM lab_job) || '|' || (SELECT count(*) FROM lab_job_event) || '|' || (SELECT count(*) FROM lab_job_user) || '|' || (SELECT count(*) FROM lab_unit WHERE job IS NOT NULL)"
+            let before = try lab.database.psql(count)
+            try Command.check(["sqlite3", "-cmd", ".timeout 10000", a.ledgerPath, """
+                INSERT INTO labOutbox (kind, jobId) SELECT 'job', id FROM job;
+                INSERT INTO labOutbox (kind, jobId, eventId) SELECT 'event', jobId, id FROM jobEvent;
+                INSERT INTO labOutbox (kind, jobId) SELECT 'users', id FROM job;
+                INSERT INTO labOutbox (kind, jobId, unitNumber) SELECT 'unit', jobId, number FROM labUnit WHERE jobId IS NOT NULL;
+                """])
+            try lab.waitUntilCaughtUp()
+            return (before, try lab.database.psql(count))
+        }
+        #expect(before.hasPrefix("10|") && before.hasSuffix("|10|10"), "\(before)")
+        #expect(after == before, "a replay added rows: \(before) → \(after)")
         // The lab's view through either station's daemon.
         let (all, onlyA, table, lines) = try await offPool { () throws -> (CommandOutput, CommandOutput, CommandOutput, CommandOutput) in
             (try b.cli(["jobs", "--lab", "--json", "--limit", "100"]), try b.cli(["jobs", "--lab", "--station", "station-1", "--json"]),
