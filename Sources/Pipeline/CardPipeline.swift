@@ -66,7 +66,11 @@ public final class CardPipeline: Sendable {
         if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
         card = CardIdentity.read(target, facts: facts)
         if let card, let refusal = job.knownCard?(card) { throw CardFailure(.refused, refusal) }
-        let probe = try probeCapacity(target, media: media)
+        // What the image overwrites next need not be restored after a passed probe: all of
+        // it without a bmap, its mapped ranges with one (the others keep what they held).
+        let overwritten: [Range<UInt64>] = bmap.map { $0.mappedByteRanges.map { $0.start..<$0.end } }
+            ?? source.uncompressedSizeHint.map { [0..<$0] } ?? []
+        let probe = try probeCapacity(target, media: media, overwritten: overwritten)
 
         var options = WriteOptions()
         options.cancellation = cancellation
@@ -124,11 +128,11 @@ public final class CardPipeline: Sendable {
     /// The capacity probe (issue 16) on a block device, unless the job turned it off: a card
     /// that stores less than it claims is refused before the first image byte, and is left
     /// as it was (the probe restores what it overwrote).
-    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?) throws(CardFailure) -> CapacityProbe.Result? {
+    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?, overwritten: [Range<UInt64>]) throws(CardFailure) -> CapacityProbe.Result? {
         guard job.probeCapacity, target.kind == .blockDevice else { return nil }
         do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
         let result: CapacityProbe.Result
-        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target) } catch {
+        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target, overwritten: overwritten) } catch {
             throw CardFailure(.image(.ioError), error.description)
         }
         if let refusal = result.refusal {
