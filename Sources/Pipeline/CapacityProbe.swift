@@ -11,17 +11,21 @@ import ImageIO
 /// Where the blocks go, and why there:
 /// - offset 0 and every power of two up to the claimed size: a counterfeit controller
 ///   usually ignores the high address bits, so a card that stores 2^m bytes puts offset
-///   2^m onto offset 0. The blocks are written from the highest offset down, so the lower
-///   block of an aliasing pair is written last and survives: the higher one reads back the
-///   lower one's tag, which says where it landed.
+///   2^m onto offset 0. The single blocks are written from the highest offset down, so the
+///   lower block of an aliasing pair is written last and survives: the higher one reads
+///   back the lower one's tag, which says where it landed.
 /// - a wrap at any other size R (a card whose controller counts modulo its real size, or
 ///   the FUSE fake card in the tests) lands offset p on p mod R, which only shows if a
-///   block of the probe is there. Every block of the first `window` bytes is probed (one
-///   sequential run, cheap), and single blocks `window` apart run down from the end over the
-///   upper half of the card: for any R some multiple kR falls between two of those, so the
-///   one above it lands inside the first window. (A baby-step giant-step cover: about
-///   2·√(size·block) bytes, 4 MiB and 256 single blocks on a 2 GiB card, instead of
-///   writing the whole card as f3write does.) Any collision gives a multiple of R;
+///   block of the probe is there. Every block of the first `window` bytes is probed, in
+///   runs of 1 MiB (cheap: sequential), and "wrap catchers" `window` apart run down from
+///   the end over the upper half of the card: for any R some multiple kR falls between two
+///   of them, so the one above it lands inside the window. The window is written first and
+///   read back last, so a catcher that landed there shows in the window's read-back and
+///   needs no read of its own. (A baby-step giant-step cover: a 4 MiB window and 256
+///   catchers on a 2 GiB card, instead of writing the whole card as f3write does; the
+///   window's size balances its bytes against the catchers' random writes, each worth
+///   some 8 KiB of sequential transfer (measured on the throttled loop card of
+///   benchmarks/probe.sh: 2 and 8 MiB windows cost more).) Any collision gives a multiple of R;
 ///   dividing it down while the card still aliases there gives R exactly.
 /// - the last block: a card that drops writes past its real size (or returns zeros
 ///   there) fails it whatever that size is.
@@ -84,12 +88,15 @@ public enum CapacityProbe {
         public let window: UInt64
         /// Single blocks above the window, highest first (the order they are written in).
         public let singles: [UInt64]
+        /// Those of `singles` that only catch wraps: not read back (the window shows them).
+        public let catchers: Set<UInt64>
     }
 
-    /// The first window: the power of two at or above √(size/2 · block), at least 1 MiB, so
-    /// that `window` × (number of wrap catchers) covers half the card with the fewest bytes.
+    /// The first window: the power of two at or above √(size/2 · 8 KiB), at least 1 MiB:
+    /// `window` × (number of catchers) covers half the card, and the window's bytes cost
+    /// about what the catchers' random I/O does.
     static func window(size: UInt64, block: Int) -> UInt64 {
-        let ideal = (Double(size / 2) * Double(block)).squareRoot()
+        let ideal = (Double(size / 2) * 8192).squareRoot()
         var w: UInt64 = 1 << 20
         while Double(w) < ideal { w <<= 1 }
         return min(w, size / UInt64(block) * UInt64(block))
@@ -109,6 +116,7 @@ public enum CapacityProbe {
         }
         let step = size / UInt64(gridPositions)
         for i in 1..<UInt64(gridPositions) { set.insert(min(last, i * step / b * b)) }
+        let readBack = set
         // Wrap catchers: from the last block down, `window` apart, until half the card
         // (and the window itself) is covered.
         // The blocks cover (lowest − window, last]; a wrap at R below that has a multiple
@@ -119,7 +127,7 @@ public enum CapacityProbe {
             if catcher - window <= last / 2 { break }
             catcher -= window
         }
-        return Layout(window: window, singles: set.filter { $0 >= window }.sorted(by: >))
+        return Layout(window: window, singles: set.filter { $0 >= window }.sorted(by: >), catchers: set.subtracting(readBack))
     }
 
     /// Every offset probed on a card of `size` bytes, highest first.
@@ -154,14 +162,14 @@ public enum CapacityProbe {
             run += UInt64(runBytes)
         }
         for p in layout.singles { try session.save(p, bytes: block) }
-        // Highest first, the window last: of two offsets that collide the lower survives.
-        for p in layout.singles { try session.writeTags(p, bytes: block) }
-        var down = (layout.window - 1) / UInt64(runBytes) * UInt64(runBytes)
-        while true {
-            try session.writeTags(down, bytes: Int(min(UInt64(runBytes), layout.window - down)))
-            if down == 0 { break }
-            down -= UInt64(runBytes)
+        // The window first; then the single blocks highest first: of two single blocks that
+        // collide the lower survives, and a block landing in the window overwrites it there.
+        run = 0
+        while run < layout.window {
+            try session.writeTags(run, bytes: Int(min(UInt64(runBytes), layout.window - run)))
+            run += UInt64(runBytes)
         }
+        for p in layout.singles { try session.writeTags(p, bytes: block) }
         try session.flush()
 
         var lowestBad: UInt64?
@@ -170,12 +178,14 @@ public enum CapacityProbe {
             switch found {
             case .itself: return
             case .other(let q):
-                // Both offsets land on one place: the real size divides their distance.
+                // Both offsets land on one place: the real size divides their distance, and
+                // the higher of the two is the one the card does not store.
                 let distance = p > q ? p - q : q - p
                 collision = min(collision ?? .max, distance)
-            case .foreign: break
+                lowestBad = min(lowestBad ?? .max, max(p, q))
+            case .foreign:
+                lowestBad = min(lowestBad ?? .max, p)
             }
-            lowestBad = min(lowestBad ?? .max, p)
         }
         run = 0
         while run < layout.window {
@@ -183,7 +193,7 @@ public enum CapacityProbe {
             for (i, found) in try session.readTags(run, bytes: bytes).enumerated() { judge(run + UInt64(i) * b, found) }
             run += UInt64(runBytes)
         }
-        for p in layout.singles.reversed() { judge(p, try session.readTags(p, bytes: block)[0]) }
+        for p in layout.singles.reversed() where !layout.catchers.contains(p) { judge(p, try session.readTags(p, bytes: block)[0]) }
         var blocks = Int(layout.window / b) + layout.singles.count
 
         guard let lowestBad else {

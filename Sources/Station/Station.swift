@@ -272,7 +272,8 @@ public actor Station {
                 let repaired = result.write.repairedAt.map { at in
                     "done after a repair (the card returned other data at byte \(at.map(String.init).joined(separator: ", byte ")) once; rewritten and read back right)"
                 }
-                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card", unit: result.unit,
+                let slow = await slowCardNote(result).map { "; " + $0 } ?? ""
+                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card" + slow, unit: result.unit,
                                  users: result.unit == nil ? nil : result.accounts.map { UnitAccount($0) })
             case .failed(let failure):
                 await transition(id, to: .failed, message: failure.message)
