@@ -159,7 +159,15 @@ public final class CardPipeline: Sendable {
 
     private func supply(bmap: Bmap?) throws(CardFailure) -> SuppliedImage {
         do throws(ImageIOError) {
-            if let supplier = job.supplier { return try supplier.supply(image: job.image, bmap: bmap) }
+            if let supplier = job.supplier {
+                // The station downloads an image named by URL before the first byte (issue
+                // 17): the card is "downloading" meanwhile, with the download's progress.
+                let meter = DownloadMeter(interval: job.progressInterval, url: job.image)
+                let sink = self.sink
+                return try supplier.supply(image: job.image, bmap: bmap) { received, total in
+                    if let report = meter.report(received: received, total: total) { sink.receive(report) }
+                }
+            }
             if HTTPImage.isURL(job.image) {
                 // Streamed as it downloads: no copy for a single card (the source holds the
                 // download and ends it with itself).
@@ -170,6 +178,38 @@ public final class CardPipeline: Sendable {
         } catch {
             throw CardFailure(error)
         }
+    }
+}
+
+/// The station's download of a card's image as reports: the `downloading` stage once, then
+/// its progress (bytes, rate, ETA where the server announced a length) at most once per
+/// interval. Called from the downloading thread only.
+private final class DownloadMeter: @unchecked Sendable {
+    let interval: Duration
+    let url: String
+    let started = ContinuousClock.now
+    var last: ContinuousClock.Instant?
+
+    init(interval: Duration, url: String) {
+        self.interval = interval
+        self.url = url
+    }
+
+    func report(received: UInt64, total: UInt64?) -> CardReport? {
+        let now = ContinuousClock.now
+        let seconds = (now - started) / .seconds(1)
+        let rate = seconds > 0 ? Double(received) / seconds : 0
+        let eta = total.flatMap { t in rate > 0 && t >= received ? Double(t - received) / rate : nil }
+        var p = WriteProgress(phase: .preparing, bytesDone: received, bytesTotal: total, bytesPerSecond: rate, secondsRemaining: eta)
+        p.bytesDownloaded = received
+        p.downloadTotal = total
+        guard let last else {
+            self.last = now
+            return .stage(.downloading, note: "downloading \(url)", unit: nil, progress: p)
+        }
+        guard now - last >= interval || (total != nil && received == total) else { return nil }
+        self.last = now
+        return .progress(p)
     }
 }
 
