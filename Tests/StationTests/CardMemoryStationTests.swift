@@ -71,6 +71,35 @@ struct CardMemoryStationTests {
         #expect(started.job.knownCard?(card) == nil)
     }
 
+    @Test("a card waiting for its image from a server is 'downloading', with the download's progress, then writing")
+    func downloadingIsAStateWithProgress() async throws {
+        let f = try await base.fixture()
+        defer { f.card.close() }
+        let events = await f.station.subscribe()
+        await f.station.handle(.block(.add, f.facts))
+        let started = try await base.nextStarted(f.runner)
+        func download(_ bytes: UInt64) -> WriteProgress {
+            var p = WriteProgress(phase: .preparing, bytesDone: bytes, bytesTotal: 4 << 20, bytesPerSecond: 1e6, secondsRemaining: 3)
+            p.bytesDownloaded = bytes
+            p.downloadTotal = 4 << 20
+            return p
+        }
+        started.reports.yield(.stage(.downloading, note: "downloading https://build.example/unit.img", unit: nil, progress: download(0)))
+        started.reports.yield(.progress(download(1 << 20)))
+        started.reports.yield(.stage(.writing, note: "raw image", unit: nil, progress: nil))
+        started.reports.yield(.finished(.cancelled("cancelled")))
+        started.reports.finish()
+        let seen = try await base.jobEventsUntilFinal(events)
+        let downloading = seen.filter { $0.state == .downloading }
+        #expect(downloading.first?.message == "downloading https://build.example/unit.img")
+        #expect(downloading.contains { $0.progress?.bytesDone == 1 << 20 && $0.progress?.bytesTotal == 4 << 20 }, "\(downloading)")
+        let states = seen.map(\.state)
+        #expect(states.firstIndex(of: .downloading)! < states.firstIndex(of: .writing)!, "\(states)")
+        // In the ledger's history too (a new word in the same field for `--json` readers).
+        let recorded = try Command.check(["sqlite3", f.ledgerPath, "SELECT message FROM jobEvent WHERE state = 'downloading'"]).stdout
+        #expect(recorded == "downloading https://build.example/unit.img\n", "\(recorded)")
+    }
+
     @Test("a card much slower than its peers says so, with its speed and rating, in the done message")
     func slowCardIsSaidInTheDoneMessage() async throws {
         let f = try await base.fixture()
