@@ -2,6 +2,7 @@
 # Issue 17: every image format, provision vs bmaptool copy (3.6), to a file target, with and
 # without a bmap. Each result is checked with cmp against the image. Prints a Markdown table.
 #   bash benchmarks/formats.sh [BIN_DIR]     (default: .build/debug; use a release build for speed)
+# Then gzip, xz and zstd through provision's own decoders and through libarchive.
 set -euo pipefail
 BIN=${1:-$(cd "$(dirname "$0")/.." && pwd)/.build/debug}
 W=$(mktemp -d /var/tmp/provision-formats.XXXXXX)
@@ -46,6 +47,31 @@ for f in raw gz xz zst bz2 lz4 lzo zip tar.gz tar.xz; do
   rm -f out.img; r=$(seconds bmaptool -q copy --bmap disk.img.bmap "$n" out.img); row+=" $(check "$r") |"
   rm -f out.img; r=$(seconds "$BIN/provision" write --yes --nobmap "$n" out.img); row+=" $(check "$r") |"
   rm -f out.img; r=$(seconds bmaptool -q copy --nobmap "$n" out.img); row+=" $(check "$r") |"
+  echo "$row"
+  rm -f "$n"
+done
+
+# gzip, xz and zstd: provision's own decoders against the same streams read through
+# libarchive (PROVISION_DECODER=libarchive, a switch for this measurement only), no bmap so
+# every byte is decoded; the median of 3 runs, each result checked with cmp.
+echo
+echo "| format | provision native decoder | through libarchive |"
+echo "|---|---|---|"
+median3() { sort -g | sed -n 2p; }
+for f in gz xz zst; do
+  pack $f
+  n=$(name $f)
+  row="| $f |"
+  for dec in native libarchive; do
+    : > times.txt
+    for i in 1 2 3; do
+      rm -f out.img
+      PROVISION_DECODER=$dec /usr/bin/time -f %e -o t.txt "$BIN/provision" write --yes --nobmap "$n" out.img >/dev/null 2>err.txt || { echo "fails: $(tail -1 err.txt)"; exit 1; }
+      cmp -s disk.img out.img || { echo "$f via $dec: result differs from the image"; exit 1; }
+      cat t.txt >> times.txt
+    done
+    row+=" $(median3 < times.txt) s |"
+  done
   echo "$row"
   rm -f "$n"
 done

@@ -100,6 +100,19 @@ struct CardMemoryStationTests {
         #expect(recorded == "downloading https://build.example/unit.img\n", "\(recorded)")
     }
 
+    @Test("a profile's probe = false turns the capacity probe off for its cards; it is on by default")
+    func profileProbeFalseTurnsTheProbeOff() async throws {
+        for (lines, expected) in [("probe = false", false), ("", true)] {
+            let f = try await base.fixture(profileLines: lines)
+            defer { f.card.close() }
+            await f.station.handle(.block(.add, f.facts))
+            let started = try await base.nextStarted(f.runner)
+            #expect(started.job.probeCapacity == expected, "profile lines: \(lines)")
+            started.reports.yield(.finished(.cancelled("cancelled")))
+            started.reports.finish()
+        }
+    }
+
     @Test("a card much slower than its peers says so, with its speed and rating, in the done message")
     func slowCardIsSaidInTheDoneMessage() async throws {
         let f = try await base.fixture()
