@@ -31,7 +31,8 @@ import ImageIO
 ///   there) fails it whatever that size is.
 /// - an even grid of `gridPositions` blocks: a dropping card's real size is bracketed
 ///   within 1/gridPositions of the claimed size, then narrowed to 1 MiB by bisection with
-///   single blocks.
+///   single blocks (16, not more: each grid block costs every card four small I/Os, each
+///   halving of the bracket only a refused card one flush and three).
 ///
 /// What the blocks overwrite is read first and written back on every ending — except, on
 /// a card that passed, what the image is about to overwrite (`overwritten`: the whole
@@ -76,7 +77,7 @@ public enum CapacityProbe {
     }
 
     /// Blocks of the even grid.
-    static let gridPositions = 64
+    static let gridPositions = 16
     /// The estimate of a dropping card's real size is narrowed to this.
     static let precision: UInt64 = 1 << 20
     /// The first window is read, written and read back in runs of this many bytes.
@@ -149,9 +150,19 @@ public enum CapacityProbe {
         }
         let nonce = UInt64.random(in: 1...UInt64.max)
         var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce)
-        var passed = false
-        defer { session.restore(skipping: passed ? overwritten : []) }
+        let found: (realBytes: UInt64?, blocks: Int)
+        do throws(Failure) { found = try examine(&session, size: size, block: block) } catch {
+            session.restore(skipping: [])
+            throw error
+        }
+        // The restore is part of the probe's cost: timed with it.
+        session.restore(skipping: found.realBytes == nil ? overwritten : [])
+        return Result(claimedBytes: size, realBytes: found.realBytes, blocks: found.blocks, seconds: seconds(since: started))
+    }
 
+    /// Writes, reads back and judges the blocks; what the card really stores (nil: all it
+    /// claims) and how many blocks that took. Everything it overwrites is saved in `session`.
+    private static func examine(_ session: inout Session, size: UInt64, block: Int) throws(Failure) -> (realBytes: UInt64?, blocks: Int) {
         let layout = layout(size: size, block: block)
         let b = UInt64(block)
         // Saved first, all of it, before any probe write: two offsets that share one place on
@@ -197,8 +208,7 @@ public enum CapacityProbe {
         var blocks = Int(layout.window / b) + layout.singles.count
 
         guard let lowestBad else {
-            passed = true
-            return Result(claimedBytes: size, realBytes: nil, blocks: blocks, seconds: seconds(since: started))
+            return (nil, blocks)
         }
         if var multiple = collision {
             // `multiple` is a multiple of the real size R: divide it by each of its prime
@@ -222,12 +232,13 @@ public enum CapacityProbe {
                 }
             }
             if multiple <= lowestBad {
-                return Result(claimedBytes: size, realBytes: multiple, blocks: blocks, seconds: seconds(since: started))
+                return (multiple, blocks)
             }
         }
         // Dropped (or garbled) past some size: between the highest good block below the
         // lowest bad one and that bad one, one block at a time.
-        var good = positions(size: size, block: block).filter { $0 < lowestBad }.max() ?? 0
+        // (Only blocks that were read back count as good: a catcher was not.)
+        var good = positions(size: size, block: block).filter { $0 < lowestBad && !layout.catchers.contains($0) }.max() ?? 0
         var bad = lowestBad
         while bad - good > precision {
             let mid = (good + (bad - good) / 2) / b * b
@@ -238,7 +249,7 @@ public enum CapacityProbe {
             blocks += 1
             if case .itself = try session.readTags(mid, bytes: block)[0] { good = mid } else { bad = mid }
         }
-        return Result(claimedBytes: size, realBytes: bad, blocks: blocks, seconds: seconds(since: started))
+        return (bad, blocks)
     }
 
     private static func seconds(since start: ContinuousClock.Instant) -> Double {

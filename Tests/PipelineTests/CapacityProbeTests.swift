@@ -30,7 +30,7 @@ struct CapacityProbeTests {
         #expect(result.claimedBytes == 64 << 20)
     }
 
-    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288] as [Int64])
+    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288, (52 << 20) + 4096, (3 << 20) + 8192] as [Int64])
     func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
         let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
         defer { fake.close() }
