@@ -12,7 +12,7 @@ cd "$W"
 # 256 MiB with 64 MiB of data in two runs (shared libraries: they compress like a root file
 # system), holes elsewhere.
 truncate -s 256M disk.img
-find /usr/lib/x86_64-linux-gnu -name '*.so*' -type f -size +100k 2>/dev/null | head -400 | xargs cat 2>/dev/null | head -c 64M > data.bin
+find /usr/lib/x86_64-linux-gnu -name '*.so*' -type f -size +100k 2>/dev/null | head -400 | xargs cat 2>/dev/null | head -c 64M > data.bin || true  # head closes the pipe early: not a failure
 dd if=data.bin of=disk.img bs=1M count=32 seek=4 conv=notrunc status=none
 dd if=data.bin of=disk.img bs=1M skip=32 count=32 seek=100 conv=notrunc status=none
 bmaptool -q create -o disk.img.bmap disk.img

@@ -1,7 +1,8 @@
 import Foundation
 import ImageHTTP
 import Pipeline
-import Station
+@testable import Station
+import Logging
 @testable import ImageIO
 import Testing
 import TestSupport
@@ -405,7 +406,18 @@ struct StationDownloadFailureTests {
         let expected = try Command.check(["sha256sum", image]).stdout.prefix(64)
         #expect(try second.sha256(bytes: 4 << 20) == String(expected))
         #expect(server.requests.filter { $0.hasPrefix("GET /unit.img ") }.count == 2, "\(server.requests)")
-        // From now on the station knows what the image needs on a card, before any download.
+        // From now on the station knows what the image needs on a card, before any download:
+        // its too-small check (the safety policy's minimum size) uses it.
         #expect(cache.knownImageSize(url: url) == 4 << 20)
+        let config = try StationConfig.parse(text: """
+            [station]
+            name = "downloads"
+            ledger = "\(scratch.file("ledger.sqlite"))"
+            [profiles.net]
+            image = "\(url)"
+            """, file: scratch.file("station.toml"))
+        let station = Station(config: config, ledger: try Ledger(path: config.ledgerPath), logger: Logger(label: "test"), cache: cache)
+        let profile = try #require(config.profiles["net"])
+        #expect(await station.minimumSize(of: profile) == 4 << 20)
     }
 }
