@@ -415,6 +415,10 @@ struct StationDownloadFailureTests {
             ledger = "\(scratch.file("ledger.sqlite"))"
             [profiles.net]
             image = "\(url)"
+            [[slots]]
+            name = "S1"
+            match = "platform-none"
+            profile = "net"
             """, file: scratch.file("station.toml"))
         let station = Station(config: config, ledger: try Ledger(path: config.ledgerPath), logger: Logger(label: "test"), cache: cache)
         let profile = try #require(config.profiles["net"])
