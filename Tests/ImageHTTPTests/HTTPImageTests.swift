@@ -265,11 +265,11 @@ struct WriteCommandURLTests {
     func showsDownloadProgress() throws {
         let out = scratch.file("cli-progress.img")
         // stderr is no terminal here: the progress comes as lines.
-        let r = try Command.run([DaemonProcess.cliBinary, "write", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(120))
+        let r = try Command.run([DaemonProcess.cliBinary, "write", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(300))
         #expect(r.status == 0, "\(r)")
         #expect(r.stderr.contains(" · downloaded 6 MiB of 6 MiB (100%)"), "\(r.stderr)")
         // JSON readers get the same numbers in each progress object.
-        let j = try Command.run([DaemonProcess.cliBinary, "write", "--json", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(120))
+        let j = try Command.run([DaemonProcess.cliBinary, "write", "--json", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(300))
         #expect(j.stdout.contains("\"bytesDownloaded\":\(6 << 20)") && j.stdout.contains("\"downloadTotal\":\(6 << 20)"), "\(j.stdout)")
     }
 
@@ -377,11 +377,12 @@ struct StationDownloadFailureTests {
         let cache = try ImageCacheStore(directory: scratch.file("cache"), limit: 1 << 30)
         // Breaks off after 1.5 MB on the first GET, and cannot be resumed (no ranges).
         let url = server.url("unit.img", "dropfirst=1500000&ranges=0")
-        let first = try LoopCard(label: "dl-fail", size: 8 << 20)
+        // Loop devices made, and hashed, off the concurrency pool (blocking work).
+        let first = try await TestSupport.offPool { try LoopCard(label: "dl-fail", size: 8 << 20) }
         defer { first.close() }
-        let second = try LoopCard(label: "dl-retry", size: 8 << 20)
+        let second = try await TestSupport.offPool { try LoopCard(label: "dl-retry", size: 8 << 20) }
         defer { second.close() }
-        let blank = try first.sha256()
+        let blank = try await TestSupport.offPool { try first.sha256() }
 
         let (failed, failedReports) = await TestSupport.offPool { self.card(url, cache: cache, device: first.devicePath) }
         guard case .failed(let failure) = failed else {
@@ -390,7 +391,7 @@ struct StationDownloadFailureTests {
         }
         #expect(failure.message.contains(url) && failure.message.contains("does not allow resuming"), "\(failure.message)")
         #expect(failedReports.stages == [.downloading], "it was downloading, and never began writing: \(failedReports.stages)")
-        #expect(try first.sha256() == blank, "nothing of the half download reached the card")
+        #expect(try await TestSupport.offPool { try first.sha256() } == blank, "nothing of the half download reached the card")
         #expect(cache.knownImageSize(url: url) == nil)
 
         let (done, doneReports) = await TestSupport.offPool { self.card(url, cache: cache, device: second.devicePath) }
@@ -403,8 +404,8 @@ struct StationDownloadFailureTests {
         // Its progress went up to the whole announced length.
         #expect(doneReports.downloadProgress.last?.bytesDone == 4 << 20 && doneReports.downloadProgress.last?.bytesTotal == 4 << 20,
                 "\(doneReports.downloadProgress.last.map { "\($0)" } ?? "no progress")")
-        let expected = try Command.check(["sha256sum", image]).stdout.prefix(64)
-        #expect(try second.sha256(bytes: 4 << 20) == String(expected))
+        let expected = try await TestSupport.offPool { String(try Command.check(["sha256sum", image]).stdout.prefix(64)) }
+        #expect(try await TestSupport.offPool { try second.sha256(bytes: 4 << 20) } == expected)
         #expect(server.requests.filter { $0.hasPrefix("GET /unit.img ") }.count == 2, "\(server.requests)")
         // From now on the station knows what the image needs on a card, before any download:
         // its too-small check (the safety policy's minimum size) uses it.

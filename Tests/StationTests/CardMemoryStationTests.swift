@@ -96,7 +96,8 @@ struct CardMemoryStationTests {
         let states = seen.map(\.state)
         #expect(states.firstIndex(of: .downloading)! < states.firstIndex(of: .writing)!, "\(states)")
         // In the ledger's history too (a new word in the same field for `--json` readers).
-        let recorded = try Command.check(["sqlite3", f.ledgerPath, "SELECT message FROM jobEvent WHERE state = 'downloading'"]).stdout
+        let path = f.ledgerPath
+        let recorded = try await TestSupport.offPool { try Command.check(["sqlite3", path, "SELECT message FROM jobEvent WHERE state = 'downloading'"]).stdout }
         #expect(recorded == "downloading https://build.example/unit.img\n", "\(recorded)")
     }
 
