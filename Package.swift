@@ -122,7 +122,7 @@ let package = Package(
             "ImageIO", "BlockDevices", "Tegra", "ProvisionCShims",
         ]),
         .testTarget(name: "ImageIOTests", dependencies: ["ImageIO", "BlockDevices", "TestSupport"]),
-        .testTarget(name: "ImageHTTPTests", dependencies: ["ImageHTTP", "ImageIO", "Station", "TestSupport"],
+        .testTarget(name: "ImageHTTPTests", dependencies: ["ImageHTTP", "ImageIO", "Pipeline", "Station", "TestSupport"],
                     exclude: ["imageserver.py"]),
         .testTarget(name: "BlockDevicesTests", dependencies: ["BlockDevices", "TestSupport"]),
         .testTarget(name: "AccountsTests", dependencies: ["Accounts", "TestSupport"]),

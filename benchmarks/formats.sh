@@ -2,6 +2,7 @@
 # Issue 17: every image format, provision vs bmaptool copy (3.6), to a file target, with and
 # without a bmap. Each result is checked with cmp against the image. Prints a Markdown table.
 #   bash benchmarks/formats.sh [BIN_DIR]     (default: .build/debug; use a release build for speed)
+# Then gzip, xz and zstd through provision's own decoders and through libarchive.
 set -euo pipefail
 BIN=${1:-$(cd "$(dirname "$0")/.." && pwd)/.build/debug}
 W=$(mktemp -d /var/tmp/provision-formats.XXXXXX)
@@ -11,7 +12,7 @@ cd "$W"
 # 256 MiB with 64 MiB of data in two runs (shared libraries: they compress like a root file
 # system), holes elsewhere.
 truncate -s 256M disk.img
-find /usr/lib/x86_64-linux-gnu -name '*.so*' -type f -size +100k 2>/dev/null | head -400 | xargs cat 2>/dev/null | head -c 64M > data.bin
+find /usr/lib/x86_64-linux-gnu -name '*.so*' -type f -size +100k 2>/dev/null | head -400 | xargs cat 2>/dev/null | head -c 64M > data.bin || true  # head closes the pipe early: not a failure
 dd if=data.bin of=disk.img bs=1M count=32 seek=4 conv=notrunc status=none
 dd if=data.bin of=disk.img bs=1M skip=32 count=32 seek=100 conv=notrunc status=none
 bmaptool -q create -o disk.img.bmap disk.img
@@ -46,6 +47,31 @@ for f in raw gz xz zst bz2 lz4 lzo zip tar.gz tar.xz; do
   rm -f out.img; r=$(seconds bmaptool -q copy --bmap disk.img.bmap "$n" out.img); row+=" $(check "$r") |"
   rm -f out.img; r=$(seconds "$BIN/provision" write --yes --nobmap "$n" out.img); row+=" $(check "$r") |"
   rm -f out.img; r=$(seconds bmaptool -q copy --nobmap "$n" out.img); row+=" $(check "$r") |"
+  echo "$row"
+  rm -f "$n"
+done
+
+# gzip, xz and zstd: provision's own decoders against the same streams read through
+# libarchive (PROVISION_DECODER=libarchive, a switch for this measurement only), no bmap so
+# every byte is decoded; the median of 3 runs, each result checked with cmp.
+echo
+echo "| format | provision native decoder | through libarchive |"
+echo "|---|---|---|"
+median3() { sort -g | sed -n 2p; }
+for f in gz xz zst; do
+  pack $f
+  n=$(name $f)
+  row="| $f |"
+  for dec in native libarchive; do
+    : > times.txt
+    for i in 1 2 3; do
+      rm -f out.img
+      PROVISION_DECODER=$dec /usr/bin/time -f %e -o t.txt "$BIN/provision" write --yes --nobmap "$n" out.img >/dev/null 2>err.txt || { echo "fails: $(tail -1 err.txt)"; exit 1; }
+      cmp -s disk.img out.img || { echo "$f via $dec: result differs from the image"; exit 1; }
+      cat t.txt >> times.txt
+    done
+    row+=" $(median3 < times.txt) s |"
+  done
   echo "$row"
   rm -f "$n"
 done

@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-BIN=$(swift build --show-bin-path)
+BIN=${PROVISION_BIN:-$(swift build --show-bin-path)}  # PROVISION_BIN: a copy, so a rebuild meanwhile does not matter
 [ -x "$BIN/provision" ] || { echo "probe.sh: build first (swift build)" >&2; exit 1; }
 WORK=$(mktemp -d "$BACKING/provision-probe-bench-XXXXXX")
 LOOP=""

@@ -190,6 +190,7 @@ public struct BoardState: Sendable {
     static func look(_ state: JobState) -> (BoardSnapshot.Tile.Tone, String) {
         switch state {
         case .queued: return (.busy, "queued")
+        case .downloading: return (.busy, "downloading")
         case .writing, .syncing: return (.busy, "writing")
         case .verifying, .checking: return (.verifying, state == .checking ? "checking" : "verifying")
         case .injecting: return (.injecting, "injecting")

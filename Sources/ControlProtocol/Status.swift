@@ -2,7 +2,9 @@ import Foundation
 
 /// A job's life (DESIGN.md §2). A state is announced only after the ledger recorded it.
 public enum JobState: String, Codable, Sendable, CaseIterable {
-    case queued, writing, syncing, verifying, injecting, checking
+    /// `downloading`: the card waits for its image from a server (issue 17); a new value
+    /// of the same string field, so `--json` readers see one more word, nothing renamed.
+    case queued, downloading, writing, syncing, verifying, injecting, checking
     // Tegra boards in USB recovery:
     case rcm, miniloader, bct, bootloader, flashingOnDevice = "flashing-on-device"
     case done, failed, cancelled

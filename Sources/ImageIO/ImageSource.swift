@@ -20,6 +20,9 @@ public final class ImageSource: @unchecked Sendable {
         return "tar.\(archiveFilter.rawValue)"
     }
     private let forcesRaw: Bool
+    /// gzip, xz or zstd read through libarchive instead of our decoders: only for
+    /// benchmarks/formats.sh, which measures both (`PROVISION_DECODER=libarchive`).
+    private var viaLibarchive = false
     /// The compressed (on-disk) size of the file.
     public let fileSize: UInt64
     /// The uncompressed size when the container says so (raw: the file size; zstd: the frame
@@ -119,7 +122,9 @@ public final class ImageSource: @unchecked Sendable {
         self.fd = fd
         self.format = kind.format
         self.archiveFilter = kind.filter
-        self.decoder = kind.format.isNative ? makeDecoder(kind.format) : nil
+        self.viaLibarchive = kind.format.isNative && kind.format != .raw && fill == nil
+            && getenv("PROVISION_DECODER").map { String(cString: $0) } == "libarchive"
+        self.decoder = kind.format.isNative && !viaLibarchive ? makeDecoder(kind.format) : nil
         self.checksStreamChecksum = decoder != nil || kind.format.isCompressor || kind.format == .zip || kind.filter != nil
         self.uncompressedSizeHint = sizeHint ?? kind.size ?? ImageSource.sizeHint(fd: fd, format: kind.format, fileSize: UInt64(st.st_size))
     }
@@ -229,7 +234,7 @@ public final class ImageSource: @unchecked Sendable {
 
     /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
     public func read(into destination: UnsafeMutableRawPointer, count: Int) throws(ImageIOError) -> Int {
-        guard decoder != nil || !format.isNative else {
+        guard decoder != nil || !format.isNative || viaLibarchive else {
             try fill?.wait(upTo: position + UInt64(count))
             switch Syscall.preadFully(fd, destination, count, position) {
             case .success(let n): position += UInt64(n); return n
@@ -258,7 +263,7 @@ public final class ImageSource: @unchecked Sendable {
     /// Decodes up to `count` bytes into `destination`, or drops them (nil: a skip; decoders
     /// that cannot drop in place decode into `scratch`).
     private func decode(_ count: Int, into destination: UnsafeMutableRawPointer?, scratch: UnsafeMutableRawBufferPointer?) throws(ImageIOError) -> Int {
-        if !format.isNative { return try readArchive(count, into: destination, scratch: scratch) }
+        if !format.isNative || viaLibarchive { return try readArchive(count, into: destination, scratch: scratch) }
         guard let decoder else { return 0 }
         func step(_ input: UnsafeRawBufferPointer, filled: Int, atEnd: Bool) throws(DecodeFailure) -> (consumed: Int, produced: Int, finished: Bool) {
             if let destination {
@@ -358,7 +363,7 @@ public final class ImageSource: @unchecked Sendable {
     /// Skips `count` uncompressed bytes (an unmapped bmap range): a seek for raw images,
     /// decode-and-discard for compressed ones.
     public func skip(_ count: UInt64, scratch: UnsafeMutableRawBufferPointer) throws(ImageIOError) {
-        if decoder == nil && format.isNative { position += count; return }
+        if decoder == nil && format.isNative && !viaLibarchive { position += count; return }
         var left = count
         while left > 0 {
             let n = try decode(Int(min(left, 1 << 30)), into: nil, scratch: scratch)

@@ -10,22 +10,38 @@ import ImageIO
 ///
 /// Where the blocks go, and why there:
 /// - offset 0 and every power of two up to the claimed size: a counterfeit controller
-///   ignores the high address bits, so a card that stores 2^m bytes puts offset 2^m onto
-///   offset 0 (and 2^m + 2^k onto 2^k). The blocks are written from the highest offset
-///   down, so the lower block of an aliasing pair is written last and survives: the
-///   higher one reads back the lower one's tag, which says where it landed, and the real
-///   size is the distance between the two.
+///   usually ignores the high address bits, so a card that stores 2^m bytes puts offset
+///   2^m onto offset 0. The single blocks are written from the highest offset down, so the
+///   lower block of an aliasing pair is written last and survives: the higher one reads
+///   back the lower one's tag, which says where it landed.
+/// - a wrap at any other size R (a card whose controller counts modulo its real size, or
+///   the FUSE fake card in the tests) lands offset p on p mod R, which only shows if a
+///   block of the probe is there. Every block of the first `window` bytes is probed, in
+///   runs of 1 MiB (cheap: sequential), and "wrap catchers" `window` apart run down from
+///   the end over the upper half of the card: for any R some multiple kR falls between two
+///   of them, so the one above it lands inside the window. The window is written first and
+///   read back last, so a catcher that landed there shows in the window's read-back and
+///   needs no read of its own. (A baby-step giant-step cover: a 4 MiB window and 256
+///   catchers on a 2 GiB card, instead of writing the whole card as f3write does; the
+///   window's size balances its bytes against the catchers' random writes, each worth
+///   some 8 KiB of sequential transfer (measured on the throttled loop card of
+///   benchmarks/probe.sh: 2 and 8 MiB windows cost more).) Any collision gives a multiple of R;
+///   dividing it down while the card still aliases there gives R exactly.
 /// - the last block: a card that drops writes past its real size (or returns zeros
 ///   there) fails it whatever that size is.
-/// - an even grid of `gridPositions` blocks: a real size that is no power of two is
-///   bracketed within 1/gridPositions of the claimed size, then narrowed to 1 MiB by
-///   bisection with single blocks.
+/// - an even grid of `gridPositions` blocks: a dropping card's real size is bracketed
+///   within 1/gridPositions of the claimed size, then narrowed to 1 MiB by bisection with
+///   single blocks (16, not more: each grid block costs every card four small I/Os, each
+///   halving of the bracket only a refused card one flush and three).
 ///
-/// What the blocks overwrite is read first and written back afterwards on every ending
-/// (the image overwrites what lies inside it anyway, but a refused card must stay as it
-/// was). Reads and writes go through the target's descriptor (O_DIRECT for a block
-/// device), and the blocks are flushed with fdatasync before they are read back, so
-/// neither the page cache nor the card's own write cache can answer for the flash.
+/// What the blocks overwrite is read first and written back on every ending — except, on
+/// a card that passed, what the image is about to overwrite (`overwritten`: the whole
+/// image, or a bmap's mapped ranges): not writing it twice keeps the probe's cost on a slow
+/// card low. A refused
+/// card gets everything back. Reads and writes go through the target's descriptor
+/// (O_DIRECT for a block device), and the blocks are flushed with fdatasync before they are
+/// read back, so neither the page cache nor the card's own write cache can answer for the
+/// flash.
 public enum CapacityProbe {
     public struct Result: Sendable, Equatable {
         public let claimedBytes: UInt64
@@ -61,29 +77,72 @@ public enum CapacityProbe {
     }
 
     /// Blocks of the even grid.
-    static let gridPositions = 64
+    static let gridPositions = 16
     /// The estimate of a dropping card's real size is narrowed to this.
     static let precision: UInt64 = 1 << 20
+    /// The first window is read, written and read back in runs of this many bytes.
+    static let runBytes = 1 << 20
 
-    /// The offsets probed on a card of `size` bytes with blocks of `block` bytes, highest
-    /// first (the order they are written in).
-    public static func positions(size: UInt64, block: Int) -> [UInt64] {
+    /// What the probe covers on a card of `size` bytes with blocks of `block` bytes.
+    public struct Layout: Sendable, Equatable {
+        /// Every block below this is probed (one sequential run).
+        public let window: UInt64
+        /// Single blocks above the window, highest first (the order they are written in).
+        public let singles: [UInt64]
+        /// Those of `singles` that only catch wraps: not read back (the window shows them).
+        public let catchers: Set<UInt64>
+    }
+
+    /// The first window: the power of two at or above √(size/2 · 8 KiB), at least 1 MiB:
+    /// `window` × (number of catchers) covers half the card, and the window's bytes cost
+    /// about what the catchers' random I/O does.
+    static func window(size: UInt64, block: Int) -> UInt64 {
+        let ideal = (Double(size / 2) * 8192).squareRoot()
+        var w: UInt64 = 1 << 20
+        while Double(w) < ideal { w <<= 1 }
+        return min(w, size / UInt64(block) * UInt64(block))
+    }
+
+    /// The single blocks probed on a card of `size` bytes (above the first window), highest
+    /// first. `positions(size:block:)` adds the window's blocks.
+    public static func layout(size: UInt64, block: Int) -> Layout {
         let b = UInt64(block)
         let last = (size / b - 1) * b
-        var set: Set<UInt64> = [0, last]
-        var p = b
+        let window = window(size: size, block: block)
+        var set: Set<UInt64> = [last]
+        var p = window
         while p <= last {
             set.insert(p)
             p <<= 1
         }
         let step = size / UInt64(gridPositions)
         for i in 1..<UInt64(gridPositions) { set.insert(min(last, i * step / b * b)) }
-        return set.sorted(by: >)
+        let readBack = set
+        // Wrap catchers: from the last block down, `window` apart, until half the card
+        // (and the window itself) is covered.
+        // The blocks cover (lowest − window, last]; a wrap at R below that has a multiple
+        // inside it as soon as it is at least as wide as its lower end.
+        var catcher = last
+        while catcher >= window {
+            set.insert(catcher)
+            if catcher - window <= last / 2 { break }
+            catcher -= window
+        }
+        return Layout(window: window, singles: set.filter { $0 >= window }.sorted(by: >), catchers: set.subtracting(readBack))
+    }
+
+    /// Every offset probed on a card of `size` bytes, highest first.
+    public static func positions(size: UInt64, block: Int) -> [UInt64] {
+        let l = layout(size: size, block: block)
+        let windowBlocks = stride(from: l.window - UInt64(block), through: 0, by: -block).map { $0 }
+        return l.singles + windowBlocks
     }
 
     /// Probes the card behind `target` (a block device, open O_DIRECT). Throws only when the
     /// card cannot be read or written at all; a lying card is a result, not an error.
-    public static func run(_ target: WriteTarget) throws(Failure) -> Result {
+    /// `overwritten`: byte ranges the image writes next, which a passed card need not get
+    /// back (empty: everything is restored).
+    public static func run(_ target: WriteTarget, overwritten: [Range<UInt64>] = []) throws(Failure) -> Result {
         let started = ContinuousClock.now
         let block = target.alignment
         guard let size = target.size, size >= UInt64(2 * block) else {
@@ -91,45 +150,106 @@ public enum CapacityProbe {
         }
         let nonce = UInt64.random(in: 1...UInt64.max)
         var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce)
-        defer { session.restore() }
+        let found: (realBytes: UInt64?, blocks: Int)
+        do throws(Failure) { found = try examine(&session, size: size, block: block) } catch {
+            session.restore(skipping: [])
+            throw error
+        }
+        // The restore is part of the probe's cost: timed with it.
+        session.restore(skipping: found.realBytes == nil ? overwritten : [])
+        return Result(claimedBytes: size, realBytes: found.realBytes, blocks: found.blocks, seconds: seconds(since: started))
+    }
 
-        let positions = positions(size: size, block: block)
-        for p in positions { try session.save(p) }
-        for p in positions { try session.writeTag(p) }
+    /// Writes, reads back and judges the blocks; what the card really stores (nil: all it
+    /// claims) and how many blocks that took. Everything it overwrites is saved in `session`.
+    private static func examine(_ session: inout Session, size: UInt64, block: Int) throws(Failure) -> (realBytes: UInt64?, blocks: Int) {
+        let layout = layout(size: size, block: block)
+        let b = UInt64(block)
+        // Saved first, all of it, before any probe write: two offsets that share one place on
+        // a wrapping card are then saved with the same (original) bytes.
+        var run = UInt64(0)
+        while run < layout.window {
+            try session.save(run, bytes: Int(min(UInt64(runBytes), layout.window - run)))
+            run += UInt64(runBytes)
+        }
+        for p in layout.singles { try session.save(p, bytes: block) }
+        // The window first; then the single blocks highest first: of two single blocks that
+        // collide the lower survives, and a block landing in the window overwrites it there.
+        run = 0
+        while run < layout.window {
+            try session.writeTags(run, bytes: Int(min(UInt64(runBytes), layout.window - run)))
+            run += UInt64(runBytes)
+        }
+        for p in layout.singles { try session.writeTags(p, bytes: block) }
         try session.flush()
+
         var lowestBad: UInt64?
-        var wrapSize: UInt64?
-        for p in positions.reversed() {
-            switch try session.readTag(p) {
-            case .itself: continue
-            case .other(let q) where q < p:
-                wrapSize = min(wrapSize ?? .max, p - q)
-                lowestBad = min(lowestBad ?? .max, p)
-            case .other, .foreign:
+        var collision: UInt64?
+        func judge(_ p: UInt64, _ found: Readback) {
+            switch found {
+            case .itself: return
+            case .other(let q):
+                // Both offsets land on one place: the real size divides their distance, and
+                // the higher of the two is the one the card does not store.
+                let distance = p > q ? p - q : q - p
+                collision = min(collision ?? .max, distance)
+                lowestBad = min(lowestBad ?? .max, max(p, q))
+            case .foreign:
                 lowestBad = min(lowestBad ?? .max, p)
             }
         }
-        guard let lowestBad else {
-            return Result(claimedBytes: size, realBytes: nil, blocks: positions.count, seconds: seconds(since: started))
+        run = 0
+        while run < layout.window {
+            let bytes = Int(min(UInt64(runBytes), layout.window - run))
+            for (i, found) in try session.readTags(run, bytes: bytes).enumerated() { judge(run + UInt64(i) * b, found) }
+            run += UInt64(runBytes)
         }
-        if let wrapSize, wrapSize <= lowestBad {
-            return Result(claimedBytes: size, realBytes: wrapSize, blocks: positions.count, seconds: seconds(since: started))
+        for p in layout.singles.reversed() where !layout.catchers.contains(p) { judge(p, try session.readTags(p, bytes: block)[0]) }
+        var blocks = Int(layout.window / b) + layout.singles.count
+
+        guard let lowestBad else {
+            return (nil, blocks)
+        }
+        if var multiple = collision {
+            // `multiple` is a multiple of the real size R: divide it by each of its prime
+            // factors for as long as that offset still lands on offset 0. It ends at R
+            // exactly: were it kR with k > 1, a prime of k would still divide it down.
+            var rest = multiple / b
+            var primes: [UInt64] = []
+            var f: UInt64 = 2
+            while f * f <= rest {
+                if rest % f == 0 {
+                    primes.append(f)
+                    while rest % f == 0 { rest /= f }
+                }
+                f += 1
+            }
+            if rest > 1 { primes.append(rest) }
+            for p in primes {
+                while (multiple / b) % p == 0, try session.aliasesZero(multiple / p) {
+                    multiple /= p
+                    blocks += 2
+                }
+            }
+            if multiple <= lowestBad {
+                return (multiple, blocks)
+            }
         }
         // Dropped (or garbled) past some size: between the highest good block below the
         // lowest bad one and that bad one, one block at a time.
-        var good = positions.filter { $0 < lowestBad }.max() ?? 0
+        // (Only blocks that were read back count as good: a catcher was not.)
+        var good = positions(size: size, block: block).filter { $0 < lowestBad && !layout.catchers.contains($0) }.max() ?? 0
         var bad = lowestBad
-        var extra = 0
         while bad - good > precision {
-            let mid = (good + (bad - good) / 2) / UInt64(block) * UInt64(block)
+            let mid = (good + (bad - good) / 2) / b * b
             guard mid > good else { break }
-            try session.save(mid)
-            try session.writeTag(mid)
+            try session.save(mid, bytes: block)
+            try session.writeTags(mid, bytes: block)
             try session.flush()
-            extra += 1
-            if case .itself = try session.readTag(mid) { good = mid } else { bad = mid }
+            blocks += 1
+            if case .itself = try session.readTags(mid, bytes: block)[0] { good = mid } else { bad = mid }
         }
-        return Result(claimedBytes: size, realBytes: bad, blocks: positions.count + extra, seconds: seconds(since: started))
+        return (bad, blocks)
     }
 
     private static func seconds(since start: ContinuousClock.Instant) -> Double {
@@ -145,37 +265,45 @@ public enum CapacityProbe {
         let path: String
         let block: Int
         let nonce: UInt64
+        /// One run of the first window, or one block.
         let buffer: AlignedBuffer
+        let expected: AlignedBuffer
         /// Offset → the bytes it held before the probe, in the order saved.
         var saved: [(UInt64, [UInt8])] = []
-        var savedOffsets: Set<UInt64> = []
+        var savedBlocks: Set<UInt64> = []
 
         init(fd: Int32, path: String, block: Int, nonce: UInt64) {
             self.fd = fd
             self.path = path
             self.block = block
             self.nonce = nonce
-            buffer = AlignedBuffer(capacity: block, alignment: block)
+            buffer = AlignedBuffer(capacity: max(CapacityProbe.runBytes, block), alignment: block)
+            expected = AlignedBuffer(capacity: block, alignment: block)
         }
 
-        mutating func save(_ offset: UInt64) throws(Failure) {
-            guard !savedOffsets.contains(offset) else { return }
-            try read(offset)
-            saved.append((offset, Array(UnsafeRawBufferPointer(start: buffer.bytes, count: block))))
-            savedOffsets.insert(offset)
+        /// Keeps what `bytes` bytes at `offset` hold, unless already kept.
+        mutating func save(_ offset: UInt64, bytes: Int) throws(Failure) {
+            guard !savedBlocks.contains(offset) else { return }
+            try read(offset, bytes: bytes)
+            saved.append((offset, Array(UnsafeRawBufferPointer(start: buffer.bytes, count: bytes))))
+            for i in 0..<(bytes / block) { savedBlocks.insert(offset + UInt64(i * block)) }
         }
 
-        /// Writes back every saved block. Everything was saved before the first probe write,
-        /// so on a card that wraps two offsets sharing one place were saved with the same
-        /// bytes and either write restores it. Best effort: it runs on every ending.
-        mutating func restore() {
-            for (offset, bytes) in saved.reversed() {
-                bytes.withUnsafeBytes { buffer.bytes.copyMemory(from: $0.baseAddress!, byteCount: block) }
-                _ = pwrite(fd, buffer.bytes, block, off_t(offset))
+        /// Writes back every saved run but those inside one of `skipped`. Everything
+        /// was saved before the first probe write, so on a card that wraps two offsets sharing
+        /// one place were saved with the same bytes and either write restores it. Best
+        /// effort: it runs on every ending.
+        mutating func restore(skipping skipped: [Range<UInt64>]) {
+            var wrote = false
+            for (offset, bytes) in saved.reversed()
+            where !skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(bytes.count) <= $0.upperBound }) {
+                bytes.withUnsafeBytes { buffer.bytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                _ = pwrite(fd, buffer.bytes, bytes.count, off_t(offset))
+                wrote = true
             }
-            if !saved.isEmpty { fdatasync(fd) }
+            if wrote { fdatasync(fd) }
             saved.removeAll()
-            savedOffsets.removeAll()
+            savedBlocks.removeAll()
         }
 
         /// The block for `offset`: a header (magic, nonce, offset) and a pattern derived
@@ -192,10 +320,11 @@ public enum CapacityProbe {
             }
         }
 
-        mutating func writeTag(_ offset: UInt64) throws(Failure) {
-            fill(offset, into: buffer.bytes)
-            let n = pwrite(fd, buffer.bytes, block, off_t(offset))
-            guard n == block else {
+        /// Writes the tagged blocks of `bytes` bytes from `offset`, in one write.
+        func writeTags(_ offset: UInt64, bytes: Int) throws(Failure) {
+            for i in 0..<(bytes / block) { fill(offset + UInt64(i * block), into: buffer.bytes + i * block) }
+            let n = pwrite(fd, buffer.bytes, bytes, off_t(offset))
+            guard n == bytes else {
                 throw Failure(description: "capacity probe: cannot write \(path) at byte \(offset): \(n < 0 ? String(cString: strerror(errno)) : "short write")")
             }
         }
@@ -206,23 +335,39 @@ public enum CapacityProbe {
             }
         }
 
-        func read(_ offset: UInt64) throws(Failure) {
-            let n = pread(fd, buffer.bytes, block, off_t(offset))
-            guard n == block else {
+        func read(_ offset: UInt64, bytes: Int) throws(Failure) {
+            let n = pread(fd, buffer.bytes, bytes, off_t(offset))
+            guard n == bytes else {
                 throw Failure(description: "capacity probe: cannot read \(path) at byte \(offset): \(n < 0 ? String(cString: strerror(errno)) : "short read")")
             }
         }
 
-        func readTag(_ offset: UInt64) throws(Failure) -> Readback {
-            try read(offset)
-            let expected = AlignedBuffer(capacity: block, alignment: block)
+        /// What each block of `bytes` bytes from `offset` holds now.
+        func readTags(_ offset: UInt64, bytes: Int) throws(Failure) -> [Readback] {
+            try read(offset, bytes: bytes)
+            return (0..<(bytes / block)).map { i in judge(offset + UInt64(i * block), buffer.bytes + i * block) }
+        }
+
+        private func judge(_ offset: UInt64, _ found: UnsafeMutableRawPointer) -> Readback {
             fill(offset, into: expected.bytes)
-            if memcmp(expected.bytes, buffer.bytes, block) == 0 { return .itself }
-            let words = buffer.bytes.bindMemory(to: UInt64.self, capacity: 3)
+            if memcmp(expected.bytes, found, block) == 0 { return .itself }
+            let words = found.bindMemory(to: UInt64.self, capacity: 3)
             guard words[0] == CapacityProbe.magic, words[1] == nonce else { return .foreign }
             // Another block of this probe, whole: the card put it here.
-            fill(words[2], into: expected.bytes)
-            return memcmp(expected.bytes, buffer.bytes, block) == 0 ? .other(words[2]) : .foreign
+            let other = words[2]
+            fill(other, into: expected.bytes)
+            return memcmp(expected.bytes, found, block) == 0 ? .other(other) : .foreign
+        }
+
+        /// Whether `offset` lands on offset 0: its block is written, then block 0's, and
+        /// `offset` then reads back as block 0.
+        mutating func aliasesZero(_ offset: UInt64) throws(Failure) -> Bool {
+            try save(offset, bytes: block)
+            try writeTags(offset, bytes: block)
+            try writeTags(0, bytes: block)
+            try flush()
+            if case .other(0) = try readTags(offset, bytes: block)[0] { return true }
+            return false
         }
     }
 

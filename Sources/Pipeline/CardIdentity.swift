@@ -65,3 +65,45 @@ public enum CardVerdict: String, Sendable {
     /// Verdicts that refuse the card on sight until an admin forgets it.
     public var refuses: Bool { self == .counterfeit || self == .failing }
 }
+
+/// The write speed a card is rated for, from its SD Status register (SSR), which the kernel
+/// shows in sysfs (`ssr`, 128 hex digits) where the card sits on an MMC host. Behind a USB
+/// reader there is no SSR to read: the rating is then unknown, and said so.
+public struct RatedSpeed: Sendable, Equatable, CustomStringConvertible {
+    /// "Class 10, U3, V30"
+    public let label: String
+    /// The minimum sequential write speed the rating promises, in bytes a second.
+    public let bytesPerSecond: Double
+
+    public init(label: String, bytesPerSecond: Double) {
+        self.label = label
+        self.bytesPerSecond = bytesPerSecond
+    }
+
+    public var description: String { "\(label): \(Int(bytesPerSecond / 1e6)) MB/s" }
+
+    /// Parses the SSR as the kernel prints it (16 words of 8 hex digits, most significant
+    /// bit 511 first). SPEED_CLASS is bits 447–440, UHS_SPEED_GRADE bits 399–396,
+    /// VIDEO_SPEED_CLASS bits 391–384 (SD Physical Layer Simplified Specification, 4.10.2).
+    public static func parse(ssr: String) -> RatedSpeed? {
+        let hex = Array(ssr.filter { !$0.isWhitespace })
+        guard hex.count == 128, hex.allSatisfy(\.isHexDigit) else { return nil }
+        func byte(at bit: Int) -> Int { Int(String(hex[((511 - bit) / 8 * 2)...((511 - bit) / 8 * 2 + 1)]), radix: 16)! }
+        var parts: [String] = []
+        var rate = 0
+        let classes = [1: 2, 2: 4, 3: 6, 4: 10]
+        if let c = classes[byte(at: 447)] { parts.append("Class \(c)"); rate = max(rate, c) }
+        let uhs = byte(at: 399) >> 4
+        if uhs == 1 || uhs == 3 { parts.append("U\(uhs)"); rate = max(rate, uhs == 1 ? 10 : 30) }
+        let video = byte(at: 391)
+        if [6, 10, 30, 60, 90].contains(video) { parts.append("V\(video)"); rate = max(rate, video) }
+        guard rate > 0 else { return nil }
+        return RatedSpeed(label: parts.joined(separator: ", "), bytesPerSecond: Double(rate) * 1e6)
+    }
+
+    /// The rating of the card at `syspath` (a block device's sysfs directory); nil when
+    /// the card does not say (behind a USB reader, or class 0).
+    public static func read(syspath: String) -> RatedSpeed? {
+        (try? String(contentsOfFile: syspath + "/device/ssr", encoding: .utf8)).flatMap { parse(ssr: $0) }
+    }
+}

@@ -68,7 +68,9 @@ public enum BmapChoice: Sendable, Equatable {
 /// A shared, already decompressed copy of an image: the station's cache, which a batch of
 /// cards reads at their own speeds.
 public protocol ImageSupplier: Sendable {
-    func supply(image: String, bmap: Bmap?) throws(ImageIOError) -> SuppliedImage
+    /// `downloading` is told the bytes received and the announced total while an image
+    /// named by URL is fetched first (not called for a local file).
+    func supply(image: String, bmap: Bmap?, downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage
     /// The pipeline no longer reads what `supply` gave (called on every ending).
     func release(_ image: SuppliedImage)
 }

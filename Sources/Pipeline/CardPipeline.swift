@@ -66,7 +66,11 @@ public final class CardPipeline: Sendable {
         if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
         card = CardIdentity.read(target, facts: facts)
         if let card, let refusal = job.knownCard?(card) { throw CardFailure(.refused, refusal) }
-        let probe = try probeCapacity(target, media: media)
+        // What the image overwrites next need not be restored after a passed probe: all of
+        // it without a bmap, its mapped ranges with one (the others keep what they held).
+        let overwritten: [Range<UInt64>] = bmap.map { $0.mappedByteRanges.map { $0.start..<$0.end } }
+            ?? source.uncompressedSizeHint.map { [0..<$0] } ?? []
+        let probe = try probeCapacity(target, media: media, overwritten: overwritten)
 
         var options = WriteOptions()
         options.cancellation = cancellation
@@ -124,11 +128,11 @@ public final class CardPipeline: Sendable {
     /// The capacity probe (issue 16) on a block device, unless the job turned it off: a card
     /// that stores less than it claims is refused before the first image byte, and is left
     /// as it was (the probe restores what it overwrote).
-    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?) throws(CardFailure) -> CapacityProbe.Result? {
+    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?, overwritten: [Range<UInt64>]) throws(CardFailure) -> CapacityProbe.Result? {
         guard job.probeCapacity, target.kind == .blockDevice else { return nil }
         do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
         let result: CapacityProbe.Result
-        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target) } catch {
+        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target, overwritten: overwritten) } catch {
             throw CardFailure(.image(.ioError), error.description)
         }
         if let refusal = result.refusal {
@@ -155,7 +159,15 @@ public final class CardPipeline: Sendable {
 
     private func supply(bmap: Bmap?) throws(CardFailure) -> SuppliedImage {
         do throws(ImageIOError) {
-            if let supplier = job.supplier { return try supplier.supply(image: job.image, bmap: bmap) }
+            if let supplier = job.supplier {
+                // The station downloads an image named by URL before the first byte (issue
+                // 17): the card is "downloading" meanwhile, with the download's progress.
+                let meter = DownloadMeter(interval: job.progressInterval, url: job.image)
+                let sink = self.sink
+                return try supplier.supply(image: job.image, bmap: bmap) { received, total in
+                    if let report = meter.report(received: received, total: total) { sink.receive(report) }
+                }
+            }
             if HTTPImage.isURL(job.image) {
                 // Streamed as it downloads: no copy for a single card (the source holds the
                 // download and ends it with itself).
@@ -166,6 +178,38 @@ public final class CardPipeline: Sendable {
         } catch {
             throw CardFailure(error)
         }
+    }
+}
+
+/// The station's download of a card's image as reports: the `downloading` stage once, then
+/// its progress (bytes, rate, ETA where the server announced a length) at most once per
+/// interval. Called from the downloading thread only.
+private final class DownloadMeter: @unchecked Sendable {
+    let interval: Duration
+    let url: String
+    let started = ContinuousClock.now
+    var last: ContinuousClock.Instant?
+
+    init(interval: Duration, url: String) {
+        self.interval = interval
+        self.url = url
+    }
+
+    func report(received: UInt64, total: UInt64?) -> CardReport? {
+        let now = ContinuousClock.now
+        let seconds = (now - started) / .seconds(1)
+        let rate = seconds > 0 ? Double(received) / seconds : 0
+        let eta = total.flatMap { t in rate > 0 && t >= received ? Double(t - received) / rate : nil }
+        var p = WriteProgress(phase: .preparing, bytesDone: received, bytesTotal: total, bytesPerSecond: rate, secondsRemaining: eta)
+        p.bytesDownloaded = received
+        p.downloadTotal = total
+        guard let last else {
+            self.last = now
+            return .stage(.downloading, note: "downloading \(url)", unit: nil, progress: p)
+        }
+        guard now - last >= interval || (total != nil && received == total) else { return nil }
+        self.last = now
+        return .progress(p)
     }
 }
 

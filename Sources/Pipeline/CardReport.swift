@@ -4,10 +4,12 @@ import ImageIO
 
 /// The stages of one card, in order. The station's job states carry the same names.
 public enum CardStage: String, Sendable, Comparable {
-    case writing, syncing, verifying, injecting, checking
+    /// `downloading`: the station fetches the image from a server before the first byte.
+    case downloading, writing, syncing, verifying, injecting, checking
 
     private var order: Int {
         switch self {
+        case .downloading: -1
         case .writing: 0
         case .syncing: 1
         case .verifying: 2

@@ -20,6 +20,12 @@ final class DownloadTable: @unchecked Sendable {
         var bmapPath: String?
         /// A newer version of the URL is here: deleted once no job reads it.
         var stale = false
+        /// What the image needs on a card, once downloaded: its bmap's ImageSize where a job
+        /// had one, else the container's size.
+        var imageSize: UInt64?
+        /// Bytes received and announced, for the jobs that wait on this download.
+        var received: UInt64 = 0
+        var total: UInt64?
         init(url: String, path: String) { self.url = url; self.path = path }
     }
 
@@ -42,7 +48,10 @@ extension ImageCacheStore {
     /// The local copy of the image at `url` as the server has it now: downloaded by the first
     /// job that asks for this version; jobs that ask meanwhile wait for that download.
     /// `findBmap`: also fetch the bmap next to it on the server.
-    public func localImage(url: String, findBmap: Bool, options: HTTPOptions = HTTPOptions()) throws(ImageIOError) -> LocalImage {
+    /// `progress`: bytes received and announced, while this job downloads or waits for
+    /// another job's download of the same version.
+    public func localImage(url: String, findBmap: Bool, options: HTTPOptions = HTTPOptions(),
+                           progress: @escaping @Sendable (UInt64, UInt64?) -> Void = { _, _ in }) throws(ImageIOError) -> LocalImage {
         let now = try HTTPImage.validators(url: url, options: options)
         guard now.etag != nil || now.lastModified != nil else {
             throw ImageIOError(.imageUnreadable, "the server of \(url) names no version of the image (no ETag or Last-Modified): the station cannot tell a rebuilt image from the one it holds, so it does not cache it. Serve it from a server that sends either")
@@ -63,14 +72,23 @@ extension ImageCacheStore {
         if start {
             var failure: ImageIOError?
             do {
-                let got = try HTTPImage.download(url: url, to: entry.path, options: options)
+                let got = try HTTPImage.download(url: url, to: entry.path, options: options) { received, total in
+                    entry.condition.withLock {
+                        entry.received = received
+                        entry.total = total
+                        entry.condition.broadcast()
+                    }
+                    progress(received, total)
+                }
                 if got != now {
                     throw ImageIOError(.imageUnreadable, "the image at \(url) changed on the server while it was downloaded; write the card again")
                 }
                 if findBmap, let bmap = try HTTPImage.locateBmap(forImage: url, options: options) {
                     let path = (directory as NSString).appendingPathComponent(key + ".bmap")
                     entry.bmapPath = try Self.save(bmap: bmap, url: url, to: path, options: options)
+                    entry.imageSize = bmap.imageSize
                 }
+                if entry.imageSize == nil { entry.imageSize = (try? ImageSource(path: entry.path))?.uncompressedSizeHint }
             } catch let e as ImageIOError {
                 failure = e
             } catch {
@@ -87,7 +105,15 @@ extension ImageCacheStore {
             }
         }
         let result: ImageIOError? = entry.condition.withLock {
-            while !entry.finished { entry.condition.wait() }
+            // Another job's download: its progress is this job's too.
+            var seen = UInt64.max
+            while !entry.finished {
+                if !start, entry.received != seen {
+                    seen = entry.received
+                    progress(entry.received, entry.total)
+                }
+                entry.condition.wait()
+            }
             return entry.failure
         }
         if let result {
@@ -111,6 +137,26 @@ extension ImageCacheStore {
             }
         }
         dropUnusedStaleVersions()
+    }
+
+    /// What the newest complete download of `url` needs on a card (its bmap's ImageSize, or
+    /// the container's size); nil before one is here. Reads no network: asked when a card
+    /// is judged.
+    public func knownImageSize(url: String) -> UInt64? {
+        let table = downloads
+        return table.lock.withLock {
+            table.entries.values.filter { $0.url == url && !$0.stale }
+                .compactMap { e in e.condition.withLock { e.finished && e.failure == nil ? e.imageSize : nil } }.max()
+        }
+    }
+
+    /// A job learnt the image's size from its bmap (one named by the profile).
+    func noteImageSize(_ size: UInt64, download key: String) {
+        let table = downloads
+        table.lock.withLock {
+            guard let e = table.entries[key] else { return }
+            e.condition.withLock { e.imageSize = size }
+        }
     }
 
     /// Whole downloads made since the station started.

@@ -6,12 +6,15 @@ import Pipeline
 /// decompressed once and every card reads the result. An image named by URL is first
 /// downloaded once per version (issue 17, ImageCacheStore+Downloads.swift).
 extension ImageCacheStore: ImageSupplier {
-    public func supply(image: String, bmap: Bmap?) throws(ImageIOError) -> SuppliedImage {
+    public func supply(image: String, bmap: Bmap?, downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage {
         var path = image
         var download: LocalImage?
         if HTTPImage.isURL(image) {
-            download = try localImage(url: image, findBmap: false)
+            download = try localImage(url: image, findBmap: false, progress: downloading)
             path = download!.path
+            // What the station needs on a card for this image, known from now on (issue 17:
+            // a too-small card is refused on sight, before the next download).
+            if let bmap { noteImageSize(bmap.imageSize, download: download!.key) }
         }
         do throws(ImageIOError) {
             let (source, key, note) = try source(for: path, bmap: bmap)

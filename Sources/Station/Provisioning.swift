@@ -47,6 +47,7 @@ enum UnitPlan {
 extension JobState {
     init(_ stage: CardStage) {
         self = switch stage {
+        case .downloading: .downloading
         case .writing: .writing
         case .syncing: .syncing
         case .verifying: .verifying

@@ -1,6 +1,7 @@
 import BlockDevices
 import ControlProtocol
 import Foundation
+import ImageHTTP
 import ImageIO
 import Logging
 import Pipeline
@@ -157,6 +158,10 @@ public actor Station {
     func minimumSize(of profile: Profile) -> UInt64? {
         guard let image = profile.image else { return nil }
         let key = image.file
+        // An image on a server: known once the station downloaded it (a rebuilt image may
+        // differ, so asked each time, never kept here); before that the card is judged when
+        // the download is in, before its first byte (CardPipeline).
+        if HTTPImage.isURL(key) { return max(cache?.knownImageSize(url: key) ?? 0, image.minDeviceSize ?? 0) }
         if let cached = sizeCache[key] { return max(cached ?? 0, image.minDeviceSize ?? 0) }
         var size: UInt64?
         if case .file(let b) = image.bmap, let bmap = try? Bmap.load(path: b) { size = bmap.imageSize }
@@ -273,7 +278,8 @@ public actor Station {
                 let repaired = result.write.repairedAt.map { at in
                     "done after a repair (the card returned other data at byte \(at.map(String.init).joined(separator: ", byte ")) once; rewritten and read back right)"
                 }
-                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card", unit: result.unit,
+                let slow = await slowCardNote(result).map { "; " + $0 } ?? ""
+                await transition(id, to: .done, message: (repaired ?? "done") + " — remove card" + slow, unit: result.unit,
                                  users: result.unit == nil ? nil : result.accounts.map { UnitAccount($0) })
             case .failed(let failure):
                 await transition(id, to: .failed, message: failure.message)

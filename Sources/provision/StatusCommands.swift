@@ -91,7 +91,8 @@ enum StatusTable {
         let p = job.progress
         var state = job.state.rawValue
         switch job.state {
-        case .done: state = "done — remove card"
+        // A repair or a slow card is said in the done message (issue 16): shown, not hidden.
+        case .done: state = job.message.flatMap { $0.hasPrefix("done") ? $0 : nil } ?? "done — remove card"
         case .failed: state = "failed: " + (job.message ?? "?")
         case .interrupted: state = "interrupted — rewrite card"
         case .cancelled: state = "cancelled — card incomplete"

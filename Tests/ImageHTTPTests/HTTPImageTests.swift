@@ -1,6 +1,8 @@
 import Foundation
 import ImageHTTP
-import Station
+import Pipeline
+@testable import Station
+import Logging
 @testable import ImageIO
 import Testing
 import TestSupport
@@ -259,6 +261,18 @@ struct WriteCommandURLTests {
         #expect(try Command.run(["cmp", image, out]).succeeded)
     }
 
+    @Test("the download's progress is shown with the write's: bytes received of the announced length")
+    func showsDownloadProgress() throws {
+        let out = scratch.file("cli-progress.img")
+        // stderr is no terminal here: the progress comes as lines.
+        let r = try Command.run([DaemonProcess.cliBinary, "write", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(300))
+        #expect(r.status == 0, "\(r)")
+        #expect(r.stderr.contains(" · downloaded 6 MiB of 6 MiB (100%)"), "\(r.stderr)")
+        // JSON readers get the same numbers in each progress object.
+        let j = try Command.run([DaemonProcess.cliBinary, "write", "--json", "--nobmap", server.url("disk.img"), out, "--yes"], timeout: .seconds(300))
+        #expect(j.stdout.contains("\"bytesDownloaded\":\(6 << 20)") && j.stdout.contains("\"downloadTotal\":\(6 << 20)"), "\(j.stdout)")
+    }
+
     @Test("a URL that is not there exits 66 and says 404")
     func missingURL() throws {
         let r = try Command.run([DaemonProcess.cliBinary, "write", server.url("nothing.img.xz"), scratch.file("x.img"), "--yes"], timeout: .seconds(60))
@@ -313,5 +327,102 @@ struct StationDownloadTests {
                                         source: "/etc/provision/net.toml", baseDirectory: "/etc/provision")
         #expect(profile.image?.file == "https://build.example/pi.img.xz")
         #expect(profile.image?.bmap == .file("https://build.example/pi.img.bmap"))
+    }
+}
+
+/// The station's side of a server that fails mid-download (issue 17): cards written from a
+/// URL through the real card pipeline and the station's download cache, onto loop cards.
+@Suite("Station downloads that fail", .serialized)
+struct StationDownloadFailureTests {
+    final class Reports: CardReportSink, @unchecked Sendable {
+        let lock = NSLock()
+        var all: [CardReport] = []
+        func receive(_ report: CardReport) { lock.withLock { all.append(report) } }
+        var stages: [CardStage] {
+            lock.withLock { all.compactMap { if case .stage(let s, _, _, _) = $0 { s } else { nil } } }
+        }
+        var downloadProgress: [WriteProgress] {
+            lock.withLock {
+                all.compactMap { r -> WriteProgress? in
+                    switch r {
+                    case .stage(.downloading, _, _, let p): p
+                    case .progress(let p) where p.phase == .preparing: p
+                    default: nil
+                    }
+                }
+            }
+        }
+    }
+
+    func card(_ url: String, cache: ImageCacheStore, device: String) -> (CardOutcome, Reports) {
+        var job = CardJob(image: url, target: device, policy: nil)
+        job.bmap = .none
+        job.supplier = cache
+        job.probeCapacity = false
+        job.progressInterval = .zero
+        let reports = Reports()
+        return (CardPipeline(job: job, sink: reports).run(), reports)
+    }
+
+    @Test("a server failing mid-download fails that card (downloading, nothing written, never done); the next card downloads again and is done")
+    func failedDownloadFailsTheCardAndTheNextRetries() async throws {
+        let scratch = try TemporaryDirectory("provision-http-fail")
+        defer { scratch.remove() }
+        let served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        let image = served + "/unit.img"
+        try Data(patternBytes(4 << 20, seed: 9)).write(to: URL(fileURLWithPath: image))
+        let server = try ImageServer(root: served)
+        defer { server.stop() }
+        let cache = try ImageCacheStore(directory: scratch.file("cache"), limit: 1 << 30)
+        // Breaks off after 1.5 MB on the first GET, and cannot be resumed (no ranges).
+        let url = server.url("unit.img", "dropfirst=1500000&ranges=0")
+        // Loop devices made, and hashed, off the concurrency pool (blocking work).
+        let first = try await TestSupport.offPool { try LoopCard(label: "dl-fail", size: 8 << 20) }
+        defer { first.close() }
+        let second = try await TestSupport.offPool { try LoopCard(label: "dl-retry", size: 8 << 20) }
+        defer { second.close() }
+        let blank = try await TestSupport.offPool { try first.sha256() }
+
+        let (failed, failedReports) = await TestSupport.offPool { self.card(url, cache: cache, device: first.devicePath) }
+        guard case .failed(let failure) = failed else {
+            Issue.record("a card whose download broke off ended \(failed)")
+            return
+        }
+        #expect(failure.message.contains(url) && failure.message.contains("does not allow resuming"), "\(failure.message)")
+        #expect(failedReports.stages == [.downloading], "it was downloading, and never began writing: \(failedReports.stages)")
+        #expect(try await TestSupport.offPool { try first.sha256() } == blank, "nothing of the half download reached the card")
+        #expect(cache.knownImageSize(url: url) == nil)
+
+        let (done, doneReports) = await TestSupport.offPool { self.card(url, cache: cache, device: second.devicePath) }
+        guard case .done(let result) = done else {
+            Issue.record("the next card did not retry the download: \(done)")
+            return
+        }
+        #expect(result.write.verified)
+        #expect(doneReports.stages.first == .downloading && doneReports.stages.contains(.writing))
+        // Its progress went up to the whole announced length.
+        #expect(doneReports.downloadProgress.last?.bytesDone == 4 << 20 && doneReports.downloadProgress.last?.bytesTotal == 4 << 20,
+                "\(doneReports.downloadProgress.last.map { "\($0)" } ?? "no progress")")
+        let expected = try await TestSupport.offPool { String(try Command.check(["sha256sum", image]).stdout.prefix(64)) }
+        #expect(try await TestSupport.offPool { try second.sha256(bytes: 4 << 20) } == expected)
+        #expect(server.requests.filter { $0.hasPrefix("GET /unit.img ") }.count == 2, "\(server.requests)")
+        // From now on the station knows what the image needs on a card, before any download:
+        // its too-small check (the safety policy's minimum size) uses it.
+        #expect(cache.knownImageSize(url: url) == 4 << 20)
+        let config = try StationConfig.parse(text: """
+            [station]
+            name = "downloads"
+            ledger = "\(scratch.file("ledger.sqlite"))"
+            [profiles.net]
+            image = "\(url)"
+            [[slots]]
+            name = "S1"
+            match = "platform-none"
+            profile = "net"
+            """, file: scratch.file("station.toml"))
+        let station = Station(config: config, ledger: try Ledger(path: config.ledgerPath), logger: Logger(label: "test"), cache: cache)
+        let profile = try #require(config.profiles["net"])
+        #expect(await station.minimumSize(of: profile) == 4 << 20)
     }
 }

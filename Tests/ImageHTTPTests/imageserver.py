@@ -3,6 +3,7 @@
 when the query string asks, misbehaves the way real servers and networks do.
 
   ?drop=N     close the connection after N body bytes of a full (non-range) response
+  ?dropfirst=N  the same, on the first full GET of the path only (a server that fails once)
   ?stall=N    send N body bytes of a full response, then nothing (the client must time out)
   ?ranges=0   no Accept-Ranges, and Range requests get the whole body (200)
   ?validators=0  no ETag and no Last-Modified
@@ -24,6 +25,8 @@ import urllib.parse
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     root = "."
+    dropped_once = set()
+    lock = threading.Lock()
 
     def log_message(self, *args):
         pass
@@ -71,6 +74,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if head:
             return
         drop = int(q["drop"]) if "drop" in q and start == 0 else None
+        if "dropfirst" in q and start == 0:
+            with Handler.lock:
+                if url.path not in Handler.dropped_once:
+                    Handler.dropped_once.add(url.path)
+                    drop = int(q["dropfirst"])
         stall = int(q["stall"]) if "stall" in q and start == 0 else None
         sent = 0
         with open(path, "rb") as f:

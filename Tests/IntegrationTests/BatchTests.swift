@@ -104,6 +104,9 @@ struct BatchTests {
         // and holds the image (a card that differs twice: PipelineTests.RepairTests).
         #expect(v2.state == .done, "\(v2.message ?? "")")
         #expect(v2.message == "done after a repair (the card returned other data at byte \(offset) once; rewritten and read back right) — remove card")
+        // …and `provision status` shows it too, not a bare "done".
+        let statusText = try bench.cli(["status"]).stdout
+        #expect(statusText.contains("done after a repair (the card returned other data at byte \(offset) once"), "\(statusText)")
         let imageHash = try Command.check(["sha256sum", bench.directory + "/batch.img"]).stdout.prefix(64)
         let size = try #require(try FileManager.default.attributesOfItem(atPath: bench.directory + "/batch.img")[.size] as? Int64)
         #expect(try liar.sha256(bytes: size) == String(imageHash))

@@ -30,7 +30,7 @@ struct CapacityProbeTests {
         #expect(result.claimedBytes == 64 << 20)
     }
 
-    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288] as [Int64])
+    @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288, (52 << 20) + 4096, (3 << 20) + 8192] as [Int64])
     func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
         let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
         defer { fake.close() }
@@ -60,8 +60,17 @@ struct CapacityProbeTests {
         #expect(try probe(fake.devicePath).realBytes == nil)
     }
 
-    /// Positions cover 0, the end and every power of two: a wrap at any power-of-two size
-    /// below the claimed one has a pair of blocks that collide.
+    /// A card whose controller counts modulo a size that is no power of two (the probe's
+    /// wrap catchers and its first window, then the division down to the exact size).
+    @Test(arguments: [(24 << 20) + 4096, (40 << 20) + 12288, 48 << 20, (60 << 20) + 8192, (3 << 20) + 4096] as [Int64])
+    func refusesACardThatWrapsAtASizeNoPowerOfTwoWithItsRealSize(real: Int64) throws {
+        let fake = try FakeCard(label: "wrap-odd-\(real >> 12)", claimedSize: 64 << 20, lie: .wraps(realSize: real))
+        defer { fake.close() }
+        let result = try probe(fake.devicePath)
+        #expect(result.realBytes == UInt64(real), "real \(real), found \(result.realBytes.map(String.init) ?? "nothing")")
+    }
+
+    /// Positions cover 0, the end and every power of two.
     @Test func positionsIncludeTheEndAndEveryPowerOfTwo() {
         let size: UInt64 = 64_000_000_000
         let positions = CapacityProbe.positions(size: size, block: 4096)
@@ -70,7 +79,30 @@ struct CapacityProbeTests {
         var p: UInt64 = 4096
         while p < size - 4096 { #expect(positions.contains(p)); p <<= 1 }
         #expect(positions == positions.sorted(by: >))
-        #expect(positions.count < 100)
+        #expect(Set(positions).count == positions.count)
+        // Cheap on a big card too: about 2·√(size·block) bytes.
+        #expect(positions.count * 4096 < 48 << 20, "\(positions.count) blocks")
+    }
+
+    /// The cover, checked by arithmetic alone: for every real size R (a multiple of the
+    /// block) a wrapping card puts some probed offset p ≥ R onto p mod R, where the
+    /// collision shows: inside the first window (written first, read back last), or on a
+    /// single block below p that is written after p while p is read back.
+    @Test(arguments: [(64 << 20, 1), (2 << 30, 4099), (64_000_000_000, 100_003)] as [(UInt64, UInt64)])
+    func everyWrapSizeHasACollidingPair(size: UInt64, stride: UInt64) {
+        let block: UInt64 = 4096
+        let layout = CapacityProbe.layout(size: size, block: 4096)
+        let singles = Set(layout.singles)
+        var missed: [UInt64] = []
+        var r = 2 * block
+        while r < size / block * block - block {
+            let caught = layout.singles.contains { p in
+                p >= r && (p % r < layout.window || (!layout.catchers.contains(p) && singles.contains(p % r)))
+            }
+            if !caught { missed.append(r) }
+            r += stride * block
+        }
+        #expect(missed.isEmpty, "wraps not caught at \(missed.prefix(5)) (of \(missed.count))")
     }
 
     @Test func restoresWhatItOverwroteByteForByte() throws {
@@ -82,7 +114,20 @@ struct CapacityProbeTests {
         #expect(try card.sha256() == before)
     }
 
-    @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .drops(realSize: 20 << 20)])
+    /// After a passed probe what the image overwrites next is left to it; the rest is restored.
+    @Test func restoresOutsideTheImageOnlyWhenItPasses() throws {
+        let card = try LoopCard(label: "restore-outside", size: 48 << 20)
+        defer { card.close() }
+        try fillRandom(card.devicePath, bytes: 48 << 20)
+        let tail = "dd if=\(card.devicePath) bs=1M skip=8 iflag=direct status=none | sha256sum"
+        let before = try Command.bash(tail).stdout
+        let target = try WriteTarget.open(path: card.devicePath)
+        defer { target.close() }
+        #expect(try CapacityProbe.run(target, overwritten: [0..<(8 << 20)]).realBytes == nil)
+        #expect(try Command.bash(tail).stdout == before)
+    }
+
+    @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .wraps(realSize: (40 << 20) + 12288), .drops(realSize: 20 << 20)])
     func restoresAFakeCardItRefused(lie: FakeCard.Lie) throws {
         let fake = try FakeCard(label: "restore-fake", claimedSize: 64 << 20, lie: lie)
         defer { fake.close() }

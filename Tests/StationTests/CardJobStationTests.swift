@@ -53,7 +53,8 @@ struct CardJobStationTests {
         let ledgerPath: String
     }
 
-    func fixture() async throws -> Fixture {
+    /// `profileLines`: more keys of the profile, e.g. "probe = false".
+    func fixture(profileLines: String = "") async throws -> Fixture {
         let scratch = try TemporaryDirectory("provision-cardjob")
         let image = try scratch.write("card.img", filler(1 << 20, seed: 9))
         let card = try LoopCard(label: "cardjob-\(UInt32.random(in: 0...UInt32.max))", size: 8 << 20)
@@ -65,6 +66,7 @@ struct CardJobStationTests {
             ledger = "\(scratch.file("ledger.sqlite"))"
             [profiles.p]
             image = "\(image)"
+            \(profileLines)
             [[slots]]
             name = "S1"
             match = "\(facts.slotPath ?? "none")"
