@@ -20,20 +20,27 @@
 # --cards N (issue 18: lab scale) runs N cards instead of 8, a third of them at each speed
 # (10, 20, 40 MB/s); with more than 8 the targets are those of issue 18: user CPU ≤ 2.5× one
 # card's and the daemon's peak RSS ≤ 128 MiB. `benchmarks/batch32.sh` is `--cards 32`.
+# --image-mib N --mapped-mib M choose another image (M a multiple of 4). --backing DIR puts
+# the cards' backing files there; by default /dev/shm (RAM) for more than 8 cards when it has
+# room for all of them, so that 32 cards at up to 40 MB/s measure the daemon, not the disk.
 #
-#   benchmarks/batch.sh [--quick] [--cards N] [--formats zst,xz] [--fresh-images] [--keep DIR]
+#   benchmarks/batch.sh [--quick] [--cards N] [--image-mib N --mapped-mib M] [--backing DIR]
+#                       [--formats zst,xz] [--fresh-images] [--keep DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0; FORMATS="zst,xz"; FRESH=0; KEEP=""; CARDS=8
+QUICK=0; FORMATS="zst,xz"; FRESH=0; KEEP=""; CARDS=8; IMG_OPT=""; MAPPED_OPT=""; BACKING=
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --cards) CARDS=$2; shift ;;
+    --image-mib) IMG_OPT=$2; shift ;;
+    --mapped-mib) MAPPED_OPT=$2; shift ;;
+    --backing) BACKING=$2; shift ;;
     --formats) FORMATS=$2; shift ;;
     --fresh-images) FRESH=1 ;;
     --keep) KEEP=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
@@ -52,6 +59,11 @@ PROVISION=$BIN/provision
 
 if [ $QUICK = 1 ]; then IMG_MB=256; CHUNKS=18; else IMG_MB=1024; CHUNKS=75; fi
 CHUNK_MB=4
+if [ -n "$IMG_OPT$MAPPED_OPT" ]; then
+  [[ "$IMG_OPT" =~ ^[0-9]+$ && "$MAPPED_OPT" =~ ^[0-9]+$ ]] && [ $((MAPPED_OPT % 4)) = 0 ] && [ "$MAPPED_OPT" -ge 4 ] && [ "$MAPPED_OPT" -le "$IMG_OPT" ] ||
+    { echo "--image-mib N --mapped-mib M go together, M a multiple of 4 from 4 to N" >&2; exit 64; }
+  IMG_MB=$IMG_OPT; CHUNKS=$((MAPPED_OPT / 4))
+fi
 MAPPED_MB=$((CHUNKS * CHUNK_MB))
 [[ "$CARDS" =~ ^[0-9]+$ ]] && [ "$CARDS" -ge 3 ] && [ "$CARDS" -le 64 ] || { echo "--cards wants a number from 3 to 64, not '$CARDS'" >&2; exit 64; }
 # A third of the cards at each speed (8: S1–S3 10, S4–S6 20, S7–S8 40 MB/s, as before).
@@ -107,6 +119,7 @@ cleanup() {
     flock "$LOCK" sh -c 'rm -f "$@"; udevadm control --reload' sh "${RULES[@]}" 2>/dev/null
   fi
   [ -n "$KEEP" ] || rm -rf "$WORK"
+  case "$BACKING" in /dev/shm/provision-batch-*) rm -rf "$BACKING" ;; esac
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -151,9 +164,19 @@ for r in udev-rules/70-provision.rules udev-rules/99-provision-test-loop.rules; 
 done
 flock "$LOCK" udevadm control --reload
 
+if [ -z "$BACKING" ]; then
+  BACKING=$WORK
+  # Each card ends up holding the mapped data: in RAM when it fits with 4 GiB to spare.
+  need_mb=$((CARDS * MAPPED_MB + 4096))
+  if [ "$CARDS" -gt 8 ] && [ $(( $(df --output=avail -k /dev/shm | tail -1) / 1024 )) -gt $need_mb ] &&
+     [ $(( $(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo) / 1024 )) -gt $need_mb ]; then
+    BACKING=/dev/shm/provision-batch-$$; mkdir -p "$BACKING"
+  fi
+fi
+say "card backing files in $BACKING"
 declare -A DEV
 for s in "${SLOTS[@]}"; do
-  f=$WORK/provision-card-$s-$TAG.img
+  f=$BACKING/provision-card-$s-$TAG.img
   truncate -s $((IMG_MB + 16))M "$f"
   l=$(losetup --find --show --direct-io=on "$f"); LOOPS+=("$l"); DEV[$s]=$l
   mm=$(lsblk -dno MAJ:MIN "$l" | tr -d ' ')
@@ -229,7 +252,7 @@ image = "$PWD/$IMG.$fmt"
 bmap = "$PWD/$IMG.bmap"
 verify = true
 TOML
-    for s in "$@"; do printf '\n[[slots]]\nname = "%s"\nmatch = "loop:%s"\nprofile = "bench"\n' "$s" "$WORK/provision-card-$s-$TAG.img"; done
+    for s in "$@"; do printf '\n[[slots]]\nname = "%s"\nmatch = "loop:%s"\nprofile = "bench"\n' "$s" "$BACKING/provision-card-$s-$TAG.img"; done
   } > "$dir/station.toml"
   "$PROVISION" config check "$dir/station.toml" >/dev/null
   sync

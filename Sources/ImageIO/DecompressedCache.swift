@@ -17,12 +17,19 @@ public final class CacheFill: @unchecked Sendable {
 
     public init() {}
 
-    /// Blocks until every byte below `offset` is in the file (or the fill ended).
-    public func wait(upTo offset: UInt64) throws(ImageIOError) {
+    /// Blocks until every byte below `offset` is in the file (or the fill ended); says
+    /// whether it had to wait.
+    @discardableResult
+    public func wait(upTo offset: UInt64) throws(ImageIOError) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        while watermark < offset && !finished && failure == nil { condition.wait() }
+        var waited = false
+        while watermark < offset && !finished && failure == nil {
+            waited = true
+            condition.wait()
+        }
         if let failure { throw failure }
+        return waited
     }
 
     func advance(to offset: UInt64) {

@@ -232,6 +232,15 @@ public final class ImageSource: @unchecked Sendable {
         if fd >= 0 { Syscall.close(fd) }
     }
 
+    /// Waits until the bytes up to `offset` can be read without waiting (a cache file that
+    /// is still being filled); returns at once for every other source. The writer calls it
+    /// before taking a buffer, so a card that caught up with the decompressor waits without
+    /// holding one.
+    @discardableResult
+    public func awaitBytes(upTo offset: UInt64) throws(ImageIOError) -> Bool {
+        try fill?.wait(upTo: offset) ?? false
+    }
+
     /// Fills `count` bytes (fewer only at the end of the image). Returns how many were filled.
     public func read(into destination: UnsafeMutableRawPointer, count: Int) throws(ImageIOError) -> Int {
         guard decoder != nil || !format.isNative || viaLibarchive else {

@@ -65,7 +65,12 @@ final class WriteJob: @unchecked Sendable {
         self.compareWithSource = source.format == .raw && source.isFile
         self.sourceFD = compareWithSource ? ((try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1) : -1
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
-        self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
+        if let budget = options.budget {
+            self.pool = BufferPool(budget: budget, maximum: options.bufferCount, bufferSize: size, alignment: target.alignment,
+                                   cancellation: options.cancellation)
+        } else {
+            self.pool = BufferPool(count: max(options.bufferCount, 3), bufferSize: size, alignment: target.alignment)
+        }
     }
 
     /// The uncompressed size the image claims, for the too-small check and the progress total.
@@ -81,6 +86,8 @@ final class WriteJob: @unchecked Sendable {
         // pair is let go here, on every ending, or each write would keep its buffers and the
         // source's descriptors for the life of the daemon (issue 13: 2 fds and 17 MB a card).
         defer { verifier?.stop(); verifier = nil }
+        // A budget pool is done with the budget however the write ends.
+        defer { pool.close() }
         let started = ContinuousClock.now
         let readerDone = DispatchSemaphore(value: 0)
         let stage = checkStage
@@ -188,9 +195,11 @@ final class WriteJob: @unchecked Sendable {
                 if extent.start > source.position { try source.skip(extent.start - source.position, scratch: scratch) }
                 var pos = extent.start
                 while pos < extent.end {
-                    guard let buf = acquire() else { return }
                     // Chunks end at the head's end, so the held-back head is exactly the first MiB.
                     let n = Int(min(pos < UInt64(headSize) ? min(UInt64(headSize) - pos, UInt64(pool.bufferSize)) : UInt64(pool.bufferSize), extent.end - pos))
+                    let late = try source.awaitBytes(upTo: pos + UInt64(n))
+                    guard let buf = acquire() else { return }
+                    buf.sourceWasLate = late
                     let got = try read(into: buf, count: n)
                     guard got == n else {
                         pool.release(buf)
@@ -207,8 +216,10 @@ final class WriteJob: @unchecked Sendable {
         } else {
             var pos: UInt64 = 0
             while true {
-                guard let buf = acquire() else { return }
                 let wanted = pos < UInt64(headSize) ? min(headSize - Int(pos), pool.bufferSize) : pool.bufferSize
+                let late = try source.awaitBytes(upTo: pos + UInt64(wanted))
+                guard let buf = acquire() else { return }
+                buf.sourceWasLate = late
                 let got = try read(into: buf, count: wanted)
                 if got == 0 { pool.release(buf); break }
                 buf.offset = pos
@@ -339,10 +350,16 @@ final class WriteJob: @unchecked Sendable {
         var meter = PhaseMeter(phase: .writing, total: total)
         progress(withDownload(meter.progress))
         var lastReport = ContinuousClock.now
+        var lastWrite: Duration?
         while true {
             let next: AlignedBuffer?
+            let asked = ContinuousClock.now
             do { next = try queue.take() } catch let e as ImageIOError { throw e } catch { throw ImageIOError(.ioError, "\(error)") }
             guard let buf = next else { break }
+            // Waiting for the next chunk for more than 2 % of the time the last one took to
+            // write: one more buffer in flight would keep this card busy (a 10 MB/s card
+            // never asks; a fast disk soon does). Only budget pools grow.
+            if let lastWrite, !buf.sourceWasLate, (ContinuousClock.now - asked) * 50 > lastWrite { pool.grow() }
             if options.cancellation.isCancelled { pool.release(buf); throw cancelledError(after: bytesWrittenSoFar) }
             if buf.offset < UInt64(headSize) {
                 // Written last; see the type's comment. Whatever lies in the first MiB (the
@@ -359,7 +376,9 @@ final class WriteJob: @unchecked Sendable {
                 pool.release(buf)
                 continue
             }
+            let w0 = ContinuousClock.now
             try writeChunk(buf)
+            lastWrite = ContinuousClock.now - w0
             meter.add(UInt64(buf.count))
             unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint))
             pool.release(buf)
@@ -381,11 +400,7 @@ final class WriteJob: @unchecked Sendable {
         // Phases are reported in the order a reader expects (writing 100 %, then syncing):
         // the sync that must precede the first MiB is still part of writing it.
         try sync()
-        for piece in heldBack {
-            try writeBytes(UnsafeRawBufferPointer(start: head.bytes + Int(piece.offset), count: piece.count), at: piece.offset)
-            unverified.append(piece)
-        }
-        heldBack = []
+        try writeHeldBack()
         var written = withDownload(meter.progress)
         written.bytesTotal = meter.done
         written.secondsRemaining = 0
@@ -435,9 +450,40 @@ final class WriteJob: @unchecked Sendable {
     private var heldBack: [WrittenChunk] = []
 
     private func holdBack(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, fingerprint: Fingerprint?) {
-        (head.bytes + Int(offset)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        // A source that can be read again (raw file, the station's cache) is read again at
+        // the end: 32 cards would otherwise keep 32 MiB of first MiBs for their whole write.
+        if !compareWithSource { (head.bytes + Int(offset)).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count) }
         heldBack.append(WrittenChunk(offset: offset, count: bytes.count,
                                      fingerprint: fingerprint ?? (fingerprintsChunks ? Fingerprint(bytes) : nil)))
+    }
+
+    /// Writes the held-back first MiB, after everything else is synced. A re-readable source
+    /// is read again here (blobs laid over it as before) into a buffer of the pool — a budget
+    /// buffer for a station's card, taken now that the writer holds none.
+    private func writeHeldBack() throws(ImageIOError) {
+        defer { heldBack = [] }
+        guard !heldBack.isEmpty else { return }
+        var borrowed: AlignedBuffer?
+        defer { if let borrowed { pool.release(borrowed) } }
+        let buffer: AlignedBuffer
+        if compareWithSource && pool.bufferSize >= headSize && options.budget != nil {
+            guard let b = pool.acquire() else { throw cancelledError(after: bytesWrittenSoFar) }
+            borrowed = b
+            buffer = b
+        } else {
+            buffer = head
+        }
+        for piece in heldBack {
+            if compareWithSource {
+                let bytes = try expectedBytes(offset: piece.offset, count: piece.count)
+                guard bytes.count == piece.count else {
+                    throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(piece.offset): it is shorter than when it was written", offset: piece.offset)
+                }
+                bytes.withUnsafeBytes { (buffer.bytes + Int(piece.offset)).copyMemory(from: $0.baseAddress!, byteCount: piece.count) }
+            }
+            try writeBytes(UnsafeRawBufferPointer(start: buffer.bytes + Int(piece.offset), count: piece.count), at: piece.offset)
+            unverified.append(piece)
+        }
     }
 
     private func writeChunk(_ buf: AlignedBuffer) throws(ImageIOError) {

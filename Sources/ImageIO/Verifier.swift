@@ -83,7 +83,11 @@ final class BackgroundVerifier: @unchecked Sendable {
         defer { done.signal() }
         let target = job.target
         let unit = job.ioUnit
-        let pool = BufferPool(count: 2, bufferSize: job.pool.bufferSize, alignment: target.alignment)
+        // On a station's budget, one buffer: the read-back of a chunk takes the card tens of
+        // milliseconds, its comparison a fraction of one, so a second buffer would only be held.
+        let pool = job.options.budget.map { BufferPool(budget: $0, maximum: 1, bufferSize: job.pool.bufferSize, alignment: target.alignment,
+                                                             cancellation: job.options.cancellation) }
+            ?? BufferPool(count: 2, bufferSize: job.pool.bufferSize, alignment: target.alignment)
         let filled = ChunkQueue()
         let hasherDone = DispatchSemaphore(value: 0)
         let hasher = Thread { [self] in
@@ -135,12 +139,15 @@ final class BackgroundVerifier: @unchecked Sendable {
         }
     }
 
-    /// Compares the read-back bytes with the source file at the same offset, through one
-    /// reused buffer (the page cache usually holds the source); blobs overlay their bytes.
+    /// Compares the read-back bytes with the source file at the same offset, a slice at a
+    /// time through one reused 256 KiB buffer (the page cache usually holds the source; a
+    /// chunk-sized buffer per card was 32 MiB outside the budget for 32 cards); blobs overlay
+    /// their bytes.
+    private static let sliceSize = 256 << 10
     private var sourceScratch: UnsafeMutableRawBufferPointer?
     private var sourceBuffer: UnsafeMutableRawBufferPointer {
         if let b = sourceScratch { return b }
-        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: job.pool.bufferSize, alignment: 64)
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: BackgroundVerifier.sliceSize, alignment: 64)
         sourceScratch = b
         return b
     }
@@ -153,8 +160,14 @@ final class BackgroundVerifier: @unchecked Sendable {
             guard let expected = try? job.expectedBytes(offset: buffer.offset, count: buffer.count), expected.count == buffer.count else { return false }
             return expected.withUnsafeBytes { memcmp($0.baseAddress!, buffer.bytes, buffer.count) == 0 }
         }
-        guard case .success(let n) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, buffer.count, buffer.offset), n == buffer.count else { return false }
-        return memcmp(sourceBuffer.baseAddress!, buffer.bytes, n) == 0
+        var done = 0
+        while done < buffer.count {
+            let n = min(BackgroundVerifier.sliceSize, buffer.count - done)
+            guard case .success(let got) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, n, buffer.offset + UInt64(done)), got == n,
+                  memcmp(sourceBuffer.baseAddress!, buffer.bytes + done, n) == 0 else { return false }
+            done += n
+        }
+        return true
     }
 
     /// The read-back `buffer` differs from the image: one repair attempt. The chunk is

@@ -18,7 +18,11 @@ public struct WriteOptions: @unchecked Sendable {
     /// Bytes per write; 4 MiB suits SD cards (their erase blocks are 4 MiB or smaller).
     public var chunkSize = 4 << 20
     /// Buffers in the ring between decompressor and writer. Memory = chunkSize × bufferCount.
+    /// With a `budget`, the most this write may hold in flight (it starts with one).
     public var bufferCount = 4
+    /// A station's budget for every card's buffers (issue 18): buffers are taken from it as
+    /// they are needed and given back after each chunk. nil: this write's own fixed ring.
+    public var budget: BufferBudget?
     public var verify = true
     /// One repair attempt when the read-back differs (issue 16): the chunk is written again
     /// and read back once more. Off, the first difference fails the write.

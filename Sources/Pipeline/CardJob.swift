@@ -31,7 +31,11 @@ public struct CardJob: Sendable {
     /// or failing before, with the date and reason) fails the job before anything is written.
     public var knownCard: (@Sendable (CardIdentity) -> String?)?
     public var chunkSize = 4 << 20
+    /// Buffers in flight at most (with a `budget`: taken one at a time as the card needs them).
     public var bufferCount = 4
+    /// The station's buffer budget (issue 18): every card's buffers come from it and go back
+    /// to it after each chunk. nil (`provision write`): the write's own fixed ring.
+    public var budget: BufferBudget?
     /// Raw boot-loader blobs laid over the image, and a check of the image's first chunk
     /// against them (partition table vs. blob placement) before anything is written.
     public var blobs: [RawBlob] = []

@@ -78,6 +78,7 @@ public final class CardPipeline: Sendable {
         options.bmap = bmap
         options.chunkSize = job.chunkSize
         options.bufferCount = job.bufferCount
+        options.budget = job.budget
         options.blobs = job.blobs
         options.sourceCheckedAgainstBmap = supplied.checkedAgainstBmap
         if let inspect = job.inspectFirstChunk { options.inspectFirstChunk = { try inspect($0) } }

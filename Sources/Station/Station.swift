@@ -18,6 +18,8 @@ public actor Station {
     let cache: ImageCacheStore?
     /// Counters for `provision metrics` (issue 18).
     var metrics: StationMetrics
+    /// Every card's buffers come from here (issue 18); its limit follows `buffer_budget`.
+    public nonisolated let bufferBudget = BufferBudget(limit: StationConfig.defaultBufferBudget)
 
     struct DeviceEntry {
         var facts: DeviceFacts
@@ -214,15 +216,13 @@ public actor Station {
         case .discover: .discover
         }
         job.supplier = cache
-        // Buffers for all cards together stay within 64 MiB (issue 7): each job holds
-        // `bufferCount` chunks plus 3 in its verifier (2 read back, 1 of the source).
-        // Up to 2 cards: 7 × 4 MiB each; 3–4 cards: 6 × 2 MiB; 5 or more: 6 × 1 MiB.
-        // Sized for the jobs running now or every slot filled at once, whichever is more.
-        let concurrent = max(running.count, config.slots.count)
-        if concurrent >= 3 {
-            job.bufferCount = 3
-            job.chunkSize = concurrent >= 5 ? 1 << 20 : 2 << 20
-        }
+        // Buffers for all cards together come from one budget (issue 18): a card takes a
+        // buffer when it needs one and gives it back after each chunk, so it holds about one
+        // chunk being written and one being read back, and more only when it would otherwise
+        // wait and the budget has room. The reload of `buffer_budget` applies from here.
+        bufferBudget.limit = config.bufferBudget
+        job.budget = bufferBudget
+        job.chunkSize = Self.chunkSize(budget: config.bufferBudget, cards: max(running.count, config.slots.count))
         if let profile, !profile.blobs.isEmpty {
             // Raw blobs (a boot loader at 8 KiB, say) go with the image; the first chunk's
             // partition table is checked against them before anything is written.
@@ -249,6 +249,16 @@ public actor Station {
             }
         }
         return job
+    }
+
+    /// The chunk a card writes: 4 MiB (an SD card's erase block; `benchmarks/chunks.sh`)
+    /// while the budget holds two chunks for every card that may run at once, less (down to
+    /// 1 MiB) when there are more cards, so that every card always finds its two buffers and
+    /// none waits for another's. 64 MiB: 4 MiB chunks up to 8 cards, 1 MiB for 32.
+    static func chunkSize(budget: Int, cards: Int) -> Int {
+        var chunk = 4 << 20
+        while chunk > 1 << 20 && chunk * 2 * max(cards, 1) > budget { chunk /= 2 }
+        return min(chunk, max(budget / 4096, 1) * 4096)
     }
 
     /// One report of a card's pipeline, in the order sent.

@@ -1,4 +1,5 @@
 import Accounts
+import BlockDevices
 import Foundation
 import ImageIO
 import TOMLKit
@@ -21,6 +22,7 @@ import TOMLKit
 /// cache_limit = "16GiB"
 /// profiles_dir = "/usr/share/provision/images"   # optional: */profile.toml found there
 /// max_clients = 256               # control-socket connections; 8 more are kept for admins
+/// buffer_budget = "64MiB"         # card buffers of all cards together (issue 18)
 ///
 /// [profiles.demo]
 /// image = "/srv/images/demo.img.zst"
@@ -64,6 +66,10 @@ public struct StationConfig: Sendable {
     /// disconnected (its memory released): a client that reads at all drains a local socket
     /// in microseconds.
     public var unreadOutputTimeout: Int = 10
+    /// Bytes of buffers all cards together may hold (issue 18): one budget for the station,
+    /// which cards draw on as their speed needs, not a fixed amount per card.
+    public var bufferBudget = StationConfig.defaultBufferBudget
+    public static let defaultBufferBudget = 64 << 20
     public var profiles: [String: Profile]
     public var slots: [Slot]
     /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
@@ -129,7 +135,7 @@ public struct StationConfig: Sendable {
         let station = try root.table("station")
         try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "ledger_password_file", "ledger_local", "ledger_unit_block",
                                         "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
-                                        "unread_output_timeout"])
+                                        "unread_output_timeout", "buffer_budget"])
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
@@ -156,6 +162,13 @@ public struct StationConfig: Sendable {
             for key in ["ledger_password_file", "ledger_local", "ledger_unit_block"] where station?.contains(key) == true {
                 throw station!.error(key, "only for a shared ledger (ledger = \"postgresql://…\"); this station's ledger is its own SQLite file")
             }
+        }
+        if let budget = try station?.byteSize("buffer_budget") {
+            // One 1 MiB chunk must fit, or no card could ever start; past 16 GiB it is a typo.
+            guard budget >= 1 << 20, budget <= 16 << 30 else {
+                throw station!.error("buffer_budget", "\(ByteCount.human(budget)) is out of range: give 1MiB to 16GiB (64MiB writes 32 cards at their own speed)")
+            }
+            config.bufferBudget = Int(budget)
         }
         config.inventoryLocation = station.map { document.location(of: $0.path("inventory")) }
         config.exportLocation = station.map { document.location(of: $0.path("password_export")) }
