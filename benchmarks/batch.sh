@@ -125,7 +125,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- image
-IMGDIR=.build/batch-bench/img-${IMG_MB}m-${MAPPED_MB}m
+IMGDIR=.build/batch-bench/img-${IMG_MB}m-${MAPPED_MB}m-at1m
 IMG=$IMGDIR/batch.img   # batch.img.bmap serves batch.img.zst and batch.img.xz
 [ $FRESH = 0 ] || rm -rf "$IMGDIR"
 if [ ! -e "$IMGDIR/complete" ]; then
@@ -137,7 +137,8 @@ if [ ! -e "$IMGDIR/complete" ]; then
   truncate -s "${IMG_MB}M" "$IMG"
   stride=$((IMG_MB / CHUNKS))
   for ((i = 0; i < CHUNKS; i++)); do
-    dd if="$IMGDIR/payload" of="$IMG" bs=1M count=$CHUNK_MB skip=$((i * CHUNK_MB)) seek=$((i * stride)) conv=notrunc status=none
+    # From 1 MiB on: a tar header at offset 0 would make the image a tar archive (issue 17).
+    dd if="$IMGDIR/payload" of="$IMG" bs=1M count=$CHUNK_MB skip=$((i * CHUNK_MB)) seek=$((i * stride + 1)) conv=notrunc status=none
   done
   rm -f "$IMGDIR/payload"
   bmaptool create -o "$IMG.bmap" "$IMG" 2>/dev/null
@@ -353,7 +354,7 @@ for fmt in "${FMTS[@]}"; do
   echo "| bmaptool user CPU, $CARDS cards, with its decompressor processes (cpuacct cgroup; sys ${CPUS[$fmt/bmaptool-cg]} s; /usr/bin/time alone sees user ${CPUU[$fmt/bmaptool]} s, sys ${CPUS[$fmt/bmaptool]} s) | ${CPUU[$fmt/bmaptool-cg]} s | – | $(ratio "${CPUU[$fmt/bmaptool-cg]}" "${CPUU[$fmt/batch]}")× provisiond's |"
   buf=$(( (ANONK[$fmt/batch] - ANONK[idle]) / 1024 ))
   rss=$((RSSK[$fmt/batch] / 1024))
-  echo "| provisiond peak RSS (VmHWM), $CARDS cards (1 card: $((RSSK[$fmt/alone-$A1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $rss MiB | ${RSS_TARGET:+≤ $RSS_TARGET MiB}${RSS_TARGET:-–} | ${RSS_TARGET:+$(verdict "$rss" "${RSS_TARGET:-0}")} |"
+  echo "| provisiond peak RSS (VmHWM), $CARDS cards (1 card: $((RSSK[$fmt/alone-$A1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $rss MiB | $([ -n "$RSS_TARGET" ] && echo "≤ $RSS_TARGET MiB" || echo "–") | ${RSS_TARGET:+$(verdict "$rss" "${RSS_TARGET:-0}")} |"
   echo "| buffers: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-$A1] - ANONK[idle]) / 1024 )) MiB) | $buf MiB | ≤ 64 MiB | $(verdict "$buf" 64) |"
   echo "| decompressed cache on disk after the batch (du -sk) | $((CACHEK[$fmt/batch] / 1024)) MiB | ≈ mapped data (${MAPPED_MB} MiB) | |"
   echo
