@@ -475,11 +475,20 @@ final class WriteJob: @unchecked Sendable {
         }
         for piece in heldBack {
             if compareWithSource {
-                let bytes = try expectedBytes(offset: piece.offset, count: piece.count)
-                guard bytes.count == piece.count else {
-                    throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(piece.offset): it is shorter than when it was written", offset: piece.offset)
+                // Straight into the buffer (a copy through an array was 1 MiB more per card
+                // at its end, when the fast cards of a batch end together), blobs laid over.
+                let at = buffer.bytes + Int(piece.offset)
+                guard case .success(let n) = Syscall.preadFully(sourceFD, at, piece.count, piece.offset), n == piece.count else {
+                    throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(piece.offset): it is shorter than when it was written, or unreadable", offset: piece.offset)
                 }
-                bytes.withUnsafeBytes { (buffer.bytes + Int(piece.offset)).copyMemory(from: $0.baseAddress!, byteCount: piece.count) }
+                let range = piece.offset..<(piece.offset + UInt64(piece.count))
+                for blob in options.blobs {
+                    let overlap = range.clamped(to: blob.offset..<(blob.offset + UInt64(blob.bytes.count)))
+                    guard !overlap.isEmpty else { continue }
+                    blob.bytes.withUnsafeBytes { src in
+                        (at + Int(overlap.lowerBound - piece.offset)).copyMemory(from: src.baseAddress! + Int(overlap.lowerBound - blob.offset), byteCount: overlap.count)
+                    }
+                }
             }
             try writeBytes(UnsafeRawBufferPointer(start: buffer.bytes + Int(piece.offset), count: piece.count), at: piece.offset)
             unverified.append(piece)

@@ -140,10 +140,10 @@ final class BackgroundVerifier: @unchecked Sendable {
     }
 
     /// Compares the read-back bytes with the source file at the same offset, a slice at a
-    /// time through one reused 256 KiB buffer (the page cache usually holds the source; a
-    /// chunk-sized buffer per card was 32 MiB outside the budget for 32 cards); blobs overlay
-    /// their bytes.
-    private static let sliceSize = 256 << 10
+    /// time through one reused 64 KiB buffer (the page cache usually holds the source; a
+    /// chunk-sized buffer per card was 32 MiB outside the budget for 32 cards, and a slice
+    /// below glibc's mmap threshold comes from the thread's arena); blobs overlay their bytes.
+    private static let sliceSize = 64 << 10
     private var sourceScratch: UnsafeMutableRawBufferPointer?
     private var sourceBuffer: UnsafeMutableRawBufferPointer {
         if let b = sourceScratch { return b }
