@@ -10,9 +10,10 @@ import TestSupport
 enum Units {
     static let directory = UdevRuleSimulator.packageRoot.appendingPathComponent("systemd").path
     /// Highest acceptable `systemd-analyze security` exposure of the production unit
-    /// (0 = locked down, 10 = unprotected). Measured 1.0 with systemd 252; the margin is
-    /// for other systemd versions weighing settings differently, not for loosening the unit.
-    static let exposureLimit = 1.5
+    /// (0 = locked down, 10 = unprotected): 1.0, as issue 18 asks, measured with the
+    /// systemd this machine and CI have (252). Another systemd weighing settings differently
+    /// may need this revisited, never the unit loosened.
+    static let exposureLimit = 1.0
 
     /// Copies the units (and, if asked, the loop-device drop-in) into a temporary
     /// directory, with ExecStart pointing at a binary that exists: `verify` checks it.
