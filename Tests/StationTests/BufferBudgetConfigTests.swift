@@ -6,15 +6,8 @@ import Testing
 @testable import Station
 
 struct BufferBudgetConfigTests {
-    static let slot = """
-        [profiles.demo]
-        image = "/srv/demo.img"
-
-        [[slots]]
-        name = "A1"
-        match = "loop:*"
-        profile = "demo"
-        """
+    /// The one slot every station config needs (the same as the document checks use).
+    static let slot = StationDocumentCheckTests.slot
 
     @Test func defaultIs64MiBAndTheKeySetsIt() throws {
         let plain = try StationConfig.parse(text: "[station]\nname = \"b\"\n" + Self.slot, file: "station.toml")
