@@ -28,7 +28,7 @@ final class ClientAdmission: Sendable {
         /// Connections anyone in the socket's group may hold (after the descriptor clamp).
         var maxClients: Int
         /// How long a client may leave output unread (`unread_output_timeout`).
-        var unreadOutputTimeout: Int = 10
+        var unreadOutputTimeout: Int
         /// The config file, named in refusals.
         var configFile: String
     }
@@ -162,10 +162,6 @@ final class UnreadOutputHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
-    /// Long enough for any client that is reading at all (a local socket drains in
-    /// microseconds); short enough that parked clients do not pile up.
-    static let defaultStallTimeout: TimeAmount = .seconds(10)
-
     let stallTimeout: TimeAmount
     let peer: String
     let logger: Logger
@@ -173,7 +169,9 @@ final class UnreadOutputHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var delivered = 0
     private var stallCheck: Scheduled<Void>?
 
-    init(stallTimeout: TimeAmount = UnreadOutputHandler.defaultStallTimeout, peer: String, logger: Logger) {
+    /// `stallTimeout`: the config's `unread_output_timeout` (its default, 10 s, is long enough
+    /// for any client that reads at all and short enough that parked clients do not pile up).
+    init(stallTimeout: TimeAmount, peer: String, logger: Logger) {
         self.stallTimeout = stallTimeout
         self.peer = peer
         self.logger = logger
