@@ -79,13 +79,21 @@ public final class SerialConsole: Sendable {
         try await offPool { try self.expectBlocking(patterns, timeout: timeout, what) }
     }
 
-    /// Answers a prompt: waits for `prompt`, then types `line` at once, both on a thread of
-    /// their own. The guest's programs time out (login waits 60 s for a password): an answer
-    /// typed from the concurrency pool, which a full test run starves, came too late (seen).
-    public func answer(_ prompt: String, with line: String, timeout: Duration, _ what: String? = nil) async throws {
+    /// A dialogue: for each step, waits for its prompt, then types its reply, all on one
+    /// thread of its own. The guest's programs time out (busybox login gives the whole
+    /// exchange, user name and password, 60 s): replies typed from the concurrency pool,
+    /// which a full test run starves, came too late (seen). Each reply waits 0.2 s after its
+    /// prompt, as a person would: login prints "Password: " before it turns echo off.
+    /// A step without a reply only waits for its text (a "Login incorrect" between attempts:
+    /// login's 60 s span several attempts, so they belong to one dialogue).
+    public func converse(_ steps: [(prompt: String, reply: String?)], timeout: Duration, _ what: String? = nil) async throws {
         try await offPool {
-            _ = try self.expectBlocking([prompt], timeout: timeout, what)
-            try self.sendLine(line)
+            for step in steps {
+                _ = try self.expectBlocking([step.prompt], timeout: timeout, what ?? "\"\(step.prompt)\"")
+                guard let reply = step.reply else { continue }
+                usleep(200_000)
+                try self.sendLine(reply)
+            }
         }
     }
 

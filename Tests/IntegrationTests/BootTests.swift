@@ -102,23 +102,19 @@ struct BootTests {
 
         let console = try SerialConsole([Self.bootScript, "--work", bench.directory + "/qemu", card.devicePath])
         defer { console.stop() }
-        try await console.expect("rpi-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyS0")
 
-        // A wrong password is refused by the image's own login.
-        try await logIn(console, "alice", "not alice's password")
-        try await console.expect("Login incorrect", timeout: Self.stepTimeout)
-        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout)
-        // So is the right one when its hash is yescrypt: this login cannot verify it.
-        try await logIn(console, "carol", carolPassword)
-        try await console.expect("Login incorrect", timeout: Self.stepTimeout, "carol (yescrypt) refused")
-        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout)
-        try await logIn(console, "dave", davePassword)
+        // One dialogue with the image's own login (its 60 s cover every attempt): a wrong
+        // password is refused; so is the right one when its hash is yescrypt (this login cannot
+        // verify it); dave, added the same way with SHA-512, gets in.
+        try await console.converse([("rpi-test login: ", "alice"), ("Password: ", "not alice's password"), ("Login incorrect", nil),
+                                    ("rpi-test login: ", "carol"), ("Password: ", carolPassword), ("Login incorrect", nil),
+                                    ("rpi-test login: ", "dave"), ("Password: ", davePassword)],
+                                   timeout: Self.bootTimeout, "the login dialogue (alice refused, carol refused, dave)")
         var daveShell = Shell(console: console)
         #expect(try await daveShell.run("id -un") == "dave")
         try console.sendLine("exit")
-        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after dave logged out")
 
-        try await logIn(console, "alice", alicePassword)
+        try await logIn(console, at: "rpi-test login: ", what: "a new login prompt after dave logged out", "alice", alicePassword)
         try await console.expect("alice@rpi-test:", timeout: Self.stepTimeout, "alice's shell prompt")
         var shell = Shell(console: console)
         let aliceID = try await shell.run("id")
@@ -134,9 +130,8 @@ struct BootTests {
         #expect(try await shell.run("hostname") == "rpi-test")
         #expect(try await shell.run("grep -c '^devtmpfs /dev ' /proc/mounts") == "1")
         try console.sendLine("exit")
-        try await console.expect("rpi-test login: ", timeout: Self.stepTimeout, "a new login prompt after alice logged out")
 
-        try await logIn(console, "bob", bobPassword)
+        try await logIn(console, at: "rpi-test login: ", what: "a new login prompt after alice logged out", "bob", bobPassword)
         try await console.expect("bob@rpi-test:", timeout: Self.stepTimeout, "bob's shell prompt")
         shell = Shell(console: console)
         let bobID = try await shell.run("id")
@@ -169,8 +164,7 @@ struct BootTests {
         let console = try SerialConsole([Self.bootScript, "--arch", "arm", "--parts", Self.armhfParts,
                                          "--work", bench.directory + "/qemu", card.devicePath])
         defer { console.stop() }
-        try await console.expect("vexpress-test login: ", timeout: Self.bootTimeout, "the login prompt on ttyAMA0")
-        try await logIn(console, "tester", password)
+        try await logIn(console, at: "vexpress-test login: ", timeout: Self.bootTimeout, what: "the login prompt on ttyAMA0", "tester", password)
         try await console.expect("tester@vexpress-test:", timeout: Self.stepTimeout, "tester's shell prompt")
         var shell = Shell(console: console)
         let id = try await shell.run("id")
@@ -197,9 +191,10 @@ struct BootTests {
         try #require(shadowNow.contains(shadow), "debugfs did not add the line: \(shadowNow)")
     }
 
-    func logIn(_ console: SerialConsole, _ user: String, _ password: String) async throws {
-        try console.sendLine(user)
-        try await console.answer("Password: ", with: password, timeout: Self.stepTimeout)
+    /// Waits for the login prompt and logs in, in one dialogue off the pool.
+    func logIn(_ console: SerialConsole, at prompt: String, timeout: Duration = BootTests.stepTimeout, what: String? = nil,
+               _ user: String, _ password: String) async throws {
+        try await console.converse([(prompt, user), ("Password: ", password)], timeout: timeout, what)
     }
 
     /// Commands typed into a logged-in shell. Each one's output is what came between two
