@@ -154,7 +154,7 @@ getent group provision >/dev/null || groupadd --system provision
 getent group provision-admin >/dev/null || groupadd --system provision-admin
 if ! udevadm control --ping >/dev/null 2>&1; then
   say "starting systemd-udevd (left running afterwards, like the tests' fixture)"
-  flock "$LOCK" sh -c 'udevadm control --ping >/dev/null 2>&1 || /lib/systemd/systemd-udevd --daemon'
+  flock -o "$LOCK" sh -c 'udevadm control --ping >/dev/null 2>&1 || /lib/systemd/systemd-udevd --daemon'
   for _ in $(seq 50); do udevadm control --ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 mkdir -p /run/udev/rules.d

@@ -32,7 +32,28 @@ final class BackgroundVerifier: @unchecked Sendable {
         thread.start()
     }
 
+    /// Read-back pieces, when the verifier compares with the source: a chunk is read back
+    /// in pieces of at most this, each compared (and repaired) on its own, so that a card's
+    /// read-back holds a quarter of a 1 MiB chunk (issue 18: 32 cards' read-backs were a
+    /// third of the station's buffers). At a card's read speed (tens of MB/s) a 256 KiB read
+    /// takes milliseconds, against microseconds of system-call overhead.
+    static let piece = 256 << 10
+
+    /// The read-back buffer's size: pieces on a station's budget; a whole chunk where its
+    /// fingerprint must be taken in one piece, and for `provision write`, whose one card has
+    /// its own buffers (on a fast disk, larger reads are faster).
+    var pieceSize: Int {
+        job.compareWithSource && job.options.budget != nil ? min(job.pool.bufferSize, Self.piece) : job.pool.bufferSize
+    }
+
     func submit(_ chunks: [WrittenChunk]) {
+        let size = pieceSize
+        let chunks = chunks.flatMap { chunk in
+            guard chunk.count > size else { return [chunk] }
+            return stride(from: 0, to: chunk.count, by: size).map {
+                WrittenChunk(offset: chunk.offset + UInt64($0), count: min(size, chunk.count - $0), fingerprint: nil)
+            }
+        }
         condition.lock()
         queue.append(contentsOf: chunks)
         submitted += chunks.reduce(0) { $0 + UInt64($1.count) }
@@ -77,40 +98,56 @@ final class BackgroundVerifier: @unchecked Sendable {
         done.signal()
     }
 
-    /// Two threads: this one reads chunk N+1 from the card while a hasher checks chunk N, so
-    /// on a fast target hashing does not add to the read time.
+    /// For whole chunks two threads: this one reads chunk N+1 from the card while a hasher
+    /// checks chunk N, so on a fast target hashing does not add to the read time. A station's
+    /// pieces are compared on this one (see `inline`).
     private func run() {
         defer { done.signal() }
         let target = job.target
         let unit = job.ioUnit
         // On a station's budget, one buffer: the read-back of a chunk takes the card tens of
         // milliseconds, its comparison a fraction of one, so a second buffer would only be held.
-        let pool = job.options.budget.map { BufferPool(budget: $0, maximum: 1, bufferSize: job.pool.bufferSize, alignment: target.alignment,
+        let pool = job.options.budget.map { BufferPool(budget: $0, maximum: 1, bufferSize: pieceSize, alignment: target.alignment,
                                                              cancellation: job.options.cancellation) }
-            ?? BufferPool(count: 2, bufferSize: job.pool.bufferSize, alignment: target.alignment)
-        let filled = ChunkQueue()
-        let hasherDone = DispatchSemaphore(value: 0)
-        let hasher = Thread { [self] in
-            provision_name_thread("prov-compare")
-            defer { hasherDone.signal() }
-            // Each buffer arrives holding the chunk's offset, length and fingerprint.
-            while let buffer = try? filled.take() {
-                let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
-                if !same {
-                    switch job.options.repair ? repair(buffer) : .failure(mismatch(buffer)) {
-                    case .success(let at):
-                        condition.withLock { repaired.append(at) }
-                    case .failure(let failure):
-                        condition.withLock { error = failure }
-                        pool.close()
-                        return
-                    }
+            ?? BufferPool(count: 2, bufferSize: pieceSize, alignment: target.alignment)
+        /// Compares one read-back buffer and gives it back; false when the job must stop.
+        @Sendable func check(_ buffer: AlignedBuffer) -> Bool {
+            let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
+            if !same {
+                switch job.options.repair ? repair(buffer) : .failure(mismatch(buffer)) {
+                case .success(let at):
+                    condition.withLock { repaired.append(at) }
+                case .failure(let failure):
+                    condition.withLock { error = failure }
+                    pool.close()
+                    return false
                 }
-                pool.release(buffer)
-                condition.withLock { verified += UInt64(buffer.count) }
             }
+            pool.release(buffer)
+            condition.withLock { verified += UInt64(buffer.count) }
+            return true
         }
-        hasher.start()
+        // Pieces (a station's card, compared with the cache) are compared right here: a piece's
+        // comparison takes tens of microseconds against its read's milliseconds, and handing it
+        // to another thread cost two wake-ups a piece (32 cards read back at half speed) and a
+        // thread a card. Whole chunks are fingerprinted on a thread of their own.
+        let inline = job.compareWithSource && job.options.budget != nil
+        let filled = ChunkQueue()
+        // (Created at 0 and signalled: a semaphore freed below its initial value traps.)
+        let hasherDone = DispatchSemaphore(value: 0)
+        if inline {
+            hasherDone.signal()
+        } else {
+            let hasher = Thread {
+                provision_name_thread("prov-compare")
+                defer { hasherDone.signal() }
+                // Each buffer arrives holding the chunk's offset, length and fingerprint.
+                while let buffer = try? filled.take() {
+                    if !check(buffer) { return }
+                }
+            }
+            hasher.start()
+        }
         defer { filled.finish(); pool.close(); hasherDone.wait() }
         while true {
             condition.lock()
@@ -135,7 +172,7 @@ final class BackgroundVerifier: @unchecked Sendable {
                 buffer.count = chunk.count
                 buffer.fingerprint = chunk.fingerprint
             }
-            filled.put(buffer)
+            if !inline { filled.put(buffer) } else if !check(buffer) { return }
         }
     }
 

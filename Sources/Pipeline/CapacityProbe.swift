@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import ImageIO
+import ProvisionCShims
 
 /// Checks that a card stores what it claims before the first byte of the image (issue 16),
 /// the way f3probe does: unique tagged blocks written with O_DIRECT at spread offsets over
@@ -142,14 +143,36 @@ public enum CapacityProbe {
     /// card cannot be read or written at all; a lying card is a result, not an error.
     /// `overwritten`: byte ranges the image writes next, which a passed card need not get
     /// back (empty: everything is restored).
-    public static func run(_ target: WriteTarget, overwritten: [Range<UInt64>] = []) throws(Failure) -> Result {
+    ///
+    /// Memory (issue 18: 32 cards probe at once): with a `budget`, the probe's one I/O buffer
+    /// is the station's, taken like a write's; with a `stashDirectory`, what it overwrote is
+    /// kept in an unlinked file there (the page cache, not the daemon's memory: a 64 GB card's
+    /// window is 16 MiB) and read back for the restore. Without them (`provision write`),
+    /// both live in memory.
+    public static func run(_ target: WriteTarget, overwritten: [Range<UInt64>] = [], budget: BufferBudget? = nil,
+                           stashDirectory: String? = nil, cancellation: CancellationFlag? = nil) throws(Failure) -> Result {
         let started = ContinuousClock.now
         let block = target.alignment
         guard let size = target.size, size >= UInt64(2 * block) else {
             throw Failure(description: "capacity probe: \(target.path) reports no size, or less than two \(block)-byte blocks")
         }
         let nonce = UInt64.random(in: 1...UInt64.max)
-        var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce)
+        let capacity = max(CapacityProbe.runBytes, block)
+        let pool = budget.map { BufferPool(budget: $0, maximum: 1, bufferSize: capacity, alignment: block, cancellation: cancellation) }
+        defer { pool?.close() }
+        let buffer: AlignedBuffer
+        if let pool {
+            guard let taken = pool.acquire() else { throw Failure(description: "capacity probe: cancelled before \(target.path) was touched") }
+            buffer = taken
+        } else {
+            buffer = AlignedBuffer(capacity: capacity, alignment: block)
+        }
+        defer { pool?.release(buffer) }
+        guard buffer.capacity >= capacity else {
+            throw Failure(description: "capacity probe: the buffer budget (\(budget?.limit ?? 0) bytes) is smaller than one probe run of \(capacity) bytes")
+        }
+        var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce, buffer: buffer,
+                              stash: Stash(directory: stashDirectory))
         let found: (realBytes: UInt64?, blocks: Int)
         do throws(Failure) { found = try examine(&session, size: size, block: block) } catch {
             session.restore(skipping: [])
@@ -268,16 +291,17 @@ public enum CapacityProbe {
         /// One run of the first window, or one block.
         let buffer: AlignedBuffer
         let expected: AlignedBuffer
-        /// Offset → the bytes it held before the probe, in the order saved.
-        var saved: [(UInt64, [UInt8])] = []
+        /// The bytes each saved run held before the probe, in the order saved.
+        var stash: Stash
         var savedBlocks: Set<UInt64> = []
 
-        init(fd: Int32, path: String, block: Int, nonce: UInt64) {
+        init(fd: Int32, path: String, block: Int, nonce: UInt64, buffer: AlignedBuffer, stash: Stash) {
             self.fd = fd
             self.path = path
             self.block = block
             self.nonce = nonce
-            buffer = AlignedBuffer(capacity: max(CapacityProbe.runBytes, block), alignment: block)
+            self.buffer = buffer
+            self.stash = stash
             expected = AlignedBuffer(capacity: block, alignment: block)
         }
 
@@ -285,7 +309,7 @@ public enum CapacityProbe {
         mutating func save(_ offset: UInt64, bytes: Int) throws(Failure) {
             guard !savedBlocks.contains(offset) else { return }
             try read(offset, bytes: bytes)
-            saved.append((offset, Array(UnsafeRawBufferPointer(start: buffer.bytes, count: bytes))))
+            try stash.keep(UnsafeRawBufferPointer(start: buffer.bytes, count: bytes), from: offset)
             for i in 0..<(bytes / block) { savedBlocks.insert(offset + UInt64(i * block)) }
         }
 
@@ -295,14 +319,15 @@ public enum CapacityProbe {
         /// effort: it runs on every ending.
         mutating func restore(skipping skipped: [Range<UInt64>]) {
             var wrote = false
-            for (offset, bytes) in saved.reversed()
-            where !skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(bytes.count) <= $0.upperBound }) {
-                bytes.withUnsafeBytes { buffer.bytes.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-                _ = pwrite(fd, buffer.bytes, bytes.count, off_t(offset))
+            for run in stash.runs.indices.reversed() {
+                let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
+                guard !skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound }),
+                      stash.load(run, into: buffer.bytes) else { continue }
+                _ = pwrite(fd, buffer.bytes, count, off_t(offset))
                 wrote = true
             }
             if wrote { fdatasync(fd) }
-            saved.removeAll()
+            stash.removeAll()
             savedBlocks.removeAll()
         }
 
@@ -368,6 +393,54 @@ public enum CapacityProbe {
             try flush()
             if case .other(0) = try readTags(offset, bytes: block)[0] { return true }
             return false
+        }
+    }
+
+    /// What the probe overwrote, kept until the restore: in an unlinked file of the given
+    /// directory (`O_TMPFILE`: nothing is left behind on any ending, a crash included), or in
+    /// memory where there is none or it cannot take a run (then that run stays in memory).
+    final class Stash {
+        private(set) var runs: [(offset: UInt64, count: Int, place: Int)] = []
+        /// Runs kept in memory; `place` is an index here when negative (−1 − index).
+        private var memory: [[UInt8]] = []
+        private let fd: Int32
+        private var fileEnd = 0
+
+        init(directory: String?) {
+            fd = directory.map { provision_open_tmpfile($0) } ?? -1
+        }
+
+        deinit { if fd >= 0 { close(fd) } }
+
+        /// Whether runs go to the file (else all stay in memory), and the bytes kept in memory.
+        var usesFile: Bool { fd >= 0 }
+        var bytesInMemory: Int { memory.reduce(0) { $0 + $1.count } }
+
+        func keep(_ bytes: UnsafeRawBufferPointer, from offset: UInt64) throws(Failure) {
+            if fd >= 0, pwrite(fd, bytes.baseAddress!, bytes.count, off_t(fileEnd)) == bytes.count {
+                runs.append((offset, bytes.count, fileEnd))
+                fileEnd += bytes.count
+                return
+            }
+            memory.append(Array(bytes))
+            runs.append((offset, bytes.count, -memory.count))
+        }
+
+        /// Copies run `index`'s bytes to `destination`; false when the file cannot give them back.
+        func load(_ index: Int, into destination: UnsafeMutableRawPointer) -> Bool {
+            let run = runs[index]
+            if run.place < 0 {
+                memory[-1 - run.place].withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: run.count) }
+                return true
+            }
+            return pread(fd, destination, run.count, off_t(run.place)) == run.count
+        }
+
+        func removeAll() {
+            runs = []
+            memory = []
+            if fd >= 0 { _ = ftruncate(fd, 0) }
+            fileEnd = 0
         }
     }
 

@@ -27,6 +27,9 @@ public struct CardJob: Sendable {
     /// Capacity probe before the first image byte (issue 16); block devices only.
     /// `provision write --no-probe` and a profile's `probe = false` turn it off.
     public var probeCapacity = true
+    /// Where the probe keeps what it overwrote until it restores it (an unlinked file; the
+    /// station's cache directory): nil keeps it in memory.
+    public var probeStashDirectory: String?
     /// Asked with the card's identity before the probe: a refusal (a card found counterfeit
     /// or failing before, with the date and reason) fails the job before anything is written.
     public var knownCard: (@Sendable (CardIdentity) -> String?)?

@@ -133,7 +133,12 @@ public final class CardPipeline: Sendable {
         guard job.probeCapacity, target.kind == .blockDevice else { return nil }
         do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
         let result: CapacityProbe.Result
-        do throws(CapacityProbe.Failure) { result = try CapacityProbe.run(target, overwritten: overwritten) } catch {
+        do throws(CapacityProbe.Failure) {
+            // The probe's buffer is the station's (issue 18), and what it overwrote waits in the cache directory.
+            result = try CapacityProbe.run(target, overwritten: overwritten, budget: job.budget,
+                                           stashDirectory: job.probeStashDirectory, cancellation: cancellation)
+        } catch {
+            if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
             throw CardFailure(.image(.ioError), error.description)
         }
         if let refusal = result.refusal {

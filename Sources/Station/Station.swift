@@ -201,6 +201,7 @@ public actor Station {
         job.minimumDeviceSize = profile?.image?.minDeviceSize
         job.verify = profile?.image?.verify ?? true
         job.probeCapacity = profile?.image?.probe ?? true
+        job.probeStashDirectory = config.cacheDirectory
         // A card once found counterfeit or failing is refused on sight (issue 16). A ledger
         // that cannot be read refuses too: the station cannot tell that card from another.
         let ledger = self.ledger
@@ -493,7 +494,7 @@ public actor Station {
 
     /// Prometheus' text format: this station's counters and its present state.
     public func metricsText() -> String {
-        metrics.text(slots: config.slots.map(\.name), running: running.values.map(\.record.slot), cache: cache)
+        metrics.text(slots: config.slots.map(\.name), running: running.values.map(\.record.slot), cache: cache, buffers: bufferBudget.usage)
     }
 
     /// At shutdown: cancels every running job and waits until each has recorded its end.

@@ -93,6 +93,41 @@ struct WriteEngineTests {
         #expect(e.message.contains("\(badOffset)"))
     }
 
+    @Test("on a station's budget a chunk is read back in pieces: a byte altered in a later piece is found exactly, and a repair rewrites that piece")
+    func piecesOfAChunkOnABudget() throws {
+        let data = patternBytes(10 << 20)
+        let raw = scratch.file("pieces.raw")
+        try write(data, to: raw)
+        // In the third 256 KiB piece of the 4 MiB chunk at 4 MiB.
+        let badOffset: UInt64 = (4 << 20) + 2 * 262_144 + 12_345
+        #expect(BackgroundVerifier.piece == 262_144)
+        for repair in [false, true] {
+            let budget = BufferBudget(limit: 16 << 20)
+            var options = WriteOptions()
+            options.budget = budget
+            options.chunkSize = 4 << 20
+            options.syncInterval = nil
+            options.repair = repair
+            options.testHookBeforeVerify = { target in
+                let h = FileHandle(forUpdatingAtPath: target.path)!
+                try? h.seek(toOffset: badOffset)
+                h.write(Data([data[Int(badOffset)] ^ 0x40]))
+                try? h.synchronize()
+                try? h.close()
+            }
+            let (card, result) = try writeToFreshCard(raw, options: options)
+            defer { card.close() }
+            #expect(budget.usage.handedOut == 0)
+            if repair {
+                #expect(try result.get().repairedAt == [badOffset])
+                #expect(Array(try readBytes(card.devicePath, count: data.count)) == data)
+            } else {
+                guard case .failure(let e) = result else { Issue.record("altered card passed verification"); continue }
+                #expect(e.code == .verifyMismatch && e.offset == badOffset, "\(e)")
+            }
+        }
+    }
+
     @Test("a compressed image's mismatch offset is found too (decoded again only on failure)")
     func verificationMismatchOffsetForCompressed() throws {
         let data = patternBytes(5 << 20)

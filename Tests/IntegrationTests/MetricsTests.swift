@@ -97,6 +97,11 @@ extension IntegrationTests {
             #expect(duration > 0 && duration < 60, "job duration \(duration) s")
             #expect(Self.value(after, "provision_running_jobs", ["slot": "OK"]) == 0)
             #expect(Self.value(after, "provision_image_cache_limit_bytes") ?? 0 > 0)
+            // The card's buffers came from the station's budget and went back to it.
+            let limit = try #require(Self.value(after, "provision_buffer_budget_limit_bytes"))
+            let peak = try #require(Self.value(after, "provision_buffer_budget_allocated_peak_bytes"))
+            #expect(peak > 0 && peak <= limit, "budget peak \(peak) of \(limit)")
+            #expect(Self.value(after, "provision_buffer_budget_in_use_bytes") == 0)
 
             // Events for a refused card that stays refused do not count it again.
             let watcher = try bench.watch()

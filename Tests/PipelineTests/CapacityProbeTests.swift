@@ -3,7 +3,7 @@
 
 import Foundation
 import ImageIO
-import Pipeline
+@testable import Pipeline
 import Testing
 import TestSupport
 
@@ -125,6 +125,44 @@ struct CapacityProbeTests {
         defer { target.close() }
         #expect(try CapacityProbe.run(target, overwritten: [0..<(8 << 20)]).realBytes == nil)
         #expect(try Command.bash(tail).stdout == before)
+    }
+
+    /// A station's probe (issue 18): its buffer comes from the budget and goes back, and what
+    /// it overwrote waits in an unlinked file, not in memory; the card is restored all the same.
+    @Test func onAStationsBudgetKeepsWhatItOverwroteInAFile() throws {
+        let fake = try FakeCard(label: "restore-budget", claimedSize: 64 << 20, lie: .wraps(realSize: 16 << 20))
+        defer { fake.close() }
+        try fillRandom(fake.devicePath, bytes: 64 << 20)
+        let before = try fake.card.sha256()
+        let stash = try TemporaryDirectory("probe-stash")
+        let budget = BufferBudget(limit: 4 << 20)
+        let target = try WriteTarget.open(path: fake.devicePath)
+        defer { target.close() }
+        #expect(try CapacityProbe.run(target, budget: budget, stashDirectory: stash.path).isCounterfeit)
+        #expect(try fake.card.sha256() == before)
+        let usage = budget.usage
+        #expect(usage.handedOut == 0 && usage.peakAllocated == CapacityProbe.runBytes, "\(usage)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: stash.path).isEmpty, "the stash file has no name")
+    }
+
+    @Test func theStashKeepsRunsInItsFileAndFallsBackToMemory() throws {
+        let directory = try TemporaryDirectory("probe-stash")
+        let notADirectory = directory.path + "/file"
+        FileManager.default.createFile(atPath: notADirectory, contents: Data())
+        for (place, inFile) in [(directory.path as String?, true), (notADirectory, false), (nil, false)] {
+            let stash = CapacityProbe.Stash(directory: place)
+            #expect(stash.usesFile == inFile)
+            let runs: [(UInt64, [UInt8])] = [(0, [UInt8](repeating: 7, count: 4096)), (1 << 20, (0..<8192).map { UInt8($0 % 251) }), (4096, [1, 2, 3])]
+            for (offset, bytes) in runs { try bytes.withUnsafeBytes { try stash.keep($0, from: offset) } }
+            #expect(stash.bytesInMemory == (inFile ? 0 : 4096 + 8192 + 3))
+            for (i, (offset, bytes)) in runs.enumerated().reversed() {
+                var back = [UInt8](repeating: 0, count: bytes.count)
+                #expect(back.withUnsafeMutableBytes { stash.load(i, into: $0.baseAddress!) })
+                #expect(back == bytes && stash.runs[i].offset == offset)
+            }
+            stash.removeAll()
+            #expect(stash.runs.isEmpty && stash.bytesInMemory == 0)
+        }
     }
 
     @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .wraps(realSize: (40 << 20) + 12288), .drops(realSize: 20 << 20)])

@@ -105,3 +105,7 @@ int provision_pipe_cloexec(int fds[2]) {
 int provision_malloc_trim(void) {
     return malloc_trim(0);
 }
+
+int provision_open_tmpfile(const char *directory) {
+    return open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+}

@@ -60,4 +60,8 @@ int provision_pipe_cloexec(int fds[2]);
 /// Returns 1 when memory was released.
 int provision_malloc_trim(void);
 
+/* open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600): an unnamed file that disappears with
+   its last descriptor (Swift does not import the O_TMPFILE macro). -1 with errno on failure. */
+int provision_open_tmpfile(const char *directory);
+
 #endif
