@@ -188,7 +188,8 @@ udevadm settle --timeout=10 || true
 say "cards: $(for s in "${SLOTS[@]}"; do printf '%s=%s@%sMB/s ' "$s" "${DEV[$s]#/dev/}" "${WBPS[$s]}"; done)"
 
 # ---------------------------------------------------------------- runs
-declare -A T CPUU CPUS RSSK ANONK CACHEK   # results, keyed "fmt/run/slot" or "fmt/run"
+declare -A T CPUU CPUS RSSK ANONK CACHEK BUDGETK   # results, keyed "fmt/run/slot" or "fmt/run"
+BUDGETLIMITK=0
 
 # Peak anonymous RSS (KiB) of PID, sampled every 0.1 s into FILE: VmHWM also counts code
 # and libraries, RssAnon is what the daemon allocated (buffers among it).
@@ -265,6 +266,10 @@ TOML
   record_daemon "$fmt/$run" "$dir"
   CACHEK[$fmt/$run]=$(du -sk "$dir/cache" | cut -f1)
   "$PROVISION" jobs --json > "$dir/jobs.json"
+  # The buffer budget's own account: the most it ever had allocated at once, and its limit.
+  "$PROVISION" metrics > "$dir/metrics.txt"
+  BUDGETK[$fmt/$run]=$(awk '/^provision_buffer_budget_allocated_peak_bytes/ { printf "%d", $2 / 1024 }' "$dir/metrics.txt")
+  BUDGETLIMITK=$(awk '/^provision_buffer_budget_limit_bytes/ { printf "%d", $2 / 1024 }' "$dir/metrics.txt")
   stop_daemon
   # Durations from the ledger (millisecond timestamps): job created → final state.
   local bad=0
@@ -355,7 +360,8 @@ for fmt in "${FMTS[@]}"; do
   buf=$(( (ANONK[$fmt/batch] - ANONK[idle]) / 1024 ))
   rss=$((RSSK[$fmt/batch] / 1024))
   echo "| provisiond peak RSS (VmHWM), $CARDS cards (1 card: $((RSSK[$fmt/alone-$A1] / 1024)) MiB; idle daemon: $((RSSK[idle] / 1024)) MiB) | $rss MiB | $([ -n "$RSS_TARGET" ] && echo "≤ $RSS_TARGET MiB" || echo "–") | ${RSS_TARGET:+$(verdict "$rss" "${RSS_TARGET:-0}")} |"
-  echo "| buffers: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-$A1] - ANONK[idle]) / 1024 )) MiB) | $buf MiB | ≤ 64 MiB | $(verdict "$buf" 64) |"
+  echo "| card buffers: the most the station's buffer budget had allocated at once (\`provision metrics\`; 1 card: $((BUDGETK[$fmt/alone-$A1] / 1024)) MiB) | $((BUDGETK[$fmt/batch] / 1024)) MiB | ≤ its limit, $((BUDGETLIMITK / 1024)) MiB | $(verdict "${BUDGETK[$fmt/batch]}" "$BUDGETLIMITK") |"
+  echo "| all allocated memory: peak anonymous RSS (RssAnon, sampled every 0.1 s) of the batch minus the idle daemon's ($((ANONK[idle] / 1024)) MiB; 1 card: +$(( (ANONK[$fmt/alone-$A1] - ANONK[idle]) / 1024 )) MiB): the budget's buffers, the decompressor's, malloc's arenas, thread stacks | $buf MiB | – | |"
   echo "| decompressed cache on disk after the batch (du -sk) | $((CACHEK[$fmt/batch] / 1024)) MiB | ≈ mapped data (${MAPPED_MB} MiB) | |"
   echo
 done | tee "$REPORT"

@@ -16,6 +16,9 @@ import SystemPackage
 /// everything else is on the card and synced: an interrupted write then leaves a card that
 /// does not boot, rather than one that boots into half an image.
 public enum ImageWriter {
+    /// What a card on a station's budget reads back at a time (`BackgroundVerifier.piece`).
+    public static let readBackPiece = 256 << 10
+
     public static func write(source: ImageSource, to target: WriteTarget, options: WriteOptions = WriteOptions(),
                              progress: @escaping @Sendable (WriteProgress) -> Void = { _ in }) throws(ImageIOError) -> WriteResult {
         let job = WriteJob(source: source, target: target, options: options, progress: progress)

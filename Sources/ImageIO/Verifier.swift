@@ -37,7 +37,7 @@ final class BackgroundVerifier: @unchecked Sendable {
     /// read-back holds a quarter of a 1 MiB chunk (issue 18: 32 cards' read-backs were a
     /// third of the station's buffers). At a card's read speed (tens of MB/s) a 256 KiB read
     /// takes milliseconds, against microseconds of system-call overhead.
-    static let piece = 256 << 10
+    static let piece = ImageWriter.readBackPiece
 
     /// The read-back buffer's size: pieces on a station's budget; a whole chunk where its
     /// fingerprint must be taken in one piece, and for `provision write`, whose one card has

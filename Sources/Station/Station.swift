@@ -253,12 +253,14 @@ public actor Station {
     }
 
     /// The chunk a card writes: 4 MiB (an SD card's erase block; `benchmarks/chunks.sh`)
-    /// while the budget holds two chunks for every card that may run at once, less (down to
-    /// 1 MiB) when there are more cards, so that every card always finds its two buffers and
-    /// none waits for another's. 64 MiB: 4 MiB chunks up to 8 cards, 1 MiB for 32.
+    /// while the budget holds a chunk being written and a piece being read back for every
+    /// card that may run at once, less (down to 1 MiB) when there are more cards, so that
+    /// every card always finds what it needs to make progress; what is left over serves the
+    /// cards that want a chunk more in flight. 48 MiB: 4 MiB chunks up to 11 cards, 2 MiB up
+    /// to 21, 1 MiB for 32 (40 MiB of the 48).
     static func chunkSize(budget: Int, cards: Int) -> Int {
         var chunk = 4 << 20
-        while chunk > 1 << 20 && chunk * 2 * max(cards, 1) > budget { chunk /= 2 }
+        while chunk > 1 << 20 && (chunk + ImageWriter.readBackPiece) * max(cards, 1) > budget { chunk /= 2 }
         return min(chunk, max(budget / 4096, 1) * 4096)
     }
 

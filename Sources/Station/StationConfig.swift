@@ -22,7 +22,7 @@ import TOMLKit
 /// cache_limit = "16GiB"
 /// profiles_dir = "/usr/share/provision/images"   # optional: */profile.toml found there
 /// max_clients = 256               # control-socket connections; 8 more are kept for admins
-/// buffer_budget = "64MiB"         # card buffers of all cards together (issue 18)
+/// buffer_budget = "48MiB"         # card buffers of all cards together (issue 18)
 ///
 /// [profiles.demo]
 /// image = "/srv/images/demo.img.zst"
@@ -69,7 +69,10 @@ public struct StationConfig: Sendable {
     /// Bytes of buffers all cards together may hold (issue 18): one budget for the station,
     /// which cards draw on as their speed needs, not a fixed amount per card.
     public var bufferBudget = StationConfig.defaultBufferBudget
-    public static let defaultBufferBudget = 64 << 20
+    /// 48 MiB: 32 cards at 1 MiB chunks need 40 MiB to make progress (a chunk written and a
+    /// 256 KiB piece read back each); in `benchmarks/batch32.sh` 40 MiB already kept every card
+    /// at its own speed, and 64 MiB only filled up with extras that bought nothing.
+    public static let defaultBufferBudget = 48 << 20
     public var profiles: [String: Profile]
     public var slots: [Slot]
     /// Problems that do not stop the station: a profile of `profiles_dir` that no slot uses
@@ -166,7 +169,7 @@ public struct StationConfig: Sendable {
         if let budget = try station?.byteSize("buffer_budget") {
             // One 1 MiB chunk must fit, or no card could ever start; past 16 GiB it is a typo.
             guard budget >= 1 << 20, budget <= 16 << 30 else {
-                throw station!.error("buffer_budget", "\(ByteCount.human(budget)) is out of range: give 1MiB to 16GiB (64MiB writes 32 cards at their own speed)")
+                throw station!.error("buffer_budget", "\(ByteCount.human(budget)) is out of range: give 1MiB to 16GiB (48MiB writes 32 cards at their own speed)")
             }
             config.bufferBudget = Int(budget)
         }

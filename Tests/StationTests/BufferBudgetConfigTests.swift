@@ -9,9 +9,9 @@ struct BufferBudgetConfigTests {
     /// The one slot every station config needs (the same as the document checks use).
     static let slot = StationDocumentCheckTests.slot
 
-    @Test func defaultIs64MiBAndTheKeySetsIt() throws {
+    @Test func defaultIs48MiBAndTheKeySetsIt() throws {
         let plain = try StationConfig.parse(text: "[station]\nname = \"b\"\n" + Self.slot, file: "station.toml")
-        #expect(plain.bufferBudget == 64 << 20)
+        #expect(plain.bufferBudget == 48 << 20)
         let set = try StationConfig.parse(text: "[station]\nbuffer_budget = \"96MiB\"\n" + Self.slot, file: "station.toml")
         #expect(set.bufferBudget == 96 << 20)
     }
@@ -37,14 +37,16 @@ struct BufferBudgetConfigTests {
         }
     }
 
-    @Test("chunks stay 4 MiB while the budget holds two per card, and shrink to 1 MiB for 32 cards on 64 MiB")
+    @Test("chunks stay 4 MiB while the budget holds one and a read-back piece per card, and shrink to 1 MiB for 32 cards on 48 MiB")
     func chunkSizeFollowsTheBudget() {
         let mib = 1 << 20
-        #expect(Station.chunkSize(budget: 64 * mib, cards: 1) == 4 * mib)
-        #expect(Station.chunkSize(budget: 64 * mib, cards: 8) == 4 * mib)
-        #expect(Station.chunkSize(budget: 64 * mib, cards: 9) == 2 * mib)
-        #expect(Station.chunkSize(budget: 64 * mib, cards: 32) == mib)
-        #expect(Station.chunkSize(budget: 64 * mib, cards: 200) == mib, "never below 1 MiB: more cards wait their turn instead")
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 1) == 4 * mib)
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 11) == 4 * mib, "11 × 4.25 MiB = 46.75 MiB")
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 12) == 2 * mib)
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 21) == 2 * mib, "21 × 2.25 MiB = 47.25 MiB")
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 22) == mib)
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 32) == mib, "32 × 1.25 MiB = 40 MiB")
+        #expect(Station.chunkSize(budget: 48 * mib, cards: 200) == mib, "never below 1 MiB: more cards wait their turn instead")
         #expect(Station.chunkSize(budget: 256 * mib, cards: 32) == 4 * mib)
         #expect(Station.chunkSize(budget: mib, cards: 4) == mib)
     }
