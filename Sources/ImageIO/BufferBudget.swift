@@ -24,7 +24,11 @@ import Foundation
 /// cancelled) returns its bytes to the budget when it is freed (`AlignedBuffer.deinit`), so
 /// the accounting holds on every ending, not only on the ones that remember to give back.
 public final class BufferBudget: @unchecked Sendable {
-    private let condition = NSCondition()
+    /// Guards everything below. Waiters sleep on their own semaphores, not on a condition of
+    /// this lock: a buffer coming back wakes the one taker first in line, not all of them
+    /// (32 cards waiting in line were woken twice for every chunk of every card, ~20,000
+    /// times a batch each, to find they were not first).
+    private let condition = NSLock()
     private var limitBytes: Int
     /// Bytes of live buffers made by this budget: handed out plus idle.
     private var allocated = 0
@@ -38,9 +42,9 @@ public final class BufferBudget: @unchecked Sendable {
     private var idle: [AlignedBuffer] = []
     private var openPools = 0
     /// Takers waiting for room, in arrival order; only the first may take.
-    private var queue: [UInt64] = []
-    private var nextTicket: UInt64 = 0
+    private var queue: [Waiter] = []
     private var waits = 0
+    private var wakeups = 0
 
     public init(limit: Int) {
         precondition(limit > 0, "a buffer budget needs room for at least one buffer")
@@ -55,7 +59,7 @@ public final class BufferBudget: @unchecked Sendable {
             condition.lock()
             limitBytes = max(newValue, 1)
             let dropped = trimIdle(toFit: 0)
-            condition.broadcast()
+            wakeFirst()
             condition.unlock()
             _ = dropped  // freed here, outside the lock
         }
@@ -73,12 +77,14 @@ public final class BufferBudget: @unchecked Sendable {
         /// Takers waiting for room now, and how many times any taker had to wait.
         public var waiting: Int
         public var waits: Int
+        /// How many times a waiting taker was woken to look again (timeouts aside).
+        public var wakeups: Int
     }
 
     public var usage: Usage {
         condition.withLock {
             Usage(limit: limitBytes, handedOut: handedOut, peakHandedOut: peakHandedOut, allocated: allocated,
-                  peakAllocated: peakAllocated, waiting: queue.count, waits: waits)
+                  peakAllocated: peakAllocated, waiting: queue.count, waits: waits, wakeups: wakeups)
         }
     }
 
@@ -88,30 +94,47 @@ public final class BufferBudget: @unchecked Sendable {
     /// arrival order until there is room or `stop()` turns true (nil then); without, returns
     /// nil at once when anyone is waiting or there is no room (a card's extra buffer is only
     /// ever taken when it costs nobody anything).
-    func take(capacity: Int, alignment: Int, wait: Bool, stop: () -> Bool) -> AlignedBuffer? {
+    func take(capacity: Int, alignment: Int, wait: Bool, stop: @escaping () -> Bool) -> AlignedBuffer? {
         condition.lock()
         if !wait {
             let buffer = queue.isEmpty ? obtain(capacity: capacity, alignment: alignment) : nil
             condition.unlock()
             return buffer
         }
-        let ticket = nextTicket
-        nextTicket += 1
-        queue.append(ticket)
+        let me = Waiter(stop: stop)
+        queue.append(me)
         var waited = false
         defer {
-            queue.removeAll { $0 == ticket }
+            queue.removeAll { $0 === me }
             // The next in line may fit now (or may be the one whose pool closed).
-            condition.broadcast()
+            wakeFirst()
             condition.unlock()
         }
         while true {
             if stop() { return nil }
-            if queue.first == ticket, let buffer = obtain(capacity: capacity, alignment: alignment) { return buffer }
+            if queue.first === me, let buffer = obtain(capacity: capacity, alignment: alignment) { return buffer }
             if !waited { waited = true; waits += 1 }
             // Timed: a cancelled write is noticed even when no buffer comes back meanwhile.
-            _ = condition.wait(until: Date(timeIntervalSinceNow: 0.1))
+            condition.unlock()
+            let woken = me.semaphore.wait(timeout: .now() + .milliseconds(100)) == .success
+            condition.lock()
+            if woken { wakeups += 1 }
         }
+    }
+
+    /// A taker in line; its semaphore is signalled when it may find room (it looks again
+    /// under the lock, so a signal too many only costs one look).
+    private final class Waiter: @unchecked Sendable {
+        let semaphore = DispatchSemaphore(value: 0)
+        /// Its pool closed or its write was cancelled (read without the budget's lock's help:
+        /// the flags have their own).
+        let stop: () -> Bool
+        init(stop: @escaping () -> Bool) { self.stop = stop }
+    }
+
+    /// Under the lock: wakes the first taker in line.
+    private func wakeFirst() {
+        queue.first?.semaphore.signal()
     }
 
     /// Takes the buffer back for reuse.
@@ -123,15 +146,16 @@ public final class BufferBudget: @unchecked Sendable {
             idle.append(buffer)
         }
         let dropped = openPools == 0 ? drainIdle() : trimIdle(toFit: 0)
-        condition.broadcast()
+        wakeFirst()
         condition.unlock()
         _ = dropped
     }
 
-    /// Wakes every waiter to look at its stop condition again (a pool was closed).
+    /// Wakes the waiters whose pool was closed (or whose write was cancelled), so that they
+    /// stop waiting now rather than at their next timeout.
     func wake() {
         condition.lock()
-        condition.broadcast()
+        for waiter in queue where waiter.stop() { waiter.semaphore.signal() }
         condition.unlock()
     }
 
@@ -145,7 +169,7 @@ public final class BufferBudget: @unchecked Sendable {
         condition.lock()
         openPools -= 1
         let dropped = openPools == 0 ? drainIdle() : []
-        condition.broadcast()
+        wakeFirst()
         condition.unlock()
         _ = dropped
     }
@@ -155,7 +179,7 @@ public final class BufferBudget: @unchecked Sendable {
         condition.lock()
         handedOut -= capacity
         allocated -= capacity
-        condition.broadcast()
+        wakeFirst()
         condition.unlock()
     }
 

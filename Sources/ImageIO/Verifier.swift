@@ -111,7 +111,7 @@ final class BackgroundVerifier: @unchecked Sendable {
                                                              cancellation: job.options.cancellation) }
             ?? BufferPool(count: 2, bufferSize: pieceSize, alignment: target.alignment)
         /// Compares one read-back buffer and gives it back; false when the job must stop.
-        @Sendable func check(_ buffer: AlignedBuffer) -> Bool {
+        @Sendable func check(_ buffer: AlignedBuffer, keep: Bool = false) -> Bool {
             let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
             if !same {
                 switch job.options.repair ? repair(buffer) : .failure(mismatch(buffer)) {
@@ -123,7 +123,7 @@ final class BackgroundVerifier: @unchecked Sendable {
                     return false
                 }
             }
-            pool.release(buffer)
+            if !keep { pool.release(buffer) }
             condition.withLock { verified += UInt64(buffer.count) }
             return true
         }
@@ -149,14 +149,26 @@ final class BackgroundVerifier: @unchecked Sendable {
             hasher.start()
         }
         defer { filled.finish(); pool.close(); hasherDone.wait() }
+        // Compared here, a piece's buffer is kept for the next piece while pieces are queued,
+        // and given back to the budget only when the queue runs dry (one take per sync
+        // interval, not one per piece).
+        var kept: AlignedBuffer?
+        defer { if let kept { pool.release(kept) } }
         while true {
             condition.lock()
+            if queue.isEmpty && !closed && !stopped, let buffer = kept {
+                condition.unlock()
+                pool.release(buffer)
+                kept = nil
+                condition.lock()
+            }
             while queue.isEmpty && !closed && !stopped { condition.wait() }
             if stopped || (queue.isEmpty && closed) || error != nil { condition.unlock(); return }
             let chunk = queue.removeFirst()
             condition.unlock()
             if job.options.cancellation.isCancelled { return }
-            guard let buffer = pool.acquire() else { return }
+            guard let buffer = kept ?? pool.acquire() else { return }
+            kept = nil
             let length = (chunk.count + unit - 1) / unit * unit
             switch Syscall.preadFully(target.fd, buffer.bytes, length, chunk.offset) {
             case .failure(let e):
@@ -172,7 +184,12 @@ final class BackgroundVerifier: @unchecked Sendable {
                 buffer.count = chunk.count
                 buffer.fingerprint = chunk.fingerprint
             }
-            if !inline { filled.put(buffer) } else if !check(buffer) { return }
+            if !inline {
+                filled.put(buffer)
+            } else {
+                guard check(buffer, keep: true) else { return }
+                kept = buffer
+            }
         }
     }
 

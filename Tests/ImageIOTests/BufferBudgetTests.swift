@@ -59,6 +59,36 @@ private final class Counts: @unchecked Sendable {
 struct BufferBudgetTests {
     static let mib = 1 << 20
 
+    @Test("a buffer coming back wakes the taker first in line, not every taker waiting")
+    func aReturnedBufferWakesOnlyTheFirstInLine() async throws {
+        let budget = BufferBudget(limit: Self.mib)
+        let holder = BufferPool(budget: budget, maximum: 1, bufferSize: Self.mib, alignment: 4096)
+        let first = try #require(holder.acquire())
+        // 16 cards in line for the one buffer; each takes it, and gives it back at once.
+        let takers = 16
+        let served = Counts(takers)
+        let done = (0..<takers).map { i in
+            Taker {
+                let pool = BufferPool(budget: budget, maximum: 1, bufferSize: Self.mib, alignment: 4096)
+                defer { pool.close() }
+                guard let b = pool.acquire() else { return false }
+                served.bump(i)
+                pool.release(b)
+                return true
+            }
+        }
+        try await eventually("all 16 wait in line") { budget.usage.waiting == takers }
+        holder.release(first)
+        for taker in done { #expect(await taker.value()) }
+        #expect(served.all == [Int](repeating: 1, count: takers))
+        // Each buffer given back wakes one taker, and each take wakes the next in line to look:
+        // about two wake-ups a taker. Waking every waiter each time would be ~16 × 16 / 2.
+        let usage = budget.usage
+        #expect(usage.wakeups <= 3 * takers, "\(usage.wakeups) wake-ups for \(takers) takers")
+        #expect(usage.waiting == 0 && usage.handedOut == 0)
+        holder.close()
+    }
+
     @Test("the bytes handed out never exceed the budget, with 8 concurrent cards asking for more than it holds")
     func capHoldsUnderConcurrentTakers() async throws {
         let limit = 5 * Self.mib
