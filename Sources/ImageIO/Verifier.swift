@@ -129,8 +129,8 @@ final class BackgroundVerifier: @unchecked Sendable {
         }
         // Pieces (a station's card, compared with the cache) are compared right here: a piece's
         // comparison takes tens of microseconds against its read's milliseconds, and handing it
-        // to another thread cost two wake-ups a piece (32 cards read back at half speed) and a
-        // thread a card. Whole chunks are fingerprinted on a thread of their own.
+        // to another thread would cost two wake-ups a piece and a thread a card. Whole chunks
+        // are fingerprinted on a thread of their own.
         let inline = job.compareWithSource && job.options.budget != nil
         let filled = ChunkQueue()
         // (Created at 0 and signalled: a semaphore freed below its initial value traps.)
