@@ -23,6 +23,8 @@
 # --image-mib N --mapped-mib M choose another image (M a multiple of 4). --backing DIR puts
 # the cards' backing files there; by default /dev/shm (RAM) for more than 8 cards when it has
 # room for all of them, so that 32 cards at up to 40 MB/s measure the daemon, not the disk.
+# The daemon's CPU is split into user and system by /proc (the kernel's tick) and, where perf
+# runs, also by perf's 999 Hz samples (both rows in the report).
 #
 #   benchmarks/batch.sh [--quick] [--cards N] [--image-mib N --mapped-mib M] [--backing DIR]
 #                       [--formats zst,xz] [--fresh-images] [--keep DIR]
@@ -40,7 +42,7 @@ while [ $# -gt 0 ]; do
     --formats) FORMATS=$2; shift ;;
     --fresh-images) FRESH=1 ;;
     --keep) KEEP=$2; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
