@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
     --formats) FORMATS=$2; shift ;;
     --fresh-images) FRESH=1 ;;
     --keep) KEEP=$2; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
   shift
