@@ -253,17 +253,7 @@ final class WriteJob: @unchecked Sendable {
 
     /// Overlays blob bytes, hashes the chunk, hands it to the writer.
     private func emit(_ buf: AlignedBuffer) throws(ImageIOError) {
-        let range = buf.offset..<(buf.offset + UInt64(buf.count))
-        for (i, blob) in options.blobs.enumerated() {
-            let blobRange = blob.offset..<(blob.offset + UInt64(blob.bytes.count))
-            let overlap = range.clamped(to: blobRange)
-            guard !overlap.isEmpty else { continue }
-            blob.bytes.withUnsafeBytes { src in
-                (buf.bytes + Int(overlap.lowerBound - buf.offset)).copyMemory(
-                    from: src.baseAddress! + Int(overlap.lowerBound - blob.offset), byteCount: overlap.count)
-            }
-            blobCoverage[i].append(overlap)
-        }
+        overlayBlobs(on: buf.bytes, at: buf.offset, count: buf.count) { i, overlap in blobCoverage[i].append(overlap) }
         if buf.offset == 0, let inspect = options.inspectFirstChunk {
             do { try inspect(buf.buffer) } catch let e as ImageIOError { pool.release(buf); throw e } catch {
                 pool.release(buf)
@@ -272,6 +262,21 @@ final class WriteJob: @unchecked Sendable {
         }
         if fingerprintsOnReader && !fingerprintsWhileReading { fingerprint(buf) }
         if let checkStage { checkStage.put(buf) } else { queue.put(buf) }
+    }
+
+    /// Copies the blobs' bytes over the `count` image bytes at `bytes` (device offset `offset`);
+    /// `laid` hears of each blob's overlap.
+    private func overlayBlobs(on bytes: UnsafeMutableRawPointer, at offset: UInt64, count: Int,
+                              laid: (Int, Range<UInt64>) -> Void = { _, _ in }) {
+        let range = offset..<(offset + UInt64(count))
+        for (i, blob) in options.blobs.enumerated() {
+            let overlap = range.clamped(to: blob.offset..<(blob.offset + UInt64(blob.bytes.count)))
+            guard !overlap.isEmpty else { continue }
+            blob.bytes.withUnsafeBytes { src in
+                (bytes + Int(overlap.lowerBound - offset)).copyMemory(from: src.baseAddress! + Int(overlap.lowerBound - blob.offset), byteCount: overlap.count)
+            }
+            laid(i, overlap)
+        }
     }
 
     /// Where chunks are fingerprinted: on the checker thread when it has nothing else to do
@@ -484,14 +489,7 @@ final class WriteJob: @unchecked Sendable {
                 guard case .success(let n) = Syscall.preadFully(sourceFD, at, piece.count, piece.offset), n == piece.count else {
                     throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(piece.offset): it is shorter than when it was written, or unreadable", offset: piece.offset)
                 }
-                let range = piece.offset..<(piece.offset + UInt64(piece.count))
-                for blob in options.blobs {
-                    let overlap = range.clamped(to: blob.offset..<(blob.offset + UInt64(blob.bytes.count)))
-                    guard !overlap.isEmpty else { continue }
-                    blob.bytes.withUnsafeBytes { src in
-                        (at + Int(overlap.lowerBound - piece.offset)).copyMemory(from: src.baseAddress! + Int(overlap.lowerBound - blob.offset), byteCount: overlap.count)
-                    }
-                }
+                overlayBlobs(on: at, at: piece.offset, count: piece.count)
             }
             try writeBytes(UnsafeRawBufferPointer(start: buffer.bytes + Int(piece.offset), count: piece.count), at: piece.offset)
             unverified.append(piece)

@@ -190,19 +190,13 @@ public enum CapacityProbe {
         let b = UInt64(block)
         // Saved first, all of it, before any probe write: two offsets that share one place on
         // a wrapping card are then saved with the same (original) bytes.
-        var run = UInt64(0)
-        while run < layout.window {
-            try session.save(run, bytes: Int(min(UInt64(runBytes), layout.window - run)))
-            run += UInt64(runBytes)
-        }
+        // The window in runs of `runBytes` (its last run may be shorter).
+        let runs = stride(from: UInt64(0), to: layout.window, by: runBytes).map { ($0, Int(min(UInt64(runBytes), layout.window - $0))) }
+        for (run, bytes) in runs { try session.save(run, bytes: bytes) }
         for p in layout.singles { try session.save(p, bytes: block) }
         // The window first; then the single blocks highest first: of two single blocks that
         // collide the lower survives, and a block landing in the window overwrites it there.
-        run = 0
-        while run < layout.window {
-            try session.writeTags(run, bytes: Int(min(UInt64(runBytes), layout.window - run)))
-            run += UInt64(runBytes)
-        }
+        for (run, bytes) in runs { try session.writeTags(run, bytes: bytes) }
         for p in layout.singles { try session.writeTags(p, bytes: block) }
         try session.flush()
 
@@ -221,11 +215,8 @@ public enum CapacityProbe {
                 lowestBad = min(lowestBad ?? .max, p)
             }
         }
-        run = 0
-        while run < layout.window {
-            let bytes = Int(min(UInt64(runBytes), layout.window - run))
+        for (run, bytes) in runs {
             for (i, found) in try session.readTags(run, bytes: bytes).enumerated() { judge(run + UInt64(i) * b, found) }
-            run += UInt64(runBytes)
         }
         for p in layout.singles.reversed() where !layout.catchers.contains(p) { judge(p, try session.readTags(p, bytes: block)[0]) }
         var blocks = Int(layout.window / b) + layout.singles.count
