@@ -49,6 +49,7 @@ PROVISIOND=$BIN/provisiond; PROVISION=$BIN/provision
 
 SLOTS=3; IMAGE_MB=8; CARD_MB=32; PIPELINERS=${PIPELINERS:-200}; IDLE=${IDLE:-1100}; BURST=4000; CARD_BPS=20000000
 BLKIO=/sys/fs/cgroup/blkio
+[ -w $BLKIO/blkio.throttle.write_bps_device ] || { echo "no blkio v1 cgroup at $BLKIO: cannot throttle the cards" >&2; exit 77; }
 WORK=$(mktemp -d /var/tmp/provision-clients-bench.XXXXXX)
 chmod 755 "$WORK"
 SOCK=$WORK/control.sock; LOG=$WORK/provisiond.log

@@ -23,6 +23,8 @@ public final class ImageSource: @unchecked Sendable {
     /// gzip, xz or zstd read through libarchive instead of our decoders: only for
     /// benchmarks/formats.sh, which measures both (`PROVISION_DECODER=libarchive`).
     private var viaLibarchive = false
+    /// `PROVISION_DECODER`, read once (not at every image opened).
+    private static let decoderOverride = getenv("PROVISION_DECODER").map { String(cString: $0) }
     /// The compressed (on-disk) size of the file.
     public let fileSize: UInt64
     /// The uncompressed size when the container says so (raw: the file size; zstd: the frame
@@ -123,7 +125,7 @@ public final class ImageSource: @unchecked Sendable {
         self.format = kind.format
         self.archiveFilter = kind.filter
         self.viaLibarchive = kind.format.isNative && kind.format != .raw && fill == nil
-            && getenv("PROVISION_DECODER").map { String(cString: $0) } == "libarchive"
+            && ImageSource.decoderOverride == "libarchive"
         self.decoder = kind.format.isNative && !viaLibarchive ? makeDecoder(kind.format) : nil
         self.checksStreamChecksum = decoder != nil || kind.format.isCompressor || kind.format == .zip || kind.filter != nil
         self.uncompressedSizeHint = sizeHint ?? kind.size ?? ImageSource.sizeHint(fd: fd, format: kind.format, fileSize: UInt64(st.st_size))

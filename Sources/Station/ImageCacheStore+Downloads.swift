@@ -26,6 +26,10 @@ final class DownloadTable: @unchecked Sendable {
         /// Bytes received and announced, for the jobs that wait on this download.
         var received: UInt64 = 0
         var total: UInt64?
+        /// When the waiting jobs were last woken for progress: at most every `wakeInterval`,
+        /// not for every chunk the network delivers.
+        var lastWake: ContinuousClock.Instant?
+        static let wakeInterval = Duration.milliseconds(250)
         init(url: String, path: String) { self.url = url; self.path = path }
     }
 
@@ -76,7 +80,11 @@ extension ImageCacheStore {
                     entry.condition.withLock {
                         entry.received = received
                         entry.total = total
-                        entry.condition.broadcast()
+                        let now = ContinuousClock.now
+                        if entry.lastWake.map({ now - $0 >= DownloadTable.Entry.wakeInterval }) ?? true {
+                            entry.lastWake = now
+                            entry.condition.broadcast()
+                        }
                     }
                     progress(received, total)
                 }
@@ -104,17 +112,18 @@ extension ImageCacheStore {
                 dropOtherVersions(of: url, keeping: key)
             }
         }
-        let result: ImageIOError? = entry.condition.withLock {
-            // Another job's download: its progress is this job's too.
-            var seen = UInt64.max
-            while !entry.finished {
-                if !start, entry.received != seen {
-                    seen = entry.received
-                    progress(entry.received, entry.total)
-                }
-                entry.condition.wait()
+        // Another job's download: its progress is this job's too, reported outside the lock
+        // (the downloading thread takes it for every chunk).
+        var seen = UInt64.max
+        var result: ImageIOError?
+        while true {
+            let (finished, received, total, failure) = entry.condition.withLock {
+                while !entry.finished && (start || entry.received == seen) { entry.condition.wait() }
+                return (entry.finished, entry.received, entry.total, entry.failure)
             }
-            return entry.failure
+            if finished { result = failure; break }
+            seen = received
+            progress(received, total)
         }
         if let result {
             releaseDownload(key)

@@ -111,7 +111,7 @@ struct StationMetrics {
     // MARK: - Scrape
 
     /// The text a scraper reads: the present state is set first, then everything is emitted.
-    func text(slots: [String], running: [String?], cache: ImageCacheStore?, buffers: BufferBudget.Usage? = nil) -> String {
+    func text(slots: [String], running: [String?], cache: ImageCacheStore?, buffers: BufferBudget.Usage) -> String {
         var perSlot: [String: Int] = [:]
         for slot in slots { perSlot[slot] = 0 }
         // Manual flashes outside any slot are counted under slot="".
@@ -132,21 +132,19 @@ struct StationMetrics {
                                                  helpText: "Decompressed images in the cache."),
                                labels: labels).set(to: Double(cache.entryCount))
         }
-        if let buffers {
-            // The station's buffer budget (issue 18): what the cards hold now and at most.
-            for (name, value, help) in [
-                ("buffer_budget_limit", buffers.limit, "The buffer budget all cards share (buffer_budget)."),
-                ("buffer_budget_allocated", buffers.allocated, "Buffer memory allocated from the budget now (held by cards, or idle for reuse)."),
-                ("buffer_budget_allocated_peak", buffers.peakAllocated, "The most buffer memory ever allocated from the budget at once: never above the limit."),
-                ("buffer_budget_in_use", buffers.handedOut, "Buffer memory cards hold now."),
-            ] {
-                registry.makeGauge(descriptor: .init(namespace: "provision", metricName: name, unitName: "bytes", helpText: help),
-                                   labels: labels).set(to: Double(value))
-            }
-            registry.makeGauge(descriptor: .init(namespace: "provision", metricName: "buffer_budget_waits", unitName: "",
-                                                 helpText: "Times a card waited for room in the buffer budget (since the daemon started)."),
-                               labels: labels).set(to: Double(buffers.waits))
+        // The station's buffer budget (issue 18): what the cards hold now and at most.
+        for (name, value, help) in [
+            ("buffer_budget_limit", buffers.limit, "The buffer budget all cards share (buffer_budget)."),
+            ("buffer_budget_allocated", buffers.allocated, "Buffer memory allocated from the budget now (held by cards, or idle for reuse)."),
+            ("buffer_budget_allocated_peak", buffers.peakAllocated, "The most buffer memory ever allocated from the budget at once: never above the limit."),
+            ("buffer_budget_in_use", buffers.handedOut, "Buffer memory cards hold now."),
+        ] {
+            registry.makeGauge(descriptor: .init(namespace: "provision", metricName: name, unitName: "bytes", helpText: help),
+                               labels: labels).set(to: Double(value))
         }
+        registry.makeGauge(descriptor: .init(namespace: "provision", metricName: "buffer_budget_waits", unitName: "",
+                                             helpText: "Times a card waited for room in the buffer budget (since the daemon started)."),
+                           labels: labels).set(to: Double(buffers.waits))
         return registry.emitToString()
     }
 }

@@ -35,7 +35,6 @@ final class ProgressPrinter: @unchecked Sendable {
 
     func progress(_ p: WriteProgress) {
         lock.withLock {
-            let download = downloadText(p)
             switch mode {
             case .json:
                 struct Event: Encodable { let event = "progress"; let progress: WriteProgress }
@@ -47,7 +46,7 @@ final class ProgressPrinter: @unchecked Sendable {
                 let total = p.bytesTotal.map { " / " + ByteCount.human($0) } ?? ""
                 let eta = p.secondsRemaining.map { " ETA " + Self.clock($0) } ?? ""
                 let rate = p.bytesPerSecond > 0 ? " " + Self.megabytesPerSecond(p.bytesPerSecond) : ""
-                err(String(format: "\r\u{1B}[K%-9@ [%@] %3.0f%% %@%@%@%@%@", p.phase.rawValue, bar, f * 100, ByteCount.human(p.bytesDone), total, rate, eta, download))
+                err(String(format: "\r\u{1B}[K%-9@ [%@] %3.0f%% %@%@%@%@%@", p.phase.rawValue, bar, f * 100, ByteCount.human(p.bytesDone), total, rate, eta, downloadText(p)))
                 lastPhase = p.phase
             case .lines:
                 // `done` is said by `finish`, with the totals.
@@ -59,7 +58,7 @@ final class ProgressPrinter: @unchecked Sendable {
                     lastLine = Date()
                     lastPhase = p.phase
                     if p.fraction == 1 { finishedPhases.insert(p.phase) }
-                    err(Self.line(p) + download + "\n")
+                    err(Self.line(p) + downloadText(p) + "\n")
                 }
             }
         }

@@ -299,9 +299,7 @@ struct ControlSession {
         case .metrics:
             return ResultPayload(metrics: await station.metricsText())
         case .jobs:
-            if let s = p.state, JobState(rawValue: s) == nil {
-                throw ErrorPayload(.badRequest, "unknown job state \"\(s)\"; known: \(JobState.allCases.map(\.rawValue).joined(separator: ", "))")
-            }
+            try checkJobState(p.state)
             return ResultPayload(jobs: try await station.jobs(.init(state: p.state, slot: p.slot, device: p.device, limit: p.limit ?? 50)))
         case .flash:
             guard let device = p.device else { throw ErrorPayload(.badRequest, "flash needs params.device") }
@@ -326,9 +324,7 @@ struct ControlSession {
         case .labStatus:
             return ResultPayload(lab: try await labCall { try await station.labStatus() })
         case .labJobs:
-            if let s = p.state, JobState(rawValue: s) == nil {
-                throw ErrorPayload(.badRequest, "unknown job state \"\(s)\"; known: \(JobState.allCases.map(\.rawValue).joined(separator: ", "))")
-            }
+            try checkJobState(p.state)
             return ResultPayload(jobs: try await labCall { try await station.labJobs(station: p.station, state: p.state, slot: p.slot, limit: p.limit ?? 50) })
         case .watch:
             throw ErrorPayload(.internalError, "watch is handled by the session")
@@ -369,6 +365,13 @@ actor StatusReplyCache {
         buffer.writeBytes(result)
         buffer.writeBytes([UInt8(ascii: "}"), UInt8(ascii: "\n")])
         return buffer
+    }
+}
+
+/// A `jobs`/`lab-jobs` filter names a state that exists.
+func checkJobState(_ state: String?) throws(ErrorPayload) {
+    if let state, JobState(rawValue: state) == nil {
+        throw ErrorPayload(.badRequest, "unknown job state \"\(state)\"; known: \(JobState.allCases.map(\.rawValue).joined(separator: ", "))")
     }
 }
 
