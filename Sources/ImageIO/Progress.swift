@@ -34,21 +34,21 @@ public struct WriteProgress: Sendable, Codable, Equatable {
     }
 }
 
-/// Turns byte counts into rate and ETA for one phase.
-struct PhaseMeter {
-    let phase: WritePhase
-    let total: UInt64?
-    let started = ContinuousClock.now
-    private(set) var done: UInt64 = 0
+/// Turns byte counts into rate and ETA for one phase (a write's, or a station's download).
+public struct PhaseMeter: Sendable {
+    public let phase: WritePhase
+    public var total: UInt64?
+    public let started = ContinuousClock.now
+    public var done: UInt64 = 0
 
-    init(phase: WritePhase, total: UInt64?) {
+    public init(phase: WritePhase, total: UInt64?) {
         self.phase = phase
         self.total = total
     }
 
     mutating func add(_ n: UInt64) { done += n }
 
-    var progress: WriteProgress {
+    public var progress: WriteProgress {
         let elapsed = (ContinuousClock.now - started) / .seconds(1)
         let rate = elapsed > 0.05 ? Double(done) / elapsed : 0
         var eta: Double? = nil

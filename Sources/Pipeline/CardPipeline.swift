@@ -193,7 +193,7 @@ public final class CardPipeline: Sendable {
 private final class DownloadMeter: @unchecked Sendable {
     let interval: Duration
     let url: String
-    let started = ContinuousClock.now
+    var meter = PhaseMeter(phase: .preparing, total: nil)
     var last: ContinuousClock.Instant?
 
     init(interval: Duration, url: String) {
@@ -203,19 +203,16 @@ private final class DownloadMeter: @unchecked Sendable {
 
     func report(received: UInt64, total: UInt64?) -> CardReport? {
         let now = ContinuousClock.now
-        let seconds = (now - started) / .seconds(1)
-        let rate = seconds > 0 ? Double(received) / seconds : 0
-        let eta = total.flatMap { t in rate > 0 && t >= received ? Double(t - received) / rate : nil }
-        var p = WriteProgress(phase: .preparing, bytesDone: received, bytesTotal: total, bytesPerSecond: rate, secondsRemaining: eta)
+        let first = last == nil
+        // Called for every chunk received: nothing is built for a report not sent.
+        guard first || now - last! >= interval || (total != nil && received == total) else { return nil }
+        last = now
+        meter.done = received
+        meter.total = total
+        var p = meter.progress
         p.bytesDownloaded = received
         p.downloadTotal = total
-        guard let last else {
-            self.last = now
-            return .stage(.downloading, note: "downloading \(url)", unit: nil, progress: p)
-        }
-        guard now - last >= interval || (total != nil && received == total) else { return nil }
-        self.last = now
-        return .progress(p)
+        return first ? .stage(.downloading, note: "downloading \(url)", unit: nil, progress: p) : .progress(p)
     }
 }
 
