@@ -33,6 +33,8 @@ public struct LabLedgerConfig: Sendable, Equatable {
         }
     }
 
+    private static let passwordInURL = "the URL holds a password: remove it, and put it in the file that ledger_password_file names (or in ~/.pgpass)"
+
     public static func isURL(_ s: String) -> Bool { s.hasPrefix("postgresql://") || s.hasPrefix("postgres://") }
 
     /// Parses the URL; the message of a thrown error says what is wrong with it.
@@ -41,7 +43,7 @@ public struct LabLedgerConfig: Sendable, Equatable {
             throw LabConfigProblem("not a PostgreSQL URL: write postgresql://USER@HOST:PORT/DATABASE")
         }
         if components.password != nil {
-            throw LabConfigProblem("the URL holds a password: remove it, and put it in the file that ledger_password_file names (or in ~/.pgpass)")
+            throw LabConfigProblem(Self.passwordInURL)
         }
         guard let user = components.user, !user.isEmpty else {
             throw LabConfigProblem("the URL names no user: write postgresql://USER@HOST:PORT/DATABASE")
@@ -64,7 +66,7 @@ public struct LabLedgerConfig: Sendable, Equatable {
                 }
                 tls = mode
             case "password":
-                throw LabConfigProblem("the URL holds a password: remove it, and put it in the file that ledger_password_file names (or in ~/.pgpass)")
+                throw LabConfigProblem(Self.passwordInURL)
             default:
                 throw LabConfigProblem("unknown URL parameter \(item.name) (only sslmode is understood)")
             }

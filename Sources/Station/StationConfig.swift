@@ -139,12 +139,13 @@ public struct StationConfig: Sendable {
         try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "ledger_password_file", "ledger_local", "ledger_unit_block",
                                         "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
                                         "unread_output_timeout", "buffer_budget"])
+        let ledger = try station?.string("ledger")
         var config = StationConfig(
             file: file,
             name: try station?.string("name") ?? (ProcessInfo.processInfo.hostName),
             allowLoopDevices: try station?.bool("allow_loop_devices") ?? false,
             maxDeviceSize: try station?.byteSize("max_device_size") ?? 512 << 30,
-            ledgerPath: try Self.localLedgerPath(station, document),
+            ledgerPath: try Self.localLedgerPath(ledger: ledger, station, document),
             adminGroup: try station?.string("admin_group") ?? "provision-admin",
             inventoryPath: (try station?.string("inventory")).map { document.resolve(path: $0) },
             cacheDirectory: (try station?.string("cache_dir")).map { document.resolve(path: $0) } ?? "/var/cache/provision",
@@ -153,7 +154,7 @@ public struct StationConfig: Sendable {
             maxClients: try station?.integer("max_clients", in: 1...(1 << 20)) ?? 256,
             profiles: [:], slots: [])
         config.unreadOutputTimeout = try station?.integer("unread_output_timeout", in: 1...3600) ?? 10
-        if let station, let url = try station.string("ledger"), LabLedgerConfig.isURL(url) {
+        if let station, let url = ledger, LabLedgerConfig.isURL(url) {
             do {
                 config.lab = try LabLedgerConfig.parse(url: url, passwordFile: (try station.string("ledger_password_file")).map { document.resolve(path: $0) },
                                                        unitBlock: try station.integer("ledger_unit_block", in: 1...100_000) ?? 32)
@@ -225,8 +226,7 @@ public struct StationConfig: Sendable {
     }
 
     /// `ledger` when it is a file; `ledger_local` (or the default file) when `ledger` is shared.
-    static func localLedgerPath(_ station: TOMLTableReader?, _ document: TOMLDocument) throws -> String {
-        let ledger = try station?.string("ledger")
+    static func localLedgerPath(ledger: String?, _ station: TOMLTableReader?, _ document: TOMLDocument) throws -> String {
         if let ledger, !LabLedgerConfig.isURL(ledger) { return document.resolve(path: ledger) }
         return (try station?.string("ledger_local")).map { document.resolve(path: $0) } ?? "/var/lib/provision/ledger.sqlite"
     }
