@@ -18,6 +18,7 @@ public struct PostgresServerError: Error, CustomStringConvertible, Sendable {
 
 public final class PostgresServer: Sendable {
     public let directory: String
+    private let scratch: TemporaryDirectory
     public let port: Int
     public let user = "provision"
     public let database = "lab"
@@ -44,22 +45,17 @@ public final class PostgresServer: Sendable {
             throw PostgresServerError(description: "no PostgreSQL server under /usr/lib/postgresql/*/bin: apt-get install postgresql (the Makefile's DEB_TOOLS has it)")
         }
         binDirectory = bin
-        var template = Array("/tmp/provision-pg-XXXXXX".utf8CString)
-        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
-            throw PostgresServerError(description: "cannot create a temporary directory: \(String(cString: strerror(errno)))")
-        }
-        directory = String(cString: made)
+        scratch = try TemporaryDirectory("provision-pg")
+        directory = scratch.path
         password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-        passwordFile = directory + "/ledger.password"
+        // The password file the daemon reads stays root's (0600).
+        passwordFile = try scratch.write("ledger.password", password, mode: 0o600)
         port = try ChildProcess.freePort()
         do {
-            // The cluster's directory belongs to nobody; the password file the daemon reads
-            // stays root's (0600), a copy for initdb is nobody's and removed after.
+            // The cluster's directory belongs to nobody; a copy of the password for initdb is
+            // nobody's and removed after.
             try Command.check(["chown", "nobody:nogroup", directory])
-            try password.write(toFile: passwordFile, atomically: false, encoding: .utf8)
-            chmod(passwordFile, 0o600)
-            let initPassword = directory + "/initdb.password"
-            try password.write(toFile: initPassword, atomically: false, encoding: .utf8)
+            let initPassword = try scratch.write("initdb.password", password, mode: 0o600)
             try Command.check(["chown", "nobody:nogroup", initPassword])
             try asNobody(["\(bin)/initdb", "-D", dataDirectory, "-U", user, "--pwfile=\(initPassword)", "--auth=scram-sha-256",
                           "-E", "UTF8", "--no-sync", "--no-instructions"], timeout: .seconds(120))
@@ -94,7 +90,7 @@ public final class PostgresServer: Sendable {
         if FileManager.default.fileExists(atPath: dataDirectory + "/postmaster.pid") {
             _ = try? asNobody(["\(binDirectory)/pg_ctl", "-D", dataDirectory, "-m", "immediate", "-w", "-t", "60", "stop"], timeout: .seconds(90))
         }
-        try? FileManager.default.removeItem(atPath: directory)
+        scratch.remove()
     }
 
     /// Runs SQL with psql as the cluster's user over TCP (a peer that is not the code under
