@@ -92,7 +92,7 @@ struct SharedLedgerTests {
         func labStatus(_ bench: StationBench) throws -> LabStatus? {
             let out = try bench.cli(["status", "--lab", "--json"])
             guard out.succeeded else { return nil }
-            return try decode(LabStatus.self, out.stdout)
+            return try StationBench.decode(LabStatus.self, out.stdout)
         }
 
         /// Waits until every station has sent its whole outbox to a reachable database.
@@ -111,12 +111,6 @@ struct SharedLedgerTests {
         func waitForJobs(_ bench: StationBench, slots: [String], timeout: Duration = .seconds(300)) throws -> StationStatus {
             try bench.waitForStatus("\(slots) finished", timeout: timeout) { s in slots.allSatisfy { s.slot($0)?.job?.state.isFinal == true } }
         }
-    }
-
-    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return try decoder.decode(type, from: Data(text.utf8))
     }
 
     /// `sqlite3` on a station's local ledger: "jobId|eventId|state" lines, in order.
@@ -227,10 +221,10 @@ struct SharedLedgerTests {
             (try b.cli(["jobs", "--lab", "--json", "--limit", "100"]), try b.cli(["jobs", "--lab", "--station", "station-1", "--json"]),
              try b.cli(["status", "--lab"]), try b.cli(["jobs", "--lab"]))
         }
-        let jobs = try Self.decode([JobRecord].self, all.stdout)
+        let jobs = try StationBench.decode([JobRecord].self, all.stdout)
         #expect(jobs.count == 10)
         #expect(Set(jobs.compactMap(\.station)) == ["station-1", "station-2"])
-        let mine = try Self.decode([JobRecord].self, onlyA.stdout)
+        let mine = try StationBench.decode([JobRecord].self, onlyA.stdout)
         #expect(mine.count == 5 && mine.allSatisfy { $0.station == "station-1" })
         #expect(table.succeeded, "\(table)")
         #expect(table.stdout.contains("station-1") && table.stdout.contains("station-2") && table.stdout.contains("10 unit(s) numbered"), "\(table.stdout)")

@@ -163,12 +163,12 @@ final class StationBench: Sendable {
     }
 
     func status() throws -> StationStatus {
-        try decode(StationStatus.self, try checked(["status", "--json"]))
+        try Self.decode(StationStatus.self, try checked(["status", "--json"]))
     }
 
     /// The ledger's jobs, newest first.
     func jobs() throws -> [JobRecord] {
-        try decode([JobRecord].self, try checked(["jobs", "--json"]))
+        try Self.decode([JobRecord].self, try checked(["jobs", "--json"]))
     }
 
     /// The `provision status` table line of a slot.
@@ -227,7 +227,8 @@ final class StationBench: Sendable {
         return output.stdout
     }
 
-    private func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+    /// The CLI's `--json` output (ISO 8601 dates).
+    static func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         return try decoder.decode(type, from: Data(text.utf8))
