@@ -242,13 +242,12 @@ public final class SharedLedger: Sendable {
     /// Called by a card that found the block empty: one try on a connection of its own.
     /// Returns nil when numbers were reserved, else why not.
     func reserveNow() async -> String? {
-        let c: LabConnection
-        do { c = try await connect() } catch { return Self.describe(error) }
-        defer { Task { await c.close() } }
         do {
-            // At a lab's very first start the replicator may not have made the tables yet.
-            try await Self.createSchema(c, logger: logger)
-            try await reserve(config.unitBlock, on: c)
+            try await withConnection(describingErrors: false) { c in
+                // At a lab's very first start the replicator may not have made the tables yet.
+                try await Self.createSchema(c, logger: logger)
+                try await reserve(config.unitBlock, on: c)
+            }
             return nil
         } catch {
             return Self.describe(error)
@@ -480,9 +479,12 @@ public final class SharedLedger: Sendable {
         }
     }
 
-    private func withConnection<T: Sendable>(_ body: (LabConnection) async throws -> T) async throws -> T {
+    /// Runs `body` on a connection of its own, closed on every path. Its errors say which
+    /// database failed and how, unless `describingErrors` is false (the caller says that).
+    private func withConnection<T: Sendable>(describingErrors: Bool = true, _ body: (LabConnection) async throws -> T) async throws -> T {
         let c: LabConnection
         do { c = try await connect() } catch {
+            guard describingErrors else { throw error }
             throw LinkFailure("the shared ledger \(config.display) is unreachable: \(Self.describe(error))")
         }
         do {
@@ -491,6 +493,7 @@ public final class SharedLedger: Sendable {
             return result
         } catch {
             await c.close()
+            guard describingErrors else { throw error }
             throw LinkFailure("the shared ledger \(config.display) failed the query: \(Self.describe(error))")
         }
     }
