@@ -41,7 +41,6 @@ public final class SharedLedger: Sendable {
         var connected = false
         var lastError: String?
         var downSince: Date?
-        var stopped = false
     }
 
     init(config: LabLedgerConfig, station: String, local: DatabaseQueue) {
@@ -70,10 +69,10 @@ public final class SharedLedger: Sendable {
     /// Replays the outbox for as long as the daemon runs: connects (again and again while the
     /// database is away, waiting up to 5 s between tries), then sends each entry in order,
     /// keeps the unit block full, and says every few seconds that the station is alive.
-    /// Returns when `stop()` is called or the task is cancelled.
+    /// Returns when the task is cancelled (the daemon stopping).
     public func run() async {
         var backoff = Duration.milliseconds(250)
-        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+        while !Task.isCancelled {
             do {
                 let connection = try await connect()
                 backoff = .milliseconds(250)
@@ -102,8 +101,6 @@ public final class SharedLedger: Sendable {
         }
     }
 
-    public func stop() { link.withLock { $0.stopped = true } }
-
     private func serve(_ connection: LabConnection) async throws {
         try await Self.createSchema(connection, logger: logger)
         let instance = try await local.read { db in try String.fetchOne(db, sql: "SELECT instance FROM labIdentity") } ?? ""
@@ -118,7 +115,7 @@ public final class SharedLedger: Sendable {
         }
         logger.info("shared ledger \(config.display) connected\(downSince.map { String(format: " after %.0f s away", Date().timeIntervalSince($0)) } ?? "")")
         var lastBeat = ContinuousClock.now
-        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+        while !Task.isCancelled {
             try await topUpUnits(connection)
             let sent = try await drain(connection)
             if ContinuousClock.now - lastBeat > .seconds(2) {
