@@ -36,6 +36,10 @@ public final class SharedLedger: Sendable {
     /// Cards that find the block empty at the same moment ask the database one at a time
     /// (the first one's block serves the others).
     let reserving = Mutex(())
+    /// Made at the first connection over TCP and kept for every later one: a context loads
+    /// the system's trust roots, and the replicator reconnects every few seconds while the
+    /// database is away.
+    private let tlsContext = Mutex<NIOSSLContext?>(nil)
 
     struct LinkState {
         var connected = false
@@ -135,24 +139,26 @@ public final class SharedLedger: Sendable {
         var configuration: PostgresConnection.Configuration
         switch config.endpoint {
         case .tcp(let host, let port):
-            let tls: PostgresConnection.Configuration.TLS
-            switch config.tls {
-            case .disable: tls = .disable
-            case .prefer, .require:
-                // As libpq: prefer/require encrypt but do not check the certificate.
-                var c = TLSConfiguration.makeClientConfiguration()
-                c.certificateVerification = .none
-                let context = try NIOSSLContext(configuration: c)
-                tls = config.tls == .prefer ? .prefer(context) : .require(context)
-            case .verifyFull:
-                tls = .require(try NIOSSLContext(configuration: .makeClientConfiguration()))
-            }
-            configuration = .init(host: host, port: port, username: config.user, password: password, database: config.database, tls: tls)
+            configuration = .init(host: host, port: port, username: config.user, password: password, database: config.database, tls: try tls())
         case .unixSocket(let directory, let port):
             configuration = .init(unixSocketPath: "\(directory)/.s.PGSQL.\(port)", username: config.user, password: password, database: config.database)
         }
         configuration.options.connectTimeout = .seconds(5)
         return LabConnection(try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger))
+    }
+
+    private func tls() throws -> PostgresConnection.Configuration.TLS {
+        guard config.tls != .disable else { return .disable }
+        let context = try tlsContext.withLock { cached in
+            if let cached { return cached }
+            var c = TLSConfiguration.makeClientConfiguration()
+            // As libpq: prefer/require encrypt but do not check the certificate.
+            if config.tls != .verifyFull { c.certificateVerification = .none }
+            let made = try NIOSSLContext(configuration: c)
+            cached = made
+            return made
+        }
+        return config.tls == .prefer ? .prefer(context) : .require(context)
     }
 
     /// Two stations starting at once both create the schema: an advisory lock takes turns.
