@@ -58,9 +58,7 @@ public final class SharedLedger: Sendable {
 
     /// Outbox entries not yet in the database, and whether the link is up.
     public func outboxState() async -> LabOutbox {
-        let counts = try? await local.read { db in
-            (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox"), try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL"))
-        }
+        let counts = try? await local.read { db in (try Ledger.outboxPending(db), try Ledger.freeUnitNumbers(db)) }
         let pending = counts?.0, reserved = counts?.1
         return link.withLock { s in
             LabOutbox(database: config.display, connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
@@ -208,7 +206,7 @@ public final class SharedLedger: Sendable {
     /// Says this station is alive (and how far behind it is); refuses to go on when another
     /// station's ledger already uses this name (their rows would mix).
     private func register(_ c: LabConnection, instance: String) async throws {
-        let pending = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") } ?? 0
+        let pending = try await local.read(Ledger.outboxPending)
         let rows = try await fetch("""
             INSERT INTO lab_station (name, instance, first_seen, last_seen, outbox_pending) VALUES (\(station), \(instance), now(), now(), \(pending))
             ON CONFLICT (name) DO UPDATE SET last_seen = now(), outbox_pending = excluded.outbox_pending
@@ -221,7 +219,7 @@ public final class SharedLedger: Sendable {
 
     /// Keeps at least half a block of unit numbers in hand.
     private func topUpUnits(_ c: LabConnection) async throws {
-        let free = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") } ?? 0
+        let free = try await local.read(Ledger.freeUnitNumbers)
         guard free * 2 <= config.unitBlock else { return }
         try await reserve(config.unitBlock - free, on: c)
     }
