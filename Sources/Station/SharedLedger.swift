@@ -61,7 +61,7 @@ public final class SharedLedger: Sendable {
         let counts = try? await local.read { db in (try Ledger.outboxPending(db), try Ledger.freeUnitNumbers(db)) }
         let pending = counts?.0, reserved = counts?.1
         return link.withLock { s in
-            LabOutbox(database: config.display, connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
+            LabOutbox(connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
                       lastError: s.lastError, downSince: s.downSince)
         }
     }
