@@ -38,7 +38,6 @@ public struct LabStationStatus: Codable, Sendable, Equatable {
 
 /// One station's link to the shared ledger: what waits in its local outbox, and why.
 public struct LabOutbox: Codable, Sendable, Equatable {
-    public var database: String
     public var connected: Bool
     public var pending: Int
     /// Lab unit numbers reserved ahead and not yet used.
@@ -46,8 +45,8 @@ public struct LabOutbox: Codable, Sendable, Equatable {
     public var lastError: String?
     public var downSince: Date?
 
-    public init(database: String, connected: Bool, pending: Int, unitsReserved: Int, lastError: String?, downSince: Date?) {
-        self.database = database; self.connected = connected; self.pending = pending; self.unitsReserved = unitsReserved
+    public init(connected: Bool, pending: Int, unitsReserved: Int, lastError: String?, downSince: Date?) {
+        self.connected = connected; self.pending = pending; self.unitsReserved = unitsReserved
         self.lastError = lastError; self.downSince = downSince
     }
 }

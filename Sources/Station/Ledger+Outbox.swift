@@ -69,7 +69,17 @@ extension Ledger {
     }
 
     func freeUnitNumbers() throws -> Int {
-        try db.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") ?? 0 }
+        try db.read(Self.freeUnitNumbers)
+    }
+
+    /// Lab unit numbers this station holds and has not given to a unit yet.
+    static func freeUnitNumbers(_ db: Database) throws -> Int {
+        try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") ?? 0
+    }
+
+    /// Outbox entries not yet in the shared database.
+    static func outboxPending(_ db: Database) throws -> Int {
+        try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") ?? 0
     }
 
     func takeUnitNumber(job id: Int64) throws -> Int64? {

@@ -36,12 +36,15 @@ public final class SharedLedger: Sendable {
     /// Cards that find the block empty at the same moment ask the database one at a time
     /// (the first one's block serves the others).
     let reserving = Mutex(())
+    /// Made at the first connection over TCP and kept for every later one: a context loads
+    /// the system's trust roots, and the replicator reconnects every few seconds while the
+    /// database is away.
+    private let tlsContext = Mutex<NIOSSLContext?>(nil)
 
     struct LinkState {
         var connected = false
         var lastError: String?
         var downSince: Date?
-        var stopped = false
     }
 
     init(config: LabLedgerConfig, station: String, local: DatabaseQueue) {
@@ -55,12 +58,10 @@ public final class SharedLedger: Sendable {
 
     /// Outbox entries not yet in the database, and whether the link is up.
     public func outboxState() async -> LabOutbox {
-        let counts = try? await local.read { db in
-            (try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox"), try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL"))
-        }
+        let counts = try? await local.read { db in (try Ledger.outboxPending(db), try Ledger.freeUnitNumbers(db)) }
         let pending = counts?.0, reserved = counts?.1
         return link.withLock { s in
-            LabOutbox(database: config.display, connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
+            LabOutbox(connected: s.connected, pending: pending ?? 0, unitsReserved: reserved ?? 0,
                       lastError: s.lastError, downSince: s.downSince)
         }
     }
@@ -70,20 +71,20 @@ public final class SharedLedger: Sendable {
     /// Replays the outbox for as long as the daemon runs: connects (again and again while the
     /// database is away, waiting up to 5 s between tries), then sends each entry in order,
     /// keeps the unit block full, and says every few seconds that the station is alive.
-    /// Returns when `stop()` is called or the task is cancelled.
+    /// Returns when the task is cancelled (the daemon stopping).
     public func run() async {
         var backoff = Duration.milliseconds(250)
-        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+        while !Task.isCancelled {
             do {
                 let connection = try await connect()
                 backoff = .milliseconds(250)
                 do {
                     try await serve(connection)
                 } catch {
-                    try? await connection.close()
+                    await connection.close()
                     throw error
                 }
-                try? await connection.close()
+                await connection.close()
             } catch is CancellationError {
                 break
             } catch {
@@ -102,9 +103,7 @@ public final class SharedLedger: Sendable {
         }
     }
 
-    public func stop() { link.withLock { $0.stopped = true } }
-
-    private func serve(_ connection: PostgresConnection) async throws {
+    private func serve(_ connection: LabConnection) async throws {
         try await Self.createSchema(connection, logger: logger)
         let instance = try await local.read { db in try String.fetchOne(db, sql: "SELECT instance FROM labIdentity") } ?? ""
         try await register(connection, instance: instance)
@@ -118,7 +117,7 @@ public final class SharedLedger: Sendable {
         }
         logger.info("shared ledger \(config.display) connected\(downSince.map { String(format: " after %.0f s away", Date().timeIntervalSince($0)) } ?? "")")
         var lastBeat = ContinuousClock.now
-        while !Task.isCancelled, !link.withLock({ $0.stopped }) {
+        while !Task.isCancelled {
             try await topUpUnits(connection)
             let sent = try await drain(connection)
             if ContinuousClock.now - lastBeat > .seconds(2) {
@@ -132,34 +131,36 @@ public final class SharedLedger: Sendable {
         }
     }
 
-    private func connect() async throws -> PostgresConnection {
+    func connect() async throws -> LabConnection {
         let password: String?
         do { password = try config.password() } catch { throw LinkFailure(error.message) }
         var configuration: PostgresConnection.Configuration
         switch config.endpoint {
         case .tcp(let host, let port):
-            let tls: PostgresConnection.Configuration.TLS
-            switch config.tls {
-            case .disable: tls = .disable
-            case .prefer, .require:
-                // As libpq: prefer/require encrypt but do not check the certificate.
-                var c = TLSConfiguration.makeClientConfiguration()
-                c.certificateVerification = .none
-                let context = try NIOSSLContext(configuration: c)
-                tls = config.tls == .prefer ? .prefer(context) : .require(context)
-            case .verifyFull:
-                tls = .require(try NIOSSLContext(configuration: .makeClientConfiguration()))
-            }
-            configuration = .init(host: host, port: port, username: config.user, password: password, database: config.database, tls: tls)
+            configuration = .init(host: host, port: port, username: config.user, password: password, database: config.database, tls: try tls())
         case .unixSocket(let directory, let port):
             configuration = .init(unixSocketPath: "\(directory)/.s.PGSQL.\(port)", username: config.user, password: password, database: config.database)
         }
         configuration.options.connectTimeout = .seconds(5)
-        return try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger)
+        return LabConnection(try await PostgresConnection.connect(configuration: configuration, id: 1, logger: logger))
+    }
+
+    private func tls() throws -> PostgresConnection.Configuration.TLS {
+        guard config.tls != .disable else { return .disable }
+        let context = try tlsContext.withLock { cached in
+            if let cached { return cached }
+            var c = TLSConfiguration.makeClientConfiguration()
+            // As libpq: prefer/require encrypt but do not check the certificate.
+            if config.tls != .verifyFull { c.certificateVerification = .none }
+            let made = try NIOSSLContext(configuration: c)
+            cached = made
+            return made
+        }
+        return config.tls == .prefer ? .prefer(context) : .require(context)
     }
 
     /// Two stations starting at once both create the schema: an advisory lock takes turns.
-    static func createSchema(_ c: PostgresConnection, logger: Logger) async throws {
+    static func createSchema(_ c: LabConnection, logger: Logger) async throws {
         func run(_ q: PostgresQuery) async throws { _ = try await fetch(q, on: c, logger: logger) }
         try await run("SELECT pg_advisory_lock(1818)")
         do {
@@ -204,8 +205,8 @@ public final class SharedLedger: Sendable {
 
     /// Says this station is alive (and how far behind it is); refuses to go on when another
     /// station's ledger already uses this name (their rows would mix).
-    private func register(_ c: PostgresConnection, instance: String) async throws {
-        let pending = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labOutbox") } ?? 0
+    private func register(_ c: LabConnection, instance: String) async throws {
+        let pending = try await local.read(Ledger.outboxPending)
         let rows = try await fetch("""
             INSERT INTO lab_station (name, instance, first_seen, last_seen, outbox_pending) VALUES (\(station), \(instance), now(), now(), \(pending))
             ON CONFLICT (name) DO UPDATE SET last_seen = now(), outbox_pending = excluded.outbox_pending
@@ -217,8 +218,8 @@ public final class SharedLedger: Sendable {
     }
 
     /// Keeps at least half a block of unit numbers in hand.
-    private func topUpUnits(_ c: PostgresConnection) async throws {
-        let free = try await local.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM labUnit WHERE jobId IS NULL") } ?? 0
+    private func topUpUnits(_ c: LabConnection) async throws {
+        let free = try await local.read(Ledger.freeUnitNumbers)
         guard free * 2 <= config.unitBlock else { return }
         try await reserve(config.unitBlock - free, on: c)
     }
@@ -226,7 +227,7 @@ public final class SharedLedger: Sendable {
     /// Reserves `count` numbers from the lab's sequence for this station: in the database
     /// first (the numbers are this station's from then on), then locally. A crash between the
     /// two loses those numbers (a gap), never gives one twice.
-    private func reserve(_ count: Int, on c: PostgresConnection) async throws {
+    private func reserve(_ count: Int, on c: LabConnection) async throws {
         guard count > 0 else { return }
         let rows = try await fetch("""
             INSERT INTO lab_unit (number, station, reserved) SELECT nextval('lab_unit_number'), \(station), now()
@@ -242,13 +243,12 @@ public final class SharedLedger: Sendable {
     /// Called by a card that found the block empty: one try on a connection of its own.
     /// Returns nil when numbers were reserved, else why not.
     func reserveNow() async -> String? {
-        let c: PostgresConnection
-        do { c = try await connect() } catch { return Self.describe(error) }
-        defer { Task { try? await c.close() } }
         do {
-            // At a lab's very first start the replicator may not have made the tables yet.
-            try await Self.createSchema(c, logger: logger)
-            try await reserve(config.unitBlock, on: c)
+            try await withConnection(describingErrors: false) { c in
+                // At a lab's very first start the replicator may not have made the tables yet.
+                try await Self.createSchema(c, logger: logger)
+                try await reserve(config.unitBlock, on: c)
+            }
             return nil
         } catch {
             return Self.describe(error)
@@ -264,7 +264,7 @@ public final class SharedLedger: Sendable {
 
     /// Sends the outbox in order, a batch at a time; each entry is removed once the database
     /// holds it. Returns how many were sent.
-    private func drain(_ c: PostgresConnection) async throws -> Int {
+    private func drain(_ c: LabConnection) async throws -> Int {
         let batch = try await local.read { db in
             try Row.fetchAll(db, sql: "SELECT id, kind, jobId, eventId, cardId, unitNumber FROM labOutbox ORDER BY id LIMIT 200").map {
                 OutboxEntry(id: $0["id"], kind: $0["kind"], jobId: $0["jobId"], eventId: $0["eventId"], cardId: $0["cardId"], unitNumber: $0["unitNumber"])
@@ -292,11 +292,11 @@ public final class SharedLedger: Sendable {
 
     /// A statement whose rows (if any) are not needed: read to the end, so the connection
     /// is ready for the next one.
-    private func execute(_ query: PostgresQuery, on c: PostgresConnection) async throws {
+    private func execute(_ query: PostgresQuery, on c: LabConnection) async throws {
         _ = try await fetch(query, on: c)
     }
 
-    private func fetch(_ query: PostgresQuery, on c: PostgresConnection) async throws -> [PostgresRow] {
+    private func fetch(_ query: PostgresQuery, on c: LabConnection) async throws -> [PostgresRow] {
         try await Self.fetch(query, on: c, logger: logger)
     }
 
@@ -306,31 +306,45 @@ public final class SharedLedger: Sendable {
     /// forever — seen here, the replicator stuck "connected" to a stopped server. So a
     /// closed connection is refused up front, and a query still running when the connection
     /// closes, or after `queryDeadline`, ends with an error (the connection is closed then,
-    /// and the replicator makes a new one).
-    static func fetch(_ query: PostgresQuery, on c: PostgresConnection, logger: Logger) async throws -> [PostgresRow] {
-        guard !c.isClosed else { throw LinkFailure("the database closed the connection") }
+    /// and the replicator makes a new one). A task cancelled while its query runs (the daemon
+    /// stopping) ends at once with CancellationError, closing the connection, rather than
+    /// holding the shutdown up to `queryDeadline`.
+    static func fetch(_ query: PostgresQuery, on c: LabConnection, logger: Logger) async throws -> [PostgresRow] {
+        guard !c.connection.isClosed else { throw LinkFailure("the database closed the connection") }
         let outcome = Once<Result<[PostgresRow], any Error>>()
-        return try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PostgresRow], any Error>) in
-            outcome.onFirst = { continuation.resume(with: $0) }
-            let timer = Task {
-                try? await Task.sleep(for: queryDeadline)
-                if !Task.isCancelled, outcome.settle(.failure(LinkFailure("no answer from the database within \(queryDeadline)"))) {
-                    try? await c.close()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PostgresRow], any Error>) in
+                outcome.arm { continuation.resume(with: $0) }
+                // Cancelled before the outcome was armed: the handler's settle found nothing to
+                // deliver to, so it is done here.
+                if Task.isCancelled {
+                    if outcome.settle(.failure(CancellationError())) { c.closeSoon() }
+                    return
+                }
+                let watch = c.watch(outcome)
+                let timer = Task {
+                    try? await Task.sleep(for: queryDeadline)
+                    if !Task.isCancelled, outcome.settle(.failure(LinkFailure("no answer from the database within \(queryDeadline)"))) {
+                        c.closeSoon()
+                    }
+                }
+                Task {
+                    let result: Result<[PostgresRow], any Error>
+                    do {
+                        var rows: [PostgresRow] = []
+                        for try await row in try await c.connection.query(query, logger: logger) { rows.append(row) }
+                        result = .success(rows)
+                    } catch {
+                        result = .failure(error)
+                    }
+                    // Before the answer goes out: a statement that has returned is no longer watched.
+                    c.unwatch(watch)
+                    timer.cancel()
+                    outcome.settle(result)
                 }
             }
-            c.closeFuture.whenComplete { _ in
-                outcome.settle(.failure(LinkFailure("the database closed the connection")))
-            }
-            Task {
-                do {
-                    var rows: [PostgresRow] = []
-                    for try await row in try await c.query(query, logger: logger) { rows.append(row) }
-                    outcome.settle(.success(rows))
-                } catch {
-                    outcome.settle(.failure(error))
-                }
-                timer.cancel()
-            }
+        } onCancel: {
+            if outcome.settle(.failure(CancellationError())) { c.closeSoon() }
         }
     }
 
@@ -348,7 +362,7 @@ public final class SharedLedger: Sendable {
         var repairs: Int, speed: Double?
     }
 
-    private func send(_ entry: OutboxEntry, on c: PostgresConnection) async throws {
+    private func send(_ entry: OutboxEntry, on c: LabConnection) async throws {
         switch entry.kind {
         case "job":
             guard let jobId = entry.jobId, let j = try await local.read({ db in
@@ -466,17 +480,21 @@ public final class SharedLedger: Sendable {
         }
     }
 
-    private func withConnection<T: Sendable>(_ body: (PostgresConnection) async throws -> T) async throws -> T {
-        let c: PostgresConnection
+    /// Runs `body` on a connection of its own, closed on every path. Its errors say which
+    /// database failed and how, unless `describingErrors` is false (the caller says that).
+    private func withConnection<T: Sendable>(describingErrors: Bool = true, _ body: (LabConnection) async throws -> T) async throws -> T {
+        let c: LabConnection
         do { c = try await connect() } catch {
+            guard describingErrors else { throw error }
             throw LinkFailure("the shared ledger \(config.display) is unreachable: \(Self.describe(error))")
         }
         do {
             let result = try await body(c)
-            try? await c.close()
+            await c.close()
             return result
         } catch {
-            try? await c.close()
+            await c.close()
+            guard describingErrors else { throw error }
             throw LinkFailure("the shared ledger \(config.display) failed the query: \(Self.describe(error))")
         }
     }
@@ -510,26 +528,84 @@ public struct LinkFailure: Error, CustomStringConvertible, Sendable {
     public var description: String { message }
 }
 
-/// A result delivered once: the first of several racers settles it, the others are ignored.
-final class Once<Value: Sendable>: Sendable {
-    private let state = Mutex<(value: Value?, onFirst: (@Sendable (Value) -> Void)?)>((nil, nil))
+/// One connection to the shared ledger. It watches its own end once, for its whole life: a
+/// statement still waiting when the connection closes is told so (see `fetch`). Watching
+/// per statement instead would leave a callback on the channel for every statement until
+/// the connection closes, and the replicator's connection lives for days.
+final class LabConnection: Sendable {
+    let connection: PostgresConnection
+    private let waiting = Waiting()
 
-    /// Set before any racer starts.
-    var onFirst: (@Sendable (Value) -> Void)? {
-        get { state.withLock { $0.onFirst } }
-        set { state.withLock { $0.onFirst = newValue } }
+    /// Statements waiting for their answer (normally one: statements on a connection go one
+    /// after the other), and whether the connection has closed.
+    final class Waiting: Sendable {
+        let state = Mutex<(closed: Bool, next: Int, outcomes: [Int: Once<Result<[PostgresRow], any Error>>])>((false, 0, [:]))
+
+        func closed() {
+            let outcomes = state.withLock { s in
+                s.closed = true
+                defer { s.outcomes = [:] }
+                return Array(s.outcomes.values)
+            }
+            for o in outcomes { o.settle(.failure(LinkFailure("the database closed the connection"))) }
+        }
+    }
+
+    init(_ connection: PostgresConnection) {
+        self.connection = connection
+        connection.closeFuture.whenComplete { [waiting] _ in waiting.closed() }
+    }
+
+    /// Statements waiting now; zero between statements.
+    var waitingCount: Int { waiting.state.withLock { $0.outcomes.count } }
+
+    /// Settles `outcome` with an error if the connection closes before `unwatch`; at once if
+    /// it has closed already.
+    func watch(_ outcome: Once<Result<[PostgresRow], any Error>>) -> Int? {
+        let id = waiting.state.withLock { s -> Int? in
+            guard !s.closed else { return nil }
+            s.next += 1
+            s.outcomes[s.next] = outcome
+            return s.next
+        }
+        if id == nil { outcome.settle(.failure(LinkFailure("the database closed the connection"))) }
+        return id
+    }
+
+    func unwatch(_ id: Int?) {
+        guard let id else { return }
+        waiting.state.withLock { _ = $0.outcomes.removeValue(forKey: id) }
+    }
+
+    func close() async { try? await connection.close() }
+
+    /// From code that cannot wait (a timer, a cancellation handler).
+    func closeSoon() { connection.close().whenComplete { _ in } }
+}
+
+/// A result delivered once: the first of several racers settles it, the others are ignored.
+/// Only whether it was settled is kept, not the value (the rows go to whoever waits).
+final class Once<Value: Sendable>: Sendable {
+    private enum State { case unarmed, armed(@Sendable (Value) -> Void), settled }
+    private let state = Mutex(State.unarmed)
+
+    /// Says where the result goes. Settling before this is a no-op (returns false): the
+    /// racers start after it, and a canceller that came earlier is checked for again after it.
+    func arm(_ deliver: @escaping @Sendable (Value) -> Void) {
+        state.withLock { s in
+            if case .unarmed = s { s = .armed(deliver) }
+        }
     }
 
     /// True for the racer that settled it.
     @discardableResult
     func settle(_ value: Value) -> Bool {
-        let first = state.withLock { s -> (@Sendable (Value) -> Void)? in
-            guard s.value == nil else { return nil }
-            s.value = value
-            defer { s.onFirst = nil }
-            return s.onFirst
+        let deliver = state.withLock { s -> (@Sendable (Value) -> Void)? in
+            guard case .armed(let deliver) = s else { return nil }
+            s = .settled
+            return deliver
         }
-        first?(value)
-        return first != nil
+        deliver?(value)
+        return deliver != nil
     }
 }

@@ -287,7 +287,7 @@ struct SharedLedgerTests {
             let card = try bench.card(slot: "S1", size: 160 << 20)
             let status = try lab.waitForJobs(bench, slots: ["S1"])
             try lab.waitUntilCaughtUp()
-            return (status, try lab.database.psql("SELECT station || ' ' || unit FROM lab_job"), try lab.labStatus(bench)?.outbox?.database, card)
+            return (status, try lab.database.psql("SELECT station || ' ' || unit FROM lab_job"), try lab.labStatus(bench)?.database, card)
         }
         #expect(status.slot("S1")?.job?.state == .done, "\(status.slot("S1")?.job?.message ?? "")")
         #expect(row == "proxied unit-001")

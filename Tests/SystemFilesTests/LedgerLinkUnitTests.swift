@@ -46,9 +46,20 @@ struct LedgerLinkUnitTests {
     @Test func socketIsWhereTheReadmeURLPoints() throws {
         let socket = try String(contentsOfFile: Units.directory + "/provision-ledger.socket", encoding: .utf8)
         let lines = Set(socket.split(separator: "\n").map(String.init))
-        #expect(lines.contains("ListenStream=/run/provision-ledger/.s.PGSQL.5432"))
+        // The example config in README.md: its socket URL (host = the socket's directory,
+        // percent-encoded; no port = 5432, as libpq) must name the socket this unit listens on.
+        let readme = try String(contentsOfFile: UdevRuleSimulator.packageRoot.appendingPathComponent("README.md").path, encoding: .utf8)
+        let example = try #require(readme.split(separator: "\n").first { $0.hasPrefix("ledger = \"postgresql://") && $0.contains("@%2F") },
+                                   "README.md has no example `ledger = \"postgresql://…@%2F…\"` line")
+        let url = try #require(example.split(separator: "\"").dropFirst().first.map(String.init))
+        let authority = try #require(url.dropFirst("postgresql://".count).split(separator: "/").first)
+        let hostPort = try #require(authority.split(separator: "@").last)
+        let directory = try #require(hostPort.split(separator: ":").first.flatMap { String($0).removingPercentEncoding })
+        let port = hostPort.split(separator: ":").dropFirst().first.map(String.init) ?? "5432"
+        #expect(lines.contains("ListenStream=\(directory)/.s.PGSQL.\(port)"), "README.md's \(url) points to \(directory)/.s.PGSQL.\(port)")
         #expect(lines.contains("SocketGroup=provision") && lines.contains("SocketMode=0660"))
-        #expect(socket.contains("ledger = \"postgresql://provision@%2Frun%2Fprovision-ledger/provision\""))
+        // The unit's own comment shows the same URL.
+        #expect(socket.contains("ledger = \"\(url)\""), "provision-ledger.socket's comment does not show README.md's \(url)")
         // The daemon's own unit still keeps it off IP.
         let daemon = try String(contentsOfFile: Units.directory + "/provisiond.service", encoding: .utf8)
         #expect(daemon.contains("\nRestrictAddressFamilies=AF_UNIX AF_NETLINK\n") && daemon.contains("\nIPAddressDeny=any\n"))
