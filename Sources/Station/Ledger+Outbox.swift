@@ -17,7 +17,7 @@ extension Ledger {
             try db.execute(sql: """
                 CREATE TABLE IF NOT EXISTS labOutbox (
                   id INTEGER PRIMARY KEY AUTOINCREMENT,
-                  kind TEXT NOT NULL,          -- job, event, users, card, unit
+                  kind TEXT NOT NULL,          -- job, event, users, card, unit (users: eventId is the jobUser row)
                   jobId INTEGER, eventId INTEGER, cardId TEXT, unitNumber INTEGER);
                 -- Lab unit numbers this station reserved from the database's sequence; jobId is
                 -- set when a job takes one (each number once: it is the primary key here and there).
@@ -31,7 +31,7 @@ extension Ledger {
                 CREATE TEMP TRIGGER IF NOT EXISTS labEventInserted AFTER INSERT ON main.jobEvent
                   BEGIN INSERT INTO labOutbox (kind, jobId, eventId) VALUES ('event', NEW.jobId, NEW.id); END;
                 CREATE TEMP TRIGGER IF NOT EXISTS labUserInserted AFTER INSERT ON main.jobUser
-                  BEGIN INSERT INTO labOutbox (kind, jobId) VALUES ('users', NEW.jobId); END;
+                  BEGIN INSERT INTO labOutbox (kind, jobId, eventId) VALUES ('users', NEW.jobId, NEW.rowid); END;
                 CREATE TEMP TRIGGER IF NOT EXISTS labCardInserted AFTER INSERT ON main.card
                   BEGIN INSERT INTO labOutbox (kind, cardId) VALUES ('card', NEW.id); END;
                 CREATE TEMP TRIGGER IF NOT EXISTS labCardUpdated AFTER UPDATE ON main.card

@@ -393,8 +393,11 @@ public final class SharedLedger: Sendable {
                 """, on: c)
         case "users":
             guard let jobId = entry.jobId else { return }
+            // The one user row the entry was made for (an entry from before rows were named
+            // carries none: then all of the job's users, each sent once more does no harm).
             let users = try await local.read { db in
-                try Row.fetchAll(db, sql: "SELECT name, uid, hash, passwordExport FROM jobUser WHERE jobId = ?", arguments: [jobId]).map { row -> (String, Int, String, String?) in
+                try Row.fetchAll(db, sql: "SELECT name, uid, hash, passwordExport FROM jobUser WHERE jobId = ? AND (? IS NULL OR rowid = ?)",
+                                 arguments: [jobId, entry.eventId, entry.eventId]).map { row -> (String, Int, String, String?) in
                     (row["name"], row["uid"], row["hash"], row["passwordExport"])
                 }
             }
