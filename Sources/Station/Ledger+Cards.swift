@@ -63,12 +63,15 @@ extension Ledger {
         try await db.read { db in
             try Row.fetchAll(db, sql: """
                 SELECT * FROM card ORDER BY verdict IN ('counterfeit', 'failing') DESC, lastSeen DESC
-                """).map { row in
-                CardSummary(id: row["id"], strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"],
-                           lastJob: row["lastJob"], firstSeen: row["firstSeen"], lastSeen: row["lastSeen"], repairs: row["repairs"],
-                           writeBytesPerSecond: row["writeBytesPerSecond"])
-            }
+                """).map(Self.card)
         }
+    }
+
+    /// A `card` row as the station reports it (and as the shared ledger sends it).
+    static func card(_ row: Row) -> CardSummary {
+        CardSummary(id: row["id"], strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"],
+                    lastJob: row["lastJob"], firstSeen: row["firstSeen"], lastSeen: row["lastSeen"], repairs: row["repairs"],
+                    writeBytesPerSecond: row["writeBytesPerSecond"])
     }
 
     /// Forgets a card (an admin's decision): it is no longer refused. False when unknown.

@@ -357,11 +357,6 @@ public final class SharedLedger: Sendable {
         var state: String, message: String?, bytesTotal: Int64?, created: Date, updated: Date
     }
 
-    struct LocalCard: Sendable {
-        var strength: String, detail: String, verdict: String, reason: String?, lastJob: Int64?, firstSeen: Date, lastSeen: Date
-        var repairs: Int, speed: Double?
-    }
-
     private func send(_ entry: OutboxEntry, on c: LabConnection) async throws {
         switch entry.kind {
         case "job":
@@ -410,15 +405,12 @@ public final class SharedLedger: Sendable {
         case "card":
             guard let id = entry.cardId else { return }
             let card = try await local.read { db in
-                try Row.fetchOne(db, sql: "SELECT * FROM card WHERE id = ?", arguments: [id]).map { row in
-                    LocalCard(strength: row["strength"], detail: row["detail"], verdict: row["verdict"], reason: row["reason"], lastJob: row["lastJob"],
-                              firstSeen: row["firstSeen"], lastSeen: row["lastSeen"], repairs: row["repairs"], speed: row["writeBytesPerSecond"])
-                }
+                try Row.fetchOne(db, sql: "SELECT * FROM card WHERE id = ?", arguments: [id]).map(Ledger.card)
             }
             if let k = card {
                 try await execute("""
                     INSERT INTO lab_card (station, id, strength, detail, verdict, reason, last_job, first_seen, last_seen, repairs, write_bytes_per_second)
-                    VALUES (\(station), \(id), \(k.strength), \(k.detail), \(k.verdict), \(k.reason), \(k.lastJob), \(k.firstSeen), \(k.lastSeen), \(k.repairs), \(k.speed))
+                    VALUES (\(station), \(id), \(k.strength), \(k.detail), \(k.verdict), \(k.reason), \(k.lastJob), \(k.firstSeen), \(k.lastSeen), \(k.repairs), \(k.writeBytesPerSecond))
                     ON CONFLICT (station, id) DO UPDATE SET strength = excluded.strength, detail = excluded.detail, verdict = excluded.verdict,
                       reason = excluded.reason, last_job = excluded.last_job, last_seen = excluded.last_seen, repairs = excluded.repairs,
                       write_bytes_per_second = excluded.write_bytes_per_second
