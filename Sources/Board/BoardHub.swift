@@ -9,6 +9,9 @@ actor BoardHub {
     private var nextSubscriber = 0
     private var closed = false
 
+    /// Snapshots sent to pages (a test checks that an unchanged lab sends none).
+    private(set) var broadcasts = 0
+
     func apply(_ message: StationFeed.Message) {
         switch message {
         case .connected(let hello): state.connected(station: hello.station)
@@ -16,8 +19,10 @@ actor BoardHub {
         case .finished(let jobs): state.apply(finishedJobs: jobs)
         case .event(let event): state.apply(event)
         case .disconnected(let reason): state.disconnected(reason)
-        case .lab(let lab): state.apply(lab: lab)
-        case .labUnavailable(let reason): state.labUnavailable(reason)
+        // The lab is read every 2 s and mostly unchanged: the page rebuilds its whole lab
+        // section for each snapshot, so an unchanged one is not sent.
+        case .lab(let lab): guard state.apply(lab: lab) else { return }
+        case .labUnavailable(let reason): guard state.labUnavailable(reason) else { return }
         }
         broadcast()
     }
@@ -54,6 +59,7 @@ actor BoardHub {
     private func broadcast() {
         guard !subscribers.isEmpty else { return }
         let snapshot = state.snapshot()
+        broadcasts += 1
         for continuation in subscribers.values { continuation.yield(snapshot) }
     }
 }

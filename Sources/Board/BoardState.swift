@@ -5,7 +5,10 @@ import Foundation
 /// and turned into a `BoardSnapshot` for the page. A value with no I/O, so every rule about
 /// what a tile shows is tested without a daemon.
 public struct BoardState: Sendable {
-    public private(set) var station = ""
+    public private(set) var station = "" {
+        // The lab section marks this station's row; it is rebuilt only when the name changes.
+        didSet { if station != oldValue { rebuildLabSection() } }
+    }
     public private(set) var connected = false
     public private(set) var problem: String? = "connecting to provisiond"
     /// The configured slots, in the config's order, as the last status gave them; job
@@ -23,6 +26,12 @@ public struct BoardState: Sendable {
     /// The lab's view (issue 18): nil until a station with a shared ledger answered.
     private var lab: LabStatus?
     private var labProblem: String?
+    /// The page's lab section, built when the lab's data changes (every 2 s at most), not
+    /// on every snapshot: a snapshot is sent for each job event and progress report, and
+    /// the lab's running jobs would otherwise be turned into tiles again each time.
+    private var labSection: BoardSnapshot.Lab?
+    /// How often the lab section was built (a test checks that events do not rebuild it).
+    private(set) var labSectionBuilds = 0
 
     /// How long a finished Tegra or manual job keeps its tile.
     public static let finishedTileLifetime: TimeInterval = 15 * 60
@@ -66,17 +75,28 @@ public struct BoardState: Sendable {
         for job in finishedJobs where job.state.isFinal { finished[job.id] = (job.state, job.updated) }
     }
 
-    /// The lab's status as the daemon read it from the shared ledger.
-    public mutating func apply(lab: LabStatus) {
+    /// The lab's status as the daemon read it from the shared ledger. Returns false when it
+    /// is the one already shown (the poller reads it every 2 s; most reads change nothing),
+    /// so the hub does not send the page a lab it would only redraw.
+    @discardableResult
+    public mutating func apply(lab: LabStatus) -> Bool {
+        guard lab != self.lab || labProblem != nil else { return false }
         self.lab = lab
         labProblem = nil
+        rebuildLabSection()
+        return true
     }
 
     /// The lab's view could not be read: `nil` for a station that keeps its own ledger (the
-    /// section goes), else why (the last view stays, marked as not current).
-    public mutating func labUnavailable(_ reason: String?) {
+    /// section goes), else why (the last view stays, marked as not current). Returns false
+    /// when that is what the board already shows.
+    @discardableResult
+    public mutating func labUnavailable(_ reason: String?) -> Bool {
+        guard reason != labProblem || (reason == nil && lab != nil) else { return false }
         if reason == nil { lab = nil }
         labProblem = reason
+        rebuildLabSection()
+        return true
     }
 
     public mutating func apply(_ event: Event) {
@@ -135,13 +155,24 @@ public struct BoardState: Sendable {
         }
         var snapshot = BoardSnapshot(station: station, connected: connected, problem: problem,
                                      doneToday: done, failedToday: failed, tiles: tiles)
-        snapshot.lab = lab.map(labView)
+        snapshot.lab = labSection
         return snapshot
     }
 
-    private func labView(_ lab: LabStatus) -> BoardSnapshot.Lab {
+    /// "last seen" times of the lab's stations, in the board's local time.
+    private static let labTime: DateFormatter = {
         let time = DateFormatter()
         time.dateFormat = "yyyy-MM-dd HH:mm:ss"
+        return time
+    }()
+
+    private mutating func rebuildLabSection() {
+        labSection = lab.map(labView)
+        labSectionBuilds += 1
+    }
+
+    private func labView(_ lab: LabStatus) -> BoardSnapshot.Lab {
+        let time = Self.labTime
         return BoardSnapshot.Lab(database: lab.database, problem: labProblem, unitsNumbered: lab.unitsNumbered, stations: lab.stations.map { s in
             BoardSnapshot.Lab.Station(
                 name: s.name, here: s.name == station, live: s.live, seen: s.live ? "live" : "last seen " + time.string(from: s.lastSeen),

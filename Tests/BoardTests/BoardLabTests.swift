@@ -54,6 +54,68 @@ struct BoardLabTests {
         #expect(state.snapshot().lab?.problem == nil)
     }
 
+    @Test func anUnchangedLabIsNotNews() {
+        var state = BoardState()
+        var other = lab()
+        other.unitsNumbered += 1
+        // (call, whether the board's lab changed), in order.
+        var steps: [(String, Bool)] = []
+        func step(_ name: String, _ changed: Bool) { steps.append((name, changed)) }
+        step("first lab", state.apply(lab: lab()))
+        step("same lab again", state.apply(lab: lab()))
+        step("another lab", state.apply(lab: other))
+        step("database away", state.labUnavailable("the shared ledger is unreachable"))
+        step("database still away", state.labUnavailable("the shared ledger is unreachable"))
+        step("away for another reason", state.labUnavailable("the shared ledger is unreachable: timeout"))
+        step("back, same lab", state.apply(lab: other))
+        step("own ledger", state.labUnavailable(nil))
+        step("own ledger again", state.labUnavailable(nil))
+        #expect(steps.map(\.1) == [true, false, true, true, false, true, true, true, false], "\(steps)")
+        #expect(state.snapshot().lab == nil)
+    }
+
+    @Test func eventsDoNotRebuildTheLabSection() throws {
+        var state = BoardState()
+        state.connected(station: "tower-1")
+        state.apply(lab: lab())
+        let built = state.labSectionBuilds
+        let before = try #require(state.snapshot().lab)
+        let slot = SlotStatus(name: "A", profile: "p", device: "/dev/loop3", job: nil, refusals: nil)
+        state.apply(StationStatus(station: "tower-1", slots: [slot], otherJobs: [], refused: []))
+        for percent in 1...50 {
+            let progress = JobProgress(bytesDone: UInt64(percent) << 20, bytesTotal: 100 << 20, bytesPerSecond: 1e7, secondsRemaining: 5)
+            state.apply(Event(kind: .job, job: JobRecord(id: 3, kind: "sd", slot: "A", device: "/dev/loop3", serial: nil, unit: nil, profile: "p",
+                                                         image: "/srv/os.img", state: .writing, progress: progress, message: nil,
+                                                         created: Self.now, updated: Self.now)))
+            #expect(state.snapshot().lab == before)
+        }
+        #expect(state.labSectionBuilds == built, "a job event rebuilt the lab section")
+        // The station's own row follows a renamed station (a reload), without a new lab read.
+        state.connected(station: "tower-2")
+        let view = try #require(state.snapshot().lab)
+        #expect(!view.stations[0].here && view.stations[1].here)
+    }
+
+    @Test func theHubSendsAnUnchangedLabOnce() async throws {
+        let hub = BoardHub()
+        let (id, snapshots) = await hub.subscribe()
+        var pages = snapshots.makeAsyncIterator()
+        _ = await pages.next()
+        await hub.apply(.lab(lab()))
+        #expect(try #require(await pages.next()).lab?.stations.count == 2)
+        let sent = await hub.broadcasts
+        for _ in 0..<5 { await hub.apply(.lab(lab())) }
+        #expect(await hub.broadcasts == sent, "an unchanged lab was sent to the page again")
+        await hub.apply(.labUnavailable("the shared ledger is unreachable"))
+        await hub.apply(.labUnavailable("the shared ledger is unreachable"))
+        #expect(await hub.broadcasts == sent + 1)
+        #expect(try #require(await pages.next()).lab?.problem == "the shared ledger is unreachable")
+        // Everything else still reaches the page.
+        await hub.touch()
+        #expect(await hub.broadcasts == sent + 2)
+        await hub.unsubscribe(id)
+    }
+
     @Test func noPasswordOrHashReachesTheLabView() throws {
         var state = BoardState()
         state.apply(lab: lab(problemHash: " $6$salt$abcdefghijklmnop"))
