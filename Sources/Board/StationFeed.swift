@@ -215,8 +215,8 @@ final class LabPoller: @unchecked Sendable {
         var control: ReadOnlyControl?
         while !state.withLock({ $0.stopping }) {
             var wait = Self.interval
-            do {
-                if control == nil {
+            if control == nil {
+                do {
                     let opened = try ReadOnlyControl(socket: socketPath)
                     let stopping = state.withLock { s -> Bool in
                         if !s.stopping { s.open = opened }
@@ -224,7 +224,14 @@ final class LabPoller: @unchecked Sendable {
                     }
                     if stopping { break }
                     control = opened
+                } catch {
+                    // The station's daemon did not let the poller in: not the lab's database.
+                    if let report = Self.report(openFailure: error, socketPath: socketPath) { output.yield(report) }
+                    _ = wakeUp.wait(timeout: .now() + wait)
+                    continue
                 }
+            }
+            do {
                 if let lab = try control?.labStatus() {
                     output.yield(.lab(lab))
                 } else {
@@ -235,7 +242,7 @@ final class LabPoller: @unchecked Sendable {
                     wait = 30
                 }
             } catch let error as CLIError where error.status != 69 {
-                // The daemon answered, the lab's database did not.
+                // The daemon answered on an open connection, the lab's database did not.
                 output.yield(.labUnavailable(error.message))
             } catch {
                 control = nil
@@ -243,5 +250,15 @@ final class LabPoller: @unchecked Sendable {
             }
             _ = wakeUp.wait(timeout: .now() + wait)
         }
+    }
+
+    /// What the page is told when the poller's connection cannot be opened. A daemon that is
+    /// away (69) is left to the station's feed, whose banner says so; one that refuses this
+    /// connection (its client limit, 75; the socket's permissions, 77) while the feed's own
+    /// connections stand is said in the feed's words, as the reason the lab view is not
+    /// current, never as a fault of the lab's database.
+    static func report(openFailure error: any Error, socketPath: String) -> StationFeed.Message? {
+        guard let error = error as? CLIError, error.status != 69 else { return nil }
+        return .labUnavailable(StationFeed.Worker.explain(error, socketPath: socketPath))
     }
 }

@@ -116,6 +116,28 @@ struct BoardLabTests {
         await hub.unsubscribe(id)
     }
 
+    /// The poller's own connection cannot be opened (here: a socket path longer than a Unix
+    /// address holds, which the client refuses before connecting): that is said as the
+    /// station refusing the board, in the feed's words, not as the lab's database failing.
+    @Test func aConnectionThatCannotOpenIsNotADatabaseProblem() async throws {
+        let path = "/tmp/" + String(repeating: "x", count: 200) + ".sock"
+        let (messages, continuation) = AsyncStream.makeStream(of: StationFeed.Message.self)
+        let poller = LabPoller(socketPath: path, output: continuation)
+        let thread = Thread { poller.loop(); continuation.finish() }
+        thread.name = "test-lab-poller"
+        thread.start()
+        var received = messages.makeAsyncIterator()
+        let first = await received.next()
+        poller.stop()
+        while await received.next() != nil {}  // the poller's thread has ended
+        guard case .labUnavailable(let reason?) = first else {
+            Issue.record("expected the reason the lab view is not current, got \(String(describing: first))")
+            return
+        }
+        #expect(reason.hasPrefix("provisiond at \(path) refused the board: "), "\(reason)")
+        #expect(reason.contains("socket path too long"), "\(reason)")
+    }
+
     @Test func noPasswordOrHashReachesTheLabView() throws {
         var state = BoardState()
         state.apply(lab: lab(problemHash: " $6$salt$abcdefghijklmnop"))
