@@ -89,8 +89,13 @@
   }
 
   // The lab's view (a station on a shared ledger): every station, its day and its
-  // unfinished jobs, as the lab's database has them. Rebuilt whole: a few stations.
+  // unfinished jobs, as the lab's database has them. Rebuilt whole (a few stations), but
+  // only when it changed: every job event and progress report sends the whole snapshot.
+  let shownLab;
   function renderLab(lab) {
+    const text = JSON.stringify(lab || null);
+    if (text === shownLab) return;
+    shownLab = text;
     $("lab").hidden = !lab;
     if (!lab) return;
     $("lab-summary").textContent = `— ${lab.stations.length} station${lab.stations.length === 1 ? "" : "s"}, ${lab.unitsNumbered} units numbered`;
