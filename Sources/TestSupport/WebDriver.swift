@@ -74,7 +74,7 @@ public final class BrowserSession: Sendable {
 
     /// Evaluates `script` every 100 ms until it returns true; throws with the last value of
     /// `describe` (a script whose result explains the page) after `timeout`.
-    public func waitUntil(_ what: String, timeout: Duration = .seconds(60), _ script: String,
+    public func waitUntil(_ what: String, timeout: Duration = .seconds(300), _ script: String,
                           describe: String = "return document.body.innerText") throws {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         while ContinuousClock.now < deadline {

@@ -63,7 +63,7 @@ final class BoardUnderTest: Sendable {
 
     /// Polls /state.json until `condition` holds.
     @discardableResult
-    func waitForState(_ what: String, timeout: Duration = .seconds(60), until condition: ([String: Any]) -> Bool) throws -> [String: Any] {
+    func waitForState(_ what: String, timeout: Duration = .seconds(300), until condition: ([String: Any]) -> Bool) throws -> [String: Any] {
         let deadline = ContinuousClock.now.advanced(by: timeout)
         var last: [String: Any] = [:]
         while ContinuousClock.now < deadline {
