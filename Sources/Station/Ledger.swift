@@ -146,8 +146,7 @@ public final class Ledger: Sendable {
     @discardableResult
     public func markInterrupted(at now: Date = Date()) async throws -> [JobRecord] {
         try await db.write { db in
-            let finals = JobState.allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
-            let rows = try Row.fetchAll(db, sql: "SELECT * FROM job WHERE state NOT IN (\(finals))")
+            let rows = try Row.fetchAll(db, sql: "SELECT * FROM job WHERE state NOT IN (\(JobState.finalSQLList))")
             let message = "interrupted — rewrite card (provisiond stopped while this job ran)"
             for row in rows {
                 let id: Int64 = row["id"]

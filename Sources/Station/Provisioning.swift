@@ -45,6 +45,9 @@ enum UnitPlan {
 // MARK: - From the pipeline's reports to the wire's types (at the station's boundary)
 
 extension JobState {
+    /// The final states as an SQL list ('done','failed',…), for "WHERE state NOT IN (…)".
+    static let finalSQLList = allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
+
     init(_ stage: CardStage) {
         self = switch stage {
         case .downloading: .downloading

@@ -461,7 +461,7 @@ public final class SharedLedger: Sendable {
                                                   outboxPending: try r["outbox_pending"].decode(Int.self), jobs: try r["jobs"].decode(Int.self),
                                                   doneToday: try r["done_today"].decode(Int.self), failedToday: try r["failed_today"].decode(Int.self), running: [])
             }
-            let finals = JobState.allCases.filter(\.isFinal).map { "'\($0.rawValue)'" }.joined(separator: ",")
+            let finals = JobState.finalSQLList
             let running = try await Self.fetch("""
                 SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
                 WHERE state NOT IN (\(unescaped: finals)) ORDER BY station, slot, job
