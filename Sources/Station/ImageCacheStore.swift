@@ -58,12 +58,30 @@ public final class ImageCacheStore: @unchecked Sendable {
     /// started (one decompressor thread) by the first job that asks and shared by the rest.
     /// Call `release` with the same path when the job no longer reads it.
     public func source(for imagePath: String, bmap: Bmap?) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?, note: String) {
+        // A card joining a decompression under way (or done) needs only the cache: the image
+        // was identified when the entry was made, and the key (its device, inode, size and
+        // mtime) says it has not changed since. Identifying it again read its first MiB from
+        // disk and decoded it for each of 32 cards arriving together (issue 18).
+        let key = Self.key(imagePath: imagePath, bmap: bmap)
+        if let joined = lock.withLock({ () -> Entry? in
+            guard let e = entries[key], e.fill.error == nil else { return nil }
+            e.users += 1
+            e.lastUsed = Date()
+            return e
+        }) {
+            do {
+                return (try ImageSource(cachePath: joined.path, filling: joined.fill, originalFormat: joined.originalFormat, size: joined.size), key,
+                        "sharing the \(joined.originalFormat.rawValue) decompression already under way (cache \(key.prefix(12)))")
+            } catch {
+                release(key)
+                throw error
+            }
+        }
         let original = try ImageSource(path: imagePath)
         guard original.format != .raw, let size = bmap?.imageSize ?? original.uncompressedSizeHint else {
             // Raw: the page cache shares it. Size unknown: this card decodes on its own.
             return (original, nil, original.format == .raw ? "raw image" : "decompressing \(original.format.rawValue) for this card alone (size unknown)")
         }
-        let key = Self.key(imagePath: imagePath, bmap: bmap)
         let (entry, start) = lock.withLock { () -> (Entry, Bool) in
             if let e = entries[key], e.fill.error == nil {
                 e.users += 1
