@@ -92,6 +92,39 @@ final class WriteJob: @unchecked Sendable {
         // A budget pool is done with the budget however the write ends.
         defer { pool.close() }
         let started = ContinuousClock.now
+        if splicesFromSource, let pipe = SplicePipe() {
+            do throws(ImageIOError) { try spliceAll(through: pipe) } catch {
+                options.cancellation.cancel()
+                pool.close()
+                throw error
+            }
+        } else {
+            try readAndWrite()
+        }
+        let written = ContinuousClock.now
+
+        if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
+        var verifySeconds = 0.0
+        var repairs: [UInt64] = []
+        if let verifier {
+            options.testHookBeforeVerify?(target)
+            let v0 = ContinuousClock.now
+            verifier.submit(unverified)
+            unverified = []
+            try verifier.finish(reportingTo: progress)
+            verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
+            repairs = verifier.repairs
+        }
+        progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
+        return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
+                           bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
+                           writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
+                           verifySeconds: verifySeconds, repairedAt: repairs.isEmpty ? nil : repairs)
+    }
+
+    /// The reader thread (and the checker's, when there is something to check) fills
+    /// buffers; the calling thread writes them.
+    private func readAndWrite() throws(ImageIOError) {
         let readerDone = DispatchSemaphore(value: 0)
         let stage = checkStage
         let reader = Thread { [self] in
@@ -121,25 +154,6 @@ final class WriteJob: @unchecked Sendable {
         }
         readerDone.wait()
         if stage != nil { checkerDone.wait() }
-        let written = ContinuousClock.now
-
-        if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
-        var verifySeconds = 0.0
-        var repairs: [UInt64] = []
-        if let verifier {
-            options.testHookBeforeVerify?(target)
-            let v0 = ContinuousClock.now
-            verifier.submit(unverified)
-            unverified = []
-            try verifier.finish(reportingTo: progress)
-            verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
-            repairs = verifier.repairs
-        }
-        progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
-        return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
-                           bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
-                           writeSeconds: (written - started) / .seconds(1) - syncSeconds, syncSeconds: syncSeconds,
-                           verifySeconds: verifySeconds, repairedAt: repairs.isEmpty ? nil : repairs)
     }
 
     // MARK: - Before the first byte
@@ -387,22 +401,33 @@ final class WriteJob: @unchecked Sendable {
             let w0 = ContinuousClock.now
             try writeChunk(buf)
             lastWrite = ContinuousClock.now - w0
-            meter.add(UInt64(buf.count))
-            unverified.append(WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint))
+            let chunk = WrittenChunk(offset: buf.offset, count: buf.count, fingerprint: buf.fingerprint)
             pool.release(buf)
-            if let verifier, let interval = options.syncInterval,
-               unverified.reduce(0, { $0 + UInt64($1.count) }) >= syncInterval(interval, meter: meter) {
-                // What is synced may be read back now, while the writer goes on.
-                if let failure = verifier.failure { throw failure }
-                try sync()
-                verifier.submit(unverified)
-                unverified = []
-            }
-            if ContinuousClock.now - lastReport > .milliseconds(200) {
-                lastReport = ContinuousClock.now
-                progress(withDownload(meter.progress))
-            }
+            try wrote(chunk, meter: &meter, lastReport: &lastReport)
         }
+        try endWriting(meter)
+    }
+
+    /// A chunk is on the card: counted, handed to the verifier once synced, reported.
+    private func wrote(_ chunk: WrittenChunk, meter: inout PhaseMeter, lastReport: inout ContinuousClock.Instant) throws(ImageIOError) {
+        meter.add(UInt64(chunk.count))
+        unverified.append(chunk)
+        if let verifier, let interval = options.syncInterval,
+           unverified.reduce(0, { $0 + UInt64($1.count) }) >= syncInterval(interval, meter: meter) {
+            // What is synced may be read back now, while the writer goes on.
+            if let failure = verifier.failure { throw failure }
+            try sync()
+            verifier.submit(unverified)
+            unverified = []
+        }
+        if ContinuousClock.now - lastReport > .milliseconds(200) {
+            lastReport = ContinuousClock.now
+            progress(withDownload(meter.progress))
+        }
+    }
+
+    /// Every chunk but the first MiB is written: sync, the first MiB, sync again.
+    private func endWriting(_ meter: PhaseMeter) throws(ImageIOError) {
         if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
         let s0 = ContinuousClock.now
         // Phases are reported in the order a reader expects (writing 100 %, then syncing):
@@ -424,6 +449,134 @@ final class WriteJob: @unchecked Sendable {
         }
         try sync()
         syncSeconds = (ContinuousClock.now - s0) / .seconds(1)
+    }
+
+    // MARK: - Straight from the page cache (a station's card)
+
+    /// A station's card written from a file this machine holds (the decompressed cache, a raw
+    /// image): the bytes go from the file's page cache to the card with splice(2), as page
+    /// references, with no reader thread, no chunk buffer and no copy. At 32 cards the
+    /// readers' copy of every byte was a sixth of the daemon's CPU and their chunks most of
+    /// its memory (issue 18); and without a buffer to pay for, every card writes 4 MiB
+    /// chunks, an SD card's erase block, however many there are. Blobs and a first-chunk
+    /// inspection (their bytes differ per card), a file target (its holes) and
+    /// `PROVISION_SPLICE=off` (benchmarks measure both) take the buffered path.
+    var splicesFromSource: Bool {
+        options.budget != nil && compareWithSource && sourceFD >= 0 && options.blobs.isEmpty && options.inspectFirstChunk == nil
+            && target.kind == .blockDevice && target.direct && !WriteJob.spliceTurnedOff
+    }
+
+    private static let spliceTurnedOff = getenv("PROVISION_SPLICE").map { String(cString: $0) == "off" } ?? false
+    /// The pipe of a splicing write, while it writes.
+    private var splicePipe: SplicePipe?
+
+    private func spliceAll(through pipe: SplicePipe) throws(ImageIOError) {
+        splicePipe = pipe
+        defer { splicePipe = nil }
+        // Whole blocks of the card (a pipe holds whole pages; a card's block is at most one).
+        let chunk = pipe.capacity / ioUnit * ioUnit
+
+        let end = options.bmap?.imageSize ?? source.fileSize
+        let ranges = options.bmap?.mappedByteRanges ?? [(start: UInt64(0), end: end)]
+        var meter = PhaseMeter(phase: .writing, total: options.bmap?.mappedBytes ?? end)
+        progress(withDownload(meter.progress))
+        var lastReport = ContinuousClock.now
+        for (start, end) in ranges {
+            var pos = start
+            while pos < end {
+                if options.cancellation.isCancelled { throw cancelledError(after: bytesWrittenSoFar) }
+                // Chunks end at the head's end, so the held-back head is exactly the first MiB.
+                let n = Int(min(pos < UInt64(headSize) ? min(UInt64(headSize) - pos, UInt64(chunk)) : UInt64(chunk), end - pos))
+                try source.awaitBytes(upTo: pos + UInt64(n))
+                if pos < UInt64(headSize) {
+                    // Written last (see the type's comment), read again from the source then.
+                    heldBack.append(WrittenChunk(offset: pos, count: n, fingerprint: nil))
+                    meter.add(UInt64(n))
+                } else {
+                    try spliceOrWrite(at: pos, count: n)
+                    try wrote(WrittenChunk(offset: pos, count: n, fingerprint: nil), meter: &meter, lastReport: &lastReport)
+                }
+                pos += UInt64(n)
+            }
+        }
+        streamEnd = end
+        try endWriting(meter)
+    }
+
+    /// The pipe a splicing card's chunks pass through, and so its chunk: 4 MiB (an SD card's
+    /// erase block) where the kernel allows a pipe that large, else 1 MiB, the most
+    /// `/proc/sys/fs/pipe-max-size` gives a process without CAP_SYS_RESOURCE by default (the
+    /// pages a pipe refers to count against its user's `pipe-user-pages-soft`, 64 MiB: 64
+    /// cards of 1 MiB). Nil when not even 1 MiB is allowed: chunks of a pipe's 64 KiB would
+    /// cost a card speed, so the card takes the buffered path.
+    final class SplicePipe {
+        let read: Int32
+        let write: Int32
+        let capacity: Int
+        static let sizes = [4 << 20, 1 << 20]
+
+        init?() {
+            var fds: [Int32] = [-1, -1]
+            guard provision_pipe_cloexec(&fds) == 0 else { return nil }
+            guard let capacity = SplicePipe.sizes.lazy.map({ Int(provision_pipe_resize(fds[1], Int32($0))) }).first(where: { $0 >= 1 << 20 }) else {
+                Syscall.close(fds[0])
+                Syscall.close(fds[1])
+                return nil
+            }
+            read = fds[0]
+            write = fds[1]
+            self.capacity = capacity
+        }
+
+        deinit {
+            Syscall.close(read)
+            Syscall.close(write)
+        }
+    }
+
+    /// Source bytes `offset..<offset+count` onto the card at the same offset: whole blocks
+    /// through the pipe, the image's last partial block (if any) by read-modify-write.
+    private func spliceOrWrite(at offset: UInt64, count: Int) throws(ImageIOError) {
+        guard let pipe = splicePipe else { preconditionFailure("spliceOrWrite outside spliceAll") }
+        if let size = target.size, offset + UInt64(count) > size {
+            throw ImageIOError(.deviceTooSmall, "card too small: the image continues past byte \(size), the end of \(target.path)", offset: size)
+        }
+        let body = count / ioUnit * ioUnit
+        var done = 0
+        while done < body {
+            let want = min(pipe.capacity, body - done)
+            var inPipe = 0
+            while inPipe < want {
+                let at = offset + UInt64(done + inPipe)
+                switch Syscall.retrying({ provision_splice(sourceFD, Int64(at), pipe.write, -1, UInt(want - inPipe)) }) {
+                case .failure(let e):
+                    throw ImageIOError(.imageUnreadable, "cannot read \(source.path) at offset \(at): \(e)", offset: at, errno: e)
+                case .success(0):
+                    throw ImageIOError(.imageUnreadable, "\(source.path) ends before byte \(at): it is shorter than the image it holds", offset: at)
+                case .success(let k):
+                    inPipe += k
+                }
+            }
+            var out = 0
+            while out < inPipe {
+                let at = offset + UInt64(done + out)
+                switch Syscall.retrying({ provision_splice(pipe.read, -1, target.fd, Int64(at), UInt(inPipe - out)) }) {
+                case .failure(let e): throw target.failure(e, operation: "write", offset: at)
+                case .success(0): throw target.failure(.noSpace, operation: "write", offset: at)
+                case .success(let k): out += k
+                }
+            }
+            done += inPipe
+        }
+        bytesWrittenSoFar += UInt64(body)
+        guard count > body else { return }
+        // Less than a block: its bytes, then `writeBytes` merges them with the card's block.
+        let partial = AlignedBuffer(capacity: max(ioUnit, target.alignment), alignment: target.alignment)
+        let at = offset + UInt64(body)
+        guard case .success(let got) = Syscall.preadFully(sourceFD, partial.bytes, count - body, at), got == count - body else {
+            throw ImageIOError(.imageUnreadable, "cannot read \(source.path) again at offset \(at): it is shorter than when it was written, or unreadable", offset: at)
+        }
+        try writeBytes(UnsafeRawBufferPointer(start: partial.bytes, count: count - body), at: at)
     }
 
     /// Adds the download's progress, for an image read over HTTP; where the image's size is
@@ -471,6 +624,13 @@ final class WriteJob: @unchecked Sendable {
     private func writeHeldBack() throws(ImageIOError) {
         defer { heldBack = [] }
         guard !heldBack.isEmpty else { return }
+        if splicePipe != nil {
+            for piece in heldBack {
+                try spliceOrWrite(at: piece.offset, count: piece.count)
+                unverified.append(piece)
+            }
+            return
+        }
         var borrowed: AlignedBuffer?
         defer { if let borrowed { pool.release(borrowed) } }
         let buffer: AlignedBuffer

@@ -194,14 +194,16 @@ final class BackgroundVerifier: @unchecked Sendable {
     }
 
     /// Compares the read-back bytes with the source file at the same offset, a slice at a
-    /// time through one reused 64 KiB buffer (the page cache usually holds the source; a
-    /// chunk-sized buffer per card was 32 MiB outside the budget for 32 cards, and a slice
-    /// below glibc's mmap threshold comes from the thread's arena); blobs overlay their bytes.
-    private static let sliceSize = 64 << 10
+    /// time through one reused buffer (the page cache usually holds the source); blobs
+    /// overlay their bytes. Slices of at most a read-back piece (256 KiB): a station's card
+    /// reads its piece of the source in one system call (64 KiB slices made 2,300 calls a card
+    /// of 144 MiB where 576 do), a whole chunk (`provision write`) in several (a chunk-sized
+    /// buffer per card was 32 MiB outside the budget for 32 cards).
+    private var sliceSize: Int { min(pieceSize, Self.piece) }
     private var sourceScratch: UnsafeMutableRawBufferPointer?
     private var sourceBuffer: UnsafeMutableRawBufferPointer {
         if let b = sourceScratch { return b }
-        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: BackgroundVerifier.sliceSize, alignment: 64)
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: sliceSize, alignment: 64)
         sourceScratch = b
         return b
     }
@@ -216,7 +218,7 @@ final class BackgroundVerifier: @unchecked Sendable {
         }
         var done = 0
         while done < buffer.count {
-            let n = min(BackgroundVerifier.sliceSize, buffer.count - done)
+            let n = min(sourceBuffer.count, buffer.count - done)
             guard case .success(let got) = Syscall.preadFully(job.sourceFD, sourceBuffer.baseAddress!, n, buffer.offset + UInt64(done)), got == n,
                   memcmp(sourceBuffer.baseAddress!, buffer.bytes + done, n) == 0 else { return false }
             done += n

@@ -188,6 +188,35 @@ struct BmapTests {
         #expect(throws: ImageIOError.self) { try Bmap.load(path: bmapPath) }
     }
 
+    @Test("a station's card is spliced from the page cache: the same card as bmaptool copy's, unmapped blocks untouched, no chunk buffer taken from the budget")
+    func stationCardSplicedFromThePageCache() throws {
+        let (image, bmapPath, pieces) = try sparseImage()
+        let fill = scratch.file("fill-splice.img")
+        try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
+        let ours = try LoopCard(label: "splice-ours", size: 48 << 20, image: fill)
+        defer { ours.close() }
+        let theirs = try LoopCard(label: "splice-theirs", size: 48 << 20, image: fill)
+        defer { theirs.close() }
+
+        let budget = BufferBudget(limit: 16 << 20)
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        options.budget = budget
+        options.chunkSize = 4 << 20
+        let result = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
+        #expect(result.bytesWritten == options.bmap!.mappedBytes)
+        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
+        #expect(try ours.sha256() == theirs.sha256())
+        #expect(try readBytes(ours.devicePath, offset: 2 << 20, count: 4096) == [UInt8](repeating: 0xAA, count: 4096))
+        for (offset, bytes) in pieces {
+            #expect(try readBytes(ours.devicePath, offset: offset, count: bytes.count) == bytes)
+        }
+        // The buffered path takes a 4 MiB chunk from the budget; the splice only the
+        // verifier's read-back piece.
+        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "\(budget.usage)")
+        #expect(budget.usage.handedOut == 0)
+    }
+
     @Test("a version 1.3 bmap with SHA-1 checksums works, and bmaptool itself accepts it")
     func version1Bmap() throws {
         let (image, bmap2Path, _) = try sparseImage()

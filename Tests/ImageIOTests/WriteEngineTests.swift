@@ -12,7 +12,8 @@ struct WriteEngineTests {
     init() throws { scratch = try TemporaryDirectory("provision-test") }
 
     /// Writes `imagePath` to a fresh card filled with 0xAA so that untouched bytes are visible.
-    func writeToFreshCard(_ imagePath: String, size: Int64 = 64 << 20, options: WriteOptions = WriteOptions()) throws -> (LoopCard, Result<WriteResult, ImageIOError>) {
+    func writeToFreshCard(_ imagePath: String, size: Int64 = 64 << 20, options: WriteOptions = WriteOptions(),
+                          progress: @escaping @Sendable (WriteProgress) -> Void = { _ in }) throws -> (LoopCard, Result<WriteResult, ImageIOError>) {
         let fill = scratch.file("fill-\(UUID().uuidString.prefix(6)).img")
         try write([UInt8](repeating: 0xAA, count: Int(size)), to: fill)
         let card = try LoopCard(label: "engine", size: size, image: fill)
@@ -20,7 +21,7 @@ struct WriteEngineTests {
         do {
             let source = try ImageSource(path: imagePath)
             let target = try WriteTarget.open(path: card.devicePath)
-            result = .success(try ImageWriter.write(source: source, to: target, options: options))
+            result = .success(try ImageWriter.write(source: source, to: target, options: options, progress: progress))
         } catch {
             result = .failure(error)
         }
@@ -126,6 +127,34 @@ struct WriteEngineTests {
                 #expect(e.code == .verifyMismatch && e.offset == badOffset, "\(e)")
             }
         }
+    }
+
+    @Test("spliced onto a card on a budget, an image ending inside a block keeps the card's bytes after its end; a cancel stops the splice with the budget given back")
+    func splicedImageEndingInsideABlock() throws {
+        let data = patternBytes((5 << 20) + 1000)
+        let raw = scratch.file("unaligned.raw")
+        try write(data, to: raw)
+        let budget = BufferBudget(limit: 16 << 20)
+        var options = WriteOptions()
+        options.budget = budget
+        let (card, result) = try writeToFreshCard(raw, options: options)
+        defer { card.close() }
+        #expect(try result.get().bytesWritten == UInt64(data.count))
+        #expect(Array(try readBytes(card.devicePath, count: data.count)) == data)
+        // The rest of the last 512-byte block, and the block after it, as they were.
+        #expect(try readBytes(card.devicePath, offset: UInt64(data.count), count: 512 - 1000 % 512 + 512) == [UInt8](repeating: 0xAA, count: 512 - 1000 % 512 + 512))
+        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece)
+
+        // Cancelled at the first progress report: no chunk after it is written.
+        var cancelled = options
+        let flag = CancellationFlag()
+        cancelled.cancellation = flag
+        let (second, outcome) = try writeToFreshCard(raw, options: cancelled, progress: { _ in flag.cancel() })
+        defer { second.close() }
+        guard case .failure(let e) = outcome else { Issue.record("a cancelled write succeeded"); return }
+        #expect(e.code == .cancelled)
+        #expect(try readBytes(second.devicePath, offset: 4 << 20, count: 4096) == [UInt8](repeating: 0xAA, count: 4096))
+        #expect(budget.usage.handedOut == 0)
     }
 
     @Test("a compressed image's mismatch offset is found too (decoded again only on failure)")

@@ -109,3 +109,13 @@ int provision_malloc_trim(void) {
 int provision_open_tmpfile(const char *directory) {
     return open(directory, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
 }
+
+int provision_pipe_resize(int fd, int size) {
+    (void)fcntl(fd, F_SETPIPE_SZ, size);
+    return fcntl(fd, F_GETPIPE_SZ);
+}
+
+long provision_splice(int fd_in, long long off_in, int fd_out, long long off_out, unsigned long count) {
+    loff_t in = off_in, out = off_out;
+    return (long)splice(fd_in, off_in < 0 ? NULL : &in, fd_out, off_out < 0 ? NULL : &out, count, SPLICE_F_MOVE);
+}

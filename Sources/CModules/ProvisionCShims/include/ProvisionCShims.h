@@ -64,4 +64,14 @@ int provision_malloc_trim(void);
    its last descriptor (Swift does not import the O_TMPFILE macro). -1 with errno on failure. */
 int provision_open_tmpfile(const char *directory);
 
+/* fcntl(fd, F_SETPIPE_SZ, size), then F_GETPIPE_SZ: the capacity the pipe has now (the kernel
+   rounds up, and refuses more than /proc/sys/fs/pipe-max-size without CAP_SYS_RESOURCE: the
+   pipe then keeps what it had). -1 with errno when even the query fails. */
+int provision_pipe_resize(int fd, int size);
+
+/* splice(2) with explicit offsets on whichever side is a file (off_in / off_out < 0: that side
+   is the pipe). Moves page references, not bytes: page-cache pages of a file go through the
+   pipe to an O_DIRECT device without a copy. -1 with errno on failure. */
+long provision_splice(int fd_in, long long off_in, int fd_out, long long off_out, unsigned long count);
+
 #endif
