@@ -329,7 +329,11 @@ private final class XZFillWork: @unchecked Sendable {
                 try writeMapped(output, count: filled, at: block.uncompressedOffset + done, from: &range)
                 done += UInt64(filled)
                 filled = 0
-                guard report(done) else { return false }
+                // The block's last bytes count as written only once its check has been
+                // verified (STREAM_END): cards never read past an unverified block end.
+                if done < block.uncompressedSize || rc == LZMA_STREAM_END {
+                    guard report(done) else { return false }
+                }
             }
             switch rc {
             case LZMA_OK: continue
