@@ -50,7 +50,8 @@ enum ParallelXZFill {
         var decoderMemory: UInt64 = 0
         for (block, isMapped) in zip(blocks, mapped) where isMapped {
             // A damaged header is the worker's to report, with the block's number.
-            guard let header = try? XZBlockHeader.read(fd: fd, block: block, scratch: scratch) else { continue }
+            // So is a filter chain liblzma cannot size (UINT64_MAX).
+            guard let header = try? XZBlockHeader.read(fd: fd, block: block, scratch: scratch), header.decoderMemory != UInt64.max else { continue }
             decoderMemory = max(decoderMemory, header.decoderMemory)
         }
         let workerMemory = decoderMemory + 2 * UInt64(bufferSize)

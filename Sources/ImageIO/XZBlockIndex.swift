@@ -44,7 +44,8 @@ enum XZBlockIndex {
         var position: UInt64 = 0
         while true {
             if stream.avail_in == 0 {
-                guard case .success(let n) = Syscall.preadFully(fd, buffer, capacity, position) else { return nil }
+                // Nothing more where the file should go on: it shrank under us.
+                guard case .success(let n) = Syscall.preadFully(fd, buffer, capacity, position), n > 0 || position >= fileSize else { return nil }
                 stream.next_in = UnsafePointer(buffer)
                 stream.avail_in = n
                 position += UInt64(n)
