@@ -242,7 +242,11 @@ private final class XZFillWork: @unchecked Sendable {
     func runWorker() {
         let input = UnsafeMutablePointer<UInt8>.allocate(capacity: ParallelXZFill.bufferSize)
         let output = UnsafeMutableRawPointer.allocate(byteCount: ParallelXZFill.bufferSize, alignment: 4096)
+        // One decoder for all of this worker's blocks: liblzma keeps its dictionary when it is
+        // started again with the same size, instead of a fresh 4 MiB (page faults) per block.
+        var stream = lzma_stream()
         defer {
+            lzma_end(&stream)
             input.deallocate()
             output.deallocate()
         }
@@ -255,7 +259,7 @@ private final class XZFillWork: @unchecked Sendable {
             guard let index = claimed else { return }
             let block = plan.blocks[index]
             do throws(ImageIOError) {
-                let finished = try decode(block, input: input, output: output) { done in
+                let finished = try decode(block, with: &stream, input: input, output: output) { done in
                     self.condition.withLock {
                         self.written[index] = done
                         self.condition.broadcast()
@@ -279,7 +283,7 @@ private final class XZFillWork: @unchecked Sendable {
     /// Decodes one block, writing the bytes inside mapped ranges at their offsets and telling
     /// `report` how many of the block's bytes are written (false back: stop). Returns false
     /// when stopped early.
-    private func decode(_ block: XZBlock, input: UnsafeMutablePointer<UInt8>, output: UnsafeMutableRawPointer,
+    private func decode(_ block: XZBlock, with stream: inout lzma_stream, input: UnsafeMutablePointer<UInt8>, output: UnsafeMutableRawPointer,
                         report: (UInt64) -> Bool) throws(ImageIOError) -> Bool {
         func corrupt(_ why: String) -> ImageIOError {
             ImageIOError(.compressedStreamCorrupt, "xz block \(block.number) of \(imagePath), at byte \(block.compressedOffset) of the file, is corrupt: \(why)", offset: block.compressedOffset)
@@ -297,9 +301,7 @@ private final class XZFillWork: @unchecked Sendable {
         defer { withExtendedLifetime(header) {} }
         var options = header.options
         options.ignore_check = plan.ignoresCheck ? 1 : 0
-        var stream = lzma_stream()
         let rc = lzma_block_decoder(&stream, &options)
-        defer { lzma_end(&stream) }
         guard rc == LZMA_OK else {
             throw rc == LZMA_MEM_ERROR ? ImageIOError(.ioError, "out of memory for the decoder of xz block \(block.number) of \(imagePath)") : corrupt("liblzma refuses its options (\(rc.rawValue))")
         }
