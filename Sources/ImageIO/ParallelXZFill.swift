@@ -119,8 +119,7 @@ enum ParallelXZFill {
         var checked: UInt64 = 0
         var nextRange = 0
         while true {
-            let (frontier, allDone) = try work.awaitFrontier(beyond: checked)
-            let target = min(frontier, size)
+            let (target, allDone) = try work.awaitFrontier(beyond: checked, limit: size)
             if target > checked, rangeCheck != nil {
                 // The newly contiguous mapped bytes, in order, as the serial fill feeds them.
                 while nextRange < ranges.count && ranges[nextRange].start < target {
@@ -222,16 +221,16 @@ private final class XZFillWork: @unchecked Sendable {
         }
     }
 
-    /// Waits until the contiguous prefix passes `checked` or every block is complete; throws
-    /// a worker's failure.
-    func awaitFrontier(beyond checked: UInt64) throws(ImageIOError) -> (frontier: UInt64, allDone: Bool) {
+    /// Waits until the contiguous prefix, cut at `limit` (the cache file's size), passes
+    /// `checked` or every block is complete; throws a worker's failure.
+    func awaitFrontier(beyond checked: UInt64, limit: UInt64) throws(ImageIOError) -> (frontier: UInt64, allDone: Bool) {
         condition.lock()
         defer { condition.unlock() }
         while true {
             if let failure { throw failure }
             while lowest < complete.count && complete[lowest] { lowest += 1 }
             let blocks = plan.blocks
-            let frontier = lowest < blocks.count ? blocks[lowest].uncompressedOffset + written[lowest] : uncompressedSize
+            let frontier = min(limit, lowest < blocks.count ? blocks[lowest].uncompressedOffset + written[lowest] : uncompressedSize)
             let allDone = lowest == blocks.count
             if frontier > checked || allDone { return (frontier, allDone) }
             condition.wait()

@@ -290,6 +290,23 @@ struct ParallelXZFillTests {
         #expect(error == serial.error)
     }
 
+    @Test("a bmap of a shorter image (the last block straddles its end): the cache is what the serial decoder makes")
+    func bmapOfShorterImage() async throws {
+        let f = try Fixture.standard()
+        let shorter = f.dir.file("shorter.img")
+        // Inside the random data at 9 MiB, which the last 1 MiB block holds.
+        let size = 9 * Self.mib + 150_000
+        try run("sh", "-c", "cp --sparse=always '\(f.raw)' '\(shorter)' && truncate -s \(size) '\(shorter)' && bmaptool -q create -o '\(shorter).bmap' '\(shorter)'")
+        let bmap = try Bmap.load(path: shorter + ".bmap")
+        #expect(bmap.mappedByteRanges.last.map { $0.end == UInt64(size) } == true)
+        let parallel = try await Self.fill(f.xz, bmap: bmap, size: size, into: f.dir.file("cache1"))
+        let serial = try await Self.fill(f.xz, bmap: bmap, size: size, into: f.dir.file("cache2"), threads: 1)
+        #expect(parallel.decoderThreads == 3 && serial.decoderThreads == 1)
+        #expect(parallel.error == nil && serial.error == nil)
+        try run("cmp", parallel.cache, serial.cache)
+        try run("cmp", parallel.cache, shorter)
+    }
+
     @Test("a truncated .xz (no index to read) falls back to the serial decoder, which reports the truncation")
     func truncatedFallsBack() async throws {
         let f = try Fixture.standard()
