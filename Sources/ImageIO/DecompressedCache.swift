@@ -67,8 +67,8 @@ public struct CacheFillReport: Sendable, Equatable {
     /// 1: the image's own stream decoder on the filling thread; more: a multi-block .xz
     /// decoded block by block on that many threads (`ParallelXZFill`).
     public var decoderThreads: Int
-    /// For the block-parallel path: the file's blocks, those decoded so far, and those
-    /// skipped undecoded because they hold no mapped byte.
+    /// For the block-parallel path: the file's blocks, those decoded (counted when the fill
+    /// ends), and those skipped undecoded because they hold no mapped byte.
     public var blocks: Int? = nil
     public var blocksDecoded: Int? = nil
     public var blocksSkipped: Int? = nil
