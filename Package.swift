@@ -118,6 +118,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
+        // benchmarks/xzfill.sh's harness: one image cache fill, timed (issue 18).
+        .executableTarget(name: "cache-fill-bench", dependencies: ["ImageIO"], path: "benchmarks/cache-fill-bench"),
+
         .target(name: "TestSupport", dependencies: [
             "ImageIO", "BlockDevices", "Tegra", "ProvisionCShims",
         ]),

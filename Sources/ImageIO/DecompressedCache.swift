@@ -14,8 +14,19 @@ public final class CacheFill: @unchecked Sendable {
     private var watermark: UInt64 = 0
     private var finished = false
     private var failure: ImageIOError?
+    private var decoding = CacheFillReport(decoderThreads: 1)
 
     public init() {}
+
+    /// How the image is being (or was) decoded.
+    public var report: CacheFillReport { condition.withLock { decoding } }
+
+    /// Every byte below this offset is in the file.
+    public var filledUpTo: UInt64 { condition.withLock { watermark } }
+
+    func record(_ report: CacheFillReport) {
+        condition.withLock { decoding = report }
+    }
 
     /// Blocks until every byte below `offset` is in the file (or the fill ended); says
     /// whether it had to wait.
@@ -51,10 +62,46 @@ public final class CacheFill: @unchecked Sendable {
     public var error: ImageIOError? { condition.withLock { failure } }
 }
 
+/// How a cache fill decodes its image.
+public struct CacheFillReport: Sendable, Equatable {
+    /// 1: the image's own stream decoder on the filling thread; more: a multi-block .xz
+    /// decoded block by block on that many threads (`ParallelXZFill`).
+    public var decoderThreads: Int
+    /// For the block-parallel path: the file's blocks, those decoded (counted when the fill
+    /// ends), and those skipped undecoded because they hold no mapped byte.
+    public var blocks: Int? = nil
+    public var blocksDecoded: Int? = nil
+    public var blocksSkipped: Int? = nil
+}
+
+/// What `CacheFiller.plan` decided, before the fill starts (the caller can say it).
+public struct CacheFillPlan: Sendable {
+    let xz: XZFillPlan?
+    /// 1 for the serial decoder.
+    public var decoderThreads: Int { xz?.workers ?? 1 }
+}
+
 /// Decompresses an image once into a cache file: only the bmap's mapped ranges when there is
-/// a bmap (the rest stays a hole), all of it otherwise. Runs on the calling thread.
+/// a bmap (the rest stays a hole), all of it otherwise. Runs on the calling thread, with
+/// decoder threads of its own for a multi-block .xz file (see `ParallelXZFill`).
 public enum CacheFiller {
-    public static func fill(source: ImageSource, bmap: Bmap?, size: UInt64, into path: String, progress: CacheFill) {
+    /// Reads what deciding needs (an .xz file's index and block headers: a few KiB).
+    /// `xzThreads` overrides the thread count the way `PROVISION_XZ_THREADS` does.
+    public static func plan(source: ImageSource, bmap: Bmap?, size: UInt64, xzThreads: Int? = nil) -> CacheFillPlan {
+        CacheFillPlan(xz: ParallelXZFill.plan(source: source, bmap: bmap, size: size, threads: xzThreads))
+    }
+
+    public static func fill(source: ImageSource, bmap: Bmap?, size: UInt64, into path: String, progress: CacheFill, plan: CacheFillPlan? = nil) {
+        if let xz = (plan ?? Self.plan(source: source, bmap: bmap, size: size)).xz {
+            do throws(ImageIOError) {
+                try ParallelXZFill.run(xz, imagePath: source.path, bmap: bmap, size: size, into: path, progress: progress)
+                progress.finish()
+            } catch {
+                progress.finish(error: error)
+            }
+            return
+        }
+        progress.record(CacheFillReport(decoderThreads: 1))
         // No O_TRUNC: readers may already have the (empty) file open.
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else {

@@ -95,16 +95,19 @@ public final class ImageCacheStore: @unchecked Sendable {
             _ = FileManager.default.createFile(atPath: e.path, contents: nil, attributes: [.posixPermissions: 0o600])
             return (e, true)
         }
-        if start {
+        // Decided before the fill starts, so this job's note can say how it decodes.
+        let plan = start ? CacheFiller.plan(source: original, bmap: bmap, size: size) : nil
+        if let plan {
             evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
             let thread = Thread {
                 provision_name_thread("prov-decompress")
-                CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill)
+                CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill, plan: plan)
             }
             thread.start()
         }
         do {
-            let note = start ? "decompressing \(original.format.rawValue) once for every card (cache \(key.prefix(12)))"
+            let threads = plan.map { $0.decoderThreads > 1 ? " on \($0.decoderThreads) threads" : "" } ?? ""
+            let note = start ? "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))"
                              : "sharing the \(original.format.rawValue) decompression already under way (cache \(key.prefix(12)))"
             return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: size), key, note)
         } catch {
