@@ -1,12 +1,26 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// JSON lines: one value per line, no pretty printing, dates as ISO 8601.
 public enum LineCodec {
-    public static func encode<T: Encodable>(_ value: T) throws -> Data {
+    /// One encoder for every line (its options are fixed; encoding is safe from any thread).
+    /// A new encoder per line, with Foundation's `.iso8601` dates (a calendar and time zone
+    /// behind each date), was most of what the daemon's event stream cost: with 32 cards
+    /// every job event and progress report became a line for each watcher (issue 18).
+    private static let encoder: JSONEncoder = {
         let e = JSONEncoder()
-        e.dateEncodingStrategy = .iso8601
+        e.dateEncodingStrategy = .custom { date, encoder in
+            var c = encoder.singleValueContainer()
+            try c.encode(iso8601(date))
+        }
         e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        var d = try e.encode(value)
+        return e
+    }()
+
+    public static func encode<T: Encodable>(_ value: T) throws -> Data {
+        var d = try encoder.encode(value)
         d.append(0x0A)
         return d
     }
@@ -15,5 +29,16 @@ public enum LineCodec {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
         return try d.decode(type, from: line)
+    }
+
+    /// "2026-11-30T00:56:19Z": what `.iso8601` writes (UTC, whole seconds), from `gmtime_r`.
+    public static func iso8601(_ date: Date) -> String {
+        var t = time_t(date.timeIntervalSince1970.rounded(.down))
+        var tm = tm()
+        gmtime_r(&t, &tm)
+        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+        let year = Int(tm.tm_year) + 1900
+        let y = year < 1000 ? String(repeating: "0", count: 4 - String(year).count) + String(year) : String(year)
+        return "\(y)-\(two(tm.tm_mon + 1))-\(two(tm.tm_mday))T\(two(tm.tm_hour)):\(two(tm.tm_min)):\(two(tm.tm_sec))Z"
     }
 }

@@ -194,12 +194,13 @@ final class BackgroundVerifier: @unchecked Sendable {
     }
 
     /// Compares the read-back bytes with the source file at the same offset, a slice at a
-    /// time through one reused buffer (the page cache usually holds the source); blobs
-    /// overlay their bytes. Slices of at most a read-back piece (256 KiB): a station's card
-    /// reads its piece of the source in one system call (64 KiB slices made 2,300 calls a card
-    /// of 144 MiB where 576 do), a whole chunk (`provision write`) in several (a chunk-sized
-    /// buffer per card was 32 MiB outside the budget for 32 cards).
-    private var sliceSize: Int { min(pieceSize, Self.piece) }
+    /// time through one reused 64 KiB buffer (the page cache usually holds the source; a
+    /// chunk-sized buffer per card was 32 MiB outside the budget for 32 cards, and a slice
+    /// below glibc's mmap threshold comes from the thread's arena); blobs overlay their bytes.
+    /// (Tried: a station's 256 KiB piece in one read, a quarter of the system calls; at 32
+    /// cards the daemon's CPU did not move beyond run-to-run noise, and each card held 192 KiB
+    /// more.)
+    private var sliceSize: Int { 64 << 10 }
     private var sourceScratch: UnsafeMutableRawBufferPointer?
     private var sourceBuffer: UnsafeMutableRawBufferPointer {
         if let b = sourceScratch { return b }

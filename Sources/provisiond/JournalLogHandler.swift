@@ -1,3 +1,4 @@
+import ControlProtocol
 import Foundation
 import Logging
 import ProvisionCShims
@@ -58,7 +59,7 @@ struct StderrLogHandler: LogHandler {
     func log(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
         let all = metadata.merging(explicit ?? [:]) { $1 }
         let meta = all.isEmpty ? "" : " [" + all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ") + "]"
-        let stamp = ISO8601DateFormatter().string(from: Date())
+        let stamp = LineCodec.iso8601(Date())  // a formatter per line was an ICU formatter per line
         FileHandle.standardError.write(Data("\(stamp) \(level) \(message)\(meta)\n".utf8))
     }
 }
