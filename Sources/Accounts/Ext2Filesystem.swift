@@ -26,7 +26,17 @@ final class Ext2Filesystem {
         var flags = EXT2_FLAG_64BITS
         if writable { flags |= EXT2_FLAG_RW | EXT2_FLAG_EXCLUSIVE }
         var handle: ext2_filsys?
-        let code = ext2fs_open2(path, "offset=\(offset)", flags, 0, 0, unix_io_manager, &handle)
+        var code = ext2fs_open2(path, "offset=\(offset)", flags, 0, 0, unix_io_manager, &handle)
+        // EBUSY for a while after the card was written: closing the writer's descriptor makes
+        // udev re-read the partition table, and the kernel holds the disk exclusively while it
+        // scans (seen in CI as "Device or resource busy" on a card written a moment before).
+        // A mounted filesystem stays busy, and is refused after the deadline as before.
+        let deadline = ContinuousClock.now + .seconds(5)
+        while writable && code == errcode_t(EBUSY) && ContinuousClock.now < deadline {
+            usleep(50_000)
+            handle = nil
+            code = ext2fs_open2(path, "offset=\(offset)", flags, 0, 0, unix_io_manager, &handle)
+        }
         guard code == 0, let handle else {
             throw AccountsError(.filesystem, "cannot open the ext filesystem in \(source): \(Self.message(code))")
         }

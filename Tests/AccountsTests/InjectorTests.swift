@@ -182,4 +182,26 @@ struct BlockDeviceTargetTests {
         }
         #expect(try sha256(image.path) == before)
     }
+
+    @Test("a card held exclusively for a moment after it was written (udev re-reading its partition table) is injected once it is free")
+    func waitsOutAMomentaryExclusiveHolder() throws {
+        let image = try DiskImage()
+        let loop = try Shell.must(["losetup", "--find", "--show", image.path]).trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? Shell.run(["losetup", "-d", loop]) }
+        // What the kernel does while it scans the partitions: the disk opened O_EXCL.
+        let holder = open(loop, O_RDONLY | O_EXCL | O_CLOEXEC)
+        #expect(holder >= 0, "cannot hold \(loop) exclusively: \(String(cString: strerror(errno)))")
+        let released = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            usleep(400_000)
+            close(holder)
+            released.signal()
+        }
+        defer { released.wait() }
+        let report = try Injector.inject(target: loop, root: .label("rootfs"), users: [
+            UserSpec(name: "lab", password: .generate(PasswordPolicy())),
+        ], now: InjectorTests.now)
+        #expect(report.partition == 2)
+        #expect(try image.debugfs("cat /etc/passwd").contains("lab:x:1000:1000::/home/lab:/bin/bash\n"))
+    }
 }
