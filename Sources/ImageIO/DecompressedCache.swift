@@ -46,9 +46,15 @@ public final class CacheFill: @unchecked Sendable {
     func advance(to offset: UInt64) {
         condition.lock()
         watermark = max(watermark, offset)
+        let mark = watermark
         condition.broadcast()
         condition.unlock()
+        afterAdvance?(mark)
     }
+
+    /// Test seam: runs on the filling thread after every advance, with the new watermark
+    /// (a test checks the bytes below it there, at every advance, whatever the machine's load).
+    nonisolated(unsafe) var afterAdvance: ((UInt64) -> Void)?
 
     func finish(error: ImageIOError? = nil) {
         condition.lock()
