@@ -116,10 +116,13 @@ public final class Ledger: Sendable {
 
     /// Records a state change (and its message) for a job.
     public func record(job id: Int64, state: JobState, message: String?, unit: String? = nil, bytesTotal: UInt64? = nil, at now: Date = Date()) async throws {
+        // Cached statements: every job writes five or six of these pairs; the SQL is compiled
+        // once per connection, not at every state change of every card (issue 18: 32 cards).
         try await db.write { db in
-            try db.execute(sql: "UPDATE job SET state = ?, message = ?, updated = ?, unit = COALESCE(?, unit), bytesTotal = COALESCE(?, bytesTotal) WHERE id = ?",
-                           arguments: [state.rawValue, message, now, unit, bytesTotal.map { Int64(bitPattern: $0) }, id])
-            try db.execute(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, ?, ?, ?)", arguments: [id, state.rawValue, message, now])
+            try db.cachedStatement(sql: "UPDATE job SET state = ?, message = ?, updated = ?, unit = COALESCE(?, unit), bytesTotal = COALESCE(?, bytesTotal) WHERE id = ?")
+                .execute(arguments: [state.rawValue, message, now, unit, bytesTotal.map { Int64(bitPattern: $0) }, id])
+            try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, ?, ?, ?)")
+                .execute(arguments: [id, state.rawValue, message, now])
         }
     }
 
