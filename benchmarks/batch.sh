@@ -191,7 +191,7 @@ udevadm settle --timeout=10 || true
 say "cards: $(for s in "${SLOTS[@]}"; do printf '%s=%s@%sMB/s ' "$s" "${DEV[$s]#/dev/}" "${WBPS[$s]}"; done)"
 
 # ---------------------------------------------------------------- runs
-declare -A T CPUU CPUS RSSK ANONK CACHEK BUDGETK PERFU PERFS   # results, keyed "fmt/run/slot" or "fmt/run"
+declare -A T CPUU CPUS RSSK ANONK CACHEK BUDGETK PERFU PERFS PERFT   # results, keyed "fmt/run/slot" or "fmt/run"
 # perf, when it runs here (Debian's linux-perf); without it the perf rows say so.
 PERF=$(command -v perf || true); PERFREC=""
 [ -z "$PERF" ] || "$PERF" record -q -e cpu-clock -a -o /dev/null -- true >/dev/null 2>&1 || PERF=""
@@ -289,9 +289,14 @@ TOML
   stop_daemon
   if [ -n "$PERFREC" ]; then
     kill -INT "$PERFREC" 2>/dev/null; wait "$PERFREC" 2>/dev/null || true; PERFREC=""
-    read -r PERFU[$fmt/$run] PERFS[$fmt/$run] < <("$PERF" script -i "$dir/perf.data" -F pid,ip 2>/dev/null |
-      awk -v p="$pid" '$1 == p { if ($2 ~ /^ffff/) k++; else u++ } END { printf "%.2f %.2f\n", u / 999, k / 999 }')
-    rm -f "$dir/perf.data"
+    "$PERF" script -i "$dir/perf.data" -F comm,pid,ip 2>/dev/null | awk -v p="$pid" '$2 == p' > "$dir/perf.samples"
+    read -r PERFU[$fmt/$run] PERFS[$fmt/$run] < <(awk '{ if ($3 ~ /^ffff/) k++; else u++ } END { printf "%.2f %.2f\n", u / 999, k / 999 }' "$dir/perf.samples")
+    # Where the user CPU went, by thread: the decoder(s), each card's writer, read-back and
+    # probe (prov-job, prov-verify), the station's actors and the control socket (the pool).
+    PERFT[$fmt/$run]=$(awk '$3 !~ /^ffff/ { t = $1; sub(/-[0-9]+$/, "", t); sub(/^prov-xz-fill.*/, "prov-decompress", t)
+        if (t ~ /qos|NIO/) t = "pool"; else if (t !~ /^prov-/) t = "other"; u[t]++ }
+      END { for (t in u) printf "%s %.2f s, ", t, u[t] / 999 }' "$dir/perf.samples" | sed 's/, $//')
+    rm -f "$dir/perf.data" "$dir/perf.samples"
   fi
   # Durations from the ledger (millisecond timestamps): job created → final state.
   local bad=0
@@ -380,6 +385,8 @@ for fmt in "${FMTS[@]}"; do
   echo "| provisiond user CPU by /proc/PID/stat (tick-sampled), $CARDS cards (sys ${CPUS[$fmt/batch]} s; user+sys $(awk -v a="${CPUU[$fmt/batch]}" -v b="${CPUS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${CPUU[$fmt/batch]} s | ≤ $CPU_TARGET × 1 card | $(ratio "${CPUU[$fmt/batch]}" "$u1")× $(verdict "$(ratio "${CPUU[$fmt/batch]}" "$u1")" "$CPU_TARGET") |"
   if [ -n "$PERF" ]; then
     p1=$(awk -v a="${PERFU[$fmt/alone-$A1]}" -v b="${PERFU[$fmt/alone-$A2]}" -v c="${PERFU[$fmt/alone-$A3]}" 'BEGIN { printf "%.2f", (a + b + c) / 3 }')
+    echo "| where it went by perf, user CPU by thread: 1 card (${ALONE_OF[2]}) | ${PERFT[$fmt/alone-$A3]} | | |"
+    echo "| ... and $CARDS cards | ${PERFT[$fmt/batch]} | | |"
     echo "| provisiond user CPU by perf (999 Hz samples, not tick-aligned), $CARDS cards / 1 card (alone: ${PERFU[$fmt/alone-$A1]}, ${PERFU[$fmt/alone-$A2]}, ${PERFU[$fmt/alone-$A3]} s; system by perf: ${PERFS[$fmt/batch]} s for $CARDS cards, user+system $(awk -v a="${PERFU[$fmt/batch]}" -v b="${PERFS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${PERFU[$fmt/batch]} s / $p1 s | ≤ $CPU_TARGET × 1 card | $(ratio "${PERFU[$fmt/batch]}" "$p1")× $(verdict "$(ratio "${PERFU[$fmt/batch]}" "$p1")" "$CPU_TARGET") |"
   else
     echo "| provisiond user CPU by perf | perf not available | | |"
