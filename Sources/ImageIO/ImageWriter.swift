@@ -544,18 +544,19 @@ final class WriteJob: @unchecked Sendable {
         let body = count / ioUnit * ioUnit
         var done = 0
         while done < body {
-            let want = min(pipe.capacity, body - done)
-            var inPipe = 0
-            while inPipe < want {
-                let at = offset + UInt64(done + inPipe)
-                switch Syscall.retrying({ provision_splice(sourceFD, Int64(at), pipe.write, -1, UInt(want - inPipe)) }) {
-                case .failure(let e):
-                    throw ImageIOError(.imageUnreadable, "cannot read \(source.path) at offset \(at): \(e)", offset: at, errno: e)
-                case .success(0):
-                    throw ImageIOError(.imageUnreadable, "\(source.path) ends before byte \(at): it is shorter than the image it holds", offset: at)
-                case .success(let k):
-                    inPipe += k
-                }
+            // Into the pipe, then all of it out, every time: the pipe holds whole pages, so a
+            // run that does not start on a page fills it short of its capacity, and a second
+            // splice into a full pipe would wait for ever. Short or not, what came in ends on
+            // a page boundary (or the body's end), a multiple of the card's block from here.
+            let at = offset + UInt64(done)
+            let inPipe: Int
+            switch Syscall.retrying({ provision_splice(sourceFD, Int64(at), pipe.write, -1, UInt(min(pipe.capacity, body - done))) }) {
+            case .failure(let e):
+                throw ImageIOError(.imageUnreadable, "cannot read \(source.path) at offset \(at): \(e)", offset: at, errno: e)
+            case .success(0):
+                throw ImageIOError(.imageUnreadable, "\(source.path) ends before byte \(at): it is shorter than the image it holds", offset: at)
+            case .success(let k):
+                inPipe = k
             }
             var out = 0
             while out < inPipe {

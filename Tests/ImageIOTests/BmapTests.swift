@@ -217,6 +217,62 @@ struct BmapTests {
         #expect(budget.usage.handedOut == 0)
     }
 
+    @Test("spliced with a bmap of 512-byte blocks: ranges that start off a page (a 4 MiB chunk then spans 1,025 pages, more than the pipe holds) land as bmaptool copy puts them")
+    func splicedRangesOffAPage() throws {
+        let data = patternBytes(16 << 20, seed: 7)
+        let image = scratch.file("off-page.img")
+        try write(data, to: image)
+        // 512-byte blocks: one range inside the held-back first MiB, one starting 1,536 bytes
+        // past it and 4.4 MiB long, one single block near the end.
+        let ranges: [(UInt64, UInt64)] = [(3, 1000), (2051, 11050), (30001, 30001)]
+        var xml = ""
+        for (first, last) in ranges {
+            let bytes = data[Int(first * 512)..<Int((last + 1) * 512)]
+            let sha1 = Insecure.SHA1.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+            xml += "        <Range sha1=\"\(sha1)\"> \(first == last ? "\(first)" : "\(first)-\(last)") </Range>\n"
+        }
+        let mapped = ranges.reduce(UInt64(0)) { $0 + $1.1 - $1.0 + 1 }
+        func doc(_ sum: String) -> String {
+            """
+            <?xml version="1.0" ?>
+            <bmap version="1.3">
+                <ImageSize> \(data.count) </ImageSize>
+                <BlockSize> 512 </BlockSize>
+                <BlocksCount> \(data.count / 512) </BlocksCount>
+                <MappedBlocksCount> \(mapped) </MappedBlocksCount>
+                <BmapFileSHA1> \(sum) </BmapFileSHA1>
+                <BlockMap>
+            \(xml)    </BlockMap>
+            </bmap>
+
+            """
+        }
+        let zero = String(repeating: "0", count: 40)
+        let fileSum = Insecure.SHA1.hash(data: Data(doc(zero).utf8)).map { String(format: "%02x", $0) }.joined()
+        let bmapPath = scratch.file("off-page.bmap")
+        try doc(fileSum).write(toFile: bmapPath, atomically: true, encoding: .utf8)
+
+        let fill = scratch.file("fill-off-page.img")
+        try write([UInt8](repeating: 0xAA, count: 24 << 20), to: fill)
+        let ours = try LoopCard(label: "offpage-ours", size: 24 << 20, image: fill)
+        defer { ours.close() }
+        let theirs = try LoopCard(label: "offpage-theirs", size: 24 << 20, image: fill)
+        defer { theirs.close() }
+        let budget = BufferBudget(limit: 16 << 20)
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        options.budget = budget
+        let result = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
+        #expect(result.bytesWritten == mapped * 512)
+        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "spliced, not buffered: \(budget.usage)")
+        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
+        #expect(try ours.sha256() == theirs.sha256())
+        for (first, last) in ranges {
+            #expect(try readBytes(ours.devicePath, offset: first * 512, count: Int((last - first + 1) * 512)) == Array(data[Int(first * 512)..<Int((last + 1) * 512)]))
+        }
+        #expect(try readBytes(ours.devicePath, offset: 1001 * 512, count: 512) == [UInt8](repeating: 0xAA, count: 512))
+    }
+
     @Test("a version 1.3 bmap with SHA-1 checksums works, and bmaptool itself accepts it")
     func version1Bmap() throws {
         let (image, bmap2Path, _) = try sparseImage()
