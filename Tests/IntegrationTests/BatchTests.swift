@@ -37,6 +37,30 @@ struct BatchTests {
         ((try? FileManager.default.contentsOfDirectory(atPath: bench.directory + "/cache")) ?? []).filter { $0.hasSuffix(".img") }
     }
 
+    @Test("provision watch --until-idle returns when the batch is over, not before")
+    func watchUntilIdleEndsWithTheBatch() throws {
+        let bench = try StationBench()
+        defer { bench.close() }
+        let image = try batchImage(bench)
+        try writeBatchConfig(bench, image: image, slots: ["S1", "S2", "S3"])
+        var cards: [LoopCard] = []
+        for (slot, speed) in [("S1", UInt64(6_000_000)), ("S2", 12_000_000), ("S3", 24_000_000)] {
+            let card = try bench.card(slot: slot, size: 64 << 20)
+            try card.throttle(writeBytesPerSecond: speed)
+            cards.append(card)
+        }
+        try bench.startDaemon()
+        let watch = try Command.run([DaemonProcess.cliBinary, "watch", "--until-idle", "--expect-jobs", "3", "--socket", bench.socketPath],
+                                    timeout: .seconds(300))
+        #expect(watch.status == 0, "\(watch)")
+        // Over when it returned: every card done, none still running.
+        let status = try bench.status()
+        #expect(["S1", "S2", "S3"].allSatisfy { status.slot($0)?.job?.state == .done }, "\(status.slots.map { ($0.name, $0.job?.state) })")
+        let lines = watch.stdout.split(separator: "\n")
+        #expect(lines.filter { $0.contains(" done") }.count == 3, "\(watch.stdout)")
+        _ = cards
+    }
+
     @Test("a pulled card leaves the batch: it fails with 'card removed', the others finish, one decompression")
     func pulledCardLeavesBatch() throws {
         let bench = try StationBench()
