@@ -43,12 +43,19 @@ final class SystemdNotifier: Service, @unchecked Sendable {
                     var iterator = self.readySignal.stream.makeAsyncIterator()
                     _ = await iterator.next()
                     Self.notify("READY=1\nSTATUS=ready: waiting for cards")
-                    // A subscription that overflowed (this loop fell far behind) is renewed:
-                    // STATUS only ever shows the latest state anyway.
+                    // Outside systemd nobody listens: no subscription at all.
+                    guard getenv("NOTIFY_SOCKET") != nil else { return }
+                    // STATUS on a job's change of state, not on its progress reports (once a
+                    // second a card: with 32 cards, 32 messages a second to systemd saying
+                    // the same). A subscription that overflowed (this loop fell far behind) is
+                    // renewed: STATUS only ever shows the latest state anyway.
+                    var said: [Int64: JobState] = [:]
                     while !Task.isCancelled {
                         for await event in await station.subscribe() where event.kind == .job {
+                            guard let job = event.job, said[job.id] != job.state else { continue }
+                            if job.state.isFinal { said.removeValue(forKey: job.id) } else { said[job.id] = job.state }
                             let running = await station.runningJobCount
-                            Self.notify("STATUS=\(running) job(s) running" + (event.job.map { "; job \($0.id) \($0.state.rawValue)" } ?? ""))
+                            Self.notify("STATUS=\(running) job(s) running; job \(job.id) \(job.state.rawValue)")
                         }
                     }
                 }
