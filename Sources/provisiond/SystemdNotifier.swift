@@ -43,8 +43,13 @@ final class SystemdNotifier: Service, @unchecked Sendable {
                     var iterator = self.readySignal.stream.makeAsyncIterator()
                     _ = await iterator.next()
                     Self.notify("READY=1\nSTATUS=ready: waiting for cards")
-                    // Outside systemd nobody listens: no subscription at all.
-                    guard getenv("NOTIFY_SOCKET") != nil else { return }
+                    // Outside systemd nobody listens: no subscription, only the wait for the
+                    // shutdown that cancels this task (a service whose run() returned would
+                    // end the daemon).
+                    guard getenv("NOTIFY_SOCKET") != nil else {
+                        while await iterator.next() != nil {}
+                        return
+                    }
                     // STATUS on a job's change of state, not on its progress reports (once a
                     // second a card: with 32 cards, 32 messages a second to systemd saying
                     // the same). A subscription that overflowed (this loop fell far behind) is
