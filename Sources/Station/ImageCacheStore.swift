@@ -63,31 +63,15 @@ public final class ImageCacheStore: @unchecked Sendable {
         // mtime) says it has not changed since. Identifying it again read its first MiB from
         // disk and decoded it for each of 32 cards arriving together (issue 18).
         let key = Self.key(imagePath: imagePath, bmap: bmap)
-        if let joined = lock.withLock({ () -> Entry? in
-            guard let e = entries[key], e.fill.error == nil else { return nil }
-            e.users += 1
-            e.lastUsed = Date()
-            return e
-        }) {
-            do {
-                return (try ImageSource(cachePath: joined.path, filling: joined.fill, originalFormat: joined.originalFormat, size: joined.size), key,
-                        "sharing the \(joined.originalFormat.rawValue) decompression already under way (cache \(key.prefix(12)))")
-            } catch {
-                release(key)
-                throw error
-            }
-        }
+        if let joined = lock.withLock({ join(key) }) { return try open(joined, key: key, note: sharingNote(joined, key: key)) }
         let original = try ImageSource(path: imagePath)
         guard original.format != .raw, let size = bmap?.imageSize ?? original.uncompressedSizeHint else {
             // Raw: the page cache shares it. Size unknown: this card decodes on its own.
             return (original, nil, original.format == .raw ? "raw image" : "decompressing \(original.format.rawValue) for this card alone (size unknown)")
         }
         let (entry, start) = lock.withLock { () -> (Entry, Bool) in
-            if let e = entries[key], e.fill.error == nil {
-                e.users += 1
-                e.lastUsed = Date()
-                return (e, false)
-            }
+            // Another job may have made it since the look above.
+            if let e = join(key) { return (e, false) }
             let e = Entry(key: key, path: (directory as NSString).appendingPathComponent(key + ".img"), size: size, originalFormat: original.format)
             e.users = 1
             entries[key] = e
@@ -95,21 +79,36 @@ public final class ImageCacheStore: @unchecked Sendable {
             _ = FileManager.default.createFile(atPath: e.path, contents: nil, attributes: [.posixPermissions: 0o600])
             return (e, true)
         }
+        guard start else { return try open(entry, key: key, note: sharingNote(entry, key: key)) }
         // Decided before the fill starts, so this job's note can say how it decodes.
-        let plan = start ? CacheFiller.plan(source: original, bmap: bmap, size: size) : nil
-        if let plan {
-            evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
-            let thread = Thread {
-                provision_name_thread("prov-decompress")
-                CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill, plan: plan)
-            }
-            thread.start()
+        let plan = CacheFiller.plan(source: original, bmap: bmap, size: size)
+        evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
+        let thread = Thread {
+            provision_name_thread("prov-decompress")
+            CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill, plan: plan)
         }
+        thread.start()
+        let threads = plan.decoderThreads > 1 ? " on \(plan.decoderThreads) threads" : ""
+        return try open(entry, key: key, note: "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))")
+    }
+
+    /// Under the lock: the entry for `key` when one is filling or filled, counted as one more
+    /// user.
+    private func join(_ key: String) -> Entry? {
+        guard let e = entries[key], e.fill.error == nil else { return nil }
+        e.users += 1
+        e.lastUsed = Date()
+        return e
+    }
+
+    private func sharingNote(_ entry: Entry, key: String) -> String {
+        "sharing the \(entry.originalFormat.rawValue) decompression already under way (cache \(key.prefix(12)))"
+    }
+
+    /// The cache file of `entry` as a source for one job (its use given back if it cannot open).
+    private func open(_ entry: Entry, key: String, note: String) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?, note: String) {
         do {
-            let threads = plan.map { $0.decoderThreads > 1 ? " on \($0.decoderThreads) threads" : "" } ?? ""
-            let note = start ? "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))"
-                             : "sharing the \(original.format.rawValue) decompression already under way (cache \(key.prefix(12)))"
-            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: size), key, note)
+            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: entry.size), key, note)
         } catch {
             release(key)
             throw error
