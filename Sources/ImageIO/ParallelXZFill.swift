@@ -58,8 +58,7 @@ enum ParallelXZFill {
         let fitting = Int(min(memoryCap / workerMemory, 1024))
         let workers = min(requested ?? min(ProcessInfo.processInfo.activeProcessorCount, fitting), mappedCount)
         guard workers >= 2 else { return nil }
-        return XZFillPlan(blocks: blocks, mapped: mapped, workers: workers, workerMemory: workerMemory,
-                          ignoresCheck: bmap?.checksumsEveryRange == true)
+        return XZFillPlan(blocks: blocks, mapped: mapped, workers: workers, ignoresCheck: bmap?.checksumsEveryRange == true)
     }
 
     /// Which blocks hold at least one mapped byte.
@@ -166,8 +165,6 @@ struct XZFillPlan: Sendable {
     /// Per block: whether it holds mapped data (only those are decoded).
     let mapped: [Bool]
     let workers: Int
-    /// Each worker's decoder plus its two buffers, for the largest block.
-    let workerMemory: UInt64
     /// The bmap checksums every mapped range: the blocks' own checks are redundant (as
     /// `ImageSource.skipStreamChecksum` says for the serial decoder).
     let ignoresCheck: Bool

@@ -200,11 +200,11 @@ final class BackgroundVerifier: @unchecked Sendable {
     /// (Tried: a station's 256 KiB piece in one read, a quarter of the system calls; at 32
     /// cards the daemon's CPU did not move beyond run-to-run noise, and each card held 192 KiB
     /// more.)
-    private var sliceSize: Int { 64 << 10 }
+    private static let sliceSize = 64 << 10
     private var sourceScratch: UnsafeMutableRawBufferPointer?
     private var sourceBuffer: UnsafeMutableRawBufferPointer {
         if let b = sourceScratch { return b }
-        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: sliceSize, alignment: 64)
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.sliceSize, alignment: 64)
         sourceScratch = b
         return b
     }
