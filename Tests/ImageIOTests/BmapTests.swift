@@ -23,6 +23,38 @@ struct BmapTests {
         return (image, bmap, pieces)
     }
 
+    /// A version 1.3 bmap (SHA-1 checksums, its own SHA-1 over itself) of `data` for the
+    /// given block ranges (first and last block, inclusive), written to `name`.
+    func writeV13Bmap(_ name: String, data: Data, blockSize: UInt64, ranges: [(first: UInt64, last: UInt64)]) throws -> String {
+        let imageSize = UInt64(data.count)
+        var xml = ""
+        for r in ranges {
+            let bytes = data[Int(r.first * blockSize)..<Int(min((r.last + 1) * blockSize, imageSize))]
+            let sha1 = Insecure.SHA1.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
+            xml += "        <Range sha1=\"\(sha1)\"> \(r.first == r.last ? "\(r.first)" : "\(r.first)-\(r.last)") </Range>\n"
+        }
+        let mapped = ranges.reduce(UInt64(0)) { $0 + $1.last - $1.first + 1 }
+        func doc(_ sum: String) -> String {
+            """
+            <?xml version="1.0" ?>
+            <bmap version="1.3">
+                <ImageSize> \(imageSize) </ImageSize>
+                <BlockSize> \(blockSize) </BlockSize>
+                <BlocksCount> \((imageSize + blockSize - 1) / blockSize) </BlocksCount>
+                <MappedBlocksCount> \(mapped) </MappedBlocksCount>
+                <BmapFileSHA1> \(sum) </BmapFileSHA1>
+                <BlockMap>
+            \(xml)    </BlockMap>
+            </bmap>
+
+            """
+        }
+        let fileSum = Insecure.SHA1.hash(data: Data(doc(String(repeating: "0", count: 40)).utf8)).map { String(format: "%02x", $0) }.joined()
+        let path = scratch.file(name)
+        try doc(fileSum).write(toFile: path, atomically: true, encoding: .utf8)
+        return path
+    }
+
     @Test("a bmap made by bmaptool create parses, with its ranges and checksums")
     func parsesBmaptoolOutput() throws {
         let (_, bmapPath, _) = try sparseImage()
@@ -224,33 +256,9 @@ struct BmapTests {
         try write(data, to: image)
         // 512-byte blocks: one range inside the held-back first MiB, one starting 1,536 bytes
         // past it and 4.4 MiB long, one single block near the end.
-        let ranges: [(UInt64, UInt64)] = [(3, 1000), (2051, 11050), (30001, 30001)]
-        var xml = ""
-        for (first, last) in ranges {
-            let bytes = data[Int(first * 512)..<Int((last + 1) * 512)]
-            let sha1 = Insecure.SHA1.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
-            xml += "        <Range sha1=\"\(sha1)\"> \(first == last ? "\(first)" : "\(first)-\(last)") </Range>\n"
-        }
-        let mapped = ranges.reduce(UInt64(0)) { $0 + $1.1 - $1.0 + 1 }
-        func doc(_ sum: String) -> String {
-            """
-            <?xml version="1.0" ?>
-            <bmap version="1.3">
-                <ImageSize> \(data.count) </ImageSize>
-                <BlockSize> 512 </BlockSize>
-                <BlocksCount> \(data.count / 512) </BlocksCount>
-                <MappedBlocksCount> \(mapped) </MappedBlocksCount>
-                <BmapFileSHA1> \(sum) </BmapFileSHA1>
-                <BlockMap>
-            \(xml)    </BlockMap>
-            </bmap>
-
-            """
-        }
-        let zero = String(repeating: "0", count: 40)
-        let fileSum = Insecure.SHA1.hash(data: Data(doc(zero).utf8)).map { String(format: "%02x", $0) }.joined()
-        let bmapPath = scratch.file("off-page.bmap")
-        try doc(fileSum).write(toFile: bmapPath, atomically: true, encoding: .utf8)
+        let ranges: [(first: UInt64, last: UInt64)] = [(3, 1000), (2051, 11050), (30001, 30001)]
+        let mapped = ranges.reduce(UInt64(0)) { $0 + $1.last - $1.first + 1 }
+        let bmapPath = try writeV13Bmap("off-page.bmap", data: Data(data), blockSize: 512, ranges: ranges)
 
         let fill = scratch.file("fill-off-page.img")
         try write([UInt8](repeating: 0xAA, count: 24 << 20), to: fill)
@@ -278,31 +286,7 @@ struct BmapTests {
         let (image, bmap2Path, _) = try sparseImage()
         let v2 = try Bmap.load(path: bmap2Path)
         let data = try Data(contentsOf: URL(fileURLWithPath: image))
-        var ranges = ""
-        for r in v2.ranges {
-            let bytes = data[Int(r.first * 4096)..<Int(min((r.last + 1) * 4096, v2.imageSize))]
-            let sha1 = Insecure.SHA1.hash(data: bytes).map { String(format: "%02x", $0) }.joined()
-            ranges += "        <Range sha1=\"\(sha1)\"> \(r.first == r.last ? "\(r.first)" : "\(r.first)-\(r.last)") </Range>\n"
-        }
-        let zero = String(repeating: "0", count: 40)
-        func doc(_ sum: String) -> String {
-            """
-            <?xml version="1.0" ?>
-            <bmap version="1.3">
-                <ImageSize> \(v2.imageSize) </ImageSize>
-                <BlockSize> 4096 </BlockSize>
-                <BlocksCount> \(v2.blocksCount) </BlocksCount>
-                <MappedBlocksCount> \(v2.mappedBlocksCount) </MappedBlocksCount>
-                <BmapFileSHA1> \(sum) </BmapFileSHA1>
-                <BlockMap>
-            \(ranges)    </BlockMap>
-            </bmap>
-
-            """
-        }
-        let fileSum = Insecure.SHA1.hash(data: Data(doc(zero).utf8)).map { String(format: "%02x", $0) }.joined()
-        let v1Path = scratch.file("v1.bmap")
-        try doc(fileSum).write(toFile: v1Path, atomically: true, encoding: .utf8)
+        let v1Path = try writeV13Bmap("v1.bmap", data: data, blockSize: 4096, ranges: v2.ranges.map { ($0.first, $0.last) })
         let v1 = try Bmap.load(path: v1Path)
         #expect(v1.checksumType == .sha1 && v1.ranges.count == v2.ranges.count)
 
