@@ -254,7 +254,7 @@ struct ControlSession {
                 for await var event in events {
                     // Generated passwords are for admins' eyes only.
                     if !admin, let users = event.job?.users { event.job?.users = users.map(\.redacted) }
-                    try await channel.writeAndFlush(ByteBuffer(bytes: try LineCodec.encode(ServerMessage(event: event))))
+                    try await channel.writeAndFlush(ByteBuffer(bytes: try LineCodec.encode(event: event)))
                 }
                 guard events.overflowed else { return }
                 logger.notice("a watch client fell \(events.backlogLimit) state changes behind: told and disconnected")
