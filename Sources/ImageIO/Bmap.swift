@@ -70,7 +70,32 @@ public struct Bmap: Sendable, Equatable {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ImageIOError(.bmapInvalid, "cannot read bmap file \(path)")
         }
-        return try parse(data, path: path)
+        if let known = Parsed.shared.bmap(path: path, data: data) { return known }
+        let bmap = try parse(data, path: path)
+        Parsed.shared.keep(bmap, data: data)
+        return bmap
+    }
+
+    /// The last few bmaps parsed, by path and content: every card of a batch loads the same
+    /// file, and parsing its XML and checking its own checksum again cost each of 32 cards
+    /// more than its capacity probe (issue 18). The file is read each time, so one changed in
+    /// place is parsed again; only a valid bmap is kept.
+    private final class Parsed: @unchecked Sendable {
+        static let shared = Parsed()
+        private let lock = NSLock()
+        private var kept: [(data: Data, bmap: Bmap)] = []
+
+        func bmap(path: String, data: Data) -> Bmap? {
+            lock.withLock { kept.first { $0.bmap.path == path && $0.data == data }?.bmap }
+        }
+
+        func keep(_ bmap: Bmap, data: Data) {
+            lock.withLock {
+                kept.removeAll { $0.bmap.path == bmap.path }
+                kept.append((data, bmap))
+                if kept.count > 4 { kept.removeFirst() }
+            }
+        }
     }
 
     public static func parse(_ data: Data, path: String) throws(ImageIOError) -> Bmap {

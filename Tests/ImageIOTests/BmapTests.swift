@@ -220,6 +220,19 @@ struct BmapTests {
         #expect(throws: ImageIOError.self) { try Bmap.load(path: bmapPath) }
     }
 
+    @Test("a bmap loaded again is the one parsed before, until its file changes: edited in place after a load, it is checked again and refused")
+    func reloadedBmapFollowsItsFile() throws {
+        let (_, bmapPath, _) = try sparseImage()
+        let original = try String(contentsOfFile: bmapPath, encoding: .utf8)
+        let first = try Bmap.load(path: bmapPath)
+        #expect(try Bmap.load(path: bmapPath) == first)
+        let edited = original.replacingOccurrences(of: "<MappedBlocksCount>", with: "<!-- edited --><MappedBlocksCount>")
+        try edited.write(toFile: bmapPath, atomically: false, encoding: .utf8)
+        #expect(throws: ImageIOError.self) { try Bmap.load(path: bmapPath) }
+        try original.write(toFile: bmapPath, atomically: false, encoding: .utf8)
+        #expect(try Bmap.load(path: bmapPath) == first)
+    }
+
     @Test("a station's card is spliced from the page cache: the same card as bmaptool copy's, unmapped blocks untouched, no chunk buffer taken from the budget")
     func stationCardSplicedFromThePageCache() throws {
         let (image, bmapPath, pieces) = try sparseImage()
