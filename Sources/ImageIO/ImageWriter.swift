@@ -27,9 +27,14 @@ public enum ImageWriter {
     public static let cardSlice: UInt64 = 300_000
 
     /// Asks for `cardSlice` for the calling thread (its nice value kept); false where the
-    /// kernel or a seccomp filter refuses (the card is written all the same).
+    /// kernel or a seccomp filter refuses (the card is written all the same: the packaged
+    /// unit's `SystemCallFilter=~@resources` refuses it, see README), or with
+    /// `PROVISION_CARD_SLICE=off` (for comparisons).
     @discardableResult
-    public static func shortenSlice() -> Bool { provision_set_slice(cardSlice) == 0 }
+    public static func shortenSlice() -> Bool {
+        guard ProcessInfo.processInfo.environment["PROVISION_CARD_SLICE"] != "off" else { return false }
+        return provision_set_slice(cardSlice) == 0
+    }
 
     public static func write(source: ImageSource, to target: WriteTarget, options: WriteOptions = WriteOptions(),
                              progress: @escaping @Sendable (WriteProgress) -> Void = { _ in }) throws(ImageIOError) -> WriteResult {
