@@ -19,23 +19,6 @@ public enum ImageWriter {
     /// What a card on a station's budget reads back at a time (`BackgroundVerifier.piece`).
     public static let readBackPiece = 256 << 10
 
-    /// The scheduler slice (nanoseconds) a station's card threads ask for: 0.3 ms, against the
-    /// default 0.75 ms × (1 + log2 CPUs). They wait for their card and then need the CPU for
-    /// moments; with the shorter slice they preempt a decoder when their I/O completes (issue
-    /// 18: 32 cards' capacity probes, ~130 synchronous I/Os each, start while the image is
-    /// decoded on every CPU, and each completion waited out a decoder's slice).
-    public static let cardSlice: UInt64 = 300_000
-
-    /// Asks for `cardSlice` for the calling thread (its nice value kept); false where the
-    /// kernel or a seccomp filter refuses (the card is written all the same: the packaged
-    /// unit's `SystemCallFilter=~@resources` refuses it, see README), or with
-    /// `PROVISION_CARD_SLICE=off` (for comparisons).
-    @discardableResult
-    public static func shortenSlice() -> Bool {
-        guard ProcessInfo.processInfo.environment["PROVISION_CARD_SLICE"] != "off" else { return false }
-        return provision_set_slice(cardSlice) == 0
-    }
-
     public static func write(source: ImageSource, to target: WriteTarget, options: WriteOptions = WriteOptions(),
                              progress: @escaping @Sendable (WriteProgress) -> Void = { _ in }) throws(ImageIOError) -> WriteResult {
         let job = WriteJob(source: source, target: target, options: options, progress: progress)

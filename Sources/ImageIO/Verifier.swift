@@ -27,7 +27,6 @@ final class BackgroundVerifier: @unchecked Sendable {
         self.job = job
         let thread = Thread { [self] in
             provision_name_thread("prov-verify")
-            if job.options.budget != nil { ImageWriter.shortenSlice() }
             run()
         }
         thread.start()

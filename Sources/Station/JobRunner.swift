@@ -64,7 +64,6 @@ public struct DefaultJobRunner: JobRunning {
     public func startCard(_ job: CardJob, id: Int64, cancellation: CancellationFlag, reports: AsyncStream<CardReport>.Continuation) {
         let thread = Thread {
             provision_name_thread("prov-job-\(id)")
-            ImageWriter.shortenSlice()
             // The pipeline and all it made end with this scope: nothing of the card's stays.
             _ = CardPipeline(job: job, cancellation: cancellation, sink: reports).run()
             reports.finish()

@@ -119,30 +119,3 @@ long provision_splice(int fd_in, long long off_in, int fd_out, long long off_out
     loff_t in = off_in, out = off_out;
     return (long)splice(fd_in, off_in < 0 ? NULL : &in, fd_out, off_out < 0 ? NULL : &out, count, SPLICE_F_MOVE);
 }
-
-#include <sys/syscall.h>
-#include <sys/resource.h>
-#include <sched.h>
-
-/* struct sched_attr, version 1 (56 bytes), as sched_setattr(2) documents it. */
-struct provision_sched_attr {
-    uint32_t size, sched_policy;
-    uint64_t sched_flags;
-    int32_t sched_nice;
-    uint32_t sched_priority;
-    uint64_t sched_runtime, sched_deadline, sched_period;
-    uint32_t sched_util_min, sched_util_max;
-};
-
-int provision_set_slice(uint64_t nanoseconds) {
-    struct provision_sched_attr attr;
-    memset(&attr, 0, sizeof attr);
-    attr.size = sizeof attr;
-    attr.sched_policy = SCHED_OTHER;
-    errno = 0;
-    int nice = getpriority(PRIO_PROCESS, 0);  /* this thread's: keep it */
-    if (nice == -1 && errno != 0) return -1;
-    attr.sched_nice = nice;
-    attr.sched_runtime = nanoseconds;
-    return (int)syscall(SYS_sched_setattr, 0, &attr, 0);
-}

@@ -47,11 +47,6 @@ int provision_journal_stream_connected(void);
 /// bytes are kept. Foundation's Thread.name does not reach the kernel on Linux.
 void provision_name_thread(const char *name);
 
-/// Asks the scheduler (EEVDF, Linux 6.12 and later) for time slices of `nanoseconds` for the
-/// calling thread, its policy and nice value kept: a thread with a shorter slice than the one
-/// running preempts it when it wakes. 0 on success, -1 with errno (older kernels ignore it).
-int provision_set_slice(uint64_t nanoseconds);
-
 /* Fixes glibc's mmap threshold at `bytes` (mallopt M_MMAP_THRESHOLD), which also turns off
    its dynamic raising: every allocation at least that large is its own mapping and goes back
    to the kernel when freed. Returns 1 on success. */
