@@ -86,10 +86,9 @@ extension Ledger {
     /// The write speeds of the other cards most recently written here, newest first: the
     /// peers a card's own speed is compared with.
     public func peerWriteSpeeds(excluding id: String, limit: Int = 20) async throws -> [Double] {
-        try await db.read { db in
-            try Double.fetchAll(db, sql: """
-                SELECT writeBytesPerSecond FROM card WHERE id != ? AND writeBytesPerSecond > 0 ORDER BY lastSeen DESC LIMIT ?
-                """, arguments: [id, limit])
-        }
+        try await db.read { db in try Double.fetchAll(db, sql: Self.peerSpeedsSQL, arguments: [id, limit]) }
     }
+
+    /// The cards seen last but one, newest first (read through the `card_lastSeen` index).
+    static let peerSpeedsSQL = "SELECT writeBytesPerSecond FROM card WHERE id != ? AND writeBytesPerSecond > 0 ORDER BY lastSeen DESC LIMIT ?"
 }

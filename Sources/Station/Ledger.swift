@@ -80,6 +80,11 @@ public final class Ledger: Sendable {
         }
         // Issue 16: cards remembered (Ledger+Cards.swift).
         m.registerMigration("v3-cards") { db in try createCardTables(db) }
+        // Each written card's slow-card note reads the 20 cards seen last: without an index
+        // that sorted the whole card table, which grows with every card a station writes.
+        m.registerMigration("v4-card-last-seen") { db in
+            try db.create(index: "card_lastSeen", on: "card", columns: ["lastSeen"])
+        }
         return m
     }
 
