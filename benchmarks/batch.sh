@@ -51,6 +51,7 @@ done
 BLKIO=/sys/fs/cgroup/blkio
 [ -w $BLKIO/blkio.throttle.write_bps_device ] || { echo "no blkio v1 cgroup at $BLKIO: cannot throttle the cards" >&2; exit 77; }
 
+source benchmarks/lib/image.sh   # (the repository root is the working directory)
 say() { printf '>>> %s\n' "$*" >&2; }
 
 say "dependencies and release build"
@@ -134,17 +135,7 @@ IMG=$IMGDIR/batch.img   # batch.img.bmap serves batch.img.zst and batch.img.xz
 if [ ! -e "$IMGDIR/complete" ]; then
   say "building a ${IMG_MB} MiB image with ${MAPPED_MB} MiB mapped in $IMGDIR (kept for the next run)"
   rm -rf "$IMGDIR"; mkdir -p "$IMGDIR"
-  # Root-filesystem-like content: binaries, libraries and text from /usr.
-  { tar -cf - -C / usr/lib usr/share 2>/dev/null || true; } | head -c $((MAPPED_MB << 20)) > "$IMGDIR/payload"
-  [ "$(stat -c %s "$IMGDIR/payload")" = $((MAPPED_MB << 20)) ] || { echo "could not read ${MAPPED_MB} MiB from /usr for the image" >&2; exit 1; }
-  truncate -s "${IMG_MB}M" "$IMG"
-  stride=$((IMG_MB / CHUNKS))
-  for ((i = 0; i < CHUNKS; i++)); do
-    # From 1 MiB on: a tar header at offset 0 would make the image a tar archive (issue 17).
-    dd if="$IMGDIR/payload" of="$IMG" bs=1M count=$CHUNK_MB skip=$((i * CHUNK_MB)) seek=$((i * stride + 1)) conv=notrunc status=none
-  done
-  rm -f "$IMGDIR/payload"
-  bmaptool create -o "$IMG.bmap" "$IMG" 2>/dev/null
+  sparse_image "$IMG" "$IMG_MB" "$CHUNKS"
   zstd -q -T0 -f "$IMG" -o "$IMG.zst"
   xz -T0 -3 -k -c "$IMG" > "$IMG.xz"
   rm -f "$IMG"

@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [[ "$RUNS" =~ ^[1-9][0-9]*$ ]] || { echo "--runs wants a positive number, not '$RUNS'" >&2; exit 64; }
+source benchmarks/lib/image.sh   # (the repository root is the working directory)
 say() { printf '>>> %s\n' "$*" >&2; }
 
 say "release build of the harness"
@@ -37,14 +38,7 @@ IMG=$IMGDIR/batch.img
 if [ ! -e "$IMGDIR/complete" ]; then
   say "building a $IMG_MB MiB image with $((CHUNKS * CHUNK_MB)) MiB mapped in $IMGDIR (kept for the next run)"
   rm -rf "$IMGDIR"; mkdir -p "$IMGDIR"
-  { tar -cf - -C / usr/lib usr/share 2>/dev/null || true; } | head -c $((CHUNKS * CHUNK_MB << 20)) > "$IMGDIR/payload"
-  truncate -s "${IMG_MB}M" "$IMG"
-  stride=$((IMG_MB / CHUNKS))
-  for ((i = 0; i < CHUNKS; i++)); do
-    dd if="$IMGDIR/payload" of="$IMG" bs=1M count=$CHUNK_MB skip=$((i * CHUNK_MB)) seek=$((i * stride + 1)) conv=notrunc status=none
-  done
-  rm -f "$IMGDIR/payload"
-  bmaptool create -o "$IMG.bmap" "$IMG" 2>/dev/null
+  sparse_image "$IMG" "$IMG_MB" "$CHUNKS"
   xz -T0 -3 -k -c "$IMG" > "$IMG.xz"
   xz -d -c "$IMG.xz" | cmp - "$IMG"
   mv "$IMG" "$IMGDIR/reference.img"   # the check below compares the cache with it
