@@ -5,7 +5,7 @@ import Foundation
 /// each (generic containers, a dictionary per object, sorting its keys), the largest share of
 /// the station's own threads. This writes the same bytes `LineCodec.encode` writes — keys in
 /// the encoder's sorted order, absent optionals left out, doubles and strings as it writes
-/// them — which `EventLineTests` checks against the encoder for every field.
+/// them — which `LineCodecTests` checks against the encoder for every field.
 extension LineCodec {
     /// `ServerMessage(event: event)` as a line.
     public static func encode(event: Event) throws -> [UInt8] {
