@@ -281,7 +281,6 @@ public enum CapacityProbe {
         let nonce: UInt64
         /// One run of the first window, or one block.
         let buffer: AlignedBuffer
-        let expected: AlignedBuffer
         /// The bytes each saved run held before the probe, in the order saved.
         var stash: Stash
         var savedBlocks: Set<UInt64> = []
@@ -293,7 +292,6 @@ public enum CapacityProbe {
             self.nonce = nonce
             self.buffer = buffer
             self.stash = stash
-            expected = AlignedBuffer(capacity: block, alignment: block)
         }
 
         /// Keeps what `bytes` bytes at `offset` hold, unless already kept.
@@ -324,28 +322,41 @@ public enum CapacityProbe {
 
         /// The block for `offset`: a header (magic, nonce, offset) and a pattern derived
         /// from both, so that neither zeros, stale data, nor another block passes as it.
-        ///
-        /// The pattern is four xorshift generators side by side, one SIMD register: one
-        /// generator's steps depend on each other, and at 32 cards writing and checking a
-        /// 2 MiB window each, one generator alone was a tenth of a card's CPU (issue 18).
         func fill(_ offset: UInt64, into p: UnsafeMutableRawPointer) {
             let words = p.bindMemory(to: UInt64.self, capacity: block / 8)
             words[0] = CapacityProbe.magic
             words[1] = nonce
             words[2] = offset
-            let seed = nonce ^ (offset &* 0x9E37_79B9_7F4A_7C15)
-            var x = SIMD4<UInt64>(seed, seed &+ 0x6A09_E667_F3BC_C909, seed &+ 0xBB67_AE85_84CA_A73B, seed &+ 0x3C6E_F372_FE94_F82B) | 1
+            var pattern = TagPattern(nonce: nonce, offset: offset)
             var i = 3
             let count = block / 8
             while i + 4 <= count {
-                x ^= x &<< 13; x ^= x &>> 7; x ^= x &<< 17
-                UnsafeMutableRawPointer(words + i).storeBytes(of: x, as: SIMD4<UInt64>.self)
+                UnsafeMutableRawPointer(words + i).storeBytes(of: pattern.next(), as: SIMD4<UInt64>.self)
                 i += 4
             }
             if i < count {
-                x ^= x &<< 13; x ^= x &>> 7; x ^= x &<< 17
+                let x = pattern.next()
                 for lane in 0..<(count - i) { words[i + lane] = x[lane] }
             }
+        }
+
+        /// Whether `found` is the block `fill(offset)` makes, generated as it is compared
+        /// (one pass over the read-back, nothing stored).
+        func matches(_ offset: UInt64, _ found: UnsafeRawPointer) -> Bool {
+            guard found.load(as: UInt64.self) == CapacityProbe.magic, found.load(fromByteOffset: 8, as: UInt64.self) == nonce,
+                  found.load(fromByteOffset: 16, as: UInt64.self) == offset else { return false }
+            var pattern = TagPattern(nonce: nonce, offset: offset)
+            var i = 3
+            let count = block / 8
+            while i + 4 <= count {
+                guard found.loadUnaligned(fromByteOffset: i * 8, as: SIMD4<UInt64>.self) == pattern.next() else { return false }
+                i += 4
+            }
+            if i < count {
+                let x = pattern.next()
+                for lane in 0..<(count - i) where found.load(fromByteOffset: (i + lane) * 8, as: UInt64.self) != x[lane] { return false }
+            }
+            return true
         }
 
         /// Writes the tagged blocks of `bytes` bytes from `offset`, in one write.
@@ -377,14 +388,12 @@ public enum CapacityProbe {
         }
 
         private func judge(_ offset: UInt64, _ found: UnsafeMutableRawPointer) -> Readback {
-            fill(offset, into: expected.bytes)
-            if memcmp(expected.bytes, found, block) == 0 { return .itself }
+            if matches(offset, found) { return .itself }
             let words = found.bindMemory(to: UInt64.self, capacity: 3)
             guard words[0] == CapacityProbe.magic, words[1] == nonce else { return .foreign }
             // Another block of this probe, whole: the card put it here.
             let other = words[2]
-            fill(other, into: expected.bytes)
-            return memcmp(expected.bytes, found, block) == 0 ? .other(other) : .foreign
+            return matches(other, found) ? .other(other) : .foreign
         }
 
         /// Whether `offset` lands on offset 0: its block is written, then block 0's, and
@@ -396,6 +405,24 @@ public enum CapacityProbe {
             try flush()
             if case .other(0) = try readTags(offset, bytes: block)[0] { return true }
             return false
+        }
+    }
+
+    /// A tag block's pattern after its header: four xorshift generators side by side, one
+    /// SIMD register (one generator's steps depend on each other, and at 32 cards writing and
+    /// checking a 2 MiB window each, one generator alone was a tenth of a card's CPU, issue 18).
+    struct TagPattern {
+        private var x: SIMD4<UInt64>
+
+        init(nonce: UInt64, offset: UInt64) {
+            let seed = nonce ^ (offset &* 0x9E37_79B9_7F4A_7C15)
+            x = SIMD4<UInt64>(seed, seed &+ 0x6A09_E667_F3BC_C909, seed &+ 0xBB67_AE85_84CA_A73B, seed &+ 0x3C6E_F372_FE94_F82B) | 1
+        }
+
+        /// The next four words.
+        mutating func next() -> SIMD4<UInt64> {
+            x ^= x &<< 13; x ^= x &>> 7; x ^= x &<< 17
+            return x
         }
     }
 

@@ -30,6 +30,17 @@ struct CapacityProbeTests {
         #expect(result.claimedBytes == 64 << 20)
     }
 
+    @Test("a probe block whose header reads back intact but one byte of its pattern does not is not taken as kept")
+    func aBlockWithOneWrongByteInItsPatternIsNotKept() throws {
+        // Block 2 of the first window, past its 24-byte header (magic, nonce, offset).
+        let at: Int64 = 2 * 4096 + 1000
+        let fake = try FakeCard(label: "flip-pattern", claimedSize: 64 << 20, lie: .honest, flip: .always(at: at))
+        defer { fake.close() }
+        let result = try probe(fake.devicePath)
+        let real = try #require(result.realBytes, "a card that returns another byte in a probe block passed")
+        #expect(real <= UInt64(at), "estimated \(real)")
+    }
+
     @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288, (52 << 20) + 4096, (3 << 20) + 8192] as [Int64])
     func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
         let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
