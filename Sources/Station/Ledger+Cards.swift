@@ -28,7 +28,7 @@ extension Ledger {
     public func rememberCard(id: String, strength: String, detail: String, verdict: String, reason: String?, job: Int64?,
                              repairs: Int = 0, writeBytesPerSecond: Double? = nil, at now: Date = Date()) async throws {
         try await db.write { db in
-            try db.execute(sql: """
+            try db.cachedStatement(sql: """
                 INSERT INTO card (id, strength, detail, verdict, reason, lastJob, firstSeen, lastSeen, repairs, writeBytesPerSecond)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT(id) DO UPDATE SET
@@ -39,7 +39,7 @@ extension Ledger {
                   detail = excluded.detail, lastJob = excluded.lastJob, lastSeen = excluded.lastSeen,
                   repairs = card.repairs + excluded.repairs,
                   writeBytesPerSecond = COALESCE(excluded.writeBytesPerSecond, card.writeBytesPerSecond)
-                """, arguments: [id, strength, detail, verdict, reason, job, now, now, repairs, writeBytesPerSecond])
+                """).execute(arguments: [id, strength, detail, verdict, reason, job, now, now, repairs, writeBytesPerSecond])
         }
     }
 
@@ -47,7 +47,7 @@ extension Ledger {
     /// any other card. Synchronous: asked from a card's pipeline thread, never from the pool.
     public func cardRefusal(id: String) throws -> String? {
         try db.read { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT verdict, reason, lastSeen, lastJob FROM card WHERE id = ? AND verdict IN ('counterfeit', 'failing')", arguments: [id]) else { return nil }
+            guard let row = try Row.fetchOne(db.cachedStatement(sql: "SELECT verdict, reason, lastSeen, lastJob FROM card WHERE id = ? AND verdict IN ('counterfeit', 'failing')"), arguments: [id]) else { return nil }
             let verdict: String = row["verdict"]
             let reason: String? = row["reason"]
             let at: Date = row["lastSeen"]
@@ -86,7 +86,7 @@ extension Ledger {
     /// The write speeds of the other cards most recently written here, newest first: the
     /// peers a card's own speed is compared with.
     public func peerWriteSpeeds(excluding id: String, limit: Int = 20) async throws -> [Double] {
-        try await db.read { db in try Double.fetchAll(db, sql: Self.peerSpeedsSQL, arguments: [id, limit]) }
+        try await db.read { db in try Double.fetchAll(db.cachedStatement(sql: Self.peerSpeedsSQL), arguments: [id, limit]) }
     }
 
     /// The cards seen last but one, newest first (read through the `card_lastSeen` index).

@@ -107,13 +107,13 @@ public final class Ledger: Sendable {
     /// Records a new job in state `queued` and returns it.
     public func insert(_ job: NewJob, at now: Date = Date()) async throws -> JobRecord {
         try await db.write { db in
-            try db.execute(sql: """
+            try db.cachedStatement(sql: """
                 INSERT INTO job (kind, slot, device, deviceNumber, diskSequence, serial, unit, profile, image, state, created, updated)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
-                """, arguments: [job.kind, job.slot, job.device, job.deviceNumber.map { Int64(bitPattern: $0) }, job.diskSequence.map { Int64(bitPattern: $0) },
+                """).execute(arguments: [job.kind, job.slot, job.device, job.deviceNumber.map { Int64(bitPattern: $0) }, job.diskSequence.map { Int64(bitPattern: $0) },
                                  job.serial, job.unit, job.profile, job.image, now, now])
             let id = db.lastInsertedRowID
-            try db.execute(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)", arguments: [id, now])
+            try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)").execute(arguments: [id, now])
             return JobRecord(id: id, kind: job.kind, slot: job.slot, device: job.device, serial: job.serial, unit: job.unit,
                              profile: job.profile, image: job.image, state: .queued, created: now, updated: now)
         }
@@ -204,7 +204,7 @@ public final class Ledger: Sendable {
     /// so that a `change` event or a daemon restart does not rewrite a finished card.
     public func lastJob(deviceNumber: UInt64, diskSequence: UInt64) async throws -> JobRecord? {
         try await db.read { db in
-            try Row.fetchOne(db, sql: "SELECT * FROM job WHERE deviceNumber = ? AND diskSequence = ? ORDER BY id DESC LIMIT 1",
+            try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM job WHERE deviceNumber = ? AND diskSequence = ? ORDER BY id DESC LIMIT 1"),
                              arguments: [Int64(bitPattern: deviceNumber), Int64(bitPattern: diskSequence)]).map(Self.record)
         }
     }
