@@ -63,7 +63,10 @@ struct JSONLine {
     }
 
     mutating func field(_ name: StaticString, _ value: Date) {
-        key(name); string(LineCodec.iso8601(value))
+        key(name)
+        bytes.append(UInt8(ascii: "\""))
+        LineCodec.iso8601(value, into: &bytes)
+        bytes.append(UInt8(ascii: "\""))
     }
 
     mutating func field<T: JSONLineWritable>(_ name: StaticString, _ value: T?) {
@@ -90,26 +93,36 @@ struct JSONLine {
         first = false
     }
 
-    /// A string as the encoder escapes it (`/` left alone: `.withoutEscapingSlashes`).
-    mutating func string(_ s: String) {
+    /// A string as the encoder escapes it (`/` left alone: `.withoutEscapingSlashes`); runs
+    /// without anything to escape (most of every line: paths, names, messages) are copied whole.
+    mutating func string(_ text: String) {
+        var text = text
         bytes.append(UInt8(ascii: "\""))
-        for c in s.utf8 {
-            switch c {
-            case UInt8(ascii: "\""): bytes.append(contentsOf: [0x5C, c])
-            case UInt8(ascii: "\\"): bytes.append(contentsOf: [0x5C, c])
-            case 0x08: bytes.append(contentsOf: [0x5C, UInt8(ascii: "b")])
-            case 0x0C: bytes.append(contentsOf: [0x5C, UInt8(ascii: "f")])
-            case 0x0A: bytes.append(contentsOf: [0x5C, UInt8(ascii: "n")])
-            case 0x0D: bytes.append(contentsOf: [0x5C, UInt8(ascii: "r")])
-            case 0x09: bytes.append(contentsOf: [0x5C, UInt8(ascii: "t")])
-            case 0..<0x20:
-                let hex = Array("0123456789abcdef".utf8)
-                bytes.append(contentsOf: [0x5C, UInt8(ascii: "u"), 0x30, 0x30, hex[Int(c >> 4)], hex[Int(c & 15)]])
-            default: bytes.append(c)
+        text.withUTF8 { utf8 in
+            var run = 0
+            for (i, c) in utf8.enumerated() where c < 0x20 || c == UInt8(ascii: "\"") || c == UInt8(ascii: "\\") {
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[run..<i]))
+                escape(c)
+                run = i + 1
             }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[run...]))
         }
         bytes.append(UInt8(ascii: "\""))
         first = false
+    }
+
+    private mutating func escape(_ c: UInt8) {
+        switch c {
+        case 0x08: bytes.append(contentsOf: [0x5C, UInt8(ascii: "b")])
+        case 0x0C: bytes.append(contentsOf: [0x5C, UInt8(ascii: "f")])
+        case 0x0A: bytes.append(contentsOf: [0x5C, UInt8(ascii: "n")])
+        case 0x0D: bytes.append(contentsOf: [0x5C, UInt8(ascii: "r")])
+        case 0x09: bytes.append(contentsOf: [0x5C, UInt8(ascii: "t")])
+        case 0..<0x20:
+            let hex = Array("0123456789abcdef".utf8)
+            bytes.append(contentsOf: [0x5C, UInt8(ascii: "u"), 0x30, 0x30, hex[Int(c >> 4)], hex[Int(c & 15)]])
+        default: bytes.append(contentsOf: [0x5C, c])  // `"` and `\`
+        }
     }
 }
 

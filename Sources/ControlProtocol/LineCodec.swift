@@ -33,12 +33,33 @@ public enum LineCodec {
 
     /// "2026-11-30T00:56:19Z": what `.iso8601` writes (UTC, whole seconds), from `gmtime_r`.
     public static func iso8601(_ date: Date) -> String {
+        var text: [UInt8] = []
+        iso8601(date, into: &text)
+        return String(decoding: text, as: UTF8.self)
+    }
+
+    /// The same, appended to `bytes` (the event stream's lines write it in place).
+    static func iso8601(_ date: Date, into bytes: inout [UInt8]) {
         var t = time_t(date.timeIntervalSince1970.rounded(.down))
         var tm = tm()
         gmtime_r(&t, &tm)
-        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+        func digits(_ v: Int, _ count: Int) {
+            var divisor = 1
+            for _ in 1..<count { divisor *= 10 }
+            var v = v
+            while divisor > 0 {
+                bytes.append(UInt8(ascii: "0") + UInt8(v / divisor))
+                v %= divisor
+                divisor /= 10
+            }
+        }
         let year = Int(tm.tm_year) + 1900
-        let y = year < 1000 ? String(repeating: "0", count: 4 - String(year).count) + String(year) : String(year)
-        return "\(y)-\(two(tm.tm_mon + 1))-\(two(tm.tm_mday))T\(two(tm.tm_hour)):\(two(tm.tm_min)):\(two(tm.tm_sec))Z"
+        if (0...9999).contains(year) { digits(year, 4) } else { bytes.append(contentsOf: String(year).utf8) }
+        bytes.append(UInt8(ascii: "-")); digits(Int(tm.tm_mon) + 1, 2)
+        bytes.append(UInt8(ascii: "-")); digits(Int(tm.tm_mday), 2)
+        bytes.append(UInt8(ascii: "T")); digits(Int(tm.tm_hour), 2)
+        bytes.append(UInt8(ascii: ":")); digits(Int(tm.tm_min), 2)
+        bytes.append(UInt8(ascii: ":")); digits(Int(tm.tm_sec), 2)
+        bytes.append(UInt8(ascii: "Z"))
     }
 }
