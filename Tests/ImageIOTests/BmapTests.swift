@@ -262,6 +262,45 @@ struct BmapTests {
         #expect(budget.usage.handedOut == 0)
     }
 
+    @Test("without CAP_SYS_RESOURCE, as the packaged unit runs, a card is spliced through a pipe of pipe-max-size (1 MiB by default) and is the same card as bmaptool copy's")
+    func splicedWithoutCapSysResource() throws {
+        let maxText = try String(contentsOfFile: "/proc/sys/fs/pipe-max-size", encoding: .utf8)
+        let maxSize = try #require(Int(maxText.trimmingCharacters(in: .whitespacesAndNewlines)))
+        let unprivileged = try #require(WriteJob.SplicePipe.sizes.first { $0 <= maxSize },
+                                        "pipe-max-size is \(maxSize): below 1 MiB a card takes the buffered path")
+        // The test process's own pipe: the largest with CAP_SYS_RESOURCE, else the same as the
+        // unit's (root in some containers lacks it — this machine's does — and then every
+        // spliced card here, the batch benchmarks' included, uses the unprivileged size).
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let effective = try #require(status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
+            .flatMap { UInt64($0.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) })
+        let ownCapacity = WriteJob.SplicePipe()?.capacity
+        #expect(ownCapacity == (effective & (1 << UInt64(capSysResource)) != 0 ? WriteJob.SplicePipe.sizes[0] : unprivileged))
+
+        let (image, bmapPath, _) = try sparseImage()
+        let fill = scratch.file("fill-unprivileged.img")
+        try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
+        let ours = try LoopCard(label: "splice-nocap", size: 48 << 20, image: fill)
+        defer { ours.close() }
+        let theirs = try LoopCard(label: "splice-nocap-theirs", size: 48 << 20, image: fill)
+        defer { theirs.close() }
+        let budget = BufferBudget(limit: 16 << 20)
+        var options = WriteOptions()
+        options.bmap = try Bmap.load(path: bmapPath)
+        options.budget = budget
+        options.chunkSize = 4 << 20
+        let (capacity, written) = try withoutCapability(capSysResource) { [options] in
+            (WriteJob.SplicePipe()?.capacity,
+             try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options).bytesWritten)
+        }
+        #expect(capacity == unprivileged)
+        #expect(written == options.bmap!.mappedBytes)
+        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
+        #expect(try ours.sha256() == theirs.sha256())
+        // Spliced, not the buffered path (which takes a chunk from the budget).
+        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "\(budget.usage)")
+    }
+
     @Test("spliced with a bmap of 512-byte blocks: ranges that start off a page (a 4 MiB chunk then spans 1,025 pages, more than the pipe holds) land as bmaptool copy puts them")
     func splicedRangesOffAPage() throws {
         let data = patternBytes(16 << 20, seed: 7)

@@ -119,3 +119,15 @@ long provision_splice(int fd_in, long long off_in, int fd_out, long long off_out
     loff_t in = off_in, out = off_out;
     return (long)splice(fd_in, off_in < 0 ? NULL : &in, fd_out, off_out < 0 ? NULL : &out, count, SPLICE_F_MOVE);
 }
+
+#include <linux/capability.h>
+#include <sys/syscall.h>
+
+int provision_drop_effective_capability(int capability) {
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    if (capability < 0 || capability >= 32 * _LINUX_CAPABILITY_U32S_3) { errno = EINVAL; return -1; }
+    if (syscall(SYS_capget, &header, data) != 0) return -1;
+    data[capability / 32].effective &= ~(1u << (capability % 32));
+    return (int)syscall(SYS_capset, &header, data);
+}

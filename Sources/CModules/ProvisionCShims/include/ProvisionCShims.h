@@ -47,6 +47,11 @@ int provision_journal_stream_connected(void);
 /// bytes are kept. Foundation's Thread.name does not reach the kernel on Linux.
 void provision_name_thread(const char *name);
 
+/// Takes `capability` (a CAP_* number) out of the calling thread's effective set; threads it
+/// starts afterwards inherit that. For tests that run a piece of the daemon as the packaged
+/// unit would, e.g. without CAP_SYS_RESOURCE. 0, or -1 with errno.
+int provision_drop_effective_capability(int capability);
+
 /* Fixes glibc's mmap threshold at `bytes` (mallopt M_MMAP_THRESHOLD), which also turns off
    its dynamic raising: every allocation at least that large is its own mapping and goes back
    to the kernel when freed. Returns 1 on success. */
