@@ -467,10 +467,6 @@ final class WriteJob: @unchecked Sendable {
     }
 
     private static let spliceTurnedOff = getenv("PROVISION_SPLICE").map { String(cString: $0) == "off" } ?? false
-    /// A spliced card's chunk when its pipe is smaller: with a 1 MiB pipe (the packaged unit,
-    /// and root without CAP_SYS_RESOURCE) each chunk's bookkeeping was a quarter of the card's
-    /// own thread's CPU at 32 cards (issue 18); the card still receives pipefuls in order.
-    static let spliceChunk = 4 << 20
     /// The pipe of a splicing write, while it writes.
     private var splicePipe: SplicePipe?
 
@@ -478,9 +474,7 @@ final class WriteJob: @unchecked Sendable {
         splicePipe = pipe
         defer { splicePipe = nil }
         // Whole blocks of the card (a pipe holds whole pages; a card's block is at most one).
-        // At least `spliceChunk`: a chunk is bookkeeping here (progress, syncs, what goes to
-        // the verifier), and `spliceOrWrite` passes it through the pipe a pipeful at a time.
-        let chunk = max(pipe.capacity, Self.spliceChunk) / ioUnit * ioUnit
+        let chunk = pipe.capacity / ioUnit * ioUnit
 
         let end = options.bmap?.imageSize ?? source.fileSize
         let ranges = options.bmap?.mappedByteRanges ?? [(start: UInt64(0), end: end)]
