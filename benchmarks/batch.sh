@@ -61,11 +61,10 @@ PROVISIOND=$BIN/provisiond
 PROVISION=$BIN/provision
 
 if [ $QUICK = 1 ]; then IMG_MB=256; CHUNKS=18; else IMG_MB=1024; CHUNKS=75; fi
-CHUNK_MB=4
 if [ -n "$IMG_OPT$MAPPED_OPT" ]; then
-  [[ "$IMG_OPT" =~ ^[0-9]+$ && "$MAPPED_OPT" =~ ^[0-9]+$ ]] && [ $((MAPPED_OPT % 4)) = 0 ] && [ "$MAPPED_OPT" -ge 4 ] && [ "$MAPPED_OPT" -le "$IMG_OPT" ] ||
-    { echo "--image-mib N --mapped-mib M go together, M a multiple of 4 from 4 to N" >&2; exit 64; }
-  IMG_MB=$IMG_OPT; CHUNKS=$((MAPPED_OPT / 4))
+  [[ "$IMG_OPT" =~ ^[0-9]+$ && "$MAPPED_OPT" =~ ^[0-9]+$ ]] && [ $((MAPPED_OPT % CHUNK_MB)) = 0 ] && [ "$MAPPED_OPT" -ge $CHUNK_MB ] && [ "$MAPPED_OPT" -le "$IMG_OPT" ] ||
+    { echo "--image-mib N --mapped-mib M go together, M a multiple of $CHUNK_MB from $CHUNK_MB to N" >&2; exit 64; }
+  IMG_MB=$IMG_OPT; CHUNKS=$((MAPPED_OPT / CHUNK_MB))
 fi
 MAPPED_MB=$((CHUNKS * CHUNK_MB))
 [[ "$CARDS" =~ ^[0-9]+$ ]] && [ "$CARDS" -ge 3 ] && [ "$CARDS" -le 64 ] || { echo "--cards wants a number from 3 to 64, not '$CARDS'" >&2; exit 64; }

@@ -31,7 +31,7 @@ swift build -c release --product cache-fill-bench >/dev/null 2>&1
 BENCH=$(swift build -c release --show-bin-path)/cache-fill-bench
 
 # The image, as benchmarks/batch.sh --image-mib 512 --mapped-mib 144 builds it.
-IMG_MB=512; CHUNK_MB=4; CHUNKS=36
+IMG_MB=512; CHUNKS=36   # runs of CHUNK_MB (lib/image.sh)
 IMGDIR=.build/batch-bench/xzfill-${IMG_MB}m-$((CHUNKS * CHUNK_MB))m
 IMG=$IMGDIR/batch.img
 [ $FRESH = 0 ] || rm -rf "$IMGDIR"

@@ -1,12 +1,13 @@
 # Sourced by benchmarks/batch.sh and benchmarks/xzfill.sh: the image they measure with.
 #
 # sparse_image IMG IMG_MB CHUNKS — IMG becomes an IMG_MB MiB raw image with CHUNKS runs of
-# 4 MiB of root-filesystem-like content (binaries, libraries and text from /usr, as a tar
+# CHUNK_MB (4) MiB of root-filesystem-like content (binaries, libraries and text from /usr, as a tar
 # stream) spread evenly from 1 MiB on, holes between them; IMG.bmap is bmaptool's map of it.
 # (From 1 MiB on: a tar header at offset 0 would make the image a tar archive, issue 17.)
+CHUNK_MB=4
 sparse_image() {
-  local img=$1 img_mb=$2 chunks=$3 chunk_mb=4 i
-  local payload=$img.payload mapped_mb=$(($3 * 4))
+  local img=$1 img_mb=$2 chunks=$3 chunk_mb=$CHUNK_MB i
+  local payload=$img.payload mapped_mb=$(($3 * CHUNK_MB))
   { tar -cf - -C / usr/lib usr/share 2>/dev/null || true; } | head -c $((mapped_mb << 20)) > "$payload"
   [ "$(stat -c %s "$payload")" = $((mapped_mb << 20)) ] || { echo "could not read ${mapped_mb} MiB from /usr for the image" >&2; return 1; }
   rm -f "$img"
