@@ -7,6 +7,33 @@ import Glibc
 import ControlProtocol
 import Foundation
 
+/// Calls `body` with `path` as a Unix socket address and its length.
+func withUnixAddress<T>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) throws -> T {
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw BenchError("socket path too long: \(path)") }
+    withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+        for (i, b) in bytes.enumerated() { raw[i] = b }
+    }
+    return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+}
+
+/// A Unix socket of `type` (SOCK_STREAM, SOCK_DGRAM) bound at `path`, close-on-exec; the
+/// caller closes it. (Closed at once, it leaves the socket file a killed daemon leaves.)
+func boundUnixSocket(_ path: String, type: Int32) throws -> Int32 {
+    let fd = socket(AF_UNIX, type | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { throw BenchError("socket: \(String(cString: strerror(errno)))") }
+    let rc: Int32
+    do { rc = try withUnixAddress(path) { bind(fd, $0, $1) } } catch { Glibc.close(fd); throw error }
+    guard rc == 0 else {
+        let e = errno
+        Glibc.close(fd)
+        throw BenchError("bind \(path): \(String(cString: strerror(e)))")
+    }
+    return fd
+}
+
 final class RawConnection {
     let fd: Int32
     private var buffer: [UInt8] = []
@@ -14,16 +41,8 @@ final class RawConnection {
     init(path: String) throws {
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw BenchError("socket: \(String(cString: strerror(errno)))") }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw BenchError("socket path too long: \(path)") }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in bytes.enumerated() { raw[i] = b }
-        }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let rc: Int32
+        do { rc = try withUnixAddress(path) { connect(fd, $0, $1) } } catch { Glibc.close(fd); throw error }
         guard rc == 0 else {
             let e = errno
             Glibc.close(fd)

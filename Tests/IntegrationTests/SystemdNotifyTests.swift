@@ -17,14 +17,8 @@ extension IntegrationTests {
             let bench = try StationBench()
             defer { bench.close() }
             let path = bench.directory + "/notify.sock"
-            let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            #expect(fd >= 0)
+            let fd = try boundUnixSocket(path, type: Int32(SOCK_DGRAM.rawValue))
             defer { close(fd) }
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            _ = withUnsafeMutableBytes(of: &address.sun_path) { raw in path.utf8CString.withUnsafeBytes { raw.copyMemory(from: $0) } }
-            let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-            #expect(bound == 0, "\(String(cString: strerror(errno)))")
 
             // 8 MiB at 2 MB/s: four seconds of writing, a progress report each second.
             try bench.writeConfig([.init(name: "N1", image: try bench.image("notify.img", bytes: 8 << 20))])

@@ -24,18 +24,7 @@ extension IntegrationTests {
             let bench = try StationBench()
             defer { bench.close() }
             // A socket file left behind, as by a daemon killed with SIGKILL.
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            #expect(fd >= 0)
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-                for (i, b) in Array(bench.socketPath.utf8).enumerated() { raw[i] = b }
-            }
-            let bound = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            close(fd)
-            #expect(bound == 0)
+            close(try boundUnixSocket(bench.socketPath, type: Int32(SOCK_STREAM.rawValue)))
             let output = try bench.cli(["status"])
             #expect(output.status == 69, "\(output)")
             #expect(output.stderr.contains("cannot reach provisiond"), "\(output)")
