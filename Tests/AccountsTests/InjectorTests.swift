@@ -190,7 +190,7 @@ struct BlockDeviceTargetTests {
         defer { _ = try? Shell.run(["losetup", "-d", loop]) }
         // What the kernel does while it scans the partitions: the disk opened O_EXCL.
         let holder = open(loop, O_RDONLY | O_EXCL | O_CLOEXEC)
-        #expect(holder >= 0, "cannot hold \(loop) exclusively: \(String(cString: strerror(errno)))")
+        try #require(holder >= 0, "cannot hold \(loop) exclusively: \(String(cString: strerror(errno)))")
         let released = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
             usleep(400_000)

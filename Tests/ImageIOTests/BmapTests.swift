@@ -233,33 +233,46 @@ struct BmapTests {
         #expect(try Bmap.load(path: bmapPath) == first)
     }
 
-    @Test("a station's card is spliced from the page cache: the same card as bmaptool copy's, unmapped blocks untouched, no chunk buffer taken from the budget")
-    func stationCardSplicedFromThePageCache() throws {
-        let (image, bmapPath, pieces) = try sparseImage()
-        let fill = scratch.file("fill-splice.img")
-        try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
-        let ours = try LoopCard(label: "splice-ours", size: 48 << 20, image: fill)
+    /// `image` written as a station's card (a 16 MiB budget: spliced from the page cache) onto a
+    /// loop card of `size` bytes full of 0xAA, and by `bmaptool copy` onto another such card:
+    /// the two cards must be the same, and no chunk buffer may come from the budget (the
+    /// buffered path takes one; the splice only the verifier's read-back piece). `writing` runs
+    /// the engine's write it is given (on this thread unless it says otherwise); `check` looks
+    /// at our card before the cards go.
+    func splicedAgainstBmaptool(_ label: String, image: String, bmap bmapPath: String, size: Int, chunkSize: Int? = nil,
+                                writing: (@escaping @Sendable () throws -> WriteResult) throws -> WriteResult = { try $0() },
+                                check: (LoopCard, WriteResult) throws -> Void) throws {
+        let fill = scratch.file("fill-\(label).img")
+        try write([UInt8](repeating: 0xAA, count: size), to: fill)
+        let ours = try LoopCard(label: "\(label)-ours", size: Int64(size), image: fill)
         defer { ours.close() }
-        let theirs = try LoopCard(label: "splice-theirs", size: 48 << 20, image: fill)
+        let theirs = try LoopCard(label: "\(label)-theirs", size: Int64(size), image: fill)
         defer { theirs.close() }
-
         let budget = BufferBudget(limit: 16 << 20)
         var options = WriteOptions()
         options.bmap = try Bmap.load(path: bmapPath)
         options.budget = budget
-        options.chunkSize = 4 << 20
-        let result = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
-        #expect(result.bytesWritten == options.bmap!.mappedBytes)
+        if let chunkSize { options.chunkSize = chunkSize }
+        let result = try writing { [options] in
+            try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
+        }
+        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "spliced, not buffered: \(budget.usage)")
+        #expect(budget.usage.handedOut == 0)
         try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
         #expect(try ours.sha256() == theirs.sha256())
-        #expect(try readBytes(ours.devicePath, offset: 2 << 20, count: 4096) == [UInt8](repeating: 0xAA, count: 4096))
-        for (offset, bytes) in pieces {
-            #expect(try readBytes(ours.devicePath, offset: offset, count: bytes.count) == bytes)
+        try check(ours, result)
+    }
+
+    @Test("a station's card is spliced from the page cache: the same card as bmaptool copy's, unmapped blocks untouched, no chunk buffer taken from the budget")
+    func stationCardSplicedFromThePageCache() throws {
+        let (image, bmapPath, pieces) = try sparseImage()
+        try splicedAgainstBmaptool("splice", image: image, bmap: bmapPath, size: 48 << 20, chunkSize: 4 << 20) { ours, result throws in
+            #expect(result.bytesWritten == (try Bmap.load(path: bmapPath)).mappedBytes)
+            #expect(try readBytes(ours.devicePath, offset: 2 << 20, count: 4096) == [UInt8](repeating: 0xAA, count: 4096))
+            for (offset, bytes) in pieces {
+                #expect(try readBytes(ours.devicePath, offset: offset, count: bytes.count) == bytes)
+            }
         }
-        // The buffered path takes a 4 MiB chunk from the budget; the splice only the
-        // verifier's read-back piece.
-        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "\(budget.usage)")
-        #expect(budget.usage.handedOut == 0)
     }
 
     @Test("without CAP_SYS_RESOURCE, as the packaged unit runs, a card is spliced through a pipe of pipe-max-size (1 MiB by default) and is the same card as bmaptool copy's")
@@ -278,27 +291,16 @@ struct BmapTests {
         #expect(ownCapacity == (effective & (1 << UInt64(capSysResource)) != 0 ? WriteJob.SplicePipe.sizes[0] : unprivileged))
 
         let (image, bmapPath, _) = try sparseImage()
-        let fill = scratch.file("fill-unprivileged.img")
-        try write([UInt8](repeating: 0xAA, count: 48 << 20), to: fill)
-        let ours = try LoopCard(label: "splice-nocap", size: 48 << 20, image: fill)
-        defer { ours.close() }
-        let theirs = try LoopCard(label: "splice-nocap-theirs", size: 48 << 20, image: fill)
-        defer { theirs.close() }
-        let budget = BufferBudget(limit: 16 << 20)
-        var options = WriteOptions()
-        options.bmap = try Bmap.load(path: bmapPath)
-        options.budget = budget
-        options.chunkSize = 4 << 20
-        let (capacity, written) = try withoutCapability(capSysResource) { [options] in
-            (WriteJob.SplicePipe()?.capacity,
-             try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options).bytesWritten)
+        nonisolated(unsafe) var capacity: Int?
+        try splicedAgainstBmaptool("splice-nocap", image: image, bmap: bmapPath, size: 48 << 20, chunkSize: 4 << 20, writing: { write in
+            try withoutCapability(capSysResource) {
+                capacity = WriteJob.SplicePipe()?.capacity
+                return try write()
+            }
+        }) { _, result throws in
+            #expect(result.bytesWritten == (try Bmap.load(path: bmapPath)).mappedBytes)
         }
         #expect(capacity == unprivileged)
-        #expect(written == options.bmap!.mappedBytes)
-        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
-        #expect(try ours.sha256() == theirs.sha256())
-        // Spliced, not the buffered path (which takes a chunk from the budget).
-        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "\(budget.usage)")
     }
 
     @Test("spliced with a bmap of 512-byte blocks: ranges that start off a page (a 4 MiB chunk then spans 1,025 pages, more than the pipe holds) land as bmaptool copy puts them")
@@ -311,26 +313,13 @@ struct BmapTests {
         let ranges: [(first: UInt64, last: UInt64)] = [(3, 1000), (2051, 11050), (30001, 30001)]
         let mapped = ranges.reduce(UInt64(0)) { $0 + $1.last - $1.first + 1 }
         let bmapPath = try writeV13Bmap("off-page.bmap", data: Data(data), blockSize: 512, ranges: ranges)
-
-        let fill = scratch.file("fill-off-page.img")
-        try write([UInt8](repeating: 0xAA, count: 24 << 20), to: fill)
-        let ours = try LoopCard(label: "offpage-ours", size: 24 << 20, image: fill)
-        defer { ours.close() }
-        let theirs = try LoopCard(label: "offpage-theirs", size: 24 << 20, image: fill)
-        defer { theirs.close() }
-        let budget = BufferBudget(limit: 16 << 20)
-        var options = WriteOptions()
-        options.bmap = try Bmap.load(path: bmapPath)
-        options.budget = budget
-        let result = try ImageWriter.write(source: try ImageSource(path: image), to: try WriteTarget.open(path: ours.devicePath), options: options)
-        #expect(result.bytesWritten == mapped * 512)
-        #expect(budget.usage.peakHandedOut <= ImageWriter.readBackPiece, "spliced, not buffered: \(budget.usage)")
-        try run("bmaptool", "copy", "--bmap", bmapPath, image, theirs.devicePath)
-        #expect(try ours.sha256() == theirs.sha256())
-        for (first, last) in ranges {
-            #expect(try readBytes(ours.devicePath, offset: first * 512, count: Int((last - first + 1) * 512)) == Array(data[Int(first * 512)..<Int((last + 1) * 512)]))
+        try splicedAgainstBmaptool("offpage", image: image, bmap: bmapPath, size: 24 << 20) { ours, result throws in
+            #expect(result.bytesWritten == mapped * 512)
+            for (first, last) in ranges {
+                #expect(try readBytes(ours.devicePath, offset: first * 512, count: Int((last - first + 1) * 512)) == Array(data[Int(first * 512)..<Int((last + 1) * 512)]))
+            }
+            #expect(try readBytes(ours.devicePath, offset: 1001 * 512, count: 512) == [UInt8](repeating: 0xAA, count: 512))
         }
-        #expect(try readBytes(ours.devicePath, offset: 1001 * 512, count: 512) == [UInt8](repeating: 0xAA, count: 512))
     }
 
     @Test("a version 1.3 bmap with SHA-1 checksums works, and bmaptool itself accepts it")
