@@ -33,10 +33,13 @@ struct SharedLedgerLinkTests {
     func cancelledStatementEnds() async throws {
         try await Self.withLedger { shared, _ in
             let c = try await shared.connect()
+            // The watching connection first: opened after the statement was sent, on a loaded
+            // machine it once took so long that the statement's 30 s answer timeout ended it
+            // before the cancel came (LinkFailure instead of CancellationError).
+            let other = try await shared.connect()
             let running = Task { try await SharedLedger.fetch("SELECT pg_sleep(600)", on: c, logger: shared.logger) }
             // Cancel once the server runs the statement (not before it was sent).
             let deadline = ContinuousClock.now + .seconds(300)
-            let other = try await shared.connect()
             while ContinuousClock.now < deadline {
                 let busy = try await SharedLedger.fetch("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'",
                                                         on: other, logger: shared.logger)
