@@ -285,11 +285,15 @@ public enum CapacityProbe {
         var stash: Stash
         var savedBlocks: Set<UInt64> = []
 
+        /// The words after each block's header.
+        let pattern: TagPattern
+
         init(fd: Int32, path: String, block: Int, nonce: UInt64, buffer: AlignedBuffer, stash: Stash) {
             self.fd = fd
             self.path = path
             self.block = block
             self.nonce = nonce
+            pattern = TagPattern(nonce: nonce, block: block)
             self.buffer = buffer
             self.stash = stash
         }
@@ -320,43 +324,21 @@ public enum CapacityProbe {
             savedBlocks.removeAll()
         }
 
-        /// The block for `offset`: a header (magic, nonce, offset) and a pattern derived
-        /// from both, so that neither zeros, stale data, nor another block passes as it.
+        /// The block for `offset`: a header (magic, nonce, offset) and the probe's pattern
+        /// keyed by the offset, so that neither zeros, stale data, nor another block passes as
+        /// it (see `TagPattern`).
         func fill(_ offset: UInt64, into p: UnsafeMutableRawPointer) {
-            let words = p.bindMemory(to: UInt64.self, capacity: block / 8)
+            pattern.fill(offset, into: p)
+            let words = p.bindMemory(to: UInt64.self, capacity: 3)
             words[0] = CapacityProbe.magic
             words[1] = nonce
             words[2] = offset
-            var pattern = TagPattern(nonce: nonce, offset: offset)
-            var i = 3
-            let count = block / 8
-            while i + 4 <= count {
-                UnsafeMutableRawPointer(words + i).storeBytes(of: pattern.next(), as: SIMD4<UInt64>.self)
-                i += 4
-            }
-            if i < count {
-                let x = pattern.next()
-                for lane in 0..<(count - i) { words[i + lane] = x[lane] }
-            }
         }
 
-        /// Whether `found` is the block `fill(offset)` makes, generated as it is compared
-        /// (one pass over the read-back, nothing stored).
+        /// Whether `found` is the block `fill(offset)` makes.
         func matches(_ offset: UInt64, _ found: UnsafeRawPointer) -> Bool {
-            guard found.load(as: UInt64.self) == CapacityProbe.magic, found.load(fromByteOffset: 8, as: UInt64.self) == nonce,
-                  found.load(fromByteOffset: 16, as: UInt64.self) == offset else { return false }
-            var pattern = TagPattern(nonce: nonce, offset: offset)
-            var i = 3
-            let count = block / 8
-            while i + 4 <= count {
-                guard found.loadUnaligned(fromByteOffset: i * 8, as: SIMD4<UInt64>.self) == pattern.next() else { return false }
-                i += 4
-            }
-            if i < count {
-                let x = pattern.next()
-                for lane in 0..<(count - i) where found.load(fromByteOffset: (i + lane) * 8, as: UInt64.self) != x[lane] { return false }
-            }
-            return true
+            found.load(as: UInt64.self) == CapacityProbe.magic && found.load(fromByteOffset: 8, as: UInt64.self) == nonce
+                && found.load(fromByteOffset: 16, as: UInt64.self) == offset && pattern.matches(offset, found)
         }
 
         /// Writes the tagged blocks of `bytes` bytes from `offset`, in one write.
@@ -408,21 +390,48 @@ public enum CapacityProbe {
         }
     }
 
-    /// A tag block's pattern after its header: four xorshift generators side by side, one
-    /// SIMD register (one generator's steps depend on each other, and at 32 cards writing and
-    /// checking a 2 MiB window each, one generator alone was a tenth of a card's CPU, issue 18).
-    struct TagPattern {
-        private var x: SIMD4<UInt64>
+    /// A tag block's words after its header: random words drawn once for the probe (from
+    /// its nonce) and XORed with a key of the block's offset (a bijection of it, so two
+    /// offsets never share a key). Every word of a block differs from the same word of any
+    /// other block of the probe (a card that returns a sector of another block fails), from
+    /// a block of an earlier probe (other random words) and, but for a 2⁻⁶⁴ chance per word,
+    /// from zeros. Writing and checking a block is one XOR a word, at memory speed: a
+    /// generator run for every block was a tenth of a card's CPU at 32 cards (issue 18).
+    final class TagPattern: @unchecked Sendable {
+        /// The block's words in groups of four; the first group's first three are the header's.
+        private let words: UnsafeMutableBufferPointer<SIMD4<UInt64>>
 
-        init(nonce: UInt64, offset: UInt64) {
-            let seed = nonce ^ (offset &* 0x9E37_79B9_7F4A_7C15)
-            x = SIMD4<UInt64>(seed, seed &+ 0x6A09_E667_F3BC_C909, seed &+ 0xBB67_AE85_84CA_A73B, seed &+ 0x3C6E_F372_FE94_F82B) | 1
+        init(nonce: UInt64, block: Int) {
+            precondition(block % 32 == 0, "a probe block is whole 32-byte groups")
+            words = .allocate(capacity: block / 32)
+            // Four xorshift generators side by side, seeded from the nonce.
+            var x = SIMD4<UInt64>(nonce, nonce &+ 0x6A09_E667_F3BC_C909, nonce &+ 0xBB67_AE85_84CA_A73B, nonce &+ 0x3C6E_F372_FE94_F82B) | 1
+            for i in words.indices {
+                x ^= x &<< 13; x ^= x &>> 7; x ^= x &<< 17
+                words[i] = x
+            }
         }
 
-        /// The next four words.
-        mutating func next() -> SIMD4<UInt64> {
-            x ^= x &<< 13; x ^= x &>> 7; x ^= x &<< 17
-            return x
+        deinit { words.deallocate() }
+
+        private static func key(_ offset: UInt64) -> SIMD4<UInt64> { SIMD4(repeating: offset &* 0x9E37_79B9_7F4A_7C15) }
+
+        /// Writes the block's words for `offset` to `p` (its header's three words too: the
+        /// caller writes the header over them).
+        func fill(_ offset: UInt64, into p: UnsafeMutableRawPointer) {
+            let key = Self.key(offset)
+            let out = p.bindMemory(to: SIMD4<UInt64>.self, capacity: words.count)
+            for i in words.indices { out[i] = words[i] ^ key }
+        }
+
+        /// Whether the words after the header of `found` are those of the block for `offset`
+        /// (any alignment: all differences are gathered, then checked once).
+        func matches(_ offset: UInt64, _ found: UnsafeRawPointer) -> Bool {
+            let key = Self.key(offset)
+            // The first group's header lanes are masked out.
+            var differ = (found.loadUnaligned(as: SIMD4<UInt64>.self) ^ words[0] ^ key) & SIMD4(0, 0, 0, ~0)
+            for i in 1..<words.count { differ |= found.loadUnaligned(fromByteOffset: i * 32, as: SIMD4<UInt64>.self) ^ words[i] ^ key }
+            return differ == .zero
         }
     }
 

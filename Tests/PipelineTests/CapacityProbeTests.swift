@@ -41,6 +41,39 @@ struct CapacityProbeTests {
         #expect(real <= UInt64(at), "estimated \(real)")
     }
 
+    @Test("a probe block is only itself: not with a sector of another block, nor another probe's body, nor zeros")
+    func aProbeBlockIsOnlyItself() {
+        let block = 4096
+        func session(_ nonce: UInt64) -> CapacityProbe.Session {
+            CapacityProbe.Session(fd: -1, path: "/dev/null", block: block, nonce: nonce,
+                                  buffer: AlignedBuffer(capacity: block, alignment: block), stash: CapacityProbe.Stash(directory: nil))
+        }
+        let probe = session(0x5EED_1234_ABCD_0001)
+        let mine = UnsafeMutableRawPointer.allocate(byteCount: block, alignment: block)
+        let other = UnsafeMutableRawPointer.allocate(byteCount: block, alignment: block)
+        defer { mine.deallocate(); other.deallocate() }
+        let a: UInt64 = 12 * 4096, b: UInt64 = 13 * 4096
+        probe.fill(a, into: mine)
+        #expect(probe.matches(a, mine))
+        #expect(!probe.matches(b, mine), "block \(a) passed as block \(b)")
+        // One 512-byte sector of block b in block a (a card mapping sectors, not blocks).
+        for sector in 0..<(block / 512) {
+            probe.fill(a, into: mine)
+            probe.fill(b, into: other)
+            (mine + sector * 512 + (sector == 0 ? 24 : 0)).copyMemory(from: other + sector * 512 + (sector == 0 ? 24 : 0), byteCount: sector == 0 ? 488 : 512)
+            #expect(!probe.matches(a, mine), "block \(a) with sector \(sector) of block \(b) passed")
+        }
+        // An earlier probe's block at the same offset, its header made this probe's.
+        session(0x5EED_1234_ABCD_0002).fill(a, into: other)
+        probe.fill(a, into: mine)
+        other.copyMemory(from: mine, byteCount: 24)
+        #expect(!probe.matches(a, other))
+        // Zeros after an intact header.
+        probe.fill(a, into: mine)
+        (mine + 24).initializeMemory(as: UInt8.self, repeating: 0, count: block - 24)
+        #expect(!probe.matches(a, mine))
+    }
+
     @Test(arguments: [8 << 20, 24 << 20, (40 << 20) + 12288, (52 << 20) + 4096, (3 << 20) + 8192] as [Int64])
     func refusesACardThatDropsWithItsRealSizeToAMegabyte(real: Int64) throws {
         let fake = try FakeCard(label: "drop-\(real >> 20)m", claimedSize: 64 << 20, lie: .drops(realSize: real))
