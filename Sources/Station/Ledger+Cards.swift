@@ -39,7 +39,7 @@ extension Ledger {
                   detail = excluded.detail, lastJob = excluded.lastJob, lastSeen = excluded.lastSeen,
                   repairs = card.repairs + excluded.repairs,
                   writeBytesPerSecond = COALESCE(excluded.writeBytesPerSecond, card.writeBytesPerSecond)
-                """).execute(arguments: [id, strength, detail, verdict, reason, job, now, now, repairs, writeBytesPerSecond])
+                """).execute(arguments: [id, strength, detail, verdict, reason, job, Self.stored(now), Self.stored(now), repairs, writeBytesPerSecond])
         }
     }
 

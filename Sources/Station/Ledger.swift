@@ -104,16 +104,52 @@ public final class Ledger: Sendable {
         }
     }
 
+    /// `date` as GRDB stores a `Date` ("yyyy-MM-dd HH:mm:ss.SSS" in UTC, to the nearest
+    /// millisecond) and reads it back, written without GRDB's `DateFormatter`: ICU's
+    /// formatting was most of a state change's cost in the ledger, and a card makes five or
+    /// six (issue 18: 32 cards). Years before 1600 (ICU's calendar is Julian before 1582) or
+    /// after 9999 go to GRDB's formatter.
+    static func stored(_ date: Date) -> String {
+        // The milliseconds since 1970, as Foundation hands ICU a date (half a millisecond up).
+        let ms = ((date.timeIntervalSinceReferenceDate + 978_307_200) * 1000 + 0.5).rounded(.down)
+        guard ms.isFinite, abs(ms) < 2.5e14 else { return String.fromDatabaseValue(date.databaseValue) ?? "" }
+        let whole = Int64(ms)
+        var t = time_t(whole >= 0 ? whole / 1000 : (whole - 999) / 1000)
+        let millis = Int(whole - Int64(t) * 1000)
+        var tm = tm()
+        guard gmtime_r(&t, &tm) != nil, (1600...9999).contains(Int(tm.tm_year) + 1900) else {
+            return String.fromDatabaseValue(date.databaseValue) ?? ""
+        }
+        var text = [UInt8](repeating: 0, count: 23)
+        func put(_ value: Int, at start: Int, digits: Int) {
+            var v = value
+            for i in stride(from: start + digits - 1, through: start, by: -1) {
+                text[i] = UInt8(ascii: "0") + UInt8(v % 10)
+                v /= 10
+            }
+        }
+        put(Int(tm.tm_year) + 1900, at: 0, digits: 4)
+        put(Int(tm.tm_mon) + 1, at: 5, digits: 2)
+        put(Int(tm.tm_mday), at: 8, digits: 2)
+        put(Int(tm.tm_hour), at: 11, digits: 2)
+        put(Int(tm.tm_min), at: 14, digits: 2)
+        put(Int(tm.tm_sec), at: 17, digits: 2)
+        put(millis, at: 20, digits: 3)
+        for (i, c) in [(4, "-"), (7, "-"), (10, " "), (13, ":"), (16, ":"), (19, ".")] as [(Int, Unicode.Scalar)] { text[i] = UInt8(ascii: c) }
+        return String(decoding: text, as: UTF8.self)
+    }
+
     /// Records a new job in state `queued` and returns it.
     public func insert(_ job: NewJob, at now: Date = Date()) async throws -> JobRecord {
-        try await db.write { db in
+        let stamp = Self.stored(now)
+        return try await db.write { db in
             try db.cachedStatement(sql: """
                 INSERT INTO job (kind, slot, device, deviceNumber, diskSequence, serial, unit, profile, image, state, created, updated)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
                 """).execute(arguments: [job.kind, job.slot, job.device, job.deviceNumber.map { Int64(bitPattern: $0) }, job.diskSequence.map { Int64(bitPattern: $0) },
-                                 job.serial, job.unit, job.profile, job.image, now, now])
+                                 job.serial, job.unit, job.profile, job.image, stamp, stamp])
             let id = db.lastInsertedRowID
-            try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)").execute(arguments: [id, now])
+            try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)").execute(arguments: [id, stamp])
             return JobRecord(id: id, kind: job.kind, slot: job.slot, device: job.device, serial: job.serial, unit: job.unit,
                              profile: job.profile, image: job.image, state: .queued, created: now, updated: now)
         }
@@ -123,11 +159,12 @@ public final class Ledger: Sendable {
     public func record(job id: Int64, state: JobState, message: String?, unit: String? = nil, bytesTotal: UInt64? = nil, at now: Date = Date()) async throws {
         // Cached statements: every job writes five or six of these pairs; the SQL is compiled
         // once per connection, not at every state change of every card (issue 18: 32 cards).
+        let stamp = Self.stored(now)
         try await db.write { db in
             try db.cachedStatement(sql: "UPDATE job SET state = ?, message = ?, updated = ?, unit = COALESCE(?, unit), bytesTotal = COALESCE(?, bytesTotal) WHERE id = ?")
-                .execute(arguments: [state.rawValue, message, now, unit, bytesTotal.map { Int64(bitPattern: $0) }, id])
+                .execute(arguments: [state.rawValue, message, stamp, unit, bytesTotal.map { Int64(bitPattern: $0) }, id])
             try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, message, at) VALUES (?, ?, ?, ?)")
-                .execute(arguments: [id, state.rawValue, message, now])
+                .execute(arguments: [id, state.rawValue, message, stamp])
         }
     }
 
