@@ -181,7 +181,7 @@ udevadm settle --timeout=10 || true
 say "cards: $(for s in "${SLOTS[@]}"; do printf '%s=%s@%sMB/s ' "$s" "${DEV[$s]#/dev/}" "${WBPS[$s]}"; done)"
 
 # ---------------------------------------------------------------- runs
-declare -A T CPUU CPUS RSSK ANONK CACHEK BUDGETK PERFU PERFS PERFT   # results, keyed "fmt/run/slot" or "fmt/run"
+declare -A T CPUU CPUS RSSK ANONK CACHEK BUDGETK PERFU PERFS PERFT STEAL   # results, keyed "fmt/run/slot" or "fmt/run"
 # perf, when it runs here (Debian's linux-perf); without it the perf rows say so.
 PERF=$(command -v perf || true); PERFREC=""
 [ -z "$PERF" ] || "$PERF" record -q -e cpu-clock -a -o /dev/null -- true >/dev/null 2>&1 || PERF=""
@@ -207,6 +207,15 @@ start_daemon() {
   export PROVISION_SOCKET=$1/control.sock
   for _ in $(seq 100); do "$PROVISION" status >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "FAILED: provisiond did not answer on $1/control.sock" >&2; cat "$1/provisiond.log" >&2; exit 1
+}
+
+# cpu_ticks: all CPUs' ticks so far, and the hypervisor's share of them ("steal", /proc/stat's
+# eighth value): on a shared host a run's timing ratios are only as good as its CPUs were there.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9 }' /proc/stat; }
+# steal_since KEY TOTAL STEAL: the percentage of CPU time stolen since that cpu_ticks reading.
+steal_since() {
+  local t s; read -r t s < <(cpu_ticks)
+  STEAL[$1]=$(awk -v t="$((t - $2))" -v s="$((s - $3))" 'BEGIN { printf "%.0f", t > 0 ? 100 * s / t : 0 }')
 }
 
 # record_daemon KEY DIR: CPU (from /proc/PID/stat: utime and stime are fields 14 and 15,
@@ -263,6 +272,7 @@ TOML
     PERFREC=$!
     sleep 0.5
   fi
+  local t0 s0; read -r t0 s0 < <(cpu_ticks)
   start_daemon "$dir"
   local pid=$DAEMON
   # --foreground: timeout keeps watch in our process group, so Ctrl-C stops it and the trap cleans up.
@@ -270,6 +280,7 @@ TOML
     echo "FAILED: $fmt $run: provision watch did not end cleanly" >&2; cat "$dir/watch.log" "$dir/provisiond.log" >&2; exit 1
   fi
   record_daemon "$fmt/$run" "$dir"
+  steal_since "$fmt/$run" "$t0" "$s0"
   CACHEK[$fmt/$run]=$(du -sk "$dir/cache" | cut -f1)
   "$PROVISION" jobs --json > "$dir/jobs.json"
   # The buffer budget's own account: the most it ever had allocated at once, and its limit.
@@ -298,7 +309,7 @@ TOML
   if [ $bad = 1 ]; then
     sqlite3 "$dir/ledger.sqlite" "SELECT jobId, state, message, at FROM jobEvent" >&2; tail -30 "$dir/provisiond.log" >&2; exit 1
   fi
-  say "$fmt $run: $(for s in "$@"; do printf '%s %ss  ' "$s" "${T[$fmt/$run/$s]}"; done)user CPU ${CPUU[$fmt/$run]} s, sys ${CPUS[$fmt/$run]} s, peak RSS $((RSSK[$fmt/$run] / 1024)) MiB (anonymous $((ANONK[$fmt/$run] / 1024)) MiB), cache $((CACHEK[$fmt/$run] / 1024)) MiB"
+  say "$fmt $run: $(for s in "$@"; do printf '%s %ss  ' "$s" "${T[$fmt/$run/$s]}"; done)user CPU ${CPUU[$fmt/$run]} s, sys ${CPUS[$fmt/$run]} s, peak RSS $((RSSK[$fmt/$run] / 1024)) MiB (anonymous $((ANONK[$fmt/$run] / 1024)) MiB), cache $((CACHEK[$fmt/$run] / 1024)) MiB, host steal ${STEAL[$fmt/$run]} %"
 }
 
 # peer_run FMT: 8 parallel bmaptool copy runs, each timed by /usr/bin/time.
@@ -371,6 +382,7 @@ for fmt in "${FMTS[@]}"; do
   echo "| total | value | target | result |"
   echo "|---|---|---|---|"
   echo "| slowest batch/alone ratio | $worst | ≤ 1.05 | $(verdict "$worst" 1.05) |"
+  echo "| CPU time the hypervisor took (/proc/stat steal; alone runs ${STEAL[$fmt/alone-$A1]}, ${STEAL[$fmt/alone-$A2]}, ${STEAL[$fmt/alone-$A3]} %) | ${STEAL[$fmt/batch]} % | – | |"
   echo "| provisiond user CPU, 1 card (alone runs 10/20/40 MB/s: ${CPUU[$fmt/alone-$A1]}, ${CPUU[$fmt/alone-$A2]}, ${CPUU[$fmt/alone-$A3]} s; mean) | $u1 s | | |"
   echo "| provisiond user CPU by /proc/PID/stat (tick-sampled), $CARDS cards (sys ${CPUS[$fmt/batch]} s; user+sys $(awk -v a="${CPUU[$fmt/batch]}" -v b="${CPUS[$fmt/batch]}" 'BEGIN { printf "%.2f", a + b }') s) | ${CPUU[$fmt/batch]} s | ≤ $CPU_TARGET × 1 card | $(ratio "${CPUU[$fmt/batch]}" "$u1")× $(verdict "$(ratio "${CPUU[$fmt/batch]}" "$u1")" "$CPU_TARGET") |"
   if [ -n "$PERF" ]; then
