@@ -215,7 +215,7 @@ cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, 
 # steal_since KEY TOTAL STEAL: the percentage of CPU time stolen since that cpu_ticks reading.
 steal_since() {
   local t s; read -r t s < <(cpu_ticks)
-  STEAL[$1]=$(awk -v t="$((t - $2))" -v s="$((s - $3))" 'BEGIN { printf "%.0f", t > 0 ? 100 * s / t : 0 }')
+  STEAL[$1]=$(awk -v t="$((t - $2))" -v s="$((s - $3))" 'BEGIN { printf "%.0f", (t > 0 ? 100 * s / t : 0) }')
 }
 
 # record_daemon KEY DIR: CPU (from /proc/PID/stat: utime and stime are fields 14 and 15,
