@@ -309,7 +309,7 @@ public final class SharedLedger: Sendable {
     /// and the replicator makes a new one). A task cancelled while its query runs (the daemon
     /// stopping) ends at once with CancellationError, closing the connection, rather than
     /// holding the shutdown up to `queryDeadline`.
-    static func fetch(_ query: PostgresQuery, on c: LabConnection, logger: Logger) async throws -> [PostgresRow] {
+    static func fetch(_ query: PostgresQuery, on c: LabConnection, logger: Logger, deadline: Duration = queryDeadline) async throws -> [PostgresRow] {
         guard !c.connection.isClosed else { throw LinkFailure("the database closed the connection") }
         let outcome = Once<Result<[PostgresRow], any Error>>()
         return try await withTaskCancellationHandler {
@@ -323,8 +323,8 @@ public final class SharedLedger: Sendable {
                 }
                 let watch = c.watch(outcome)
                 let timer = Task {
-                    try? await Task.sleep(for: queryDeadline)
-                    if !Task.isCancelled, outcome.settle(.failure(LinkFailure("no answer from the database within \(queryDeadline)"))) {
+                    try? await Task.sleep(for: deadline)
+                    if !Task.isCancelled, outcome.settle(.failure(LinkFailure("no answer from the database within \(deadline)"))) {
                         c.closeSoon()
                     }
                 }

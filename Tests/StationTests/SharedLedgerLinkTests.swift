@@ -33,19 +33,21 @@ struct SharedLedgerLinkTests {
     func cancelledStatementEnds() async throws {
         try await Self.withLedger { shared, _ in
             let c = try await shared.connect()
-            // The watching connection first: opened after the statement was sent, on a loaded
-            // machine it once took so long that the statement's 30 s answer timeout ended it
-            // before the cancel came (LinkFailure instead of CancellationError).
             let other = try await shared.connect()
-            let running = Task { try await SharedLedger.fetch("SELECT pg_sleep(600)", on: c, logger: shared.logger) }
+            // The statement's answer deadline outlasts the wait below: on a loaded `make test`
+            // the server was once seen running it only after the link's 30 s deadline had
+            // ended it (LinkFailure instead of CancellationError), twice.
+            let running = Task { try await SharedLedger.fetch("SELECT pg_sleep(600)", on: c, logger: shared.logger, deadline: .seconds(900)) }
             // Cancel once the server runs the statement (not before it was sent).
-            let deadline = ContinuousClock.now + .seconds(300)
-            while ContinuousClock.now < deadline {
+            let started = ContinuousClock.now
+            var seen = false
+            while !seen, ContinuousClock.now < started + .seconds(300) {
                 let busy = try await SharedLedger.fetch("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND state = 'active'",
                                                         on: other, logger: shared.logger)
-                if try busy.first?.decode(Int64.self) == 1 { break }
-                try await Task.sleep(for: .milliseconds(50))
+                seen = try busy.first?.decode(Int64.self) == 1
+                if !seen { try await Task.sleep(for: .milliseconds(50)) }
             }
+            #expect(seen, "the server was not seen running the statement within \(ContinuousClock.now - started)")
             running.cancel()
             await #expect(throws: CancellationError.self) { _ = try await running.value }
             try await c.connection.closeFuture.get()
