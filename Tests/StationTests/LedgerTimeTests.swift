@@ -26,6 +26,13 @@ struct LedgerTimeTests {
             default: dates.append(Date(timeIntervalSince1970: seconds + Double(Int.random(in: 0..<1_000_000, using: &generator)) / 1_000_000))
             }
         }
+        // Half a millisecond past whole ones, and the doubles either side: where rounding decides.
+        for i in 0..<5_000 {
+            let half = Double(Int64.random(in: 0...4_102_444_800, using: &generator)) + Double(i % 1000) / 1000 + 0.0005
+            dates += [half, half.nextUp, half.nextDown].map { Date(timeIntervalSince1970: $0) }
+            let reference = Double(Int64.random(in: -978_307_200...3_124_137_600, using: &generator)) + Double(i % 1000) / 1000 + 0.0005
+            dates += [reference, reference.nextUp, reference.nextDown].map { Date(timeIntervalSinceReferenceDate: $0) }
+        }
         var differing: [String] = []
         for date in dates {
             let grdb = try #require(String.fromDatabaseValue(date.databaseValue))
