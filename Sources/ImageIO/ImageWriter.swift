@@ -434,7 +434,7 @@ final class WriteJob: @unchecked Sendable {
         // the sync that must precede the first MiB is still part of writing it.
         try sync()
         try writeHeldBack()
-        var written = withDownload(meter.progress)
+        var written = withDownload(meter.finalProgress)
         written.bytesTotal = meter.done
         written.secondsRemaining = 0
         progress(written)
