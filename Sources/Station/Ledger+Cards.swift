@@ -27,6 +27,7 @@ extension Ledger {
     /// a later good one (the card is refused before it could get one); only `forgetCard` ends it.
     public func rememberCard(id: String, strength: String, detail: String, verdict: String, reason: String?, job: Int64?,
                              repairs: Int = 0, writeBytesPerSecond: Double? = nil, at now: Date = Date()) async throws {
+        let stamp = Self.stored(now)
         try await db.write { db in
             try db.cachedStatement(sql: """
                 INSERT INTO card (id, strength, detail, verdict, reason, lastJob, firstSeen, lastSeen, repairs, writeBytesPerSecond)
@@ -39,7 +40,7 @@ extension Ledger {
                   detail = excluded.detail, lastJob = excluded.lastJob, lastSeen = excluded.lastSeen,
                   repairs = card.repairs + excluded.repairs,
                   writeBytesPerSecond = COALESCE(excluded.writeBytesPerSecond, card.writeBytesPerSecond)
-                """).execute(arguments: [id, strength, detail, verdict, reason, job, Self.stored(now), Self.stored(now), repairs, writeBytesPerSecond])
+                """).execute(arguments: [id, strength, detail, verdict, reason, job, stamp, stamp, repairs, writeBytesPerSecond])
         }
     }
 
