@@ -7,8 +7,9 @@ import Glibc
 import ControlProtocol
 import Foundation
 
-/// Calls `body` with `path` as a Unix socket address and its length.
-func withUnixAddress<T>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> T) throws -> T {
+/// A Unix socket of `type` (SOCK_STREAM, SOCK_DGRAM), close-on-exec, that `attach` (bind or
+/// connect, named by `verb` in errors) took to `path`; the caller closes it.
+private func unixSocket(_ path: String, type: Int32, _ verb: String, _ attach: (Int32, UnsafePointer<sockaddr>, socklen_t) -> Int32) throws -> Int32 {
     var addr = sockaddr_un()
     addr.sun_family = sa_family_t(AF_UNIX)
     let bytes = Array(path.utf8)
@@ -16,22 +17,21 @@ func withUnixAddress<T>(_ path: String, _ body: (UnsafePointer<sockaddr>, sockle
     withUnsafeMutableBytes(of: &addr.sun_path) { raw in
         for (i, b) in bytes.enumerated() { raw[i] = b }
     }
-    return withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-}
-
-/// A Unix socket of `type` (SOCK_STREAM, SOCK_DGRAM) bound at `path`, close-on-exec; the
-/// caller closes it. (Closed at once, it leaves the socket file a killed daemon leaves.)
-func boundUnixSocket(_ path: String, type: Int32) throws -> Int32 {
     let fd = socket(AF_UNIX, type | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw BenchError("socket: \(String(cString: strerror(errno)))") }
-    let rc: Int32
-    do { rc = try withUnixAddress(path) { bind(fd, $0, $1) } } catch { Glibc.close(fd); throw error }
+    let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { attach(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
     guard rc == 0 else {
         let e = errno
         Glibc.close(fd)
-        throw BenchError("bind \(path): \(String(cString: strerror(e)))")
+        throw BenchError("\(verb) \(path): \(String(cString: strerror(e)))")
     }
     return fd
+}
+
+/// A Unix socket of `type` bound at `path`, close-on-exec; the caller closes it. (Closed at
+/// once, it leaves the socket file a killed daemon leaves.)
+func boundUnixSocket(_ path: String, type: Int32) throws -> Int32 {
+    try unixSocket(path, type: type, "bind") { bind($0, $1, $2) }
 }
 
 final class RawConnection {
@@ -39,15 +39,7 @@ final class RawConnection {
     private var buffer: [UInt8] = []
 
     init(path: String) throws {
-        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw BenchError("socket: \(String(cString: strerror(errno)))") }
-        let rc: Int32
-        do { rc = try withUnixAddress(path) { connect(fd, $0, $1) } } catch { Glibc.close(fd); throw error }
-        guard rc == 0 else {
-            let e = errno
-            Glibc.close(fd)
-            throw BenchError("connect \(path): \(String(cString: strerror(e)))")
-        }
+        fd = try unixSocket(path, type: Int32(SOCK_STREAM.rawValue), "connect") { connect($0, $1, $2) }
     }
 
     deinit { Glibc.close(fd) }
