@@ -38,21 +38,25 @@ public enum LineCodec {
         return String(decoding: text, as: UTF8.self)
     }
 
+    /// `value` (0 ≤ value < 10^count) in `count` decimal digits, zero-padded, appended to
+    /// `bytes`: the fixed-width fields of the dates the event lines and the ledger write.
+    public static func appendDigits(_ value: Int, count: Int, to bytes: inout [UInt8]) {
+        var divisor = 1
+        for _ in 1..<count { divisor *= 10 }
+        var v = value
+        while divisor > 0 {
+            bytes.append(UInt8(ascii: "0") + UInt8(v / divisor))
+            v %= divisor
+            divisor /= 10
+        }
+    }
+
     /// The same, appended to `bytes` (the event stream's lines write it in place).
     static func iso8601(_ date: Date, into bytes: inout [UInt8]) {
         var t = time_t(date.timeIntervalSince1970.rounded(.down))
         var tm = tm()
         gmtime_r(&t, &tm)
-        func digits(_ v: Int, _ count: Int) {
-            var divisor = 1
-            for _ in 1..<count { divisor *= 10 }
-            var v = v
-            while divisor > 0 {
-                bytes.append(UInt8(ascii: "0") + UInt8(v / divisor))
-                v %= divisor
-                divisor /= 10
-            }
-        }
+        func digits(_ v: Int, _ count: Int) { appendDigits(v, count: count, to: &bytes) }
         let year = Int(tm.tm_year) + 1900
         if (0...9999).contains(year) { digits(year, 4) } else { bytes.append(contentsOf: String(year).utf8) }
         bytes.append(UInt8(ascii: "-")); digits(Int(tm.tm_mon) + 1, 2)

@@ -120,22 +120,19 @@ public final class Ledger: Sendable {
         guard gmtime_r(&t, &tm) != nil, (1600...9999).contains(Int(tm.tm_year) + 1900) else {
             return String.fromDatabaseValue(date.databaseValue) ?? ""
         }
-        var text = [UInt8](repeating: 0, count: 23)
-        func put(_ value: Int, at start: Int, digits: Int) {
-            var v = value
-            for i in stride(from: start + digits - 1, through: start, by: -1) {
-                text[i] = UInt8(ascii: "0") + UInt8(v % 10)
-                v /= 10
-            }
+        var text: [UInt8] = []
+        text.reserveCapacity(23)
+        func field(_ separator: Unicode.Scalar?, _ value: Int, digits: Int) {
+            if let separator { text.append(UInt8(ascii: separator)) }
+            LineCodec.appendDigits(value, count: digits, to: &text)
         }
-        put(Int(tm.tm_year) + 1900, at: 0, digits: 4)
-        put(Int(tm.tm_mon) + 1, at: 5, digits: 2)
-        put(Int(tm.tm_mday), at: 8, digits: 2)
-        put(Int(tm.tm_hour), at: 11, digits: 2)
-        put(Int(tm.tm_min), at: 14, digits: 2)
-        put(Int(tm.tm_sec), at: 17, digits: 2)
-        put(millis, at: 20, digits: 3)
-        for (i, c) in [(4, "-"), (7, "-"), (10, " "), (13, ":"), (16, ":"), (19, ".")] as [(Int, Unicode.Scalar)] { text[i] = UInt8(ascii: c) }
+        field(nil, Int(tm.tm_year) + 1900, digits: 4)
+        field("-", Int(tm.tm_mon) + 1, digits: 2)
+        field("-", Int(tm.tm_mday), digits: 2)
+        field(" ", Int(tm.tm_hour), digits: 2)
+        field(":", Int(tm.tm_min), digits: 2)
+        field(":", Int(tm.tm_sec), digits: 2)
+        field(".", millis, digits: 3)
         return String(decoding: text, as: UTF8.self)
     }
 
