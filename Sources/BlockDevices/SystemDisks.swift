@@ -12,26 +12,44 @@ public struct SystemDiskUsage: Sendable {
 
     public static func current() -> SystemDiskUsage {
         var usage = SystemDiskUsage()
-        if let mountinfo = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) {
-            for line in mountinfo.split(separator: "\n") {
-                let f = line.split(separator: " ")
-                guard f.count > 4 else { continue }
-                let mm = f[2].split(separator: ":").compactMap { UInt32($0) }
-                guard mm.count == 2, mm[0] != 0 else { continue }  // major 0: virtual filesystems
-                let point = String(f[4]).replacingOccurrences(of: "\\040", with: " ")
-                usage.add(devnum: makeDevnum(mm[0], mm[1]), reason: point == "/" ? "holds / (the system disk)" : "mounted at \(point)")
+        if let mountinfo = readProcFile("/proc/self/mountinfo") {
+            for mount in MountInfo.parse(mountinfo) {
+                guard let devnum = mount.device ?? mount.source.flatMap(blockDevice(at:)) else { continue }
+                usage.add(devnum: devnum, reason: mount.point == "/" ? "holds / (the system disk)" : "mounted at \(mount.point)")
             }
         }
-        if let swaps = try? String(contentsOfFile: "/proc/swaps", encoding: .utf8) {
-            for line in swaps.split(separator: "\n").dropFirst() {
-                guard let dev = line.split(separator: " ").first else { continue }
-                var st = stat()
-                if stat(String(dev), &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK {
-                    usage.add(devnum: UInt64(st.st_rdev), reason: "used as swap")
-                }
+        if let swaps = readProcFile("/proc/swaps") {
+            // "Filename Type Size Used Priority", a header line first; names escaped as in mountinfo.
+            for line in swaps.split(separator: UInt8(ascii: "\n")).dropFirst() {
+                guard let name = line.split(separator: UInt8(ascii: " ")).first,
+                      let devnum = blockDevice(at: MountInfo.unescape(name)) else { continue }
+                usage.add(devnum: devnum, reason: "used as swap")
             }
         }
         return usage
+    }
+
+    /// The device number of the block device node at `path`, if that is one.
+    static func blockDevice(at path: String) -> UInt64? {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return nil }
+        return UInt64(st.st_rdev)
+    }
+
+    /// A /proc file's bytes (its size reads as 0: read to the end).
+    static func readProcFile(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 16 << 10)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { return nil }
+            if n == 0 { return bytes }
+            bytes.append(contentsOf: chunk[..<n])
+        }
     }
 
     public func reasons(for devnum: UInt64) -> [String] { uses[devnum] ?? [] }
@@ -62,4 +80,50 @@ func devnumMinor(_ d: UInt64) -> UInt32 { UInt32(d & 0xff) | UInt32((d >> 12) & 
 func parseDevnum(_ text: String) -> UInt64? {
     let mm = text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":").compactMap { UInt32($0) }
     return mm.count == 2 ? makeDevnum(mm[0], mm[1]) : nil
+}
+
+/// `/proc/self/mountinfo`'s lines (proc(5)): "ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS
+/// [OPTIONAL…] - FSTYPE SOURCE SUPEROPTIONS", space-separated, with space, tab, newline and
+/// backslash in names written as `\ooo` (octal).
+struct MountInfo: Equatable {
+    /// The filesystem's device, from MAJOR:MINOR; nil for major 0 (an anonymous device:
+    /// virtual filesystems, and btrfs, whose mounts name `0:N` and the disk only as SOURCE).
+    var device: UInt64?
+    var point: String
+    /// SOURCE when it is a path under /dev (a btrfs on a card: "/dev/sdb1").
+    var source: String?
+
+    static func parse(_ text: [UInt8]) -> [MountInfo] {
+        text.split(separator: UInt8(ascii: "\n")).compactMap { line in
+            let f = line.split(separator: UInt8(ascii: " "))
+            guard f.count >= 5 else { return nil }
+            let mm = f[2].split(separator: UInt8(ascii: ":")).compactMap { UInt32(String(decoding: $0, as: UTF8.self)) }
+            guard mm.count == 2 else { return nil }
+            // SOURCE follows FSTYPE after the lone "-" that ends the optional fields.
+            let dash = f[5...].firstIndex { $0.elementsEqual([UInt8(ascii: "-")]) }
+            let source = dash.flatMap { $0 + 2 < f.count ? unescape(f[$0 + 2]) : nil }
+            return MountInfo(device: mm[0] == 0 ? nil : makeDevnum(mm[0], mm[1]), point: unescape(f[4]),
+                             source: source.flatMap { $0.hasPrefix("/dev/") ? $0 : nil })
+        }
+    }
+
+    /// Undoes the kernel's `\ooo` escapes.
+    static func unescape(_ field: some Collection<UInt8>) -> String {
+        let bytes = Array(field)
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count)
+        var i = 0
+        while i < bytes.count {
+            let octal = UInt8(ascii: "0")...UInt8(ascii: "7")
+            if bytes[i] == UInt8(ascii: "\\"), i + 3 < bytes.count, bytes[(i + 1)...(i + 3)].allSatisfy(octal.contains),
+               bytes[i + 1] <= UInt8(ascii: "3") {
+                out.append((bytes[i + 1] - 48) << 6 | (bytes[i + 2] - 48) << 3 | (bytes[i + 3] - 48))
+                i += 4
+            } else {
+                out.append(bytes[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
 }

@@ -50,6 +50,52 @@ struct SafetyPolicyTests {
         #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
     }
 
+    @Test("mountinfo lines: device number, mount point unescaped, a /dev source after the optional fields")
+    func parsesMountInfo() {
+        let text = """
+            36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+            43 27 0:39 / /tmp/a\\040b\\011c\\134d rw,relatime shared:5 unbindable - btrfs /dev/loop1 rw,subvol=/
+            25 1 0:22 / /dev/shm rw - tmpfs tmpfs rw
+            26 1 0:23 / /x\\9 rw - fuse.fake /dev/fuse rw
+
+            """
+        #expect(MountInfo.parse(Array(text.utf8)) == [
+            MountInfo(device: makeDevnum(98, 0), point: "/mnt2", source: "/dev/root"),
+            MountInfo(device: nil, point: "/tmp/a b\tc\\d", source: "/dev/loop1"),
+            MountInfo(device: nil, point: "/dev/shm", source: nil),
+            MountInfo(device: nil, point: "/x\\9", source: "/dev/fuse"),
+        ])
+    }
+
+    @Test("names a mount point with a space, a tab and a backslash as it is (mountinfo writes them \\040, \\011, \\134)")
+    func namesEscapedMountPoint() throws {
+        let card = try LoopCard(label: "escaped", size: 16 << 20)
+        defer { card.close() }
+        _ = try sh("mkfs.ext4", "-q", "-F", card.devicePath)
+        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision mnt\t\\\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        _ = try sh("mount", card.devicePath, mnt)
+        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
+        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+        #expect(refusals.contains { $0.rule == .inUse && $0.reason == "in use: mounted at \(mnt)" }, "\(refusals)")
+    }
+
+    @Test("refuses a mounted btrfs card, whose mountinfo line names no device number (0:N) but its source")
+    func refusesMountedBtrfsCard() throws {
+        let card = try LoopCard(label: "btrfs", size: 128 << 20)
+        defer { card.close() }
+        _ = try sh("mkfs.btrfs", "-q", "-f", card.devicePath)
+        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        _ = try sh("mount", card.devicePath, mnt)
+        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
+        // The premise: the kernel's line for this mount has major 0, so only SOURCE names the card.
+        let line = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").first { $0.split(separator: " ")[4] == mnt }
+        try #require(line?.split(separator: " ")[2].hasPrefix("0:") == true, "btrfs mount line: \(line ?? "none")")
+        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+        #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+    }
+
     @Test("refuses a partition, and the whole disk when one of its partitions is mounted")
     func refusesPartitionAndItsMountedDisk() throws {
         let card = try LoopCard(label: "parts", size: 32 << 20, options: .init(partitionScan: true))
