@@ -149,13 +149,15 @@ struct WatchCommand: ParsableCommand {
             // in case an event was missed.
             var running = Set<Int64>()
             var lastAsked = Date()
+            let encoder = JSONEncoder()
+            encoder.dateEncodingStrategy = .iso8601
+            encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             while let event = try client.nextEvent() {
                 if let job = event.job {
                     if job.state.isFinal { running.remove(job.id) } else { running.insert(job.id) }
                 }
                 if options.json {
-                    let e = JSONEncoder(); e.dateEncodingStrategy = .iso8601; e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-                    emitLine(String(decoding: try e.encode(event), as: UTF8.self))
+                    emitLine(String(decoding: try encoder.encode(event), as: UTF8.self))
                 } else if interactive {
                     if Date().timeIntervalSince(lastDraw) > 0.25 || event.job?.state.isFinal == true {
                         lastDraw = Date()
@@ -181,7 +183,7 @@ struct WatchCommand: ParsableCommand {
     }
 
     func line(_ e: Event) -> String {
-        let t = ISO8601DateFormatter().string(from: Date())
+        let t = Date().formatted(.iso8601)
         switch e.kind {
         case .job:
             guard let j = e.job else { return "\(t) job" }
