@@ -15,6 +15,19 @@ struct SafetyPolicyTests {
         return r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// `mkfs` (a command line, the device appended) on `device`, then mounted for `body` at a
+    /// new directory named `name` (a random suffix added) under the temporary directory;
+    /// unmounted and removed after.
+    func mounted(_ device: String, mkfs: [String], name: String = "provision-mnt-", _ body: (String) throws -> Void) throws {
+        guard try Command.run(mkfs + [device]).succeeded else { throw PolicyTestError(description: "\(mkfs) \(device) failed") }
+        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent(name + UUID().uuidString.prefix(6)).path
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: mnt) }
+        _ = try sh("mount", device, mnt)
+        defer { _ = try? sh("umount", mnt) }
+        try body(mnt)
+    }
+
     @Test("a plain loop card passes offline, and in the station only when loop devices are enabled")
     func acceptsLoopCard() throws {
         let card = try LoopCard(label: "ok", size: 16 << 20)
@@ -41,13 +54,10 @@ struct SafetyPolicyTests {
     func refusesMountedCard() throws {
         let card = try LoopCard(label: "mounted", size: 16 << 20)
         defer { card.close() }
-        _ = try sh("mkfs.ext4", "-q", "-F", card.devicePath)
-        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        _ = try sh("mount", card.devicePath, mnt)
-        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
-        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
-        #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+        try mounted(card.devicePath, mkfs: ["mkfs.ext4", "-q", "-F"]) { mnt in
+            let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+            #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+        }
     }
 
     @Test("mountinfo lines: device number, mount point unescaped, a /dev source after the optional fields")
@@ -71,29 +81,23 @@ struct SafetyPolicyTests {
     func namesEscapedMountPoint() throws {
         let card = try LoopCard(label: "escaped", size: 16 << 20)
         defer { card.close() }
-        _ = try sh("mkfs.ext4", "-q", "-F", card.devicePath)
-        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision mnt\t\\\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        _ = try sh("mount", card.devicePath, mnt)
-        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
-        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
-        #expect(refusals.contains { $0.rule == .inUse && $0.reason == "in use: mounted at \(mnt)" }, "\(refusals)")
+        try mounted(card.devicePath, mkfs: ["mkfs.ext4", "-q", "-F"], name: "provision mnt\t\\") { mnt in
+            let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+            #expect(refusals.contains { $0.rule == .inUse && $0.reason == "in use: mounted at \(mnt)" }, "\(refusals)")
+        }
     }
 
     @Test("refuses a mounted btrfs card, whose mountinfo line names no device number (0:N) but its source")
     func refusesMountedBtrfsCard() throws {
         let card = try LoopCard(label: "btrfs", size: 128 << 20)
         defer { card.close() }
-        _ = try sh("mkfs.btrfs", "-q", "-f", card.devicePath)
-        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        _ = try sh("mount", card.devicePath, mnt)
-        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
-        // The premise: the kernel's line for this mount has major 0, so only SOURCE names the card.
-        let line = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").first { $0.split(separator: " ")[4] == mnt }
-        try #require(line?.split(separator: " ")[2].hasPrefix("0:") == true, "btrfs mount line: \(line ?? "none")")
-        let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
-        #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+        try mounted(card.devicePath, mkfs: ["mkfs.btrfs", "-q", "-f"]) { mnt in
+            // The premise: the kernel's line for this mount has major 0, so only SOURCE names the card.
+            let line = try String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8).split(separator: "\n").first { $0.split(separator: " ")[4] == mnt }
+            try #require(line?.split(separator: " ")[2].hasPrefix("0:") == true, "btrfs mount line: \(line ?? "none")")
+            let refusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+            #expect(refusals.contains { $0.rule == .inUse && $0.reason.contains("mounted at \(mnt)") }, "\(refusals)")
+        }
     }
 
     @Test("refuses a partition, and the whole disk when one of its partitions is mounted")
@@ -108,13 +112,10 @@ struct SafetyPolicyTests {
         let partFacts = try DeviceFacts.read(path: part)
         #expect(offline.refusals(for: partFacts, minimumSize: nil).contains { $0.rule == .partition })
 
-        _ = try sh("mkfs.ext4", "-q", part)
-        let mnt = FileManager.default.temporaryDirectory.appendingPathComponent("provision-mnt-\(UUID().uuidString.prefix(6))").path
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
-        _ = try sh("mount", part, mnt)
-        defer { _ = try? sh("umount", mnt); try? FileManager.default.removeItem(atPath: mnt) }
-        let diskRefusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
-        #expect(diskRefusals.contains { $0.rule == .inUse && $0.reason.contains(mnt) }, "\(diskRefusals)")
+        try mounted(part, mkfs: ["mkfs.ext4", "-q"]) { mnt in
+            let diskRefusals = offline.refusals(for: try DeviceFacts.read(path: card.devicePath), minimumSize: nil)
+            #expect(diskRefusals.contains { $0.rule == .inUse && $0.reason.contains(mnt) }, "\(diskRefusals)")
+        }
     }
 
     @Test("refuses a write-protected card")
