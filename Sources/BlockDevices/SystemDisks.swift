@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import SystemPackage
 
 /// Which block devices the running system is using: mounted filesystems, swap, and
 /// everything underneath them (partitions' parent disks, device-mapper and md slaves).
@@ -36,19 +37,18 @@ public struct SystemDiskUsage: Sendable {
         return UInt64(st.st_rdev)
     }
 
-    /// A /proc file's bytes (its size reads as 0: read to the end).
+    /// A /proc file's bytes (its size reads as 0: read to the end). The seam is swift-system's
+    /// `FileDescriptor`, which retries EINTR.
     static func readProcFile(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 16 << 10)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { return nil }
-            if n == 0 { return bytes }
-            bytes.append(contentsOf: chunk[..<n])
+        guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
+        return try? fd.closeAfter {
+            var bytes: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 16 << 10)
+            while true {
+                let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0) }
+                if n == 0 { return bytes }
+                bytes.append(contentsOf: chunk[..<n])
+            }
         }
     }
 
