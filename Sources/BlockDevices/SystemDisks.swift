@@ -15,6 +15,11 @@ public struct SystemDiskUsage: Sendable {
         var usage = SystemDiskUsage()
         if let mountinfo = readProcFile("/proc/self/mountinfo") {
             for mount in MountInfo.parse(mountinfo) {
+                // btrfs names its disk only as SOURCE (its device number is anonymous, 0:N):
+                // without it a card with a mounted btrfs passed the policy, and only O_EXCL's
+                // EBUSY kept the station from writing under a live filesystem. A SOURCE that
+                // merely looks like a disk (a tmpfs mounted as "/dev/sdb1") refuses that disk:
+                // the safe way to be wrong.
                 guard let devnum = mount.device ?? mount.source.flatMap(blockDevice(at:)) else { continue }
                 usage.add(devnum: devnum, reason: mount.point == "/" ? "holds / (the system disk)" : "mounted at \(mount.point)")
             }
