@@ -102,12 +102,11 @@ struct MountInfo: Equatable {
         text.split(separator: UInt8(ascii: "\n")).compactMap { line in
             let f = line.split(separator: UInt8(ascii: " "))
             guard f.count >= 5 else { return nil }
-            let mm = f[2].split(separator: UInt8(ascii: ":")).compactMap { UInt32(String(decoding: $0, as: UTF8.self)) }
-            guard mm.count == 2 else { return nil }
+            guard let devnum = parseDevnum(String(decoding: f[2], as: UTF8.self)) else { return nil }
             // SOURCE follows FSTYPE after the lone "-" that ends the optional fields.
             let dash = f[5...].firstIndex { $0.elementsEqual([UInt8(ascii: "-")]) }
             let source = dash.flatMap { $0 + 2 < f.count ? unescape(f[$0 + 2]) : nil }
-            return MountInfo(device: mm[0] == 0 ? nil : makeDevnum(mm[0], mm[1]), point: unescape(f[4]),
+            return MountInfo(device: devnumMajor(devnum) == 0 ? nil : devnum, point: unescape(f[4]),
                              source: source.flatMap { $0.hasPrefix("/dev/") ? $0 : nil })
         }
     }
