@@ -57,6 +57,10 @@ public struct SafetyPolicy: Sendable {
         }
         // 3. Mounted, swap, holding / or held by dm/md/LVM: overwriting a live filesystem
         //    corrupts the running system.
+        //    Where the system's mounts cannot be read, any card could be one of them.
+        for what in usage.unreadable {
+            out.append(.init(rule: .inUse, reason: "cannot tell whether it is in use: \(what)"))
+        }
         for why in usage.reasons(for: d.deviceNumber) {
             out.append(.init(rule: .inUse, reason: "in use: \(why)"))
         }

@@ -11,10 +11,15 @@ public struct SystemDiskUsage: Sendable {
     /// Why a device number is in use, e.g. "mounted at /boot", "holds /", "swap".
     public private(set) var uses: [UInt64: [String]] = [:]
 
-    public static func current() -> SystemDiskUsage {
+    /// What could not be read, e.g. "cannot read /proc/self/mountinfo (Permission denied)":
+    /// then nothing is known about what is mounted, and the policy refuses every device.
+    public private(set) var unreadable: [String] = []
+
+    public static func current(mountinfo: String = "/proc/self/mountinfo", swaps: String = "/proc/swaps") -> SystemDiskUsage {
         var usage = SystemDiskUsage()
-        if let mountinfo = readProcFile("/proc/self/mountinfo") {
-            for mount in MountInfo.parse(mountinfo) {
+        switch readProcFile(mountinfo) {
+        case .success(let text):
+            for mount in MountInfo.parse(text) {
                 // btrfs names its disk only as SOURCE (its device number is anonymous, 0:N):
                 // without it a card with a mounted btrfs passed the policy, and only O_EXCL's
                 // EBUSY kept the station from writing under a live filesystem. A SOURCE that
@@ -23,14 +28,23 @@ public struct SystemDiskUsage: Sendable {
                 guard let devnum = mount.device ?? mount.source.flatMap(blockDevice(at:)) else { continue }
                 usage.add(devnum: devnum, reason: mount.point == "/" ? "holds / (the system disk)" : "mounted at \(mount.point)")
             }
+        case .failure(let errno):
+            // Knowing nothing of the mounts, every card could be one: refuse rather than let
+            // only O_EXCL stand between the station and a live filesystem.
+            usage.unreadable.append("cannot read \(mountinfo) (\(errno.description))")
         }
-        if let swaps = readProcFile("/proc/swaps") {
+        switch readProcFile(swaps) {
+        case .success(let text):
             // "Filename Type Size Used Priority", a header line first; names escaped as in mountinfo.
-            for line in swaps.split(separator: UInt8(ascii: "\n")).dropFirst() {
+            for line in text.split(separator: UInt8(ascii: "\n")).dropFirst() {
                 guard let name = line.split(separator: UInt8(ascii: " ")).first,
                       let devnum = blockDevice(at: MountInfo.unescape(name)) else { continue }
                 usage.add(devnum: devnum, reason: "used as swap")
             }
+        case .failure(.noSuchFileOrDirectory):
+            break  // a kernel without swap support has no /proc/swaps, and no swap
+        case .failure(let errno):
+            usage.unreadable.append("cannot read \(swaps) (\(errno.description))")
         }
         return usage
     }
@@ -44,16 +58,22 @@ public struct SystemDiskUsage: Sendable {
 
     /// A /proc file's bytes (its size reads as 0: read to the end). The seam is swift-system's
     /// `FileDescriptor`, which retries EINTR.
-    static func readProcFile(_ path: String) -> [UInt8]? {
-        guard let fd = try? FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec) else { return nil }
-        return try? fd.closeAfter {
-            var bytes: [UInt8] = []
-            var chunk = [UInt8](repeating: 0, count: 16 << 10)
-            while true {
-                let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0) }
-                if n == 0 { return bytes }
-                bytes.append(contentsOf: chunk[..<n])
-            }
+    static func readProcFile(_ path: String) -> Result<[UInt8], Errno> {
+        do {
+            let fd = try FileDescriptor.open(FilePath(path), .readOnly, options: .closeOnExec)
+            return .success(try fd.closeAfter {
+                var bytes: [UInt8] = []
+                var chunk = [UInt8](repeating: 0, count: 16 << 10)
+                while true {
+                    let n = try chunk.withUnsafeMutableBytes { try fd.read(into: $0) }
+                    if n == 0 { return bytes }
+                    bytes.append(contentsOf: chunk[..<n])
+                }
+            })
+        } catch let errno as Errno {
+            return .failure(errno)
+        } catch {
+            return .failure(.ioError)  // FileDescriptor throws only Errno
         }
     }
 

@@ -60,6 +60,27 @@ struct SafetyPolicyTests {
         }
     }
 
+    @Test("refuses every card when the system's mounts cannot be read, naming the file and the error")
+    func refusesWhenMountsAreUnknown() throws {
+        let card = try LoopCard(label: "unknown", size: 16 << 20)
+        defer { card.close() }
+        let facts = try DeviceFacts.read(path: card.devicePath)
+        let missing = "/nonexistent-provision-test/mountinfo"
+        let directory = FileManager.default.temporaryDirectory.path  // opens, but read() says EISDIR
+        for path in [missing, directory] {
+            let usage = SystemDiskUsage.current(mountinfo: path)
+            #expect(usage.unreadable.count == 1 && usage.unreadable[0].hasPrefix("cannot read \(path) ("), "\(usage.unreadable)")
+            let refusals = offline.refusals(for: facts, minimumSize: nil, usage: usage)
+            #expect(refusals.map(\.rule) == [.inUse] && refusals[0].reason.contains("cannot tell whether it is in use: cannot read \(path)"), "\(refusals)")
+        }
+        #expect(SystemDiskUsage.current(mountinfo: missing).unreadable == ["cannot read \(missing) (No such file or directory)"])
+        // /proc/swaps is missing on a kernel without swap, which then has none: not a refusal.
+        // Any other error is.
+        #expect(SystemDiskUsage.current(swaps: missing).unreadable.isEmpty)
+        #expect(offline.refusals(for: facts, minimumSize: nil, usage: .current(swaps: missing)).isEmpty)
+        #expect(SystemDiskUsage.current(swaps: directory).unreadable == ["cannot read \(directory) (Is a directory)"])
+    }
+
     @Test("mountinfo lines: device number, mount point unescaped, a /dev source after the optional fields")
     func parsesMountInfo() {
         let text = """
