@@ -78,6 +78,9 @@ public struct CacheFillReport: Sendable, Equatable {
     public var blocks: Int? = nil
     public var blocksDecoded: Int? = nil
     public var blocksSkipped: Int? = nil
+    /// Bytes of decoded blocks after their last mapped byte, left undecoded (the bmap's
+    /// checksums standing in for the blocks' own checks; see `ParallelXZFill`).
+    public var tailBytesSkipped: UInt64? = nil
 }
 
 /// What `CacheFiller.plan` decided, before the fill starts (the caller can say it).

@@ -157,7 +157,58 @@ struct ParallelXZFillTests {
         let listed = try Self.listBlocks(f.xz)
         let mapped = Self.mappedBlockCount(listed, f.bmap.mappedByteRanges)
         #expect(mapped == 7)
-        #expect(out.report == CacheFillReport(decoderThreads: 3, blocks: listed.count, blocksDecoded: mapped, blocksSkipped: listed.count - mapped))
+        #expect(out.report == CacheFillReport(decoderThreads: 3, blocks: listed.count, blocksDecoded: mapped, blocksSkipped: listed.count - mapped,
+                                              tailBytesSkipped: Self.tailsAfterLastMappedByte(listed, f.bmap.mappedByteRanges)))
+        #expect(out.report.tailBytesSkipped! > 0, "block 8 ends in a hole")
+    }
+
+    /// For each block of `listed` holding mapped bytes: how far it runs past its last one.
+    static func tailsAfterLastMappedByte(_ listed: [ListedBlock], _ ranges: [(start: UInt64, end: UInt64)]) -> UInt64 {
+        listed.reduce(0) { sum, b in
+            let end = b.uncompressedOffset + b.uncompressedSize
+            let inside = ranges.filter { $0.start < end && $0.end > b.uncompressedOffset }
+            guard let last = inside.map({ min($0.end, end) }).max() else { return sum }
+            return sum + end - last
+        }
+    }
+
+    @Test("with a checksummed bmap a block is decoded only to its last mapped byte: damage after it is never read; without checksums it is")
+    func stopsAtLastMappedByte() async throws {
+        let mib = Self.mib
+        // Block 2 (1–2 MiB): mapped text to 1.25 MiB, then text the bmap leaves out (written
+        // after it was made): kilobytes of compressed data after the last mapped byte.
+        // Block 4: mapped to 3.5 MiB, a hole after.
+        let f = try Fixture(segments: [(0, Self.text(mib + mib / 4)), (3 * mib, patternBytes(mib / 2, seed: 5))], size: 4 * mib,
+                            unmappedData: [(mib + mib / 4 + 4096, Self.text(mib / 2))])
+        let listed = try Self.listBlocks(f.xz)
+        #expect(listed.count == 4)
+        #expect(Self.tailsAfterLastMappedByte(listed, f.bmap.mappedByteRanges) == UInt64(3 * mib / 4 + mib / 2))
+        // Damage the end of block 2's compressed data (before its padding and 8-byte check).
+        let block2 = listed[1]
+        let fd = open(f.xz, O_RDWR)
+        var bytes = [UInt8](repeating: 0, count: 16)
+        let at = off_t(block2.compressedOffset + block2.totalSize - 28)
+        #expect(pread(fd, &bytes, 16, at) == 16)
+        bytes = bytes.map { $0 ^ 0x55 }
+        #expect(pwrite(fd, bytes, 16, at) == 16)
+        close(fd)
+        // The premise, by xz(1) itself: the block's data (not only its check) is broken.
+        #expect(try Command.run(["xz", "-t", "--ignore-check", f.xz]).status != 0)
+
+        let out = try await Self.fill(f.xz, bmap: f.bmap, size: f.size, into: f.dir.file("cache"))
+        #expect(out.error == nil, "\(String(describing: out.error))")
+        try f.dir.write("expected", f.expectedWithBmap)
+        try run("cmp", f.dir.file("expected"), out.cache)
+        #expect(out.report.tailBytesSkipped == UInt64(3 * mib / 4 + mib / 2))
+
+        // A bmap without checksums leaves the blocks' checks to prove the data: decoded whole.
+        try run("bmaptool", "-q", "create", "--no-checksum", "-o", f.dir.file("plain.bmap"), f.raw)
+        let plain = try Bmap.load(path: f.dir.file("plain.bmap"))
+        #expect(!plain.checksumsEveryRange)
+        let whole = try await Self.fill(f.xz, bmap: plain, size: f.size, into: f.dir.file("cache2"))
+        let error = try #require(whole.error)
+        #expect(error.code == .compressedStreamCorrupt && error.message.contains("xz block 2 of \(f.xz)"), "\(error.message)")
+        #expect(Self.fillThreads() == 0)
     }
 
     @Test("the thread count is min(cores, 24 MiB / (decoder + 2 MiB of buffers), blocks with mapped data)")
