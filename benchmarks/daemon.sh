@@ -57,27 +57,12 @@ TOKEN=${WORK##*.}
 BLKIO=/sys/fs/cgroup/blkio
 LOOPS=(); RULES=(); DAEMON=""; UDEVMON=""; UDEVD_STARTED=0
 
+# shellcheck source=lib/station.sh
+. benchmarks/lib/station.sh
 cleanup() {
   set +e
   [ -n "$UDEVMON" ] && kill "$UDEVMON" 2>/dev/null && wait "$UDEVMON" 2>/dev/null
-  if [ -n "$DAEMON" ] && kill -0 "$DAEMON" 2>/dev/null; then
-    kill -TERM "$DAEMON"
-    for _ in $(seq 150); do kill -0 "$DAEMON" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$DAEMON" 2>/dev/null
-    wait "$DAEMON" 2>/dev/null
-  fi
-  for l in "${LOOPS[@]}"; do
-    # Only the loop devices this script attached, and only while they still hold its files.
-    if grep -q "$WORK" "/sys/block/$(basename "$l")/loop/backing_file" 2>/dev/null; then
-      mm=$(cat "/sys/block/$(basename "$l")/dev")
-      echo "$mm 0" > $BLKIO/blkio.throttle.write_bps_device 2>/dev/null
-      losetup -d "$l" 2>/dev/null
-    fi
-  done
-  for r in "${RULES[@]}"; do rm -f "$r"; done
-  [ ${#RULES[@]} -gt 0 ] && udevadm control --reload 2>/dev/null
-  [ $UDEVD_STARTED = 1 ] && udevadm control --exit 2>/dev/null
-  if [ $KEEP = 1 ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
+  end_station
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -93,18 +78,7 @@ stop_daemon() {
 }
 
 echo ">>> station: $SLOTS slots, udev rules, a ${IMAGE_MB} MiB image"
-getent group provision >/dev/null || groupadd --system provision
-getent group provision-admin >/dev/null || groupadd --system provision-admin
-if ! udevadm control --ping >/dev/null 2>&1; then
-  /lib/systemd/systemd-udevd --daemon; UDEVD_STARTED=1
-  for _ in $(seq 50); do udevadm control --ping >/dev/null 2>&1 && break; sleep 0.1; done
-fi
-mkdir -p /run/udev/rules.d
-for r in udev-rules/70-provision.rules udev-rules/99-provision-test-loop.rules; do
-  dest=/run/udev/rules.d/$(basename "${r%.rules}")-bench-$TOKEN.rules
-  cp "$r" "$dest"; RULES+=("$dest")
-done
-udevadm control --reload
+begin_station
 head -c $((IMAGE_MB << 20)) /dev/urandom > "$WORK/image.img"
 
 {
