@@ -136,6 +136,13 @@ let package = Package(
         .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageIO", "BlockDevices", "TestSupport"]),
         .testTarget(name: "IntegrationTests", dependencies: ["ControlProtocol", "Station", "TestSupport"]),
         .testTarget(name: "BoardTests", dependencies: ["Board", "ControlProtocol"]),
+        // The daemon's own NIO handlers, on NIO's embedded channel.
+        .testTarget(name: "ProvisiondTests", dependencies: [
+            "provisiond",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

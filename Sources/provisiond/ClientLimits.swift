@@ -184,20 +184,42 @@ final class UnreadOutputHandler: ChannelDuplexHandler, RemovableChannelHandler {
         written.futureResult.assumeIsolated().whenComplete { [self] result in
             unsent -= bytes
             if case .success = result { delivered += bytes }
+            // Nothing waits: no reason to wake in `stallTimeout`, nor to keep this connection
+            // (handler, context, pipeline) alive until then. Left armed, every reply of every
+            // short-lived client woke an event loop 10 s later: the idle daemon after
+            // `benchmarks/daemon.sh`'s 600 status calls woke ~8 times a second.
+            if unsent == 0 { disarmStallCheck() }
         }
         context.write(data, promise: written)
         armStallCheck(context: context)
     }
 
     func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        disarmStallCheck()
+        context.close(mode: mode, promise: promise)
+    }
+
+    /// The client closed (or the connection broke): nothing is left to wait for.
+    func channelInactive(context: ChannelHandlerContext) {
+        disarmStallCheck()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        disarmStallCheck()
+    }
+
+    /// Whether a stall check is scheduled (for the tests).
+    var isWatchingForStall: Bool { stallCheck != nil }
+
+    private func disarmStallCheck() {
         stallCheck?.cancel()
         stallCheck = nil
-        context.close(mode: mode, promise: promise)
     }
 
     /// While output waits, the client must take some of it every `stallTimeout`.
     private func armStallCheck(context: ChannelHandlerContext) {
-        guard stallCheck == nil else { return }
+        guard stallCheck == nil, unsent > 0 else { return }
         let mark = delivered
         let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
         stallCheck = context.eventLoop.assumeIsolated().scheduleTask(in: stallTimeout) { [self] in
