@@ -331,6 +331,7 @@ private final class XZFillWork: @unchecked Sendable {
         var done: UInt64 = 0
         var filled = 0
         var range = firstRange(endingAfter: block.uncompressedOffset)
+        let stopsShort = stopAt < block.uncompressedSize
         while true {
             if stream.avail_in == 0 && inPos < inEnd {
                 let want = Int(min(UInt64(capacity), inEnd - inPos))
@@ -347,12 +348,12 @@ private final class XZFillWork: @unchecked Sendable {
             // Never past a `stopAt` short of the block's end: the decoder stops there by itself
             // (avail_out 0), without reading the compressed bytes of what follows. (At the
             // block's end it needs room to go on to its padding and check.)
-            let room = stopAt < block.uncompressedSize ? min(capacity - filled, Int(stopAt - done) - filled) : capacity - filled
+            let room = stopsShort ? min(capacity - filled, Int(stopAt - done) - filled) : capacity - filled
             stream.next_out = (output + filled).assumingMemoryBound(to: UInt8.self)
             stream.avail_out = room
             let rc = lzma_code(&stream, inPos >= inEnd ? LZMA_FINISH : LZMA_RUN)
             filled += room - stream.avail_out
-            let stopped = stopAt < block.uncompressedSize && done + UInt64(filled) == stopAt && (rc == LZMA_OK || rc == LZMA_STREAM_END)
+            let stopped = stopsShort && done + UInt64(filled) == stopAt && (rc == LZMA_OK || rc == LZMA_STREAM_END)
             if filled == capacity || (rc == LZMA_STREAM_END && filled > 0) || stopped {
                 try writeMapped(output, count: filled, at: block.uncompressedOffset + done, from: &range)
                 done += UInt64(filled)

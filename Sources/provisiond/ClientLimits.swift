@@ -194,19 +194,11 @@ final class UnreadOutputHandler: ChannelDuplexHandler, RemovableChannelHandler {
         armStallCheck(context: context)
     }
 
-    func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
-        disarmStallCheck()
-        context.close(mode: mode, promise: promise)
-    }
-
-    /// The client closed (or the connection broke): nothing is left to wait for.
+    /// The connection is over, whoever closed it (closing also fails the writes still
+    /// pending, which disarms the check above): nothing is left to wait for.
     func channelInactive(context: ChannelHandlerContext) {
         disarmStallCheck()
         context.fireChannelInactive()
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        disarmStallCheck()
     }
 
     /// Whether a stall check is scheduled (for the tests).
