@@ -13,11 +13,17 @@ public final class Ledger: Sendable {
     public let path: String
     /// The lab's shared ledger this one feeds (issue 18); nil for a station's own SQLite ledger.
     public let shared: SharedLedger?
+    /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`), stored with every job.
+    /// A disk sequence number is unique within one boot only: the kernel counts from zero at
+    /// each boot, so after a reboot the first card in a reader gets the same device number and
+    /// disk sequence that an earlier boot's card had. Only a job of this boot is "this media".
+    public let boot: String
 
     /// A station's ledger: `path` alone is the whole ledger; with `lab`, `path` is the
     /// station's own copy and outbox, replayed into the lab's PostgreSQL database as `station`.
-    public init(path: String, lab: LabLedgerConfig? = nil, station: String = "") throws {
+    public init(path: String, lab: LabLedgerConfig? = nil, station: String = "", boot: String = Ledger.currentBoot()) throws {
         self.path = path
+        self.boot = boot
         try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         var config = Configuration()
         config.busyMode = .timeout(5)
@@ -85,7 +91,21 @@ public final class Ledger: Sendable {
         m.registerMigration("v4-card-last-seen") { db in
             try db.create(index: "card_lastSeen", on: "card", columns: ["lastSeen"])
         }
+        // A job's boot (see `boot`). Jobs from before this migration have none and are of no
+        // boot: a card one of them wrote is written again if it comes back, the safe side.
+        m.registerMigration("v5-job-boot") { db in
+            try db.alter(table: "job") { t in t.add(column: "boot", .text) }
+            try db.drop(index: "job_media")
+            try db.create(index: "job_media", on: "job", columns: ["deviceNumber", "diskSequence", "boot"])
+        }
         return m
+    }
+
+    /// This boot's id, or "" when `/proc/sys/kernel/random/boot_id` cannot be read (then no
+    /// job matches an earlier one: cards are written again after a restart, the safe side).
+    public static func currentBoot() -> String {
+        guard let text = try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8) else { return "" }
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     public struct NewJob: Sendable {
@@ -141,10 +161,10 @@ public final class Ledger: Sendable {
         let stamp = Self.stored(now)
         return try await db.write { db in
             try db.cachedStatement(sql: """
-                INSERT INTO job (kind, slot, device, deviceNumber, diskSequence, serial, unit, profile, image, state, created, updated)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
+                INSERT INTO job (kind, slot, device, deviceNumber, diskSequence, boot, serial, unit, profile, image, state, created, updated)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)
                 """).execute(arguments: [job.kind, job.slot, job.device, job.deviceNumber.map { Int64(bitPattern: $0) }, job.diskSequence.map { Int64(bitPattern: $0) },
-                                 job.serial, job.unit, job.profile, job.image, stamp, stamp])
+                                 boot, job.serial, job.unit, job.profile, job.image, stamp, stamp])
             let id = db.lastInsertedRowID
             try db.cachedStatement(sql: "INSERT INTO jobEvent (jobId, state, at) VALUES (?, 'queued', ?)").execute(arguments: [id, stamp])
             return JobRecord(id: id, kind: job.kind, slot: job.slot, device: job.device, serial: job.serial, unit: job.unit,
@@ -234,12 +254,14 @@ public final class Ledger: Sendable {
         }
     }
 
-    /// The last job written to this piece of media (same node number and disk sequence),
-    /// so that a `change` event or a daemon restart does not rewrite a finished card.
+    /// The last job written to this piece of media in this boot (same node number, disk
+    /// sequence and `boot`), so that a `change` event or a daemon restart does not rewrite a
+    /// finished card, and a reboot does not take a new card for an old one.
     public func lastJob(deviceNumber: UInt64, diskSequence: UInt64) async throws -> JobRecord? {
-        try await db.read { db in
-            try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM job WHERE deviceNumber = ? AND diskSequence = ? ORDER BY id DESC LIMIT 1"),
-                             arguments: [Int64(bitPattern: deviceNumber), Int64(bitPattern: diskSequence)]).map(Self.record)
+        guard !boot.isEmpty else { return nil }
+        return try await db.read { [boot] db in
+            try Row.fetchOne(db.cachedStatement(sql: "SELECT * FROM job WHERE deviceNumber = ? AND diskSequence = ? AND boot = ? ORDER BY id DESC LIMIT 1"),
+                             arguments: [Int64(bitPattern: deviceNumber), Int64(bitPattern: diskSequence), boot]).map(Self.record)
         }
     }
 

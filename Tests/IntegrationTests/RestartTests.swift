@@ -56,6 +56,35 @@ extension IntegrationTests {
             #expect(try bench.status().slot("SLOW")?.job?.state == .interrupted)
         }
 
+        @Test("after a reboot a card with an earlier boot's device number and disk sequence is a new card, and is written")
+        func earlierBootsJobIsNotThisCard() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let image = try bench.image("small.img", bytes: 4 << 20)
+            try bench.writeConfig([.init(name: "A", image: image)])
+            let card = try bench.card(slot: "A", size: 16 << 20)
+            let first = try bench.startDaemon()
+            let done = try bench.waitForStatus("A done") { $0.slot("A")?.job?.state == .done }
+            let old = try #require(done.slot("A")?.job)
+            #expect(first.stop() == 0)
+            let boot = try Command.check(["sqlite3", bench.ledgerPath, "SELECT DISTINCT boot FROM job"]).stdout
+            let thisBoot = try String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8)
+            #expect(boot == thisBoot, "the job carries this boot's id")
+
+            // The kernel counts disk sequences from zero at each boot: the ledger's row is now
+            // what an earlier boot left, with the same device number and disk sequence as the
+            // card in the reader (the card itself is wiped, as a new card would be).
+            try Command.check(["sqlite3", bench.ledgerPath, "UPDATE job SET boot = 'an-earlier-boot'"])
+            try Command.check(["dd", "if=/dev/zero", "of=\(card.devicePath)", "bs=1M", "count=4", "oflag=direct", "status=none"])
+            let diskSequence = card.diskSequence
+            try bench.startDaemon()
+            let again = try bench.waitForStatus("A written again") { $0.slot("A")?.job.map { $0.id != old.id && $0.state == .done } ?? false }
+            #expect(card.diskSequence == diskSequence, "the same device number and disk sequence")
+            #expect(again.slot("A")?.job?.state == .done)
+            #expect(try bench.jobs().count == 2)
+            #expect(try Command.run(["cmp", "-n", "\(4 << 20)", image, card.devicePath]).succeeded, "the new card holds the image")
+        }
+
         @Test("SIGTERM mid-write records the job as cancelled, and a restart does not rewrite the card")
         func gracefulStopCancelsRunningJob() throws {
             let bench = try StationBench()
