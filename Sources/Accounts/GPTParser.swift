@@ -24,7 +24,10 @@ enum GPTParser {
             throw AccountsError(.partitionTable,
                 "\(source): GPT header declares \(count) entries of \(entrySize) bytes: not plausible")
         }
-        guard let entries = try read(entriesLBA * sector, count * entrySize) else {
+        guard let entriesOffset = byteOffset(entriesLBA, sector) else {
+            throw AccountsError(.partitionTable, "\(source): GPT entries at LBA \(entriesLBA) lie beyond any disk: damaged GPT")
+        }
+        guard let entries = try read(entriesOffset, count * entrySize) else {
             throw AccountsError(.partitionTable,
                 "\(source): GPT entries at LBA \(entriesLBA) lie beyond the data available")
         }
@@ -40,11 +43,22 @@ enum GPTParser {
             guard last >= first else {
                 throw AccountsError(.partitionTable, "\(source): GPT entry \(i + 1) ends before it starts")
             }
+            // The CRCs only say that the table is as its writer made it: LBAs are checked too,
+            // so that every partition's bytes are a file offset (a disk of 2^63 bytes is none).
+            guard let start = byteOffset(first, sector), last < UInt64.max, let end = byteOffset(last + 1, sector) else {
+                throw AccountsError(.partitionTable, "\(source): GPT entry \(i + 1) (LBA \(first)–\(last)) lies beyond any disk: damaged GPT")
+            }
             let nameUnits = (0..<36).map { le16(entries, o + 56 + 2 * $0) }.prefix { $0 != 0 }
-            partitions.append(Partition(number: i + 1, start: first * sector, size: (last - first + 1) * sector,
+            partitions.append(Partition(number: i + 1, start: start, size: end - start,
                                         kind: .gpt(guidString(type)), name: String(decoding: nameUnits, as: UTF16.self)))
         }
         return PartitionTable(scheme: .gpt, sectorSize: sectorSize, partitions: partitions)
+    }
+
+    /// `lba` sectors in bytes, or nil when that is no file offset (more than Int64.max).
+    static func byteOffset(_ lba: UInt64, _ sector: UInt64) -> UInt64? {
+        let (bytes, overflow) = lba.multipliedReportingOverflow(by: sector)
+        return overflow || bytes > UInt64(Int64.max) ? nil : bytes
     }
 
     /// GPT stores the first three GUID fields little-endian.

@@ -44,7 +44,7 @@ public struct PartitionTable: Sendable, Equatable {
     /// of `bytes` are left out; their extended container is still listed.
     public static func parse(bytes: [UInt8], sectorSize: Int = 512) throws(AccountsError) -> PartitionTable {
         try parse(sectorSize: sectorSize, source: "the given bytes") { offset, count in
-            guard offset + UInt64(count) <= UInt64(bytes.count) else { return nil }
+            guard offset <= UInt64(bytes.count), UInt64(count) <= UInt64(bytes.count) - offset else { return nil }
             return Array(bytes[Int(offset)..<Int(offset) + count])
         }
     }

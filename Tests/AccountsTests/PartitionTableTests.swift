@@ -93,6 +93,52 @@ struct PartitionTableTests {
         #expect(throws: AccountsError.self) { _ = try PartitionTable.parse(bytes: Array(good.prefix(600))) }
     }
 
+    /// An sfdisk-made GPT whose first entry (or the header's entries LBA) python rewrites,
+    /// CRCs recomputed with zlib: a table as a hostile or broken tool could write it.
+    static func craftedGPT(first: UInt64, last: UInt64, entriesLBA: UInt64? = nil) throws -> DiskImage {
+        var options = DiskImage.Options()
+        options.label = "gpt"
+        let image = try DiskImage(options)
+        try Shell.must(["python3", "-", image.path, String(first), String(last), entriesLBA.map(String.init) ?? "-"], stdin: """
+            import struct, sys, zlib
+            path, first, last, lba = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+            with open(path, "r+b") as f:
+                f.seek(512); header = bytearray(f.read(92))
+                entries_at, count, size = struct.unpack_from("<QII", header, 72)
+                f.seek(entries_at * 512); entries = bytearray(f.read(count * size))
+                struct.pack_into("<QQ", entries, 32, first, last)
+                if lba != "-": struct.pack_into("<Q", header, 72, int(lba))
+                struct.pack_into("<I", header, 88, zlib.crc32(entries))
+                struct.pack_into("<I", header, 16, 0); struct.pack_into("<I", header, 16, zlib.crc32(header))
+                f.seek(512); f.write(header)
+                f.seek(entries_at * 512); f.write(entries)
+            """)
+        return image
+    }
+
+    /// The CRCs say only that the table is as its writer made it: LBAs whose bytes are no
+    /// file offset (past 2^63) are a damaged table, named, not an arithmetic trap.
+    @Test(arguments: [
+        (UInt64(1) << 60, (UInt64(1) << 60) + 10, nil),  // LBA × 512 overflows 64 bits
+        (0, UInt64.max, nil),                            // last + 1 overflows
+        (UInt64(1) << 54, (UInt64(1) << 54) + 8, nil),   // starts at byte 2^63
+        (2048, 4095, UInt64(1) << 56),                   // the entries' LBA × 512 overflows
+    ] as [(UInt64, UInt64, UInt64?)])
+    func gptBeyondAnyDiskIsAnError(first: UInt64, last: UInt64, entriesLBA: UInt64?) throws {
+        let image = try Self.craftedGPT(first: first, last: last, entriesLBA: entriesLBA), path = image.path
+        #expect { _ = try PartitionTable.parse(path: path) } throws: { (($0 as? AccountsError)?.message.contains("beyond any disk") == true) }
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)).prefix(1 << 20))
+        #expect { _ = try PartitionTable.parse(bytes: bytes) } throws: { (($0 as? AccountsError)?.message.contains("beyond any disk") == true) }
+    }
+
+    @Test func craftedGPTWithinTheDiskIsRead() throws {
+        let image = try Self.craftedGPT(first: 2048, last: 4095), path = image.path
+        let table = try PartitionTable.parse(path: path)
+        #expect(table.partitions.first?.start == 2048 * 512)
+        #expect(table.partitions.first?.size == 2048 * 512)
+        #expect(try Self.sfdiskView(path).first.map { [$0.1, $0.2] } == [2048, 2048], "sfdisk reads the crafted table the same")
+    }
+
     @Test func crc32MatchesTheStandardCheckValue() {
         #expect(CRC32.checksum(Array("123456789".utf8)) == 0xCBF4_3926)
     }
