@@ -130,10 +130,15 @@ public struct Bmap: Sendable, Equatable {
         let bmap = Bmap(version: version, imageSize: try field("ImageSize"), blockSize: try field("BlockSize"),
                         blocksCount: try field("BlocksCount"), mappedBlocksCount: try field("MappedBlocksCount"),
                         checksumType: type, ranges: reader.ranges, path: path)
-        guard bmap.blockSize > 0, bmap.blockSize % 512 == 0 else {
+        // Bounded, so that every offset and length worked out from it fits a file offset
+        // (Int64): no image or card is 2^63 bytes, and bmaptool's blocks are 4 KiB.
+        guard bmap.blockSize > 0, bmap.blockSize % 512 == 0, bmap.blockSize <= 1 << 30 else {
             throw ImageIOError(.bmapInvalid, "bmap file \(path) has an invalid block size \(bmap.blockSize)")
         }
-        guard bmap.blocksCount == (bmap.imageSize + bmap.blockSize - 1) / bmap.blockSize else {
+        guard bmap.imageSize <= UInt64(Int64.max) - bmap.blockSize else {
+            throw ImageIOError(.bmapInvalid, "bmap file \(path) is invalid: an image of \(bmap.imageSize) bytes is larger than any file or card")
+        }
+        guard bmap.blocksCount == bmap.imageSize / bmap.blockSize + (bmap.imageSize % bmap.blockSize == 0 ? 0 : 1) else {
             throw ImageIOError(.bmapInvalid, "bmap file \(path) is inconsistent: \(bmap.blocksCount) blocks of \(bmap.blockSize) bytes do not make \(bmap.imageSize) bytes")
         }
         var previousEnd: UInt64? = nil

@@ -186,19 +186,11 @@ struct BmapTests {
         let (image, bmapPath, _) = try sparseImage()
         try run("zstd", "-q", "-f", image, "-o", image + ".zst")
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: image + ".zst")))
-        // Walk the frame to its third block, [256 KiB, 384 KiB) of the image: all zeros and
-        // unmapped, so zstd stores it as an RLE block (one byte, repeated). Make it 0x5A.
-        let descriptor = bytes[4]
-        let singleSegment = descriptor & 0x20 != 0
-        let contentSizeBytes = [singleSegment ? 1 : 0, 2, 4, 8][Int(descriptor >> 6)]
-        var at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][Int(descriptor & 3)] + contentSizeBytes
-        for _ in 0..<2 {
-            let header = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16
-            at += 3 + ((header >> 1) & 3 == 1 ? 1 : header >> 3)
-        }
-        let header = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16
-        try #require((header >> 1) & 3 == 1 && header >> 3 == 128 << 10, "the third block is not a 128 KiB RLE block: \(header)")
-        bytes[at + 3] = 0x5A
+        // The frame's third block, [256 KiB, 384 KiB) of the image: all zeros and unmapped, so
+        // zstd stores it as an RLE block (one byte, repeated). Make it 0x5A.
+        let blocks = zstdBlocks(bytes)
+        try #require(blocks.count > 2 && blocks[2].type == 1 && blocks[2].size == 128 << 10, "the third block is not a 128 KiB RLE block: \(blocks.prefix(3))")
+        bytes[blocks[2].offset + 3] = 0x5A
         let damaged = try scratch.write("unmapped-damage.img.zst", bytes)
         let card = try LoopCard(label: "bmap-zstd-unmapped", size: 48 << 20)
         defer { card.close() }
@@ -218,6 +210,20 @@ struct BmapTests {
         text = text.replacingOccurrences(of: "<MappedBlocksCount>", with: "<!-- edited --><MappedBlocksCount>")
         try text.write(toFile: bmapPath, atomically: true, encoding: .utf8)
         #expect(throws: ImageIOError.self) { try Bmap.load(path: bmapPath) }
+    }
+
+    @Test("a bmap whose sizes no file or card can have is invalid, named, not an arithmetic trap", arguments: [
+        ("ImageSize", "18446744073709551615", "larger than any file or card"),
+        ("ImageSize", "9223372036854775808", "larger than any file or card"),
+        ("BlockSize", "18446744073709551104", "invalid block size"),
+    ])
+    func impossibleSizesRejected(field: String, value: String, why: String) throws {
+        let (_, bmapPath, _) = try sparseImage()
+        let text = try String(contentsOfFile: bmapPath, encoding: .utf8)
+        let edited = try #require(text.replacingOccurrences(of: "<\(field)>[^<]*</\(field)>", with: "<\(field)> \(value) </\(field)>", options: .regularExpression))
+        #expect(edited != text)
+        let error = try #require(throws: ImageIOError.self) { try Bmap.parse(Data(edited.utf8), path: bmapPath) }
+        #expect(error.code == .bmapInvalid && error.message.contains(why), "\(error)")
     }
 
     @Test("a bmap loaded again is the one parsed before, until its file changes: edited in place after a load, it is checked again and refused")
