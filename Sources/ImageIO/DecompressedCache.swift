@@ -94,6 +94,28 @@ public struct CacheFillPlan: Sendable {
 /// a bmap (the rest stays a hole), all of it otherwise. Runs on the calling thread, with
 /// decoder threads of its own for a multi-block .xz file (see `ParallelXZFill`).
 public enum CacheFiller {
+    /// Reads `source` from its position to the end of its stream, for what lies there: the
+    /// container's checksum of the whole stream (zstd's XXH64, gzip's CRC-32, xz's checks),
+    /// which is checked only when the decoder reaches it, and, without a bmap, any image
+    /// bytes past `size`. `size` came from the container's header (a zstd file's first frame,
+    /// a gzip file's last member): a file of several frames or members holds more than it says,
+    /// and cards written from a cache of `size` bytes would hold an image cut short, verified
+    /// against the same cut. (With a bmap, bytes past the last mapped range are unmapped, and
+    /// the image ending past `size` is the bmap's mismatch.)
+    static func drain(_ source: ImageSource, size: UInt64, bmap: Bmap?, scratch: UnsafeMutableRawBufferPointer) throws(ImageIOError) {
+        while true {
+            let from = source.position
+            let n = try source.read(into: scratch.baseAddress!, count: scratch.count)
+            if n == 0 { return }
+            guard source.position > size else { continue }
+            if let bmap {
+                throw ImageIOError(.bmapMismatch, "bmap \(bmap.path) belongs to a different image: \(source.path) is longer than the bmap's \(size) bytes")
+            }
+            throw ImageIOError(.imageCorrupt, "\(source.path) holds more than the \(size) bytes its \(source.format.rawValue) header declares (more data from byte \(max(from, size)) on: "
+                + "a file of several frames or members?); write it with a bmap, or decompress it once and use the raw image")
+        }
+    }
+
     /// Reads what deciding needs (an .xz file's index and block headers: a few KiB).
     /// `xzThreads` overrides the thread count the way `PROVISION_XZ_THREADS` does.
     public static func plan(source: ImageSource, bmap: Bmap?, size: UInt64, xzThreads: Int? = nil) -> CacheFillPlan {
@@ -150,6 +172,7 @@ public enum CacheFiller {
                     throw ImageIOError(.bmapMismatch, "bmap \(bmap!.path) belongs to a different image: \(source.path) ends at byte \(pos), the bmap maps data up to \(end)")
                 }
             }
+            if bmap?.checksumsEveryRange != true { try drain(source, size: size, bmap: bmap, scratch: buffer) }
             progress.finish()
         } catch {
             progress.finish(error: error)

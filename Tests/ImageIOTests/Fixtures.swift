@@ -48,3 +48,22 @@ func compress(_ raw: String, _ format: String) throws -> String {
     default: try run("zstd", "-q", "-f", raw, "-o", raw + ".zst"); return raw + ".zst"
     }
 }
+
+/// The blocks of a one-frame .zst file as RFC 8878 lays them out: each block's header offset,
+/// type (0 raw, 1 RLE, 2 compressed) and decoded size. Walked here, not by libzstd, so a test
+/// can damage one block and know which.
+func zstdBlocks(_ bytes: [UInt8]) -> [(offset: Int, type: Int, size: Int)] {
+    let descriptor = bytes[4]
+    let singleSegment = descriptor & 0x20 != 0
+    let contentSizeBytes = [singleSegment ? 1 : 0, 2, 4, 8][Int(descriptor >> 6)]
+    var at = 5 + (singleSegment ? 0 : 1) + [0, 1, 2, 4][Int(descriptor & 3)] + contentSizeBytes
+    var blocks: [(offset: Int, type: Int, size: Int)] = []
+    while at + 3 <= bytes.count {
+        let header = Int(bytes[at]) | Int(bytes[at + 1]) << 8 | Int(bytes[at + 2]) << 16
+        let type = (header >> 1) & 3
+        blocks.append((at, type, header >> 3))
+        if header & 1 == 1 { break }  // the last block
+        at += 3 + (type == 1 ? 1 : header >> 3)
+    }
+    return blocks
+}
