@@ -19,6 +19,10 @@ public enum ImageFormat: String, Sendable, CaseIterable {
         if starts([0x1F, 0x8B]) { self = .gzip }
         else if starts([0xFD, 0x37, 0x7A, 0x58, 0x5A, 0x00]) { self = .xz }
         else if starts([0x28, 0xB5, 0x2F, 0xFD]) { self = .zstd }
+        // A skippable frame first (pzstd writes one; zstd and lz4 share its magic, 0x184D2A5?):
+        // the format is that of the frame after it.
+        else if let next = Self.afterSkippableFrame(b), starts([0x28, 0xB5, 0x2F, 0xFD], at: next) { self = .zstd }
+        else if let next = Self.afterSkippableFrame(b), starts([0x04, 0x22, 0x4D, 0x18], at: next) { self = .lz4 }
         // "BZh" and a block size digit 1–9.
         else if starts(Array("BZh".utf8)), b.count > 3, (0x31...0x39).contains(b[3]) { self = .bzip2 }
         // The lz4 frame format, and the legacy format lz4 -l writes.
@@ -29,6 +33,13 @@ public enum ImageFormat: String, Sendable, CaseIterable {
         // POSIX ustar and GNU tar both put "ustar" at byte 257.
         else if starts(Array("ustar".utf8), at: 257) { self = .tar }
         else { self = .raw }
+    }
+
+    /// Where the frame after a leading skippable frame (zstd's and lz4's) begins; nil when
+    /// `b` does not start with one.
+    static func afterSkippableFrame(_ b: [UInt8]) -> Int? {
+        guard b.count >= 8, (0x50...0x5F).contains(b[0]), b[1] == 0x2A, b[2] == 0x4D, b[3] == 0x18 else { return nil }
+        return 8 + (Int(b[4]) | Int(b[5]) << 8 | Int(b[6]) << 16 | Int(b[7]) << 24)
     }
 
     /// Read by a decoder of our own (zlib, liblzma, libzstd) rather than libarchive.

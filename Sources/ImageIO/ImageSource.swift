@@ -409,13 +409,15 @@ public final class ImageSource: @unchecked Sendable {
         case .gzip:
             // ISIZE is the size modulo 2^32. gzip cannot expand more than ~1032:1, so when the
             // file is small enough it cannot have wrapped and the value is exact.
-            guard fileSize >= 18, fileSize * 1032 < (1 << 32), let t = bytes(at: fileSize - 4, 4) else { return nil }
+            guard fileSize >= 18, fileSize < (1 << 32) / 1032, let t = bytes(at: fileSize - 4, 4) else { return nil }
             return UInt64(t[0]) | UInt64(t[1]) << 8 | UInt64(t[2]) << 16 | UInt64(t[3]) << 24
         case .zstd:
-            guard let h = bytes(at: 0, min(18, Int(fileSize))) else { return nil }
+            // A leading skippable frame (pzstd's) declares nothing of what follows it.
+            guard let h = bytes(at: 0, min(18, Int(fileSize))), ImageFormat.afterSkippableFrame(h) == nil else { return nil }
             let size = h.withUnsafeBytes { ZSTD_getFrameContentSize($0.baseAddress, $0.count) }
-            // Unknown or error values are the top two UInt64s.
-            return size >= UInt64.max - 1 ? nil : size
+            // Unknown or error values are the top two UInt64s; past Int64.max is no file offset,
+            // and no card: a header that says so is not believed.
+            return size > UInt64(Int64.max) ? nil : size
         case .xz:
             // Footer: CRC32, backward size, flags, "YZ". The index before it gives the size.
             guard fileSize >= 24, let footer = bytes(at: fileSize - 12, 12), footer[10] == 0x59, footer[11] == 0x5A else { return nil }

@@ -87,6 +87,23 @@ struct FormatTests {
         }
     }
 
+    @Test("pzstd's files, a skippable frame first, are zstd: written byte-exact, not raw")
+    func pzstdIsZstd() throws {
+        let (image, bmap) = try sparseImage()
+        let packed = scratch.file("packed-pzstd.bin")
+        try run("pzstd", "-q", "-f", "-p", "2", image, "-o", packed)
+        let head = try readBytes(packed, count: 4)
+        #expect((0x50...0x5F).contains(head[0]) && Array(head[1...]) == [0x2A, 0x4D, 0x18], "the premise: a skippable frame first")
+        for useBmap in [false, true] {
+            let source = try ImageSource(path: packed)
+            #expect(source.format == .zstd)
+            #expect(source.uncompressedSizeHint == nil, "the first frame declares nothing of the rest")
+            let target = try staleTarget("out-pzstd-\(useBmap).img")
+            #expect(try writeFile(source, to: target, bmap: useBmap ? bmap : nil).verified)
+            #expect(try Command.run(["cmp", image, target]).succeeded, "pzstd bmap=\(useBmap): the file differs from the image")
+        }
+    }
+
     @Test("a truncated file says 'truncated' and names its format, with and without a bmap", arguments: kinds + ["gz", "xz", "zst"])
     func truncated(kind: String) throws {
         let (image, bmap) = try sparseImage()
