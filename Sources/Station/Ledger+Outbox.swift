@@ -22,6 +22,10 @@ extension Ledger {
                 -- Lab unit numbers this station reserved from the database's sequence; jobId is
                 -- set when a job takes one (each number once: it is the primary key here and there).
                 CREATE TABLE IF NOT EXISTS labUnit (number INTEGER PRIMARY KEY, jobId INTEGER UNIQUE, reserved DATETIME NOT NULL);
+                -- Entries the shared database refused for what they hold (SharedLedger.setAside),
+                -- with its reason: kept, not retried for ever in front of every later entry.
+                CREATE TABLE IF NOT EXISTS labOutboxRejected (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, jobId INTEGER, eventId INTEGER,
+                  cardId TEXT, unitNumber INTEGER, reason TEXT NOT NULL, at DATETIME NOT NULL);
                 -- Who this station's ledger is, so that two stations given the same name are told apart.
                 CREATE TABLE IF NOT EXISTS labIdentity (instance TEXT NOT NULL);
                 CREATE TEMP TRIGGER IF NOT EXISTS labJobInserted AFTER INSERT ON main.job

@@ -194,7 +194,17 @@ public final class SharedLedger: Sendable {
         """,
         """
         CREATE TABLE IF NOT EXISTS lab_job_user (station text NOT NULL, job bigint NOT NULL, name text NOT NULL,
-          uid integer NOT NULL, hash text NOT NULL, password_export text, PRIMARY KEY (station, job, name))
+          uid bigint NOT NULL, hash text NOT NULL, password_export text, PRIMARY KEY (station, job, name))
+        """,
+        // uid was `integer` (32 bits, signed) until a uid above 2^31 (a config may give up to
+        // 2^32 - 2) was refused by it: a lab database made then is widened once.
+        """
+        DO $$ BEGIN
+          IF (SELECT data_type FROM information_schema.columns WHERE table_schema = current_schema()
+              AND table_name = 'lab_job_user' AND column_name = 'uid') = 'integer' THEN
+            ALTER TABLE lab_job_user ALTER COLUMN uid TYPE bigint;
+          END IF;
+        END $$
         """,
         """
         CREATE TABLE IF NOT EXISTS lab_card (station text NOT NULL, id text NOT NULL, strength text NOT NULL, detail text NOT NULL,
@@ -278,7 +288,14 @@ public final class SharedLedger: Sendable {
         }
         do {
             for entry in batch {
-                try await send(entry, on: c)
+                do {
+                    try await send(entry, on: c)
+                } catch let error as PSQLError where Self.refusesData(error) {
+                    // Sent again it would be refused again, and every entry after it would
+                    // wait behind it for good: it is set aside, with the reason, and the
+                    // outbox goes on.
+                    try await setAside(entry, reason: Self.describe(error))
+                }
                 done = entry.id
             }
         } catch {
@@ -288,6 +305,25 @@ public final class SharedLedger: Sendable {
         }
         try await forget()
         return batch.count
+    }
+
+    /// The database refuses what the entry holds, not the link: SQLSTATE classes 22 (data
+    /// exception: a value out of range, a NUL in text) and 23 (integrity constraint).
+    static func refusesData(_ error: PSQLError) -> Bool {
+        guard let state = error.serverInfo?[.sqlState] else { return false }
+        return state.hasPrefix("22") || state.hasPrefix("23")
+    }
+
+    /// Keeps an outbox entry the database refused in `labOutboxRejected` (the station's own
+    /// SQLite file) with the database's reason, and says so in the log: the local row itself
+    /// is untouched, so nothing of the station's own record is lost.
+    private func setAside(_ entry: OutboxEntry, reason: String) async throws {
+        try await local.write { db in
+            try db.execute(sql: """
+                INSERT INTO labOutboxRejected (id, kind, jobId, eventId, cardId, unitNumber, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [entry.id, entry.kind, entry.jobId, entry.eventId, entry.cardId, entry.unitNumber, reason, Date()])
+        }
+        logger.error("shared ledger \(config.display) refused the station's \(entry.kind) row\(entry.jobId.map { " of job \($0)" } ?? "")\(entry.cardId.map { " of card \($0)" } ?? ""): \(reason); it is kept in the station's ledger (labOutboxRejected) and the rest goes on")
     }
 
     /// A statement whose rows (if any) are not needed: read to the end, so the connection

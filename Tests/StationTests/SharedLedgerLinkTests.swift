@@ -80,4 +80,48 @@ struct SharedLedgerLinkTests {
             await other.close()
         }
     }
+
+    @Test("an outbox entry the database refuses for what it holds is set aside with the reason, the entries after it are delivered, and a uid above 2^31 in a database made with a 32-bit column is not refused")
+    func refusedEntryIsSetAside() async throws {
+        let server = try await offPool { try PostgresServer() }
+        defer { server.close() }
+        // A lab database as an earlier version made it: uid a 32-bit integer.
+        _ = try server.psql("""
+            CREATE TABLE lab_job_user (station text NOT NULL, job bigint NOT NULL, name text NOT NULL,
+              uid integer NOT NULL, hash text NOT NULL, password_export text, PRIMARY KEY (station, job, name))
+            """)
+        let dir = try TemporaryDirectory()
+        let lab = try LabLedgerConfig.parse(url: server.url, passwordFile: server.passwordFile)
+        let ledger = try Ledger(path: dir.file("ledger.sqlite"), lab: lab, station: "refusing")
+        let shared = try #require(ledger.shared)
+        // The schema as the station makes it (widening the old column), and a rule of the
+        // lab's own that one row breaks: the database refuses that row for what it holds.
+        let c = try await shared.connect()
+        try await SharedLedger.createSchema(c, logger: shared.logger)
+        await c.close()
+        #expect(try server.psql("SELECT data_type FROM information_schema.columns WHERE table_name = 'lab_job_user' AND column_name = 'uid'") == "bigint")
+        _ = try server.psql("ALTER TABLE lab_job ADD CONSTRAINT no_refused CHECK (device <> '/dev/refused')")
+        let refused = try await ledger.insert(.init(kind: "sd", slot: "A", device: "/dev/refused", deviceNumber: 1, diskSequence: 1,
+                                                    serial: nil, unit: nil, profile: nil, image: nil))
+        let later = try await ledger.insert(.init(kind: "sd", slot: "B", device: "/dev/sdb", deviceNumber: 2, diskSequence: 1,
+                                                  serial: nil, unit: nil, profile: nil, image: nil))
+        try await ledger.recordUsers(job: later.id, users: [(name: "lab", uid: 3_000_000_000, hash: "$y$j9T$salt$hash")])
+        let replicator = Task { await shared.run() }
+        defer { replicator.cancel() }
+        let deadline = ContinuousClock.now + .seconds(120)
+        while try await ledger.db.read(Ledger.outboxPending) > 0, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(try await ledger.db.read(Ledger.outboxPending) == 0, "the outbox drains past the refused entry")
+        #expect(try server.psql("SELECT job, device FROM lab_job WHERE station = 'refusing' ORDER BY job") == "\(later.id)|/dev/sdb")
+        #expect(try server.psql("SELECT name, uid FROM lab_job_user WHERE station = 'refusing'") == "lab|3000000000")
+        let kept = try await ledger.db.read { db in
+            try Row.fetchAll(db, sql: "SELECT kind, jobId, reason FROM labOutboxRejected ORDER BY id").map { ($0["kind"] as String, $0["jobId"] as Int64, $0["reason"] as String) }
+        }
+        let job = try #require(kept.first { $0.0 == "job" }, "the refused job row is kept: \(kept)")
+        #expect(job.1 == refused.id)
+        #expect(job.2.contains("no_refused"), "the database's reason: \(job.2)")
+        #expect(kept.allSatisfy { $0.1 == refused.id }, "only the refused job's entries are set aside: \(kept)")
+        #expect(try await ledger.lastJob(deviceNumber: 1, diskSequence: 1)?.id == refused.id, "the station's own row is untouched")
+    }
 }
