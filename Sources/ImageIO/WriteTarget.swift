@@ -37,7 +37,11 @@ public final class WriteTarget: @unchecked Sendable {
     /// - Parameter busyGrace: how long a busy device is retried. A card that just appeared
     ///   is often held for a moment by udev's probes or by the tool that set it up; a device
     ///   that is mounted or held stays busy and is refused after this.
-    public static func open(path: String, followSymlinks: Bool = false, busyGrace: Duration = .seconds(3)) throws(ImageIOError) -> WriteTarget {
+    /// `createFile`: a path that names nothing becomes a new file (`provision write` to a file
+    /// the user named). The station passes false: its targets are device nodes, and a node
+    /// that vanished (a reader pulled) must not become a regular file in /dev, which would
+    /// then take the node's place when the reader comes back.
+    public static func open(path: String, followSymlinks: Bool = false, createFile: Bool = true, busyGrace: Duration = .seconds(3)) throws(ImageIOError) -> WriteTarget {
         let noFollow = followSymlinks ? 0 : O_NOFOLLOW
         // O_EXCL without O_CREAT claims a block device exclusively and means nothing for a
         // regular file (Linux), so one set of flags serves both until fstat says which it is.
@@ -54,7 +58,7 @@ public final class WriteTarget: @unchecked Sendable {
             direct = false
             opened = Syscall.open(path, flags: flags & ~Syscall.oDirect)
         }
-        if case .failure(.noSuchFileOrDirectory) = opened {
+        if case .failure(.noSuchFileOrDirectory) = opened, createFile {
             // A new file: O_CREAT|O_EXCL never follows a symlink and fails if anything is there.
             opened = Syscall.open(path, flags: O_RDWR | O_CREAT | O_EXCL | Syscall.oDirect, mode: 0o644)
             if case .failure(.invalidArgument) = opened {
@@ -68,6 +72,8 @@ public final class WriteTarget: @unchecked Sendable {
         case .failure(.tooManySymbolicLinkLevels) where !followSymlinks:
             let pointsTo = (try? FileManager.default.destinationOfSymbolicLink(atPath: path)).map { " (to \($0))" } ?? ""
             throw ImageIOError(.invalidArgument, "\(path) is a symbolic link\(pointsTo): name the device or file itself, or pass --follow-symlinks")
+        case .failure(.noSuchFileOrDirectory) where !createFile:
+            throw ImageIOError(.deviceRemoved, "\(path) is gone: the card or its reader was removed before it was opened; nothing was written", errno: .noSuchFileOrDirectory)
         case .failure(.resourceBusy):
             throw ImageIOError(.deviceBusy, "\(path) is busy: it is mounted, part of a RAID/LVM/dm device, or open in another program", errno: .resourceBusy)
         case .failure(let e) where e == .readOnlyFileSystem || (e == .permissionDenied && isReadOnly(path: path)):

@@ -57,6 +57,9 @@ public final class CardPipeline: Sendable {
         let blobEnd = job.blobs.map { $0.offset + UInt64($0.bytes.count) }.max() ?? 0
         let needed = max(bmap?.imageSize ?? source.uncompressedSizeHint ?? 0, job.minimumDeviceSize ?? 0, blobEnd)
 
+        // A job cancelled (or its card pulled) while its image was made ready does not open
+        // the card at all: the node may be gone, or hold another card by now.
+        if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before the card was opened; nothing was written") }
         let (target, facts) = try OpenedCard.open(job, minimumSize: needed > 0 ? needed : nil)
         defer { target.close() }
         let media = target.deviceNumber.map { MediaIdentity(deviceNumber: $0, diskSequence: target.diskSequence) }

@@ -45,9 +45,15 @@ public struct MediaIdentity: Sendable, Equatable, CustomStringConvertible {
 enum OpenedCard {
     static func open(_ job: CardJob, minimumSize: UInt64?) throws(CardFailure) -> (WriteTarget, DeviceFacts?) {
         let target: WriteTarget
-        do throws(ImageIOError) { target = try WriteTarget.open(path: job.target, followSymlinks: job.followSymlinks) } catch { throw CardFailure(error) }
+        let station: Bool
+        if case .station = job.policy?.mode { station = true } else { station = false }
+        do throws(ImageIOError) {
+            target = try WriteTarget.open(path: job.target, followSymlinks: job.followSymlinks, createFile: !station)
+        } catch {
+            throw CardFailure(error)
+        }
         guard target.kind == .blockDevice, let deviceNumber = target.deviceNumber else {
-            if case .station = job.policy?.mode {
+            if station {
                 target.close()
                 throw CardFailure(.refused, "refusing to write \(job.target): not a block device (the station writes cards only)")
             }
