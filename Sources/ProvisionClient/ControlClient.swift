@@ -19,8 +19,14 @@ public final class ControlClient {
         option ?? ProcessInfo.processInfo.environment["PROVISION_SOCKET"] ?? ControlProtocol.defaultSocketPath
     }
 
-    public init(path: String) throws {
+    /// How long the greeting and each reply may take (not a `watch`'s events, which come when
+    /// cards do): a socket that never answers (not provisiond's, or a daemon stopped with
+    /// SIGSTOP) is an error, not a command that hangs.
+    public var replyTimeout: Duration
+
+    public init(path: String, replyTimeout: Duration = .seconds(30)) throws {
         self.path = path
+        self.replyTimeout = replyTimeout
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         self.fd = fd
         guard fd >= 0 else { throw CLIError.unreachable("cannot create a socket: \(String(cString: strerror(errno)))") }
@@ -37,7 +43,7 @@ public final class ControlClient {
             if e == EACCES { throw CLIError.permission("no permission to open \(path): join the socket's group (provision) or use sudo") }
             throw CLIError.unreachable("cannot reach provisiond at \(path): \(String(cString: strerror(e))) — is it running? (systemctl status provisiond, or --socket PATH / PROVISION_SOCKET)")
         }
-        let first = try readMessage()
+        let first = try readMessage(within: replyTimeout, waitingFor: "its greeting")
         // A daemon serving its limit of clients says so instead of greeting.
         if let refusal = first.error { throw CLIError(refusal) }
         guard let h = first.hello else { throw CLIError.unreachable("\(path) did not greet like provisiond") }
@@ -67,12 +73,22 @@ public final class ControlClient {
                 off += n
             }
         }
+        let deadline = ContinuousClock.now + replyTimeout
         while true {
-            let m = try readMessage()
+            let m = try readMessage(within: deadline - ContinuousClock.now, waitingFor: "its reply to \(method.rawValue)")
             if m.event != nil { continue }
             if let e = m.error { throw CLIError(e) }
             if let r = m.result { return r }
         }
+    }
+
+    /// `call`, and the one field of the result that `method` answers with. A reply without
+    /// it (a provisiond of another version, or not provisiond) is an error, not a crash.
+    public func call<T>(_ method: Method, _ params: Request.Params? = nil, returning field: KeyPath<ResultPayload, T?>) throws -> T {
+        guard let value = try call(method, params)[keyPath: field] else {
+            throw CLIError.unreachable("provisiond's reply to \(method.rawValue) at \(path) holds no result: a provisiond of another version?")
+        }
+        return value
     }
 
     /// The next event of a `watch`. Throws when the daemon ends the watch with an error (a
@@ -85,13 +101,25 @@ public final class ControlClient {
         }
     }
 
-    public func readMessage() throws -> ServerMessage {
+    /// The next message; with `within`, throws `unreachable` when none has come by then.
+    public func readMessage(within timeout: Duration? = nil, waitingFor what: String = "a message") throws -> ServerMessage {
+        let deadline = timeout.map { ContinuousClock.now + $0 }
         while true {
             if let nl = buffer.firstIndex(of: 0x0A) {
                 let line = buffer[buffer.startIndex..<nl]
                 buffer.removeSubrange(buffer.startIndex...nl)
                 do { return try LineCodec.decode(ServerMessage.self, from: Data(line)) } catch {
                     throw CLIError.unreachable("provisiond sent something unreadable: \(error)")
+                }
+            }
+            if let deadline {
+                let left = deadline - ContinuousClock.now
+                let ms = max(0, Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let ready = poll(&p, 1, ms)
+                if ready < 0 && errno == EINTR { continue }
+                if ready == 0 {
+                    throw CLIError.unreachable("\(path) did not send \(what) within \(replyTimeout): is it provisiond's socket, and is the daemon running (not stopped)? (--timeout SECONDS waits longer)")
                 }
             }
             var chunk = [UInt8](repeating: 0, count: 65536)

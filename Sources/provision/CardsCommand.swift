@@ -25,7 +25,7 @@ struct CardsListCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            let cards = try client.call(.cards).cards ?? []
+            let cards = try client.call(.cards, returning: \.cards)
             if options.json { try printJSON(cards); return }
             var rows = [["CARD", "VERDICT", "SINCE", "JOB", "REPAIRS", "MB/s", "REASON"]]
             let f = ISO8601DateFormatter()

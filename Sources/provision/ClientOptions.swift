@@ -13,7 +13,16 @@ struct ClientOptions: ParsableArguments {
     @Flag(help: "Print JSON instead of a table.")
     var json = false
 
-    func connect() throws -> ControlClient { try ControlClient(path: ControlClient.socketPath(socket)) }
+    @Option(help: "Seconds to wait for provisiond's greeting and for each reply (not for a watch's events).")
+    var timeout: Double = 30
+
+    func validate() throws {
+        guard timeout > 0, timeout <= 86_400 else { throw ValidationError("--timeout takes seconds, more than 0 and at most 86400") }
+    }
+
+    func connect() throws -> ControlClient {
+        try ControlClient(path: ControlClient.socketPath(socket), replyTimeout: .milliseconds(Int64(timeout * 1000)))
+    }
 }
 
 /// Runs a client command body, printing the error and exiting with its status.

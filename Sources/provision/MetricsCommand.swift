@@ -16,10 +16,7 @@ struct MetricsCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            guard let text = try client.call(.metrics).metrics else {
-                throw ValidationError("the daemon sent no metrics (is it older than this client?)")
-            }
-            print(text, terminator: "")
+            print(try client.call(.metrics, returning: \.metrics), terminator: "")
         }
     }
 }

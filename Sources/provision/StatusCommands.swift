@@ -21,11 +21,11 @@ struct StatusCommand: ParsableCommand {
     func run() throws {
         try withClient(options) { client in
             if lab {
-                let status = try client.call(.labStatus).lab!
+                let status = try client.call(.labStatus, returning: \.lab)
                 if options.json { try printJSON(status) } else { print(LabTable.render(status), terminator: "") }
                 return
             }
-            let status = try client.call(.status).status!
+            let status = try client.call(.status, returning: \.status)
             if options.json { try printJSON(status) } else { print(StatusTable.render(status), terminator: "") }
         }
     }
@@ -140,8 +140,8 @@ struct WatchCommand: ParsableCommand {
                 let finished = s.slots.filter { $0.job?.state.isFinal == true }.count
                 return !active && finished >= expectJobs
             }
-            if interactive { redraw(try statusClient.call(.status).status!) }
-            if untilIdle, idle(try statusClient.call(.status).status!) { return }
+            if interactive { redraw(try statusClient.call(.status, returning: \.status)) }
+            if untilIdle, idle(try statusClient.call(.status, returning: \.status)) { return }
             // Jobs this watch saw start and not end: while one is, the station is not idle, and
             // asking for its whole status at every card's end or udev change would only say so
             // (with 32 cards that was ~70 status replies of 32 slots each: 0.09 s of the daemon's
@@ -161,7 +161,7 @@ struct WatchCommand: ParsableCommand {
                 } else if interactive {
                     if Date().timeIntervalSince(lastDraw) > 0.25 || event.job?.state.isFinal == true {
                         lastDraw = Date()
-                        redraw(try statusClient.call(.status).status!)
+                        redraw(try statusClient.call(.status, returning: \.status))
                     }
                 } else {
                     emitLine(line(event))
@@ -169,8 +169,8 @@ struct WatchCommand: ParsableCommand {
                 if untilIdle, event.job?.state.isFinal == true || event.kind == .deviceRemoved || event.kind == .device,
                    running.isEmpty || Date().timeIntervalSince(lastAsked) > 2 {
                     lastAsked = Date()
-                    if idle(try statusClient.call(.status).status!) {
-                        if interactive { redraw(try statusClient.call(.status).status!) }
+                    if idle(try statusClient.call(.status, returning: \.status)) {
+                        if interactive { redraw(try statusClient.call(.status, returning: \.status)) }
                         return
                     }
                 }
@@ -218,8 +218,8 @@ struct JobsCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            let jobs = lab ? try client.call(.labJobs, .init(labJobsOf: station, state: state, slot: slot, limit: limit)).jobs ?? []
-                : try client.call(.jobs, .init(state: state, slot: slot, device: device, limit: limit)).jobs ?? []
+            let jobs = lab ? try client.call(.labJobs, .init(labJobsOf: station, state: state, slot: slot, limit: limit), returning: \.jobs)
+                : try client.call(.jobs, .init(state: state, slot: slot, device: device, limit: limit), returning: \.jobs)
             if options.json { try printJSON(jobs); return }
             var rows = [(lab ? ["STATION"] : []) + ["JOB", "WHEN", "SLOT", "DEVICE", "UNIT", "STATE", "IMAGE", "MESSAGE"]]
             let f = ISO8601DateFormatter()
@@ -239,7 +239,7 @@ struct DevicesCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            let devices = try client.call(.devices).devices ?? []
+            let devices = try client.call(.devices, returning: \.devices)
             if options.json { try printJSON(devices); return }
             var rows = [["DEVICE", "SIZE", "SLOT", "VERDICT", "DESCRIPTION"]]
             for d in devices {
@@ -263,7 +263,7 @@ struct FlashCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            let job = try client.call(.flash, .init(device: device, profile: profile, image: image.map { URL(fileURLWithPath: $0).standardizedFileURL.path })).job!
+            let job = try client.call(.flash, .init(device: device, profile: profile, image: image.map { URL(fileURLWithPath: $0).standardizedFileURL.path }), returning: \.job)
             if options.json { try printJSON(job) } else { print("job \(job.id) queued: \(job.image ?? job.profile ?? "") → \(job.device)") }
         }
     }
