@@ -144,9 +144,9 @@ public struct AccountDatabase: Sendable, Equatable {
 
         var shadowEntry = shadowEntry(named: spec.name)
             ?? ShadowEntry(name: spec.name, hash: hash, lastChange: today,
-                           minimumDays: String(loginDefs.passMinDays),
-                           maximumDays: String(loginDefs.passMaxDays),
-                           warnDays: String(loginDefs.passWarnAge))
+                           minimumDays: Self.agingField(loginDefs.passMinDays),
+                           maximumDays: Self.agingField(loginDefs.passMaxDays),
+                           warnDays: Self.agingField(loginDefs.passWarnAge))
         shadowEntry.hash = hash
         shadowEntry.lastChange = String(today)
         shadow.put(shadowEntry.fields, at: shadow.index(of: spec.name))
@@ -184,8 +184,12 @@ public struct AccountDatabase: Sendable, Equatable {
         gshadow!.put(shadowGroup.fields, at: gshadow!.index(of: name))
     }
 
+    /// A login.defs aging value as shadow holds it: -1 ("no limit") is an empty field.
+    static func agingField(_ days: Int) -> String { days < 0 ? "" : String(days) }
+
     /// shadow-utils' find_new_uid: one above the highest id in use within [min, max];
-    /// when that passes max, the lowest free id in the range.
+    /// when that passes max, the lowest free id in the range. `max` is at most
+    /// `LoginDefs.largestID` (login.defs clamps it), so `next` cannot overflow.
     static func allocate(used: Set<Int>, min: Int, max: Int, what: String) throws(AccountsError) -> Int {
         let inRange = used.filter { $0 >= min && $0 <= max }
         let next = (inRange.max() ?? (min - 1)) + 1

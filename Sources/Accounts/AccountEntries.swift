@@ -20,8 +20,8 @@ public struct PasswdEntry: Sendable, Equatable {
 
     init(fields f: [String], file: String, line: Int) throws(AccountsError) {
         name = f[0]; password = f[1]
-        uid = try numeric(f[2], "uid", file, line)
-        gid = try numeric(f[3], "gid", file, line)
+        uid = try numeric(f[2], "uid", file, line, max: LoginDefs.largestID)
+        gid = try numeric(f[3], "gid", file, line, max: LoginDefs.largestID)
         gecos = f[4]; home = f[5]; shell = f[6]; extra = Array(f.dropFirst(7))
     }
 
@@ -80,7 +80,7 @@ public struct GroupEntry: Sendable, Equatable {
 
     init(fields f: [String], file: String, line: Int) throws(AccountsError) {
         name = f[0]; password = f[1]
-        gid = try numeric(f[2], "gid", file, line)
+        gid = try numeric(f[2], "gid", file, line, max: LoginDefs.largestID)
         members = memberList(f[3]); extra = Array(f.dropFirst(4))
     }
 
@@ -113,10 +113,14 @@ func memberList(_ field: String) -> [String] {
     field.isEmpty ? [] : field.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
 }
 
-func numeric(_ text: String, _ what: String, _ file: String, _ line: Int) throws(AccountsError) -> Int {
+func numeric(_ text: String, _ what: String, _ file: String, _ line: Int, max: Int = .max) throws(AccountsError) -> Int {
     guard !text.isEmpty, text.allSatisfy({ $0.isASCII && $0.isNumber }), let value = Int(text) else {
         throw AccountsError(.malformedFile,
             "\(file) line \(line): \(what) \"\(text)\" is not a non-negative number; fix that line")
+    }
+    guard value <= max else {
+        throw AccountsError(.malformedFile,
+            "\(file) line \(line): \(what) \(text) is above \(max), the largest a Linux \(what) can be; fix that line")
     }
     return value
 }

@@ -127,7 +127,9 @@ struct InjectionPlan {
                 throw AccountsError(.invalidSpec,
                     "shell \(applied.shell) of \(spec.name) does not exist in the image; the user could not log in")
             }
-            let uid = UInt32(applied.uid), gid = UInt32(applied.gid)
+            guard let uid = UInt32(exactly: applied.uid), let gid = UInt32(exactly: applied.gid) else {
+                throw AccountsError(.invalidSpec, "\(spec.name) would get uid \(applied.uid), gid \(applied.gid): not a Linux id")
+            }
             let homeExists = try fs.lookup(applied.home) != nil
             if !homeExists {
                 // Parents like /home are made root-owned 0755, as useradd does.

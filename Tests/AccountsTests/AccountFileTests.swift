@@ -81,6 +81,30 @@ struct AccountFileTests {
         #expect(LoginDefs().uidMin == 1000 && LoginDefs().gidMin == 1000)
     }
 
+    @Test func idsAboveTheLargestLinuxIdAreMalformed() {
+        #expect {
+            _ = try AccountDatabase(passwd: "root:x:0:0::/root:/bin/sh\npi:x:1000:4294967296::/home/pi:/bin/sh\n", shadow: "", group: "", gshadow: nil)
+        } throws: { error in
+            ((error as? AccountsError)?.message.contains("/etc/passwd line 2: gid 4294967296 is above 4294967294") == true)
+        }
+        #expect {
+            _ = try AccountDatabase(passwd: "", shadow: "", group: "root:x:0:\nbig:x:4294967295:\n", gshadow: nil)
+        } throws: { error in
+            ((error as? AccountsError)?.message.contains("/etc/group line 2: gid 4294967295 is above") == true)
+        }
+        #expect(throws: AccountsError.self) {
+            _ = try AccountDatabase(passwd: "x:x:99999999999999999999:0::/:/bin/sh\n", shadow: "", group: "", gshadow: nil)
+        }
+    }
+
+    @Test func loginDefsIdLimitsStopAtTheLargestLinuxIdAndAgingTakesMinusOne() throws {
+        let defs = try LoginDefs(text: "UID_MAX 9223372036854775807\nGID_MAX 5000000000\nPASS_MAX_DAYS -1\nPASS_WARN_AGE -1\n")
+        #expect(defs.uidMax == 4_294_967_294 && defs.gidMax == 4_294_967_294)
+        #expect(defs.passMaxDays == -1 && defs.passWarnAge == -1)
+        #expect(throws: AccountsError.self) { _ = try LoginDefs(text: "PASS_MAX_DAYS -2\n") }
+        #expect(throws: AccountsError.self) { _ = try LoginDefs(text: "UID_MAX -1\n") }
+    }
+
     @Test func loginDefsWithNonNumericLimitIsAnError() {
         #expect { _ = try LoginDefs(text: "UID_MIN many\n") } throws: { error in
             ((error as? AccountsError)?.message.contains("/etc/login.defs line 1") == true)

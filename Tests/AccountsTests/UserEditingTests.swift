@@ -35,6 +35,19 @@ struct UserEditingTests {
         #expect(db.shadowEntry(named: "bob")?.maximumDays == "90" && db.shadowEntry(named: "bob")?.warnDays == "14")
     }
 
+    @Test func allocationStaysBelowTheLargestLinuxIdAndNoLimitIsAnEmptyAgingField() throws {
+        // UID_MAX as large as a 64-bit number, and a user at the largest id: the next id would
+        // be (uid_t)-1, so the lowest free one is taken, as find_new_uid does past its max.
+        let defs = try LoginDefs(text: "UID_MAX 9223372036854775807\nGID_MAX 9223372036854775807\nPASS_MAX_DAYS -1\n")
+        var db = try AccountDatabase(passwd: "root:x:0:0::/root:/bin/sh\ntop:x:4294967294:4294967294::/:/bin/sh\n",
+                                     shadow: "root:*:1:0:99999:7:::\ntop:!:1:0:99999:7:::\n",
+                                     group: "root:x:0:\ntop:x:4294967294:\n", gshadow: nil, loginDefs: defs)
+        let applied = try db.apply(UserSpec(name: "lab", password: .locked), hash: "!", today: 20000, defaultShell: "/bin/sh")
+        #expect(applied.uid == 1000 && applied.gid == 1000)
+        #expect(db.shadowEntry(named: "lab")?.maximumDays == "", "PASS_MAX_DAYS -1 is no maximum: an empty field, as useradd writes")
+        #expect(db.shadow.rendered().hasSuffix("lab:!:20000:0::7:::\n"), "\(db.shadow.rendered())")
+    }
+
     @Test func privateGroupTakesAnotherGidWhenTheUidIsTakenAsGid() throws {
         var db = try AccountDatabase(passwd: "root:x:0:0::/root:/bin/sh\n", shadow: "root:*:1:0:99999:7:::\n",
                                      group: "root:x:0:\nlab:x:1000:\n", gshadow: nil)
