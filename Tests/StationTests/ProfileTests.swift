@@ -168,6 +168,48 @@ struct ProfileTests {
         #expect(error.description == "board/profile.toml:3: verify: expected a boolean, found string \"yes\"")
     }
 
+    @Test func sizesLargerThanAnyCardAreNamedNotTrapped() throws {
+        // Two partitions of 2^63 bytes each: their extents' sum overflowed 64 bits.
+        let partitions = try #require(failure("""
+            name = "board"
+            image = "a.img"
+            [[partitions]]
+            number = 1
+            role = "boot"
+            start = "8388608TiB"
+            size = "8388608TiB"
+            [[partitions]]
+            number = 2
+            role = "root"
+            start = "1MiB"
+            size = "1MiB"
+            """))
+        #expect(partitions.keyPath == "partitions[0].size", "\(partitions)")
+        #expect(partitions.message.contains("larger than any card"), "\(partitions)")
+        let bss = try #require(failure("""
+            name = "board"
+            kind = "tegra"
+            [tegra]
+            soc = "tegra124"
+            miniloader = "m.bin"
+            bct = "b.bct"
+            uboot = "u.bin"
+            uboot_bss_size = "2GiB"
+            """))
+        #expect(bss.keyPath == "tegra.uboot_bss_size" && bss.message.contains("at most 1 GiB"), "\(bss)")
+        let huge = try #require(failure("""
+            name = "board"
+            kind = "tegra"
+            [tegra]
+            soc = "tegra124"
+            miniloader = "m.bin"
+            bct = "b.bct"
+            uboot = "u.bin"
+            uboot_bss_size = "16000000TiB"
+            """))
+        #expect(huge.keyPath == "tegra.uboot_bss_size", "\(huge)")
+    }
+
     @Test func wrongTypeInsideAnArrayOfTables() throws {
         let error = try #require(failure("name = \"board\"\nimage = \"a.img\"\n\n[[partitions]]\nnumber = 1\nrole = \"boot\"\n\n[[partitions]]\nnumber = \"two\"\nrole = \"root\"\n"))
         #expect(error.line == 9)

@@ -57,21 +57,32 @@ public struct TOMLTableReader {
         return integer
     }
 
-    /// A size in bytes: a non-negative integer or a string such as "512MiB", "2GiB", "1G" (see `ByteCount.parse`).
+    /// The largest size or offset a config may state: 1 EiB (2^60 bytes), more than any card.
+    /// Bounded so that a start plus a size, or a size as an `Int`, cannot overflow.
+    public static let largestByteSize: UInt64 = 1 << 60
+
+    /// A size in bytes: a non-negative integer or a string such as "512MiB", "2GiB", "1G" (see
+    /// `ByteCount.parse`), at most `largestByteSize`.
     public func byteSize(_ key: String) throws -> UInt64? {
         guard let value = value(key) else { return nil }
+        let bytes: UInt64
         if let integer = value.int {
             guard integer >= 0 else { throw error(key, "a size cannot be negative (\(integer))") }
-            return UInt64(integer)
+            bytes = UInt64(integer)
+        } else {
+            guard let text = value.string else {
+                throw mismatch(key, expected: "a size (an integer or a string like \"512MiB\")", found: value)
+            }
+            do {
+                bytes = try ByteCount.parse(text)
+            } catch {
+                throw self.error(key, error.description)
+            }
         }
-        guard let text = value.string else {
-            throw mismatch(key, expected: "a size (an integer or a string like \"512MiB\")", found: value)
+        guard bytes <= Self.largestByteSize else {
+            throw error(key, "\(bytes) bytes is larger than any card (at most \(Self.largestByteSize), 1 EiB)")
         }
-        do {
-            return try ByteCount.parse(text)
-        } catch {
-            throw self.error(key, error.description)
-        }
+        return bytes
     }
 
     public func strings(_ key: String) throws -> [String]? {

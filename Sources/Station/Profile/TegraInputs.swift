@@ -62,6 +62,13 @@ public struct TegraInputs: Sendable, Equatable {
                 productIDs.append(UInt16(id))
             }
         }
+        // U-Boot's BSS follows its image in the board's RAM, which a 32-bit SoC addresses
+        // 4 GiB of in all.
+        func ubootBSSSize() throws -> UInt64? {
+            guard let size = try reader.byteSize("uboot_bss_size") else { return nil }
+            guard size <= 1 << 30 else { throw reader.error("uboot_bss_size", "\(size) bytes cannot follow U-Boot in a 32-bit board's RAM (at most 1 GiB)") }
+            return size
+        }
         var environment: [String: String] = [:]
         if let env = try reader.table("env") {
             for key in env.table.keys {
@@ -74,7 +81,7 @@ public struct TegraInputs: Sendable, Equatable {
             miniloader: try required("miniloader"), miniloaderEntry: try address("miniloader_entry"),
             bct: try required("bct"), uboot: try required("uboot"),
             ubootDTB: try reader.string("uboot_dtb").map(reader.document.resolve(path:)),
-            ubootBSSSize: try reader.byteSize("uboot_bss_size"),
+            ubootBSSSize: try ubootBSSSize(),
             loadAddress: try address("load_address"), ramBase: try address("ram_base"),
             bootDevice: try reader.string("boot_device"),
             cameBackWindow: try reader.integer("came_back_window", in: 0...(7 * 86_400)), environment: environment,
