@@ -52,7 +52,8 @@ public final class BufferBudget: @unchecked Sendable {
     }
 
     /// The cap in bytes. Lowering it (a reload) takes effect as buffers come back: nothing
-    /// new is made until the budget is under the new cap.
+    /// new is made until the budget is under the new cap. A card whose buffers are larger
+    /// than the new cap itself gets one at a time, when nothing else is allocated (`obtain`).
     public var limit: Int {
         get { condition.withLock { limitBytes } }
         set {
@@ -192,8 +193,14 @@ public final class BufferBudget: @unchecked Sendable {
         }
         if allocated + capacity > limitBytes {
             // Idle buffers of another size (or alignment) make room for this one.
-            guard idle.reduce(0, { $0 + $1.capacity }) >= allocated + capacity - limitBytes else { return nil }
-            let dropped = trimIdle(toFit: capacity)
+            let idleBytes = idle.reduce(0, { $0 + $1.capacity })
+            // A buffer larger than the whole cap (a card's pool made before a reload lowered
+            // it) is made once nothing else is allocated: one buffer over the cap for as long
+            // as that card runs, instead of a card, and every card in line behind it, that
+            // can never go on.
+            let oversizeAlone = capacity > limitBytes && allocated == idleBytes
+            guard idleBytes >= allocated + capacity - limitBytes || oversizeAlone else { return nil }
+            let dropped = oversizeAlone ? drainIdle() : trimIdle(toFit: capacity)
             _ = dropped  // freed when this returns: their `budget` is nil, so no call back in
         }
         let buffer = AlignedBuffer(capacity: capacity, alignment: max(alignment, 4096))

@@ -36,6 +36,10 @@ public actor Station {
         var removed = false
         /// Set when the ledger refused one of this job's rows: it ends failed with this.
         var ledgerFailure: String? = nil
+        /// The card pipeline's end, kept until the job's final state is recorded: the metrics
+        /// count that state (a pulled card's "cancelled" is recorded "failed"), with the
+        /// outcome's bytes and speed.
+        var outcome: CardOutcome? = nil
     }
 
     var devices: [UInt64: DeviceEntry] = [:]
@@ -52,6 +56,7 @@ public actor Station {
         self.logger = logger
         self.jobRunner = jobRunner
         self.metrics = StationMetrics(station: config.name)
+        bufferBudget.limit = config.bufferBudget
     }
 
     var policy: SafetyPolicy {
@@ -282,7 +287,7 @@ public actor Station {
                 ledgerFailed(id, error)
             }
         case .finished(let outcome):
-            if let started = running[id]?.record.created { metrics.finished(id, outcome: outcome, started: started) }
+            running[id]?.outcome = outcome
             await rememberCard(outcome, job: id)
             switch outcome {
             case .done(let result):
@@ -375,6 +380,11 @@ public actor Station {
         if let progress { job.record.progress = progress }
         if state.isFinal {
             running.removeValue(forKey: id)
+            if let outcome = job.outcome {
+                metrics.finished(id, state: state, outcome: outcome, started: job.record.created)
+            } else {
+                metrics.forget(id)
+            }
             // Generated passwords are shown once, in this announcement, and not kept.
             var kept = job.record
             kept.users = kept.users?.map(\.redacted)
@@ -449,6 +459,9 @@ public actor Station {
 
     public func reload(_ newConfig: StationConfig) {
         config = newConfig
+        // At once, not at the next card: the metrics say the cap in force, and idle buffers
+        // above a lowered cap go now.
+        bufferBudget.limit = newConfig.bufferBudget
         sizeCache = [:]
         publish(.init(kind: .reload, message: "configuration reloaded from \(newConfig.file)"))
     }

@@ -79,25 +79,25 @@ struct StationMetrics {
 
     func refusedCard() { refused.increment() }
 
-    /// A job ended: its outcome, its bytes, its speed and its duration.
-    mutating func finished(_ id: Int64, outcome: CardOutcome, started: Date, now: Date = Date()) {
+    /// A card job ended in `state`, as the ledger recorded it (the outcome label: a card
+    /// pulled mid-write is "failed" there whatever the pipeline said, and so here), with the
+    /// pipeline's bytes, speed and duration.
+    mutating func finished(_ id: Int64, state: JobState, outcome: CardOutcome, started: Date, now: Date = Date()) {
         let seen = inFlight.removeValue(forKey: id) ?? (0, 0)
-        let name: String
+        let name = state.rawValue
         var written = seen.written, verified = seen.verified
         switch outcome {
         case .done(let result):
-            name = "done"
             // The result's numbers are final; progress reports are throttled and may lag.
             written = result.write.bytesWritten
-            verified = result.write.verified ? result.write.bytesWritten : 0
-            if result.write.writeSeconds > 0 {
+            verified = result.write.verified && state == .done ? result.write.bytesWritten : 0
+            if result.write.writeSeconds > 0, state == .done {
                 writeSpeed.record(Double(result.write.bytesWritten) / result.write.writeSeconds)
             }
         case .failed(let failure):
-            name = "failed"
             if failure.kind == .refused { refused.increment() }
         case .cancelled:
-            name = "cancelled"
+            break
         }
         cards(name).increment()
         if written > 0 { bytes("written").increment(by: Int64(clamping: written)) }

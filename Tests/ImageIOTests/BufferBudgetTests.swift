@@ -239,4 +239,41 @@ struct BufferBudgetTests {
         pool.release(held[1])
         #expect(budget.usage.peakAllocated <= 4 * Self.mib)
     }
+
+    @Test("a cap lowered below a running card's buffer size: that card goes on one buffer at a time, alone over the cap, and the takers behind it are not stuck")
+    func capBelowARunningPoolsBuffer() async throws {
+        let budget = BufferBudget(limit: 16 * Self.mib)
+        let big = BufferPool(budget: budget, maximum: 4, bufferSize: 4 * Self.mib, alignment: 4096)
+        defer { big.close() }
+        let first = try #require(big.acquire())
+        budget.limit = 2 * Self.mib   // a reload: below the 4 MiB this card's pool makes
+        big.release(first)
+        #expect(budget.usage.allocated == 0, "the idle 4 MiB buffer went: it is above the new cap")
+        // The card takes its next buffer: nothing else is out, so it gets one, over the cap.
+        // (On a thread: before the fix it waited for good.)
+        let taking = Taker { big.acquire() }
+        try await eventually("the big card gets its next buffer") { taking.isDone }
+        guard taking.isDone, let again = await taking.value() else { return }
+        #expect(budget.usage.allocated == 4 * Self.mib)
+        // A card of the new size waits while the big buffer is out, and gets its turn after.
+        let small = BufferPool(budget: budget, maximum: 2, bufferSize: Self.mib, alignment: 4096)
+        defer { small.close() }
+        let waiter = Taker { () -> Bool in
+            guard let b = small.acquire() else { return false }
+            small.release(b)
+            return true
+        }
+        try await eventually("the 1 MiB taker waits behind the big buffer") { budget.usage.waiting == 1 }
+        big.release(again)
+        #expect(await waiter.value(), "the line moves once the big buffer is back")
+        #expect(budget.usage.allocated <= 2 * Self.mib, "the new cap binds everyone else")
+        // The big card asks again while the small one holds 1 MiB: it waits (it is over the
+        // cap only when alone), and goes on when the small card is done.
+        let held = try #require(small.acquire())
+        let bigWaiter = Taker { big.acquire() != nil }
+        try await eventually("the big taker waits while anything else is out") { budget.usage.waiting == 1 }
+        small.release(held)
+        small.close()
+        #expect(await bigWaiter.value())
+    }
 }

@@ -41,6 +41,13 @@ extension IntegrationTests {
             #expect(done.state == .done, "message: \(done.message ?? "none")")
             #expect(try kept.sha256(bytes: 32 << 20) == (try sha256(ofFile: image)))
 
+            // The metrics count what the ledger recorded: the pulled card "failed" (its
+            // pipeline may have stopped on the cancel the removal raised, "cancelled").
+            let samples = try MetricsTests.scrape(bench)
+            #expect(MetricsTests.value(samples, "provision_cards_total", ["outcome": "failed"]) == 1)
+            #expect(MetricsTests.value(samples, "provision_cards_total", ["outcome": "cancelled"]) == 0)
+            #expect(MetricsTests.value(samples, "provision_cards_total", ["outcome": "done"]) == 1)
+
             // The pulled card's slot is empty again; the other shows its finished card.
             let status = try bench.waitForStatus("slot PULL to be empty") { $0.slot("PULL")?.device == nil }
             #expect(status.slot("PULL")?.job == nil)
