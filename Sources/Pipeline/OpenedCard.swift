@@ -93,6 +93,46 @@ enum OpenedCard {
     }
 }
 
+/// `provision inject` on a block device: the device is judged on an opened descriptor by
+/// the same safety policy as `provision write` (a card: removable, on USB or MMC, or a loop
+/// device; not mounted, not swap, not a system disk; not write-protected), and injection and
+/// `e2fsck` then open that descriptor's device (see `MediaGuard`), whatever the path names by
+/// then. An image file is not judged (nil): it is nobody's disk.
+public enum InjectionTarget {
+    public final class Judged: Sendable {
+        let guarded: MediaGuard
+        init(_ guarded: MediaGuard) { self.guarded = guarded }
+        /// The path injection opens, in this process.
+        public var path: String { guarded.path }
+        /// The path a child process (e2fsck) opens.
+        public var pathForChild: String { guarded.pathForChild }
+        /// Messages name the device, not the /proc path.
+        public func describe(_ message: String) -> String { guarded.describe(message) }
+    }
+
+    public static func judge(_ path: String) throws(CardFailure) -> Judged? {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        // What cannot be opened here is for the injector to report, as for any file.
+        guard fd >= 0 else { return nil }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFBLK else {
+            Glibc.close(fd)
+            return nil
+        }
+        let facts: DeviceFacts
+        do throws(BlockDeviceError) { facts = try DeviceFacts.read(deviceNumber: UInt64(st.st_rdev), fallbackNode: path) } catch {
+            Glibc.close(fd)
+            throw CardFailure(.refused, "refusing to inject into \(path): \(error.message)")
+        }
+        let refusals = SafetyPolicy(mode: .offline).refusals(for: facts, minimumSize: nil)
+        guard refusals.isEmpty else {
+            Glibc.close(fd)
+            throw CardFailure(.refused, "refusing to inject into \(path) (\(facts.summary)):\n" + refusals.map { "  - \($0.reason)" }.joined(separator: "\n"))
+        }
+        return Judged(MediaGuard(fd: fd, shownAs: path, media: nil))
+    }
+}
+
 /// A second, read-only, non-exclusive descriptor on the written device, held from the write
 /// to the end of the check. Injection and `e2fsck` open the device through it
 /// (`/proc/self/fd/N`), after the writer's exclusive descriptor is closed (libext2fs claims
@@ -103,13 +143,18 @@ final class MediaGuard: @unchecked Sendable {
     let shownAs: String
     private let media: MediaIdentity?
 
-    init(target: WriteTarget, media: MediaIdentity?) throws(CardFailure) {
+    convenience init(target: WriteTarget, media: MediaIdentity?) throws(CardFailure) {
         let fd = Glibc.open("/proc/self/fd/\(target.fd)", O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             throw CardFailure(.image(.ioError), "cannot open \(target.path) again for injection: \(String(cString: strerror(errno)))")
         }
+        self.init(fd: fd, shownAs: target.path, media: media)
+    }
+
+    /// Takes `fd` (closed with this guard).
+    init(fd: Int32, shownAs: String, media: MediaIdentity?) {
         self.fd = fd
-        self.shownAs = target.path
+        self.shownAs = shownAs
         self.media = media
     }
 

@@ -12,7 +12,10 @@ struct InjectCommand: ParsableCommand {
         discussion: """
             TARGET is a whole-disk block device or an image file with an MBR or GPT. The root \
             partition is found by --partition or --label, or is the only ext2/3/4 partition. \
-            A generated password is printed once and never stored, unless --export names a 0600 file.
+            A generated password is printed once and never stored, unless --export names a 0600 file. \
+            A block device must pass the safety policy `provision write` applies: a removable \
+            USB or MMC card (or a loop device), not mounted or used as swap, not a system disk, \
+            not write-protected; it is judged on an opened descriptor, and that device is edited.
             """)
 
     @Argument(help: "Whole-disk device (e.g. /dev/sdb) or disk image file.")
@@ -84,15 +87,20 @@ struct InjectCommand: ParsableCommand {
     }
 
     func run() throws {
+        let device: InjectionTarget.Judged?
+        do throws(CardFailure) { device = try InjectionTarget.judge(target) } catch {
+            FileHandle.standardError.write(Data("provision inject: \(error.message)\n".utf8))
+            throw ExitCode(77)  // EX_NOPERM, as provision write refuses a device
+        }
         do {
-            try inject()
+            try inject(into: device)
         } catch {
             FileHandle.standardError.write(Data("provision inject: \(error.message)\n".utf8))
             throw ExitCode(Self.exitStatus(error.code))
         }
     }
 
-    private func inject() throws(AccountsError) {
+    private func inject(into device: InjectionTarget.Judged?) throws(AccountsError) {
         var keys: [String] = []
         for file in sshKeyFiles {
             guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
@@ -116,7 +124,8 @@ struct InjectCommand: ParsableCommand {
         // The same inject → export → check as the daemon runs after writing a card.
         let result: UnitProvisioner.Result
         do throws(CardFailure) {
-            result = try UnitProvisioner.provision(unit, path: target) { _ in }
+            result = try UnitProvisioner.provision(unit, path: device?.path ?? target, childPath: device?.pathForChild,
+                                                   describe: { device?.describe($0) ?? $0 }) { _ in }
         } catch {
             switch error.kind {
             case .accounts(let code): throw AccountsError(code, error.message)
@@ -125,7 +134,7 @@ struct InjectCommand: ParsableCommand {
         }
         let report = result.report
         for injected in report.users {
-            print("\(injected.created ? "added" : "updated") \(injected.name) (uid \(injected.uid), gid \(injected.gid), home \(injected.home)) in partition \(report.partition) of \(report.target)")
+            print("\(injected.created ? "added" : "updated") \(injected.name) (uid \(injected.uid), gid \(injected.gid), home \(injected.home)) in partition \(report.partition) of \(target)")
             if let generated = injected.generatedPassword {
                 print("generated password for \(injected.name): \(generated)")
             }

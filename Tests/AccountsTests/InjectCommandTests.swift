@@ -38,6 +38,30 @@ struct InjectCommandTests {
         #expect(try image.debugfs("cat /home/lab/.ssh/authorized_keys") == InjectorTests.key + "\n")
     }
 
+    @Test func aBlockDeviceIsJudgedByTheSafetyPolicyAndThatDeviceIsEdited() throws {
+        let image = try DiskImage()
+        let size = try #require(try FileManager.default.attributesOfItem(atPath: image.path)[.size] as? Int)
+        let card = try LoopCard(label: "inject-device", size: Int64(size), image: image.path)
+        defer { card.close() }
+        let ok = try Shell.run([Self.provision, "inject", card.devicePath, "--user", "lab", "--locked"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(ok.stdout.contains("in partition 2 of \(card.devicePath)") && ok.stdout.contains("e2fsck -fn: clean"), "\(ok.stdout)")
+        #expect(!ok.stdout.contains("/proc/") && !ok.stderr.contains("/proc/"), "messages name the device, not the descriptor's path")
+        let shadow = try Shell.must(["debugfs", "-R", "cat /etc/shadow", "\(card.devicePath)?offset=\(image.rootOffset)"])
+        #expect(shadow.contains("\nlab:!:"), "\(shadow)")
+
+        // One of its partitions mounted (read-only, as a curious operator might): refused
+        // before anything is opened for writing, naming the mount, and nothing changes.
+        let dir = try TemporaryDirectory()
+        let mounted = try MountedImage(image: image.path, partition: 2, in: dir)
+        defer { mounted.close() }
+        let before = try sha256(image.path)
+        let refused = try Shell.run([Self.provision, "inject", mounted.loop, "--user", "other", "--locked"])
+        #expect(refused.status == 77, "\(refused)")
+        #expect(refused.stderr.contains("refusing to inject into \(mounted.loop)") && refused.stderr.contains("in use: mounted"), "\(refused.stderr)")
+        #expect(try sha256(image.path) == before)
+    }
+
     @Test func premadeHashIsWrittenAsGiven() throws {
         let image = try DiskImage()
         let hash = try Shell.must(["mkpasswd", "-m", "sha-512", "-S", "clisaltx", "--stdin"], stdin: "pw")
