@@ -24,6 +24,8 @@ extension StreamDecoder {
 enum DecodeFailure: Error {
     case corrupt(String)
     case truncated
+    /// A valid stream that needs more memory to decode than provision gives a decoder.
+    case needsTooMuchMemory(String)
     /// An archive with no disk image in it (the names of what it holds instead).
     case noImage([String])
     /// An archive with more than one file that could be the image.
@@ -107,12 +109,16 @@ final class XZDecoder: StreamDecoder {
     private static let concatenated: UInt32 = 0x08  // LZMA_CONCATENATED
     private static let ignoreCheck: UInt32 = 0x10  // LZMA_IGNORE_CHECK
 
+    /// What one decoder may use: more than `xz -9` needs (65 MiB, its 64 MiB dictionary),
+    /// as zstd's window is capped at 128 MiB. A header may ask for up to 4 GiB.
+    static let memoryLimit: UInt64 = 128 << 20
+
     init() { start(flags: XZDecoder.concatenated) }
 
     deinit { lzma_end(&stream) }
 
     private func start(flags: UInt32) {
-        let rc = lzma_stream_decoder(&stream, UInt64.max, flags)
+        let rc = lzma_stream_decoder(&stream, XZDecoder.memoryLimit, flags)
         precondition(rc == LZMA_OK, "lzma_stream_decoder failed: \(rc)")
     }
 
@@ -141,6 +147,9 @@ final class XZDecoder: StreamDecoder {
         case LZMA_FORMAT_ERROR: throw .corrupt("not an xz stream")
         case LZMA_OPTIONS_ERROR: throw .corrupt("unsupported xz options")
         case LZMA_MEM_ERROR: throw .corrupt("out of memory while decoding xz")
+        case LZMA_MEMLIMIT_ERROR:
+            let needed = (lzma_memusage(&stream) + (1 << 20) - 1) >> 20
+            throw .needsTooMuchMemory("it needs \(needed) MiB of memory to decode (its dictionary), more than the \(XZDecoder.memoryLimit >> 20) MiB provision gives a decoder; recompress it with xz -9 or a lower preset")
         default: throw .corrupt("xz decoder error \(rc.rawValue)")
         }
     }

@@ -303,6 +303,8 @@ public final class ImageSource: @unchecked Sendable {
                 throw ImageIOError(.compressedStreamTruncated, "\(formatName) stream in \(path) is truncated: it ends at byte \(compressedOffset) of the file after \(position + UInt64(filled)) uncompressed bytes", offset: compressedOffset)
             } catch DecodeFailure.corrupt(let why) {
                 throw ImageIOError(.compressedStreamCorrupt, "\(formatName) stream in \(path) is corrupt near byte \(compressedOffset) of the file (\(why))", offset: compressedOffset)
+            } catch DecodeFailure.needsTooMuchMemory(let why) {
+                throw ImageIOError(.unsupportedFormat, "\(formatName) stream in \(path): \(why)", offset: compressedOffset)
             } catch let error as ImageIOError {
                 throw error
             } catch {
@@ -356,6 +358,8 @@ public final class ImageSource: @unchecked Sendable {
                 throw ImageIOError(.compressedStreamTruncated, "\(formatName) stream in \(path) is truncated: it ends at byte \(compressedOffset) of the file after \(at) uncompressed bytes", offset: compressedOffset)
             case .corrupt(let why):
                 throw ImageIOError(.compressedStreamCorrupt, "\(formatName) stream in \(path) is corrupt near byte \(compressedOffset) of the file (\(why))", offset: compressedOffset)
+            case .needsTooMuchMemory(let why):
+                throw ImageIOError(.unsupportedFormat, "\(formatName) stream in \(path): \(why)", offset: compressedOffset)
             case .noImage:
                 throw ImageIOError(.unsupportedFormat, "\(formatName) archive \(path) holds no disk image (only directories or side files such as checksums or READMEs)")
             case .severalImages(let names):
@@ -425,7 +429,7 @@ public final class ImageSource: @unchecked Sendable {
             let indexSize = (stored + 1) * 4
             guard indexSize + 12 <= fileSize, indexSize < (64 << 20), let index = bytes(at: fileSize - 12 - indexSize, Int(indexSize)) else { return nil }
             var idx: OpaquePointer?
-            var memlimit = UInt64.max
+            var memlimit: UInt64 = 64 << 20  // as XZBlockIndex: an index needing more is no image's
             var pos = 0
             let rc = index.withUnsafeBytes { lzma_index_buffer_decode(&idx, &memlimit, nil, $0.baseAddress!.assumingMemoryBound(to: UInt8.self), &pos, $0.count) }
             guard rc == LZMA_OK, let idx else { return nil }

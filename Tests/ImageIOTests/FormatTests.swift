@@ -104,6 +104,20 @@ struct FormatTests {
         }
     }
 
+    @Test("an .xz whose dictionary needs more memory than a decoder is given is refused before it is allocated, saying how much it needs")
+    func xzNeedingTooMuchMemory() throws {
+        let (image, _) = try sparseImage()
+        let packed = scratch.file("bigdict.xz")
+        // From a pipe, so xz does not shrink the dictionary to the input's size.
+        try Command.check(["bash", "-c", "cat '\(image)' | xz --lzma2=preset=1,dict=192MiB -c > '\(packed)'"])
+        let listed = try run("xz", "--robot", "-lvv", packed)
+        let needed = listed.split(separator: "\n").first { $0.hasPrefix("summary") }?.split(separator: "\t")[1]
+        #expect(needed.flatMap { UInt64($0) }.map { $0 > 128 << 20 } == true, "the premise, by xz: \(listed)")
+        let target = try staleTarget("out-bigdict.img")
+        let error = try #require(throws: ImageIOError.self) { try writeFile(try ImageSource(path: packed), to: target) }
+        #expect(error.code == .unsupportedFormat && error.message.contains("MiB of memory to decode") && error.message.contains("more than the 128 MiB"), "\(error)")
+    }
+
     @Test("a truncated file says 'truncated' and names its format, with and without a bmap", arguments: kinds + ["gz", "xz", "zst"])
     func truncated(kind: String) throws {
         let (image, bmap) = try sparseImage()
