@@ -12,6 +12,13 @@ public struct FlasherPayload: Sendable {
     public let flashImageAddress: UInt32
     public let readBackAddress: UInt32
 
+    /// The payload as it will be for a board of this chip, its UID aside (every UID is the
+    /// same length): the DTB parses, the environment's names and values are safe in the
+    /// script, the image fits the address space. All of it is known before a board is touched.
+    public static func check(_ inputs: TegraFlashInputs) throws {
+        _ = try FlasherPayload(inputs: inputs, environment: inputs.substitutedEnvironment(uid: String(repeating: "0", count: inputs.chip.uidLength * 2)))
+    }
+
     public static func paddedLength(nodtb: Int, dtb: Int, bss: Int) -> Int {
         (nodtb + dtb + bss + 8191) & ~4095
     }

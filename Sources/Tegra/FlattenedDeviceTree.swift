@@ -104,8 +104,13 @@ public struct FlattenedDeviceTree: Sendable, Equatable {
             return token
         }
 
+        /// Nodes nested deeper than this are refused (libfdt's own tools stop at 64 and less;
+        /// a deeper blob would overflow the stack here, one frame per level).
+        static let maximumDepth = 64
+
         /// Reads a node whose BEGIN_NODE token was just consumed.
-        mutating func readNode(_ bad: (String) -> TegraError) throws -> Node {
+        mutating func readNode(_ bad: (String) -> TegraError, depth: Int = 1) throws -> Node {
+            guard depth <= Self.maximumDepth else { throw bad("nodes nested deeper than \(Self.maximumDepth) levels at struct offset \(offset - 4)") }
             guard let end = bytes[offset...].firstIndex(of: 0) else { throw bad("unterminated node name") }
             var node = Node(name: String(decoding: bytes[offset..<end], as: UTF8.self))
             offset = (end + 1 + 3) & ~3
@@ -121,7 +126,7 @@ public struct FlattenedDeviceTree: Sendable, Equatable {
                     node.properties.append(Property(name: name, value: Array(bytes[offset..<(offset + length)])))
                     offset = (offset + length + 3) & ~3
                 case .beginNode:
-                    node.children.append(try readNode(bad))
+                    node.children.append(try readNode(bad, depth: depth + 1))
                 case .endNode:
                     return node
                 case .nop:

@@ -139,6 +139,8 @@ public struct TegraProfile: Sendable {
         } catch let error as TegraError {
             throw TegraError(error.kind, "\(resolve(bct)) (profile key bct): \(error.message)")
         }
+        // And the flasher's payload: the DTB, the environment, the address space.
+        try FlasherPayload.check(inputs)
         return inputs
     }
 

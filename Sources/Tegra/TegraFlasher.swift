@@ -72,8 +72,10 @@ public final class TegraFlasher: Sendable {
 
     public func run() throws -> TegraFlashReport {
         let started = Date()
-        // Everything that can be refused offline is refused before the board is touched.
+        // Everything that can be refused offline is refused before the board is touched:
+        // the boot image, and the payload as it will be but for the board's UID.
         _ = try inputs.bootImage()
+        try FlasherPayload.check(inputs)
         progress(.rcm, 0)
         let bringUp = try MiniloaderBringUp(source: source, chip: inputs.chip, productIDs: inputs.usbProductIDs,
                                             miniloader: inputs.miniloader, miniloaderEntry: inputs.miniloaderEntry,

@@ -18,7 +18,16 @@ struct TegraJobTests {
         let dts = try scratch.write("u-boot.dts", Array("/dts-v1/;\n/ { model = \"NVIDIA Jetson TK1\"; config { }; };\n".utf8))
         let r = try Command.run(["dtc", "-I", "dts", "-O", "dtb", "-o", scratch.file("u-boot.dtb"), dts])
         guard r.succeeded else { throw StationTestError(description: r.description) }
-        let toml = """
+        let config = try StationConfig.parse(text: Self.toml(scratch, extra: extra), file: scratch.file("station.toml"))
+        let ledger = try Ledger(path: config.ledgerPath)
+        return Station(config: config, ledger: ledger, logger: quietLogger,
+                       jobRunner: DefaultJobRunner(tegraSource: { usb, _ in (boards[usb.syspath] ?? simulator).source }))
+    }
+
+    /// The station config of `makeStation`: one TK1 profile on the files it writes.
+    static func toml(_ scratch: TemporaryDirectory, extra: String = "", env: String = "hostname = \"lab-{uid}\"",
+                     dtb: String = "uboot_dtb = \"u-boot.dtb\"", ids: String = "[0x7140]") -> String {
+        """
         [station]
         name = "tegra-test"
         ledger = "\(scratch.file("ledger.sqlite"))"
@@ -26,20 +35,41 @@ struct TegraJobTests {
         kind = "tegra"
         [profiles.tk1.tegra]
         soc = "tegra124"
-        usb_product_ids = [0x7140]
+        usb_product_ids = \(ids)
         miniloader = "miniloader.bin"
         bct = "board.bct"
         uboot = "u-boot-nodtb-tegra.bin"
-        uboot_dtb = "u-boot.dtb"
+        \(dtb)
         uboot_bss_size = 0x40000
         \(extra)
         [profiles.tk1.tegra.env]
-        hostname = "lab-{uid}"
+        \(env)
         """
-        let config = try StationConfig.parse(text: toml, file: scratch.file("station.toml"))
-        let ledger = try Ledger(path: config.ledgerPath)
-        return Station(config: config, ledger: ledger, logger: quietLogger,
-                       jobRunner: DefaultJobRunner(tegraSource: { usb, _ in (boards[usb.syspath] ?? simulator).source }))
+    }
+
+    @Test("the config check builds a Tegra profile's inputs and payload as a board's job would: what would fail at the board fails now, naming it")
+    func configCheckBuildsThePayload() throws {
+        let scratch = try TemporaryDirectory("provision-station")
+        _ = try makeStation(scratch, simulator: SimulatedTegra())  // writes the profile's files
+        func check(_ toml: String) throws -> String? {
+            let config = try StationConfig.parse(text: toml, file: scratch.file("station.toml"))
+            do { try config.profiles["tk1"]!.checkFiles() } catch { return "\(error)" }
+            return nil
+        }
+        #expect(try check(Self.toml(scratch)) == nil, "the fixture's profile is good")
+        try scratch.write("random.bct", filler(8192, seed: 9))
+        let cases: [(String, String)] = [
+            (Self.toml(scratch, env: "serial = \"it's {unit}; reset\""), "serial"),
+            (Self.toml(scratch, dtb: ""), "uboot_dtb is missing"),
+            (Self.toml(scratch, ids: "[0x7030]"), "0x7030 is not a"),
+            (Self.toml(scratch, extra: "boot_device = \"nand\""), "boot_device \"nand\""),
+            (Self.toml(scratch).replacingOccurrences(of: "bct = \"board.bct\"", with: "bct = \"random.bct\""), "random.bct"),
+        ]
+        for (toml, why) in cases {
+            let error = try check(toml)
+            #expect(error?.contains(why) == true, "\(why): \(error ?? "passed the config check")")
+            #expect(error?.contains("station.toml") == true, "the error names the file: \(error ?? "")")
+        }
     }
 
     let board = RecoveryUSBDevice(syspath: "/sys/devices/pci0000:00/usb1/1-2", devnode: "/dev/bus/usb/001/007",

@@ -56,6 +56,20 @@ import TestSupport
         #expect(da.stdout == db.stdout)
     }
 
+    /// dtc compiles nodes nested `depth` deep (a blob of its own making, not ours).
+    func nested(_ depth: Int, in directory: TemporaryDirectory) throws -> [UInt8] {
+        let source = "/dts-v1/;\n/ {\n" + String(repeating: "n {\n", count: depth - 1) + String(repeating: "};\n", count: depth - 1) + "};\n"
+        return try compileDTS(source, in: directory)
+    }
+
+    @Test func nodesNestedTooDeepAreAnErrorNotAStackOverflow() throws {
+        let directory = try TemporaryDirectory()
+        #expect(try FlattenedDeviceTree(parsing: try nested(64, in: directory)).node(at: "/" + Array(repeating: "n", count: 63).joined(separator: "/")) != nil)
+        // One more is refused: 10,000 levels (a blob of ~80 KB) overflowed the stack, a frame a level.
+        let error = try #require(throws: TegraError.self) { try FlattenedDeviceTree(parsing: try nested(65, in: directory)) }
+        #expect(error.message.contains("nested deeper than 64"), "\(error)")
+    }
+
     @Test func rejectsBadMagic() throws {
         let directory = try TemporaryDirectory()
         var blob = try compileDTS(ubootDTS, in: directory)

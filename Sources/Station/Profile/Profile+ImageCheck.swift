@@ -1,6 +1,7 @@
 import Accounts
 import Foundation
 import ImageIO
+import Tegra
 
 extension Profile {
     /// How far into a compressed image the check decompresses to reach the partitions'
@@ -26,6 +27,16 @@ extension Profile {
     /// Errors carry the line of the key to fix.
     public func checkFiles(reach: UInt64 = Profile.partitionProbeReach) throws {
         try checkInputsExist()
+        if kind == .tegra, let tegra {
+            // Read, checked and built as a board's job would (only its UID unknown): the
+            // soc, ids and boot device, the BCT's boot image, the DTB, the environment.
+            do { _ = try tegraProfile().loadInputs() } catch let error as TegraError {
+                throw tegra.location.error(error.message)
+            } catch {
+                throw tegra.location.error("\(error)")
+            }
+            return
+        }
         guard kind == .sd, let image else { return }
         let source: ImageSource
         do throws(ImageIOError) { source = try ImageSource(path: image.file) } catch {
