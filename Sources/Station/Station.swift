@@ -388,7 +388,9 @@ public actor Station {
             // Generated passwords are shown once, in this announcement, and not kept.
             var kept = job.record
             kept.users = kept.users?.map(\.redacted)
-            finished[id] = kept
+            // Kept while a present device shows it (a card pulled before its job ended has
+            // none: a record kept for it would stay for as long as the daemon runs).
+            if devices.values.contains(where: { $0.jobID == id }) { finished[id] = kept }
             let level: Logger.Level = state == .done ? .info : .error
             logger.log(level: level, "job \(id) \(state.rawValue)\(message.map { ": " + $0 } ?? "")\(recorded ? "" : " (not in the ledger)")",
                        metadata: ["job": "\(id)", "device": "\(job.record.device)", "slot": "\(job.record.slot ?? "")"])
@@ -450,6 +452,8 @@ public actor Station {
         let slot = config.slot(forSlotPath: facts.slotPath)?.name
         do {
             let job = try await startJob(kind: "sd", slot: slot, facts: facts, profile: profile, image: image)
+            // The device shows the new job; its previous finished one is no longer shown.
+            if let previous = devices[facts.deviceNumber]?.jobID { finished.removeValue(forKey: previous) }
             devices[facts.deviceNumber, default: DeviceEntry(facts: facts, slot: slot, refusals: [], jobID: nil)].jobID = job.id
             return job
         } catch {
@@ -457,13 +461,19 @@ public actor Station {
         }
     }
 
-    public func reload(_ newConfig: StationConfig) {
+    public func reload(_ newConfig: StationConfig) async {
         config = newConfig
         // At once, not at the next card: the metrics say the cap in force, and idle buffers
         // above a lowered cap go now.
         bufferBudget.limit = newConfig.bufferBudget
         sizeCache = [:]
         publish(.init(kind: .reload, message: "configuration reloaded from \(newConfig.file)"))
+        // Cards already present without a job are judged again by the new configuration: a
+        // slot it adds starts its card's job, and refusals it lifts (or makes) say so now,
+        // not at the card's next udev event. Cards with a job keep it.
+        for entry in devices.values where entry.jobID == nil {
+            await deviceSeen(entry.facts)
+        }
     }
 
     // MARK: - Status
@@ -509,6 +519,7 @@ public actor Station {
 
     /// Prometheus' text format: this station's counters and its present state.
     public func metricsText() -> String {
+        // (Mutating: the metrics remember which slots they showed.)
         metrics.text(slots: config.slots.map(\.name), running: running.values.map(\.record.slot), cache: cache, buffers: bufferBudget.usage)
     }
 

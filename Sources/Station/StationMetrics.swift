@@ -17,6 +17,9 @@ struct StationMetrics {
     /// Bytes each running job has written and verified so far, from its progress reports:
     /// a failed or cancelled job's bytes count too (they went to a card).
     private var inFlight: [Int64: (written: UInt64, verified: UInt64)] = [:]
+    /// The slot labels `running_jobs` was last emitted with: a slot a reload removed is
+    /// unregistered, not left showing its last count.
+    private var runningSlots: Set<String> = []
 
     /// Job durations: a card takes from seconds (a small image) to an hour (a slow 64 GB card).
     static let durationBuckets: [Double] = [5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600, 7200]
@@ -111,16 +114,20 @@ struct StationMetrics {
     // MARK: - Scrape
 
     /// The text a scraper reads: the present state is set first, then everything is emitted.
-    func text(slots: [String], running: [String?], cache: ImageCacheStore?, buffers: BufferBudget.Usage) -> String {
+    mutating func text(slots: [String], running: [String?], cache: ImageCacheStore?, buffers: BufferBudget.Usage) -> String {
         var perSlot: [String: Int] = [:]
-        for slot in slots { perSlot[slot] = 0 }
-        // Manual flashes outside any slot are counted under slot="".
+        // Manual flashes outside any slot are counted under slot="", at 0 when there are none
+        // (the gauge is set at every scrape: one that is not set keeps its last value).
+        for slot in slots + [""] { perSlot[slot] = 0 }
         for slot in running { perSlot[slot ?? "", default: 0] += 1 }
-        for (slot, count) in perSlot {
+        func gauge(_ slot: String) -> Gauge {
             registry.makeGauge(descriptor: .init(namespace: "provision", metricName: "running_jobs", unitName: "",
                                                  helpText: "Card jobs running now, by slot (\"\" for manual flashes outside the slots)."),
-                               labels: labels + [("slot", slot)]).set(to: Double(count))
+                               labels: labels + [("slot", slot)])
         }
+        for slot in runningSlots.subtracting(perSlot.keys) { registry.unregisterGauge(gauge(slot)) }
+        for (slot, count) in perSlot { gauge(slot).set(to: Double(count)) }
+        runningSlots = Set(perSlot.keys)
         if let cache {
             registry.makeGauge(descriptor: .init(namespace: "provision", metricName: "image_cache", unitName: "bytes",
                                                  helpText: "Disk space the decompressed-image cache takes (allocated blocks)."),

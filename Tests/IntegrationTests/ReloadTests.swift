@@ -22,6 +22,29 @@ extension IntegrationTests {
             throw BenchError("no reload event within \(timeout)")
         }
 
+        @Test("a reload judges the cards already present again: a card in a slot the reload adds loses its stale refusal and is written")
+        func reloadJudgesPresentCards() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let image = try bench.image("small.img", bytes: 1 << 20)
+            try bench.writeConfig([.init(name: "A1", image: image)])
+            try bench.startDaemon()
+            // A card in a port that is no slot yet: refused as in no configured slot.
+            let card = try bench.card(slot: "B1", size: 8 << 20)
+            let refused = try bench.waitForStatus("the B1 card refused") { status in
+                status.refused.contains { $0.device == card.devicePath }
+            }
+            #expect(refused.refused.first { $0.device == card.devicePath }?.refusals.contains { $0.contains("in no configured slot") } == true)
+
+            try bench.writeConfig([.init(name: "A1", image: image), .init(name: "B1", image: image)])
+            let reply = try bench.cli(["reload"])
+            #expect(reply.status == 0, "\(reply)")
+            let written = try bench.waitForStatus("B1's card written after the reload") { $0.slot("B1")?.job?.state == .done }
+            #expect(written.slot("B1")?.device == card.devicePath)
+            #expect(!written.refused.contains { $0.device == card.devicePath }, "the stale refusal is gone")
+            #expect(try card.sha256(bytes: 1 << 20) == (try sha256(ofFile: image)))
+        }
+
         @Test("a broken config on SIGHUP or `provision reload` keeps the running one, says why in the log and to watchers, and cards are still written")
         func brokenReloadKeepsTheRunningConfig() throws {
             let bench = try StationBench()

@@ -135,6 +135,8 @@ struct CardJobStationTests {
         #expect(job.message?.contains("card removed during writing") == true, "\(job.message ?? "")")
         let ledgered = try #require(try await f.station.jobs(.init()).first)
         #expect(ledgered.state == .failed && ledgered.message == job.message)
+        // No device shows the job any more: the station keeps no record of it in memory.
+        #expect(await f.station.finished.isEmpty, "a pulled card's finished job stays in memory")
     }
 
     @Test("a ledger write that fails stops the job, is never announced, and the job ends failed saying so")
