@@ -104,7 +104,22 @@ public struct DeviceFacts: Sendable, Codable, Equatable {
         else if syspath.contains("/usb") { bus = "usb" }
         else if syspath.contains("/mmc") { bus = "mmc" }
         else { bus = nil }
-        holders = (try? FileManager.default.contentsOfDirectory(atPath: syspath + "/holders"))?.sorted() ?? []
+        holders = Self.holders(ofDiskAt: syspath)
+    }
+
+    /// What holds the disk or any of its partitions (`holders/` of each): device-mapper, RAID
+    /// and LVM claim a partition, and only that partition's directory names them; the whole
+    /// disk's open would fail "busy" without saying why. Partitions as `sdb1: dm-0`.
+    static func holders(ofDiskAt syspath: String) -> [String] {
+        let fm = FileManager.default
+        var found = (try? fm.contentsOfDirectory(atPath: syspath + "/holders"))?.sorted() ?? []
+        for entry in ((try? fm.contentsOfDirectory(atPath: syspath)) ?? []).sorted()
+        where fm.fileExists(atPath: "\(syspath)/\(entry)/partition") {
+            for holder in ((try? fm.contentsOfDirectory(atPath: "\(syspath)/\(entry)/holders")) ?? []).sorted() {
+                found.append("\(entry): \(holder)")
+            }
+        }
+        return found
     }
 }
 

@@ -175,6 +175,24 @@ struct SafetyPolicyTests {
         #expect(offline.refusals(for: facts, minimumSize: nil).contains { $0.rule == .inUse && $0.reason.contains("dm-0") })
     }
 
+    @Test("a partition's holders count as the disk's: sysfs names them only under the partition")
+    func partitionHoldersAreTheDisks() throws {
+        // The layout of /sys/block/sdb with dm-0 on sdb1 (no device-mapper here to make one).
+        let sys = try TemporaryDirectory("provision-sysfs")
+        let fm = FileManager.default
+        for dir in ["holders", "sdb1/holders/dm-0", "sdb2/holders", "queue"] {
+            try fm.createDirectory(atPath: sys.file(dir), withIntermediateDirectories: true)
+        }
+        for file in ["sdb1/partition", "sdb2/partition", "size"] { #expect(fm.createFile(atPath: sys.file(file), contents: Data("1\n".utf8))) }
+        #expect(DeviceFacts.holders(ofDiskAt: sys.path) == ["sdb1: dm-0"])
+        try fm.createDirectory(atPath: sys.file("holders/md0"), withIntermediateDirectories: true)
+        #expect(DeviceFacts.holders(ofDiskAt: sys.path) == ["md0", "sdb1: dm-0"])
+        // A real loop card has none.
+        let card = try LoopCard(label: "parts", size: 16 << 20, options: .init(partitionScan: true))
+        defer { card.close() }
+        #expect(try DeviceFacts.read(path: card.devicePath).holders.isEmpty)
+    }
+
     @Test("an empty reader slot (size 0) is 'no medium'")
     func refusesEmptySlot() throws {
         let card = try LoopCard(label: "empty", size: 16 << 20)
