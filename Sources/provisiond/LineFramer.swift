@@ -43,6 +43,12 @@ struct LineFramer {
                     discarding = false
                     continue
                 }
+                // The limit holds for a line whose end has arrived too (a long line and its
+                // newline in one read were answered, up to twice the limit).
+                guard length <= maxLength else {
+                    buffer.moveReaderIndex(forwardBy: length + 1)
+                    return .tooLong
+                }
                 let line = buffer.readSlice(length: length)!
                 buffer.moveReaderIndex(forwardBy: 1)
                 return .line(line)
