@@ -47,6 +47,15 @@ public final class SharedLedger: Sendable {
         var downSince: Date?
     }
 
+    /// The lab's view is read one request at a time, on one connection at a time: a daemon
+    /// holds at most that one and the replicator's, however many clients ask. (A connection
+    /// per request let 40 looping read-only clients take the lab database's max_connections
+    /// from every station's replicator.) A `lab-status` asked while another was read, or
+    /// within a second of it, gets that answer: the board asks every 2 s.
+    private let labReads = AsyncGate()
+    private let labStatusCache = Mutex<(at: ContinuousClock.Instant, status: LabStatus)?>(nil)
+    static let labStatusFreshFor = Duration.seconds(1)
+
     init(config: LabLedgerConfig, station: String, local: DatabaseQueue) {
         self.config = config
         self.station = station
@@ -467,7 +476,9 @@ public final class SharedLedger: Sendable {
     // MARK: - The lab's view (read-only, on a connection of its own)
 
     public func labJobs(station: String?, state: String?, slot: String?, limit: Int) async throws -> [JobRecord] {
-        try await withConnection { c in
+        await labReads.enter()
+        defer { labReads.leave() }
+        return try await withConnection { c in
             let rows = try await Self.fetch("""
                 SELECT station, job, kind, slot, device, serial, unit, profile, image, state, message, created, updated FROM lab_job
                 WHERE (\(station)::text IS NULL OR station = \(station)) AND (\(state)::text IS NULL OR state = \(state))
@@ -479,6 +490,19 @@ public final class SharedLedger: Sendable {
     }
 
     public func labStatus() async throws -> LabStatus {
+        let asked = ContinuousClock.now
+        await labReads.enter()
+        defer { labReads.leave() }
+        // Read by the request before this one, after this one asked (or just before): current.
+        if let cached = labStatusCache.withLock({ $0 }), cached.at >= asked - Self.labStatusFreshFor {
+            return cached.status
+        }
+        let status = try await readLabStatus()
+        labStatusCache.withLock { $0 = (ContinuousClock.now, status) }
+        return status
+    }
+
+    private func readLabStatus() async throws -> LabStatus {
         try await withConnection { c in
             var stations: [String: LabStationStatus] = [:]
             var order: [String] = []
@@ -638,5 +662,31 @@ final class Once<Value: Sendable>: Sendable {
         }
         deliver?(value)
         return deliver != nil
+    }
+}
+
+/// One at a time, in arrival order, for async callers (a mutex that suspends instead of
+/// blocking a thread of the cooperative pool). A waiter is not cancellable: what it waits
+/// for is one short read.
+final class AsyncGate: Sendable {
+    private let state = Mutex<(busy: Bool, waiters: [CheckedContinuation<Void, Never>])>((false, []))
+
+    func enter() async {
+        await withCheckedContinuation { (waiter: CheckedContinuation<Void, Never>) in
+            let enters = state.withLock { s -> Bool in
+                if !s.busy { s.busy = true; return true }
+                s.waiters.append(waiter)
+                return false
+            }
+            if enters { waiter.resume() }
+        }
+    }
+
+    func leave() {
+        let next = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            guard !s.waiters.isEmpty else { s.busy = false; return nil }
+            return s.waiters.removeFirst()
+        }
+        next?.resume()
     }
 }

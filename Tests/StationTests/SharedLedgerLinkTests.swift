@@ -124,4 +124,47 @@ struct SharedLedgerLinkTests {
         #expect(kept.allSatisfy { $0.1 == refused.id }, "only the refused job's entries are set aside: \(kept)")
         #expect(try await ledger.lastJob(deviceNumber: 1, diskSequence: 1)?.id == refused.id, "the station's own row is untouched")
     }
+
+    @Test("many clients asking for the lab's view at once take one database connection at a time: a role limited to 2 connections answers all 24")
+    func labReadsShareOneConnection() async throws {
+        try await Self.withLedger { owner, server in
+            let c = try await owner.connect()
+            try await SharedLedger.createSchema(c, logger: owner.logger)
+            await c.close()
+            // PostgreSQL's own limit, per role (a superuser has none, so a role of its own):
+            // a connection per request would pass it.
+            let password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            _ = try server.psql("CREATE ROLE lab_reader LOGIN PASSWORD '\(password)' CONNECTION LIMIT 2; GRANT SELECT ON ALL TABLES IN SCHEMA public TO lab_reader")
+            let dir = try TemporaryDirectory()
+            let passwordFile = try dir.write("reader.password", password, mode: 0o600)
+            let url = server.url.replacingOccurrences(of: "//\(server.user)@", with: "//lab_reader@")
+            let shared = SharedLedger(config: try LabLedgerConfig.parse(url: url, passwordFile: passwordFile), station: "reader", local: try DatabaseQueue())
+            // The lab's tables locked for 3 s by another session: every read that connects
+            // waits, so reads made each on a connection of their own would all be open at once.
+            let locker = Task { try await offPool { try server.psql("BEGIN; LOCK TABLE lab_station, lab_job IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT") } }
+            var locked = false
+            let deadline = ContinuousClock.now + .seconds(60)
+            while !locked, ContinuousClock.now < deadline {
+                locked = try server.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'lab_job' AND l.mode = 'AccessExclusiveLock' AND l.granted") == "1"
+            }
+            #expect(locked, "the premise: the tables are locked")
+            let answers = await withTaskGroup(of: Result<Int, any Error>.self) { group in
+                for i in 0..<24 {
+                    group.addTask {
+                        do {
+                            if i % 2 == 0 { return .success(try await shared.labStatus().stations.count) }
+                            return .success(try await shared.labJobs(station: nil, state: nil, slot: nil, limit: 10).count)
+                        } catch { return .failure(error) }
+                    }
+                }
+                var all: [Result<Int, any Error>] = []
+                for await r in group { all.append(r) }
+                return all
+            }
+            let failures = answers.compactMap { r -> String? in if case .failure(let e) = r { return "\(e)" } else { return nil } }
+            _ = try await locker.value
+            #expect(answers.count == 24)
+            #expect(failures.isEmpty, "\(failures.count) of 24 failed, e.g. \(failures.first ?? "")")
+        }
+    }
 }
