@@ -22,7 +22,7 @@ struct ControlServer: Service {
 
     /// A connection as the accept path decided it: served, or told why not and closed.
     enum Connection: Sendable {
-        case admitted(NIOAsyncChannel<ByteBuffer, ByteBuffer>, PeerCredentials?)
+        case admitted(NIOAsyncChannel<ByteBuffer, ByteBuffer>, PeerCredentials?, InputEnd)
         case refused
     }
 
@@ -67,11 +67,11 @@ struct ControlServer: Service {
             try await withThrowingDiscardingTaskGroup { group in
                 try await server.executeThenClose { inbound in
                     for try await connection in inbound.cancelOnGracefulShutdown() {
-                        guard case .admitted(let channel, let peer) = connection else { continue }
+                        guard case .admitted(let channel, let peer, let inputEnd) = connection else { continue }
                         group.addTask {
                             let session = ControlSession(station: station, configPath: configPath, policy: policy,
                                                          admission: admission, statusCache: statusCache, logger: logger)
-                            await session.serve(channel, peer: peer)
+                            await session.serve(channel, peer: peer, inputEnd: inputEnd)
                         }
                     }
                 }
@@ -111,10 +111,16 @@ struct ControlServer: Service {
             let who = peer.map { "pid \($0.pid) uid \($0.uid)" } ?? "(unknown peer)"
             let stall = TimeAmount.seconds(Int64(admission.limits.unreadOutputTimeout))
             try channel.pipeline.syncOperations.addHandler(UnreadOutputHandler(stallTimeout: stall, peer: who, logger: logger))
+            // A client that shuts down its writing side after its request (`nc -N`, socat, a
+            // scraper's bridge) still gets its answers: its end of input ends the session only
+            // after the lines before it are answered, and ends a watch at once.
+            try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
+            let inputEnd = InputEnd()
+            try channel.pipeline.syncOperations.addHandler(InputEndHandler(inputEnd))
             // Requests are split into lines by the session (LineFramer), one at a time: two
             // chunks read ahead are plenty.
             let configuration = NIOAsyncChannel<ByteBuffer, ByteBuffer>.Configuration(backPressureStrategy: .init(lowWatermark: 1, highWatermark: 2))
-            return .admitted(try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel, configuration: configuration), peer)
+            return .admitted(try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel, configuration: configuration), peer, inputEnd)
         }
     }
 }
@@ -165,7 +171,7 @@ struct ControlSession {
     let statusCache: StatusReplyCache
     let logger: Logger
 
-    func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, peer: PeerCredentials?) async {
+    func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>, peer: PeerCredentials?, inputEnd: InputEnd) async {
         let access = peer.map(policy.accessLevel) ?? .none
         do {
             // Replies go straight to the channel, one at a time, each awaited until the kernel
@@ -185,7 +191,7 @@ struct ControlSession {
                 for try await var chunk in inbound {
                     framer.append(&chunk)
                     while let frame = framer.next() {
-                        guard try await respond(to: frame, access: access, peer: peer, channel: channel, send: send) else { return }
+                        guard try await respond(to: frame, access: access, peer: peer, channel: channel, inputEnd: inputEnd, send: send) else { return }
                     }
                 }
             }
@@ -196,7 +202,7 @@ struct ControlSession {
 
     /// Answers one request line; false when the connection ends with it (an overlong line,
     /// or a `watch` that has ended).
-    func respond(to frame: Frame, access: Access, peer: PeerCredentials?, channel: Channel,
+    func respond(to frame: Frame, access: Access, peer: PeerCredentials?, channel: Channel, inputEnd: InputEnd,
                  send: (ServerMessage) async throws -> Void) async throws -> Bool {
         guard case .line(let buffer) = frame else {
             try await send(ServerMessage(id: nil, error: ErrorPayload(.badRequest, "request line longer than \(ControlProtocol.maxLineLength) bytes")))
@@ -223,6 +229,8 @@ struct ControlSession {
             // delivered (perhaps twice), never missed.
             let events = await station.subscribe()
             try await send(ServerMessage(id: request.id, result: ResultPayload(status: await station.status())))
+            // From here the client's end of input is the end of the watch (closeFuture below).
+            if inputEnd.watchStarts() { channel.close(promise: nil) }
             try await streamEvents(events, request: request.id, channel: channel, admin: access == .admin)
             return false
         }
@@ -382,5 +390,35 @@ func labCall<T: Sendable>(_ body: () async throws -> T) async throws -> T {
         throw ErrorPayload(.badRequest, e.description)
     } catch let e as LinkFailure {
         throw ErrorPayload(.refused, e.message)
+    }
+}
+
+/// Whether a connection's input has ended and whether it is watching: a watch is ended by the
+/// end of its client's input (half-closure is allowed so that other requests are answered
+/// after it), whichever of the two comes first.
+final class InputEnd: Sendable {
+    private let state = Mutex((inputClosed: false, watching: false))
+
+    /// The input ended; true: close the connection now (it is watching).
+    func inputCloses() -> Bool { state.withLock { $0.inputClosed = true; return $0.watching } }
+
+    /// A watch starts; true: close the connection now (its input has already ended).
+    func watchStarts() -> Bool { state.withLock { $0.watching = true; return $0.inputClosed } }
+}
+
+/// Tells `InputEnd` when the client's input ends, and closes a watching connection then.
+/// The event goes on to the session's inbound stream, which ends with it.
+final class InputEndHandler: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private let inputEnd: InputEnd
+
+    init(_ inputEnd: InputEnd) { self.inputEnd = inputEnd }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let event = event as? ChannelEvent, event == .inputClosed, inputEnd.inputCloses() {
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }

@@ -34,6 +34,32 @@ extension IntegrationTests {
             #expect(try bench.cli(["status"]).status == 0, sourceLocation: sourceLocation)
         }
 
+        @Test("a client that shuts down its writing side after its requests (nc -N, socat) gets every answer, then the end; a watch it half-closes ends at once")
+        func halfClosedClientIsAnswered() throws {
+            let bench = try startedBench()
+            defer { bench.close() }
+            let c = try RawConnection(path: bench.socketPath)
+            #expect(try c.readMessage().hello != nil)
+            c.send("{\"id\":1,\"method\":\"status\"}\n{\"id\":2,\"method\":\"metrics\"}\n{\"id\":3,\"method\":\"jobs\"}\n")
+            #expect(shutdown(c.fd, Int32(SHUT_WR)) == 0)
+            var ids: [Int] = []
+            while let line = try c.readLine() {
+                let message = try LineCodec.decode(ServerMessage.self, from: Data(line.utf8))
+                #expect(message.ok == true, "\(line.prefix(200))")
+                if let id = message.id { ids.append(id) }
+            }
+            #expect(ids == [1, 2, 3], "every request before the end of input is answered, then the connection ends")
+
+            let watcher = try RawConnection(path: bench.socketPath)
+            #expect(try watcher.readMessage().hello != nil)
+            watcher.send("{\"id\":1,\"method\":\"watch\"}\n")
+            #expect(shutdown(watcher.fd, Int32(SHUT_WR)) == 0)
+            #expect(try watcher.readMessage().result?.status != nil)
+            // No event comes (no card): the end is the daemon closing, not a timeout.
+            #expect(try watcher.readLine(timeout: .seconds(30)) == nil, "a half-closed watch ends")
+            try expectAnswersStatus(bench)
+        }
+
         @Test("malformed JSON gets a bad-request reply and the connection goes on")
         func malformedJSONIsAnsweredWithError() throws {
             let bench = try startedBench()
