@@ -46,7 +46,8 @@ struct CardsForgetCommand: ParsableCommand {
 
     func run() throws {
         try withClient(options) { client in
-            print(try client.call(.forgetCard, .init(card: id)).message ?? "card \(id) forgotten")
+            let message = try client.call(.forgetCard, .init(card: id)).message ?? "card \(id) forgotten"
+            if options.json { try printJSON(["message": message]) } else { print(message) }
         }
     }
 }

@@ -14,6 +14,10 @@ struct MetricsCommand: ParsableCommand {
         """)
     @OptionGroup var options: ClientOptions
 
+    func validate() throws {
+        if options.json { throw ValidationError("metrics are Prometheus' text format; --json does not apply") }
+    }
+
     func run() throws {
         try withClient(options) { client in
             print(try client.call(.metrics, returning: \.metrics), terminator: "")

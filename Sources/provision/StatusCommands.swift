@@ -212,6 +212,7 @@ struct JobsCommand: ParsableCommand {
     @Option(help: "With --lab: only this station's jobs.") var station: String?
 
     func validate() throws {
+        guard (1...10_000).contains(limit) else { throw ValidationError("--limit takes 1 to 10000 jobs") }
         if station != nil, !lab { throw ValidationError("--station needs --lab (this station's own jobs need no filter by station)") }
         if lab, device != nil { throw ValidationError("--device names a device of one station; with --lab use --station and --slot") }
     }
@@ -277,7 +278,7 @@ struct CancelCommand: ParsableCommand {
     func run() throws {
         try withClient(options) { client in
             let r = try client.call(.cancel, .init(job: job))
-            print(r.message ?? "cancelling job \(job)")
+            if options.json, let record = r.job { try printJSON(record) } else { print(r.message ?? "cancelling job \(job)") }
         }
     }
 }
@@ -287,6 +288,9 @@ struct ReloadCommand: ParsableCommand {
     @OptionGroup var options: ClientOptions
 
     func run() throws {
-        try withClient(options) { client in print(try client.call(.reload).message ?? "reloaded") }
+        try withClient(options) { client in
+            let message = try client.call(.reload).message ?? "reloaded"
+            if options.json { try printJSON(["message": message]) } else { print(message) }
+        }
     }
 }

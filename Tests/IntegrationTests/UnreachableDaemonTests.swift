@@ -79,6 +79,18 @@ extension IntegrationTests {
             }
         }
 
+        @Test("options that cannot apply are usage errors (64) before the daemon is asked")
+        func usageErrorsBeforeAsking() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            for (command, why) in [(["jobs", "--limit", "0"], "--limit takes 1 to 10000"), (["metrics", "--json"], "--json does not apply"),
+                                   (["status", "--timeout", "0"], "--timeout takes seconds")] {
+                let output = try bench.cli(command)
+                #expect(output.status == 64, "\(command): \(output)")
+                #expect(output.stderr.contains(why), "\(command): \(output)")
+            }
+        }
+
         @Test("every client command exits 69 without a daemon, also with --json")
         func everyCommandIsUnreachable() throws {
             let bench = try StationBench()
