@@ -30,7 +30,8 @@ struct StationMetrics {
         self.station = station
         // Registered at start so a scrape of a fresh daemon shows every series at zero
         // (a rate() over a series that appears only with its first card loses that card).
-        for outcome in ["done", "failed", "cancelled"] { _ = cards(outcome) }
+        for outcome in ["done", "failed", "cancelled"] { _ = cards(outcome); _ = duration(outcome) }
+        _ = writeSpeed
         _ = refused
         _ = bytes("written")
         _ = bytes("verified")

@@ -26,6 +26,14 @@ struct StationMetricsTests {
     func gaugesSayThePresent() throws {
         var metrics = StationMetrics(station: "s")
         let usage = BufferBudget(limit: 1 << 20).usage
+        // A fresh daemon shows its histograms at zero too: a rate() over a series that
+        // appears with the first card loses that card.
+        let fresh = metrics.text(slots: ["A"], running: [], cache: nil, buffers: usage)
+        let lines = fresh.split(separator: "\n")
+        for (name, label) in [("provision_write_speed_bytes_per_second_count", ""), ("provision_job_duration_seconds_count", "outcome=\"done\""),
+                              ("provision_job_duration_seconds_count", "outcome=\"failed\"")] {
+            #expect(lines.contains { $0.hasPrefix(name + "{") && (label.isEmpty || $0.contains(label)) && $0.hasSuffix(" 0") }, "\(name) \(label) at 0 in:\n\(fresh)")
+        }
         #expect(try Self.running(metrics.text(slots: ["A", "B"], running: [nil, "A"], cache: nil, buffers: usage)) == ["": 1, "A": 1, "B": 0])
         #expect(try Self.running(metrics.text(slots: ["A", "B"], running: [], cache: nil, buffers: usage)) == ["": 0, "A": 0, "B": 0])
         // A reload: B is gone, C is new.
