@@ -167,4 +167,31 @@ struct SharedLedgerLinkTests {
             #expect(failures.isEmpty, "\(failures.count) of 24 failed, e.g. \(failures.first ?? "")")
         }
     }
+
+    @Test("a station whose role may not run DDL connects to a lab whose tables its DBA made: the schema is found complete, not made again")
+    func roleWithoutDDLConnects() async throws {
+        try await Self.withLedger { owner, server in
+            let c = try await owner.connect()
+            try await SharedLedger.createSchema(c, logger: owner.logger)
+            await c.close()
+            let password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+            _ = try server.psql("""
+                CREATE ROLE station_dml LOGIN PASSWORD '\(password)'; REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+                GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO station_dml;
+                GRANT USAGE, UPDATE ON SEQUENCE lab_unit_number TO station_dml
+                """)
+            let dir = try TemporaryDirectory()
+            let passwordFile = try dir.write("dml.password", password, mode: 0o600)
+            let url = server.url.replacingOccurrences(of: "//\(server.user)@", with: "//station_dml@")
+            let shared = SharedLedger(config: try LabLedgerConfig.parse(url: url, passwordFile: passwordFile), station: "dml", local: try DatabaseQueue())
+            let dml = try await shared.connect()
+            // The premise: this role may not create, even what exists.
+            await #expect(throws: (any Error).self) {
+                _ = try await SharedLedger.fetch("CREATE TABLE IF NOT EXISTS lab_station (name text PRIMARY KEY)", on: dml, logger: shared.logger)
+            }
+            try await SharedLedger.createSchema(dml, logger: shared.logger)
+            #expect(try await shared.labStatus().stations.isEmpty)
+            await dml.close()
+        }
+    }
 }
