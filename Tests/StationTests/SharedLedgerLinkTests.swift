@@ -125,20 +125,29 @@ struct SharedLedgerLinkTests {
         #expect(try await ledger.lastJob(deviceNumber: 1, diskSequence: 1)?.id == refused.id, "the station's own row is untouched")
     }
 
+    /// The lab's schema made by the server's owner, then a login role of its own (`grants`:
+    /// what else it is given or denied) and a station's link as that role.
+    static func ledger(as role: String, on server: PostgresServer, owner: SharedLedger, in dir: TemporaryDirectory,
+                       grants: (String) -> String) async throws -> SharedLedger {
+        let c = try await owner.connect()
+        try await SharedLedger.createSchema(c, logger: owner.logger)
+        await c.close()
+        let password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
+        _ = try server.psql("CREATE ROLE \(role) LOGIN PASSWORD '\(password)'; " + grants(role))
+        let passwordFile = try dir.write(role + ".password", password, mode: 0o600)
+        let url = server.url.replacingOccurrences(of: "//\(server.user)@", with: "//\(role)@")
+        return SharedLedger(config: try LabLedgerConfig.parse(url: url, passwordFile: passwordFile), station: role, local: try DatabaseQueue())
+    }
+
     @Test("many clients asking for the lab's view at once take one database connection at a time: a role limited to 2 connections answers all 24")
     func labReadsShareOneConnection() async throws {
         try await Self.withLedger { owner, server in
-            let c = try await owner.connect()
-            try await SharedLedger.createSchema(c, logger: owner.logger)
-            await c.close()
             // PostgreSQL's own limit, per role (a superuser has none, so a role of its own):
             // a connection per request would pass it.
-            let password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-            _ = try server.psql("CREATE ROLE lab_reader LOGIN PASSWORD '\(password)' CONNECTION LIMIT 2; GRANT SELECT ON ALL TABLES IN SCHEMA public TO lab_reader")
             let dir = try TemporaryDirectory()
-            let passwordFile = try dir.write("reader.password", password, mode: 0o600)
-            let url = server.url.replacingOccurrences(of: "//\(server.user)@", with: "//lab_reader@")
-            let shared = SharedLedger(config: try LabLedgerConfig.parse(url: url, passwordFile: passwordFile), station: "reader", local: try DatabaseQueue())
+            let shared = try await Self.ledger(as: "lab_reader", on: server, owner: owner, in: dir) {
+                "ALTER ROLE \($0) CONNECTION LIMIT 2; GRANT SELECT ON ALL TABLES IN SCHEMA public TO \($0)"
+            }
             // The lab's tables locked for 3 s by another session: every read that connects
             // waits, so reads made each on a connection of their own would all be open at once.
             let locker = Task { try await offPool { try server.psql("BEGIN; LOCK TABLE lab_station, lab_job IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT") } }
@@ -171,19 +180,11 @@ struct SharedLedgerLinkTests {
     @Test("a station whose role may not run DDL connects to a lab whose tables its DBA made: the schema is found complete, not made again")
     func roleWithoutDDLConnects() async throws {
         try await Self.withLedger { owner, server in
-            let c = try await owner.connect()
-            try await SharedLedger.createSchema(c, logger: owner.logger)
-            await c.close()
-            let password = "pw-" + String(UInt64.random(in: 0...UInt64.max), radix: 36)
-            _ = try server.psql("""
-                CREATE ROLE station_dml LOGIN PASSWORD '\(password)'; REVOKE CREATE ON SCHEMA public FROM PUBLIC;
-                GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO station_dml;
-                GRANT USAGE, UPDATE ON SEQUENCE lab_unit_number TO station_dml
-                """)
             let dir = try TemporaryDirectory()
-            let passwordFile = try dir.write("dml.password", password, mode: 0o600)
-            let url = server.url.replacingOccurrences(of: "//\(server.user)@", with: "//station_dml@")
-            let shared = SharedLedger(config: try LabLedgerConfig.parse(url: url, passwordFile: passwordFile), station: "dml", local: try DatabaseQueue())
+            let shared = try await Self.ledger(as: "station_dml", on: server, owner: owner, in: dir) {
+                "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO \($0); "
+                    + "GRANT USAGE, UPDATE ON SEQUENCE lab_unit_number TO \($0)"
+            }
             let dml = try await shared.connect()
             // The premise: this role may not create, even what exists.
             await #expect(throws: (any Error).self) {
