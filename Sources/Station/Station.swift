@@ -103,6 +103,12 @@ public actor Station {
             if let entry = devices[facts.deviceNumber] { publish(.init(kind: .device, device: deviceStatus(entry))) }
             return
         }
+        // New media on the node with no removal event between (a card swapped within the
+        // reader's polling interval): the old card's running job is a card pulled, stopped and
+        // shown so, not left running where no slot shows it.
+        if let old = devices[facts.deviceNumber], old.facts.diskSequence != facts.diskSequence, let id = old.jobID, running[id] != nil {
+            await deviceGone(facts.deviceNumber, reason: "card replaced")
+        }
         // A refused card is judged again on every event for it: unmounting it, for one,
         // ends with a `change` (udev's watch), and "mounted at …" must not outlive the mount.
         let slot = config.slot(forSlotPath: facts.slotPath)

@@ -139,6 +139,30 @@ struct CardJobStationTests {
         #expect(await f.station.finished.isEmpty, "a pulled card's finished job stays in memory")
     }
 
+    @Test("new media on the node with no removal event between stops the old card's job as pulled, and the new card gets a job of its own")
+    func cardSwappedWithoutRemovalEvent() async throws {
+        let f = try await fixture()
+        defer { f.card.close() }
+        let events = await f.station.subscribe()
+        await f.station.handle(.block(.add, f.facts))
+        let first = try await nextStarted(f.runner)
+        first.reports.yield(.stage(.writing, note: nil, unit: nil, progress: nil))
+        // The same node, another disk sequence: another card, as udev reports a swap it saw
+        // only as a change.
+        var swapped = f.facts
+        swapped.diskSequence = (f.facts.diskSequence ?? 0) + 1000
+        await f.station.handle(.block(.change, swapped))
+        #expect(first.cancellation.isCancelled, "the old card's job must be stopped")
+        first.reports.yield(.finished(.cancelled("cancelled after writing 0 bytes")))
+        first.reports.finish()
+        let ended = try #require(try await jobEventsUntilFinal(events).last)
+        #expect(ended.state == .failed && ended.message?.contains("card removed") == true, "\(ended.state): \(ended.message ?? "")")
+        let second = try await nextStarted(f.runner)
+        #expect(second.job.expectedMedia?.diskSequence == swapped.diskSequence, "the new card's job is for the new media")
+        second.reports.yield(.finished(.cancelled("test over")))
+        second.reports.finish()
+    }
+
     @Test("a ledger write that fails stops the job, is never announced, and the job ends failed saying so")
     func failedLedgerWriteFailsTheJob() async throws {
         let f = try await fixture()
