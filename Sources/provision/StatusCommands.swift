@@ -124,8 +124,12 @@ struct WatchCommand: ParsableCommand {
     @OptionGroup var options: ClientOptions
     @Flag(help: "Exit once no job is running and every card present has finished (for scripts and the demo).")
     var untilIdle = false
-    @Option(help: "With --until-idle: wait for at least this many finished jobs first.")
+    @Option(help: "With --until-idle: wait for at least this many finished jobs first (jobs, not slots: a slot's second card counts too).")
     var expectJobs: Int = 0
+
+    func validate() throws {
+        guard expectJobs >= 0 else { throw ValidationError("--expect-jobs takes a number of jobs, 0 or more") }
+    }
 
     func run() throws {
         try withClient(options) { client in
@@ -133,12 +137,14 @@ struct WatchCommand: ParsableCommand {
             let interactive = isatty(STDOUT_FILENO) != 0 && !options.json
             _ = try client.call(.watch)
             var lastDraw = Date.distantPast
-            // Idle: nothing running, and at least `expectJobs` slots show a finished job
-            // (counted from the status, so jobs that ended before we connected count too).
+            // Idle: nothing running, and at least `expectJobs` jobs finished: those the slots
+            // show (so jobs that ended before we connected count too) and those this watch saw
+            // end (a card pulled, or a slot's earlier card, shows in no slot any more).
+            var finishedJobs = Set<Int64>()
             func idle(_ s: StationStatus) -> Bool {
                 let active = s.slots.contains { $0.job.map { !$0.state.isFinal } ?? false } || !s.otherJobs.isEmpty
-                let finished = s.slots.filter { $0.job?.state.isFinal == true }.count
-                return !active && finished >= expectJobs
+                for slot in s.slots { if let job = slot.job, job.state.isFinal { finishedJobs.insert(job.id) } }
+                return !active && finishedJobs.count >= expectJobs
             }
             if interactive { redraw(try statusClient.call(.status, returning: \.status)) }
             if untilIdle, idle(try statusClient.call(.status, returning: \.status)) { return }
@@ -154,7 +160,7 @@ struct WatchCommand: ParsableCommand {
             encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
             while let event = try client.nextEvent() {
                 if let job = event.job {
-                    if job.state.isFinal { running.remove(job.id) } else { running.insert(job.id) }
+                    if job.state.isFinal { running.remove(job.id); finishedJobs.insert(job.id) } else { running.insert(job.id) }
                 }
                 if options.json {
                     emitLine(String(decoding: try encoder.encode(event), as: UTF8.self))

@@ -61,6 +61,31 @@ struct BatchTests {
         _ = cards
     }
 
+    @Test("provision watch --until-idle --expect-jobs counts jobs, not slots: two cards one after the other in one slot end it")
+    func expectJobsCountsJobs() throws {
+        let bench = try StationBench()
+        defer { bench.close() }
+        let image = try bench.image("small.img", bytes: 1 << 20)
+        try bench.writeConfig([.init(name: "S1", image: image)])
+        try bench.startDaemon()
+        let ended = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var watch: CommandOutput?
+        Thread {
+            watch = try? Command.run([DaemonProcess.cliBinary, "watch", "--until-idle", "--expect-jobs", "2", "--socket", bench.socketPath],
+                                     timeout: .seconds(120))
+            ended.signal()
+        }.start()
+        let first = try bench.card(slot: "S1", size: 8 << 20)
+        try bench.waitForStatus("the first card done") { $0.slot("S1")?.job?.state == .done }
+        try first.pull()
+        try bench.waitForStatus("S1 empty") { $0.slot("S1")?.device == nil }
+        try bench.card(slot: "S1", size: 8 << 20)
+        try bench.waitForStatus("the second card done") { $0.slot("S1")?.job?.state == .done }
+        #expect(ended.wait(timeout: .now() + 60) == .success, "watch did not end after the second job")
+        #expect(watch?.status == 0, "\(String(describing: watch))")
+        #expect(watch?.stdout.split(separator: "\n").filter { $0.contains(" done") }.count == 2, "\(watch?.stdout ?? "")")
+    }
+
     @Test("a pulled card leaves the batch: it fails with 'card removed', the others finish, one decompression")
     func pulledCardLeavesBatch() throws {
         let bench = try StationBench()
