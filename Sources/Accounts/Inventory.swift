@@ -126,8 +126,10 @@ public struct Inventory: Sendable, Equatable {
             }
             users.append(try Self.spec(name: name, from: user, base: nil, policy: passwordPolicy, path: "\(path): [[users]] \(index + 1)"))
         }
-        for key in overrides["seq"]!.keys where Int(key) == nil {
-            throw AccountsError(.inventory, "\(path): [seq.\(UserSpec.visible(key))] is not a sequence number")
+        // Written as the sequence number reads ("7", not "007" or "+7"): overrides are looked
+        // up by the number's own digits, and any other spelling would never apply.
+        for key in overrides["seq"]!.keys where Int(key).map(String.init) != key {
+            throw AccountsError(.inventory, "\(path): [seq.\(UserSpec.visible(key))] is not a sequence number as written (use \(Int(key).map { "[seq.\"\($0)\"]" } ?? "digits only"))")
         }
         try Self.checkUnitName(namePattern, path: path, what: "name_pattern")
         try checkOverrides(path: path)

@@ -1,6 +1,7 @@
 import Accounts
 import BlockDevices
 import Foundation
+import ImageHTTP
 import ImageIO
 import TOMLKit
 
@@ -251,6 +252,19 @@ public struct StationConfig: Sendable {
                 checked.append(profile)
             } catch let error as ConfigError where !required(name) {
                 warnings.append(error)
+            }
+        }
+        // Sizes that refuse every card: a slot's profile whose minimum is above the station's
+        // maximum, or whose image is larger than any card the station accepts.
+        for name in used.sorted() {
+            guard let profile = profiles[name], let image = profile.image else { continue }
+            if let minimum = image.minDeviceSize, minimum > maxDeviceSize {
+                throw image.location.error("min_device_size \(ByteCount.human(minimum)) is above the station's max_device_size \(ByteCount.human(maxDeviceSize)): every card would be refused")
+            }
+            guard !HTTPImage.isURL(image.file) else { continue }
+            let size = profile.bmapFile(image).flatMap { try? Bmap.load(path: $0).imageSize } ?? (try? ImageSource(path: image.file))?.uncompressedSizeHint
+            if let size, size > maxDeviceSize {
+                throw image.location.error("the image needs \(ByteCount.human(size)), more than the station's max_device_size \(ByteCount.human(maxDeviceSize)): every card would be refused")
             }
         }
         // The shared ledger's password file: missing, unreadable or readable by others is an

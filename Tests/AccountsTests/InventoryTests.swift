@@ -90,6 +90,9 @@ struct InventoryTests {
             ("hash = \"md5\"\n", "not supported"),
             ("name_pattern = \"x-{nope}\"\n", "unknown placeholder"),
             ("[seq.first]\nname = \"a\"\n", "not a sequence number"),
+            // A spelling the lookup by number would never find.
+            ("[seq.\"007\"]\nname = \"a\"\n", "use [seq.\"7\"]"),
+            ("[seq.\"+8\"]\nname = \"a\"\n", "use [seq.\"8\"]"),
             ("[password_policy]\nlength = 3\n", "length"),
             ("users = [ unclosed", "not a valid inventory"),
         ]

@@ -413,6 +413,16 @@ struct StationFileCheckTests {
         return nil
     }
 
+    @Test func sizesThatRefuseEveryCardAreRefusedAtLoad() throws {
+        let disk = try DiskFixture()
+        let tooSmall = try station(disk, "max_device_size = \"1MiB\"\n[profiles.demo]\nimage = \"disk.img.zst\"\n" + Self.slot)
+        let small = try #require(loadFailure(tooSmall))
+        #expect(small.keyPath == "profiles.demo.image" && small.message.contains("more than the station's max_device_size 1 MiB"), "\(small)")
+        let minimum = try station(disk, "max_device_size = \"1GiB\"\n[profiles.demo]\nimage = \"disk.img.zst\"\nmin_device_size = \"1TiB\"\n" + Self.slot)
+        let above = try #require(loadFailure(minimum))
+        #expect(above.message.contains("min_device_size 1 TiB is above the station's max_device_size 1 GiB"), "\(above)")
+    }
+
     @Test func slotProfileWithAMissingImageFailsLoadButNotParse() throws {
         let disk = try DiskFixture()
         let path = try station(disk, "[profiles.demo]\nimage = \"missing.img\"\n" + Self.slot)
