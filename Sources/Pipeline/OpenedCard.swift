@@ -89,7 +89,12 @@ enum OpenedCard {
             default: break
             }
         }
-        throw CardFailure(.refused, "refusing to write \(path) (\(facts.summary)):\n" + refusals.map { "  - \($0.reason)" }.joined(separator: "\n"))
+        throw refused("write", path, facts, refusals)
+    }
+
+    /// "refusing to VERB PATH (what it is):" and one line a reason.
+    static func refused(_ verb: String, _ path: String, _ facts: DeviceFacts, _ refusals: [SafetyPolicy.Refusal]) -> CardFailure {
+        CardFailure(.refused, "refusing to \(verb) \(path) (\(facts.summary)):\n" + refusals.map { "  - \($0.reason)" }.joined(separator: "\n"))
     }
 }
 
@@ -127,7 +132,7 @@ public enum InjectionTarget {
         let refusals = SafetyPolicy(mode: .offline).refusals(for: facts, minimumSize: nil)
         guard refusals.isEmpty else {
             Glibc.close(fd)
-            throw CardFailure(.refused, "refusing to inject into \(path) (\(facts.summary)):\n" + refusals.map { "  - \($0.reason)" }.joined(separator: "\n"))
+            throw OpenedCard.refused("inject into", path, facts, refusals)
         }
         return Judged(MediaGuard(fd: fd, shownAs: path, media: nil))
     }

@@ -177,7 +177,7 @@ struct SharedLedgerLinkTests {
         }
     }
 
-    @Test("a station whose role may not run DDL connects to a lab whose tables its DBA made: the schema is found complete, not made again")
+    @Test("a station whose role may not run DDL connects to a lab whose tables its DBA made, and uses them as they are")
     func roleWithoutDDLConnects() async throws {
         try await Self.withLedger { owner, server in
             let dir = try TemporaryDirectory()
