@@ -79,11 +79,14 @@ struct BatchTests {
         try bench.waitForStatus("the first card done") { $0.slot("S1")?.job?.state == .done }
         try first.pull()
         try bench.waitForStatus("S1 empty") { $0.slot("S1")?.device == nil }
+        #expect(ended.wait(timeout: .now()) == .timedOut, "watch ended after one job of the two it expects")
         try bench.card(slot: "S1", size: 8 << 20)
         try bench.waitForStatus("the second card done") { $0.slot("S1")?.job?.state == .done }
         #expect(ended.wait(timeout: .now() + 60) == .success, "watch did not end after the second job")
         #expect(watch?.status == 0, "\(String(describing: watch))")
-        #expect(watch?.stdout.split(separator: "\n").filter { $0.contains(" done") }.count == 2, "\(watch?.stdout ?? "")")
+        // The first job's end is in its output only if the watch connected before it (on a
+        // loaded machine it may come later and count that job from the status instead).
+        #expect((watch?.stdout.split(separator: "\n").filter { $0.contains(" done") }.count ?? 0) >= 1, "\(watch?.stdout ?? "")")
     }
 
     @Test("a pulled card leaves the batch: it fails with 'card removed', the others finish, one decompression")
