@@ -6,12 +6,29 @@ import Foundation
 import Testing
 import TestSupport
 
-/// Runs a blocking command on a thread of its own. Not on Swift's cooperative pool, and
-/// not on GCD's global queue either: under a full parallel test run both are 2 threads
-/// wide on this machine and busy with other tests' blocking work, and a writer queued
-/// behind them would not start before the test gave up on it.
-func runInBackground(_ arguments: [String]) async throws -> CommandOutput {
-    try await offPool { try Command.run(arguments, timeout: .seconds(120)) }
+/// A command started on a thread of its own the moment it is made, by whichever thread makes
+/// it. Not through an `async let` or a task: under a full parallel test run Swift's pool
+/// (2 threads here) is held by other suites' synchronous tests, and a child task that was
+/// to start the writer once waited 90 s for a pool thread while the test waited for the
+/// writer (CI failed so). Not on GCD's global queue either: it is as narrow.
+final class StartedCommand: @unchecked Sendable {
+    private let finished = DispatchSemaphore(value: 0)
+    private var result: Result<CommandOutput, any Error> = .failure(CancellationError())
+
+    init(_ arguments: [String]) {
+        let thread = Thread { [self] in
+            result = Result { try Command.run(arguments, timeout: .seconds(120)) }
+            finished.signal()
+        }
+        thread.stackSize = 1 << 20
+        thread.start()
+    }
+
+    /// Blocks until the command has ended: call it off the pool.
+    func wait() throws -> CommandOutput {
+        finished.wait()
+        return try result.get()
+    }
 }
 
 /// A file of `size` bytes, all 0xAB: written data that a zero-filled card does not have.
@@ -160,18 +177,19 @@ struct LoopCardTests {
         // of its own as soon as 2 MiB are in: a poll on the concurrency pool, starved by the
         // other suites' blocking work, once woke after dd had finished (CI failed so).
         try card.throttle(writeBytesPerSecond: 1_000_000)
-        async let writer = runInBackground(
-            ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
-        // The size is read on the same thread right after the pull, while dd still holds the
+        // The writer starts on the same thread that waits for it, not from the pool.
+        // The size is read on that thread right after the pull, while dd still holds the
         // device: once dd exits, the lazy detach frees loopN, and a parallel test may attach
         // another card to the same node (a full run once read 160 MiB here).
-        let sizeAfterPull = try await offPool {
+        let (sizeAfterPull, output) = try await offPool {
+            let writer = StartedCommand(
+                ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
             try waitUntilWritten(card, bytes: 2 << 20)
             try card.pull()
-            return card.deviceSize
+            let size = card.deviceSize
+            return (size, try writer.wait())
         }
         #expect(sizeAfterPull == 0)
-        let output = try await writer
 
         #expect(!output.succeeded)
         // The write the throttle was holding fails with EIO; had dd gone on, ENOSPC.
@@ -196,13 +214,13 @@ struct LoopCardTests {
         let card = try LoopCard(label: "lazy", size: 8 << 20)
         defer { card.close() }
         try card.throttle(writeBytesPerSecond: 4_000_000)
-        async let writer = runInBackground(
-            ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
-        try await offPool {
+        let output = try await offPool {
+            let writer = StartedCommand(
+                ["dd", "if=\(pattern)", "of=\(card.devicePath)", "bs=1M", "oflag=direct", "status=none"])
             try waitUntilWritten(card, bytes: 1 << 20)
             try Command.check(["losetup", "--detach", card.devicePath])
+            return try writer.wait()
         }
-        let output = try await writer
         #expect(output.succeeded, "\(output)")
         let expected = try Command.check(["sha256sum", pattern]).stdout.prefix(64)
         #expect(try card.backingFileSHA256() == String(expected))
