@@ -37,6 +37,12 @@ public final class HTTPDownload: CompressedInput, @unchecked Sendable {
 
     deinit {
         // A write that stopped early (an error, a cancel) stops the download with it.
+        cancel()
+    }
+
+    /// Stops the download from any thread: a reader waiting for the network gets a
+    /// `cancelled` error at once instead of waiting for the read timeout.
+    public func cancel() {
         task.cancel()
         queue.close()
     }
@@ -297,22 +303,25 @@ final class BodyQueue: @unchecked Sendable {
         }
     }
 
-    /// The reader is gone: drop what is queued and let the task end.
+    /// The reader is gone (or stopped the download): drop what is queued and let the task end.
     func close() {
         let waiter: CheckedContinuation<Void, Never>? = condition.withLock {
             closed = true
             buffers = []
             queued = 0
+            condition.broadcast()
             defer { spaceWaiter = nil }
             return spaceWaiter
         }
         waiter?.resume()
     }
 
-    /// The next buffer; nil at the end of the body; throws what ended it early.
+    /// The next buffer; nil at the end of the body; throws what ended it early, and
+    /// `cancelled` once the download was stopped.
     func take() throws -> ByteBuffer? {
         let (buffer, waiter): (ByteBuffer?, CheckedContinuation<Void, Never>?) = try condition.withLock {
-            while buffers.isEmpty && !finished { condition.wait() }
+            while buffers.isEmpty && !finished && !closed { condition.wait() }
+            if closed { throw ImageIOError(.cancelled, "the download was stopped") }
             if buffers.isEmpty {
                 if let failure { throw failure }
                 return (nil, nil)

@@ -37,8 +37,13 @@ public enum HTTPImage {
     /// Downloads `url` into the file `path` (created or replaced), resuming dropped
     /// connections. Returns what the server said about the version it sent.
     public static func download(url: String, to path: String, options: HTTPOptions = HTTPOptions(),
+                                stopper: DownloadStopper? = nil,
                                 progress: (UInt64, UInt64?) -> Void = { _, _ in }) throws(ImageIOError) -> HTTPValidators {
         let download = try HTTPDownload.start(url: url, options: options)
+        if let stopper {
+            guard stopper.attach(download) else { throw ImageIOError(.cancelled, "the download of \(url) was stopped") }
+        }
+        defer { stopper?.detach() }
         guard let handle = FileHandle(forWritingAtPath: path) ?? {
             FileManager.default.createFile(atPath: path, contents: nil, attributes: [.posixPermissions: 0o600]) ? FileHandle(forWritingAtPath: path) : nil
         }() else {
@@ -55,12 +60,43 @@ public enum HTTPImage {
                 progress(download.bytesReceived, download.contentLength)
             }
         } catch let e as ImageIOError {
-            throw e
+            throw e.code == .cancelled ? ImageIOError(.cancelled, "the download of \(url) was stopped") : e
         } catch {
             throw ImageIOError(.ioError, "cannot write the download of \(url) to \(path): \(error)")
         }
         return download.validators
     }
+}
+
+/// Stops a download (`HTTPImage.download`) from another thread: its wait for the network
+/// ends at once, and a download not yet started never starts.
+public final class DownloadStopper: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false
+    private var current: HTTPDownload?
+
+    public init() {}
+
+    public func stop() {
+        let running = lock.withLock { () -> HTTPDownload? in
+            stopped = true
+            return current
+        }
+        running?.cancel()
+    }
+
+    public var isStopped: Bool { lock.withLock { stopped } }
+
+    /// False once stopped: the download is not to go on.
+    func attach(_ download: HTTPDownload) -> Bool {
+        lock.withLock {
+            guard !stopped else { return false }
+            current = download
+            return true
+        }
+    }
+
+    func detach() { lock.withLock { current = nil } }
 }
 
 extension HTTPImage {

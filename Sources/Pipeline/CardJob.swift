@@ -76,8 +76,10 @@ public enum BmapChoice: Sendable, Equatable {
 /// cards reads at their own speeds.
 public protocol ImageSupplier: Sendable {
     /// `downloading` is told the bytes received and the announced total while an image
-    /// named by URL is fetched first (not called for a local file).
-    func supply(image: String, bmap: Bmap?, downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage
+    /// named by URL is fetched first (not called for a local file). `cancelled` is asked
+    /// meanwhile: a job cancelled (or its card pulled) stops waiting for the download.
+    func supply(image: String, bmap: Bmap?, cancelled: @escaping @Sendable () -> Bool,
+                downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage
     /// The pipeline no longer reads what `supply` gave (called on every ending).
     func release(_ image: SuppliedImage)
 }

@@ -173,7 +173,8 @@ public final class CardPipeline: Sendable {
                 // 17): the card is "downloading" meanwhile, with the download's progress.
                 let meter = DownloadMeter(interval: job.progressInterval, url: job.image)
                 let sink = self.sink
-                return try supplier.supply(image: job.image, bmap: bmap) { received, total in
+                let cancellation = self.cancellation
+                return try supplier.supply(image: job.image, bmap: bmap, cancelled: { cancellation.isCancelled }) { received, total in
                     if let report = meter.report(received: received, total: total) { sink.receive(report) }
                 }
             }

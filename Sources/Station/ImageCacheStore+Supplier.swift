@@ -6,11 +6,12 @@ import Pipeline
 /// decompressed once and every card reads the result. An image named by URL is first
 /// downloaded once per version (issue 17, ImageCacheStore+Downloads.swift).
 extension ImageCacheStore: ImageSupplier {
-    public func supply(image: String, bmap: Bmap?, downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage {
+    public func supply(image: String, bmap: Bmap?, cancelled: @escaping @Sendable () -> Bool,
+                       downloading: @escaping @Sendable (UInt64, UInt64?) -> Void) throws(ImageIOError) -> SuppliedImage {
         var path = image
         var download: LocalImage?
         if HTTPImage.isURL(image) {
-            download = try localImage(url: image, findBmap: false, progress: downloading)
+            download = try localImage(url: image, findBmap: false, cancelled: cancelled, progress: downloading)
             path = download!.path
             // What the station needs on a card for this image, known from now on (issue 17:
             // a too-small card is refused on sight, before the next download).

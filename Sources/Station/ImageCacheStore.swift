@@ -27,20 +27,27 @@ public final class ImageCacheStore: @unchecked Sendable {
     public let directory: String
     public let limit: UInt64
     private let lock = NSLock()
+    /// The entries new jobs may join, by key.
     private var entries: [String: Entry] = [:]
+    /// Entries whose fill failed and that a new entry of the same key replaced, by `Entry.id`,
+    /// until their last job lets go (a job releases its own entry, never the replacement).
+    private var replaced: [String: Entry] = [:]
+    private var serial = 0
     /// Images downloaded from URLs, by URL and version (see ImageCacheStore+Downloads.swift).
     let downloads = DownloadTable()
 
     final class Entry: @unchecked Sendable {
         let key: String
+        /// The key and a serial: what a job's handle names, and the cache file's name.
+        let id: String
         let path: String
         let fill = CacheFill()
         let size: UInt64
         let originalFormat: ImageFormat
         var users = 0
         var lastUsed = Date()
-        init(key: String, path: String, size: UInt64, originalFormat: ImageFormat) {
-            self.key = key; self.path = path; self.size = size; self.originalFormat = originalFormat
+        init(key: String, id: String, path: String, size: UInt64, originalFormat: ImageFormat) {
+            self.key = key; self.id = id; self.path = path; self.size = size; self.originalFormat = originalFormat
         }
     }
 
@@ -72,7 +79,10 @@ public final class ImageCacheStore: @unchecked Sendable {
         let (entry, start) = lock.withLock { () -> (Entry, Bool) in
             // Another job may have made it since the look above.
             if let e = join(key) { return (e, false) }
-            let e = Entry(key: key, path: (directory as NSString).appendingPathComponent(key + ".img"), size: size, originalFormat: original.format)
+            if let failed = entries[key] { retire(failed) }
+            serial += 1
+            let id = "\(key)-\(serial)"
+            let e = Entry(key: key, id: id, path: (directory as NSString).appendingPathComponent(id + ".img"), size: size, originalFormat: original.format)
             e.users = 1
             entries[key] = e
             // Created under the lock: a job joining right after must find the file.
@@ -92,6 +102,17 @@ public final class ImageCacheStore: @unchecked Sendable {
         return try open(entry, key: key, note: "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))")
     }
 
+    /// Under the lock: a failed entry that a new one replaces. Its file goes now if no job
+    /// reads it, else when the last one lets go.
+    private func retire(_ entry: Entry) {
+        entries.removeValue(forKey: entry.key)
+        if entry.users > 0 {
+            replaced[entry.id] = entry
+        } else {
+            try? FileManager.default.removeItem(atPath: entry.path)
+        }
+    }
+
     /// Under the lock: the entry for `key` when one is filling or filled, counted as one more
     /// user.
     private func join(_ key: String) -> Entry? {
@@ -108,22 +129,31 @@ public final class ImageCacheStore: @unchecked Sendable {
     /// The cache file of `entry` as a source for one job (its use given back if it cannot open).
     private func open(_ entry: Entry, key: String, note: String) throws(ImageIOError) -> (source: ImageSource, cacheKey: String?, note: String) {
         do {
-            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: entry.size), key, note)
+            return (try ImageSource(cachePath: entry.path, filling: entry.fill, originalFormat: entry.originalFormat, size: entry.size), entry.id, note)
         } catch {
-            release(key)
+            release(entry.id)
             throw error
         }
     }
 
-    public func release(_ key: String?) {
-        guard let key else { return }
+    /// The job no longer reads the entry `id` (the `cacheKey` that `source(for:bmap:)` gave).
+    public func release(_ id: String?) {
+        guard let id else { return }
         lock.withLock {
-            guard let e = entries[key] else { return }
+            if let e = replaced[id] {
+                e.users -= 1
+                if e.users == 0 {
+                    replaced.removeValue(forKey: id)
+                    try? FileManager.default.removeItem(atPath: e.path)
+                }
+                return
+            }
+            guard let e = entries.values.first(where: { $0.id == id }) else { return }
             e.users -= 1
             e.lastUsed = Date()
             // A failed fill is of no use to anyone.
             if e.users == 0, e.fill.error != nil {
-                entries.removeValue(forKey: key)
+                entries.removeValue(forKey: e.key)
                 try? FileManager.default.removeItem(atPath: e.path)
             }
         }
@@ -131,7 +161,7 @@ public final class ImageCacheStore: @unchecked Sendable {
 
     /// Bytes the cache files take on disk (sparse: allocated blocks only).
     public var diskUsage: UInt64 {
-        lock.withLock { entries.values.reduce(0) { $0 + Self.allocated($1.path) } }
+        lock.withLock { (Array(entries.values) + Array(replaced.values)).reduce(0) { $0 + Self.allocated($1.path) } }
     }
 
     public var entryCount: Int { lock.withLock { entries.count } }

@@ -1,3 +1,4 @@
+import Dispatch
 import Foundation
 import ImageHTTP
 import Pipeline
@@ -362,6 +363,128 @@ struct StationDownloadFailureTests {
         job.progressInterval = .zero
         let reports = Reports()
         return (CardPipeline(job: job, sink: reports).run(), reports)
+    }
+
+    /// A card job run on a thread of its own from the moment it is made, with its own cancel.
+    final class RunningCard: @unchecked Sendable {
+        let reports = Reports()
+        let cancellation = CancellationFlag()
+        private let finished = DispatchSemaphore(value: 0)
+        private var outcome: CardOutcome = .cancelled("never ran")
+
+        init(_ url: String, cache: ImageCacheStore, device: String) {
+            var job = CardJob(image: url, target: device, policy: nil)
+            job.bmap = .none
+            job.supplier = cache
+            job.probeCapacity = false
+            job.progressInterval = .zero
+            let thread = Thread { [self, job] in
+                outcome = CardPipeline(job: job, cancellation: cancellation, sink: reports).run()
+                finished.signal()
+            }
+            thread.start()
+        }
+
+        /// Blocks: call it off the pool.
+        func wait() -> CardOutcome {
+            finished.wait()
+            return outcome
+        }
+
+        /// Blocks until the card reported download progress (it is downloading, or waiting
+        /// for another card's download of the same image). Off the pool.
+        func waitUntilDownloading() throws {
+            let deadline = ContinuousClock.now + .seconds(120)
+            while (reports.downloadProgress.last?.bytesDone ?? 0) == 0 {
+                guard ContinuousClock.now < deadline else { throw FixtureError("no download progress: \(reports.all)") }
+                usleep(20_000)
+            }
+        }
+    }
+
+    @Test("a card cancelled while its image downloads ends then, writing nothing; the download no other card waits for is stopped, not resumed, and its file deleted")
+    func cancelledWhileDownloading() async throws {
+        let scratch = try TemporaryDirectory("provision-http-cancel")
+        defer { scratch.remove() }
+        let served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        try Data(patternBytes(4 << 20, seed: 11)).write(to: URL(fileURLWithPath: served + "/slow.img"))
+        let server = try ImageServer(root: served)
+        defer { server.stop() }
+        let cache = try ImageCacheStore(directory: scratch.file("cache"), limit: 1 << 30)
+        // 1 MB, then nothing for 30 s: past the read timeout, the download would be resumed.
+        let url = server.url("slow.img", "stall=1000000")
+        let never = scratch.file("never-opened.img")
+
+        let outcome = try await offPool { () throws -> CardOutcome in
+            let card = RunningCard(url, cache: cache, device: never)
+            try card.waitUntilDownloading()
+            card.cancellation.cancel()
+            return card.wait()
+        }
+        guard case .cancelled(let message) = outcome else {
+            Issue.record("a card cancelled mid-download ended \(outcome)")
+            return
+        }
+        #expect(message.contains("while the image was downloaded from \(url)"), "\(message)")
+        #expect(!FileManager.default.fileExists(atPath: never), "the card was opened")
+        // Nobody waits for the download any more: it stops, and its file goes.
+        let leftovers = try await offPool { () throws -> [String] in
+            let deadline = ContinuousClock.now + .seconds(120)
+            while true {
+                let files = try FileManager.default.contentsOfDirectory(atPath: scratch.file("cache"))
+                if files.isEmpty && cache.downloadEntryCount == 0 || ContinuousClock.now > deadline { return files }
+                usleep(20_000)
+            }
+        }
+        #expect(leftovers.isEmpty && cache.downloadEntryCount == 0, "\(leftovers)")
+        #expect(!server.requests.contains { $0.hasPrefix("GET /slow.img bytes=") }, "the stopped download was resumed: \(server.requests)")
+        #expect(cache.downloadsCompleted == 0)
+    }
+
+    @Test("a download other cards wait for goes on when the card that started it is cancelled; they are written from it, downloaded once")
+    func cancellingTheFirstCardKeepsTheSharedDownload() async throws {
+        let scratch = try TemporaryDirectory("provision-http-share")
+        defer { scratch.remove() }
+        let served = scratch.file("www")
+        try FileManager.default.createDirectory(atPath: served, withIntermediateDirectories: true)
+        let image = served + "/shared.img"
+        try Data(patternBytes(6 << 20, seed: 12)).write(to: URL(fileURLWithPath: image))
+        let server = try ImageServer(root: served)
+        defer { server.stop() }
+        let cache = try ImageCacheStore(directory: scratch.file("cache"), limit: 1 << 30)
+        // 6 MiB at 2 MB/s: both cards are in the download for seconds.
+        let url = server.url("shared.img", "rate=2000000")
+        let first = try await offPool { try LoopCard(label: "dl-first", size: 8 << 20) }
+        defer { first.close() }
+        let second = try await offPool { try LoopCard(label: "dl-second", size: 8 << 20) }
+        defer { second.close() }
+        let blank = try await offPool { try first.sha256() }
+
+        let (cancelled, written, secondReports) = try await offPool { () throws -> (CardOutcome, CardOutcome, Reports) in
+            let starter = RunningCard(url, cache: cache, device: first.devicePath)
+            try starter.waitUntilDownloading()
+            let joiner = RunningCard(url, cache: cache, device: second.devicePath)
+            try joiner.waitUntilDownloading()
+            starter.cancellation.cancel()
+            return (starter.wait(), joiner.wait(), joiner.reports)
+        }
+        guard case .cancelled(let message) = cancelled else {
+            Issue.record("the cancelled card ended \(cancelled)")
+            return
+        }
+        #expect(message.contains("while the image was downloaded"), "\(message)")
+        guard case .done(let result) = written else {
+            Issue.record("the card waiting for the same download ended \(written)")
+            return
+        }
+        #expect(result.write.verified)
+        #expect(secondReports.downloadProgress.last?.bytesDone == 6 << 20, "\(secondReports.downloadProgress.last.map { "\($0)" } ?? "none")")
+        let expected = try await offPool { String(try Command.check(["sha256sum", image]).stdout.prefix(64)) }
+        #expect(try await offPool { try second.sha256(bytes: 6 << 20) } == expected)
+        #expect(try await offPool { try first.sha256() } == blank, "the cancelled card was written")
+        #expect(server.requests.filter { $0.hasPrefix("GET /shared.img ") }.count == 1, "\(server.requests)")
+        #expect(cache.downloadsCompleted == 1)
     }
 
     @Test("a server failing mid-download fails that card (downloading, nothing written, never done); the next card downloads again and is done")

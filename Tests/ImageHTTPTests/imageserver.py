@@ -8,6 +8,7 @@ when the query string asks, misbehaves the way real servers and networks do.
   ?ranges=0   no Accept-Ranges, and Range requests get the whole body (200)
   ?validators=0  no ETag and no Last-Modified
   ?extra=N    announce a Content-Length N bytes larger than the file (a lying server)
+  ?rate=N     send the body at about N bytes a second (a slow link)
 
 Prints "PORT <n>" when listening on 127.0.0.1; every request is logged to stdout as
 "REQ <method> <path> <range or ->". With --tls CERT KEY it speaks HTTPS.
@@ -80,6 +81,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     Handler.dropped_once.add(url.path)
                     drop = int(q["dropfirst"])
         stall = int(q["stall"]) if "stall" in q and start == 0 else None
+        rate = int(q["rate"]) if "rate" in q else None
         sent = 0
         with open(path, "rb") as f:
             f.seek(start)
@@ -96,6 +98,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except (BrokenPipeError, ConnectionResetError):
                     return
                 sent += len(chunk)
+                if rate:
+                    time.sleep(len(chunk) / rate)
                 if drop is not None and sent >= drop:
                     self.close_abruptly()
                     return
