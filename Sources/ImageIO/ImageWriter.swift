@@ -543,6 +543,7 @@ final class WriteJob: @unchecked Sendable {
         }
         let body = count / ioUnit * ioUnit
         var done = 0
+        if body > 0 { aboutToWrite() }
         while done < body {
             // Into the pipe, then all of it out, every time: the pipe holds whole pages, so a
             // run that does not start on a page fills it short of its capacity, and a second
@@ -698,11 +699,22 @@ final class WriteJob: @unchecked Sendable {
     /// How long the (emptied) file target is now.
     private var fileLength: UInt64 = 0
 
+    /// Whether a byte went to the target yet (the writing thread's alone).
+    private var wroteAny = false
+
+    /// Before every write to the target: tells `onFirstByte` once.
+    private func aboutToWrite() {
+        guard !wroteAny else { return }
+        wroteAny = true
+        options.onFirstByte?()
+    }
+
     /// Writes `bytes` at `offset` as they are (whole blocks, and the last one by
     /// read-modify-write when the image ends inside it).
     private func writeRun(_ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(ImageIOError) {
         let count = bytes.count
         let body = count / ioUnit * ioUnit
+        if count > 0 { aboutToWrite() }
         if body > 0, case .failure(let e) = Syscall.pwriteAll(target.fd, bytes.baseAddress!, body, offset) {
             throw target.failure(e, operation: "write", offset: offset)
         }

@@ -50,6 +50,9 @@ public struct WriteOptions: @unchecked Sendable {
     /// Called after the target is opened and before its first byte is written: the caller's
     /// last chance to check the device is still the one the safety verdict was made for.
     public var beforeFirstWrite: ((WriteTarget) throws -> Void)?
+    /// Called once, right before the first byte goes to the target: until then the write
+    /// changed nothing on it (a caller that changed the card itself may undo that on failure).
+    public var onFirstByte: (() -> Void)?
     /// Test-only: runs after the final sync and before verification.
     public var testHookBeforeVerify: ((WriteTarget) -> Void)?
 

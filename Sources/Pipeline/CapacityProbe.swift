@@ -149,8 +149,12 @@ public enum CapacityProbe {
     /// kept in an unlinked file there (the page cache, not the daemon's memory: a 64 GB card's
     /// window is 16 MiB) and read back for the restore. Without them (`provision write`),
     /// both live in memory.
+    /// `leftover`: on a passed card, takes what the probe left in `overwritten` (its blocks,
+    /// and what those places held), for the caller to put back if the image's first byte is
+    /// never written. Without it those places are left as the probe wrote them.
     public static func run(_ target: WriteTarget, overwritten: [Range<UInt64>] = [], budget: BufferBudget? = nil,
-                           stashDirectory: String? = nil, cancellation: CancellationFlag? = nil) throws(Failure) -> Result {
+                           stashDirectory: String? = nil, cancellation: CancellationFlag? = nil,
+                           leftover: Leftover? = nil) throws(Failure) -> Result {
         let started = ContinuousClock.now
         let block = target.alignment
         guard let size = target.size, size >= UInt64(2 * block) else {
@@ -179,7 +183,7 @@ public enum CapacityProbe {
             throw error
         }
         // The restore is part of the probe's cost: timed with it.
-        session.restore(skipping: found.realBytes == nil ? overwritten : [])
+        session.restore(skipping: found.realBytes == nil ? overwritten : [], handingTo: leftover)
         return Result(claimedBytes: size, realBytes: found.realBytes, blocks: found.blocks, seconds: seconds(since: started))
     }
 
@@ -310,17 +314,27 @@ public enum CapacityProbe {
         /// was saved before the first probe write, so on a card that wraps two offsets sharing
         /// one place were saved with the same bytes and either write restores it. Best
         /// effort: it runs on every ending.
-        mutating func restore(skipping skipped: [Range<UInt64>]) {
+        /// The skipped runs go to `leftover` when there is one (else they are dropped).
+        mutating func restore(skipping skipped: [Range<UInt64>], handingTo leftover: Leftover? = nil) {
             var wrote = false
+            var kept: [Int] = []
             for run in stash.runs.indices.reversed() {
                 let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
-                guard !skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound }),
-                      stash.load(run, into: buffer.bytes) else { continue }
+                if skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound }) {
+                    kept.append(run)
+                    continue
+                }
+                guard stash.load(run, into: buffer.bytes) else { continue }
                 _ = pwrite(fd, buffer.bytes, count, off_t(offset))
                 wrote = true
             }
             if wrote { fdatasync(fd) }
-            stash.removeAll()
+            if let leftover, !kept.isEmpty {
+                leftover.take(stash, runs: kept, block: block)
+                stash = Stash(directory: nil)
+            } else {
+                stash.removeAll()
+            }
             savedBlocks.removeAll()
         }
 
@@ -432,6 +446,58 @@ public enum CapacityProbe {
             var differ = (found.loadUnaligned(as: SIMD4<UInt64>.self) ^ words[0] ^ key) & SIMD4(0, 0, 0, ~0)
             for i in 1..<words.count { differ |= found.loadUnaligned(fromByteOffset: i * 32, as: SIMD4<UInt64>.self) ^ words[i] ^ key }
             return differ == .zero
+        }
+    }
+
+    /// What a passed probe left where the image writes next: its blocks are there instead of
+    /// what the card held. The image overwrites them; a job that ends before the image's first
+    /// byte (cancelled, the source unreadable, the card pulled) puts the card's bytes back, so
+    /// that "nothing was written" holds. Used by one job's thread.
+    public final class Leftover: @unchecked Sendable {
+        private var stash: Stash?
+        private var runs: [Int] = []
+        private var block = 512
+
+        public init() {}
+
+        /// Whether there is anything to put back.
+        public var isEmpty: Bool { runs.isEmpty }
+
+        func take(_ stash: Stash, runs: [Int], block: Int) {
+            self.stash = stash
+            self.runs = runs
+            self.block = block
+        }
+
+        /// Whether the image's first byte went to the card.
+        public private(set) var imageBegan = false
+
+        /// The image's first byte is going to the card: the probe's blocks no longer matter.
+        public func imageBegins() {
+            imageBegan = true
+            discard()
+        }
+
+        private func discard() {
+            stash = nil
+            runs = []
+        }
+
+        /// Writes back what those places held (best effort, like the probe's own restore) and
+        /// forgets it. The caller has checked that the card is still the one probed.
+        public func restore(to target: WriteTarget) {
+            defer { discard() }
+            guard let stash, !runs.isEmpty else { return }
+            let largest = runs.map { stash.runs[$0].count }.max() ?? 0
+            // A few runs of 1 MiB at most, on a failure path: plain memory, not the budget's
+            // (a cancelled job could not take from it).
+            let buffer = AlignedBuffer(capacity: max(largest, block), alignment: max(block, 4096))
+            for run in runs {
+                let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
+                guard stash.load(run, into: buffer.bytes) else { continue }
+                _ = pwrite(target.fd, buffer.bytes, count, off_t(offset))
+            }
+            fdatasync(target.fd)
         }
     }
 

@@ -73,7 +73,8 @@ public final class CardPipeline: Sendable {
         // it without a bmap, its mapped ranges with one (the others keep what they held).
         let overwritten: [Range<UInt64>] = bmap.map { $0.mappedByteRanges.map { $0.start..<$0.end } }
             ?? source.uncompressedSizeHint.map { [0..<$0] } ?? []
-        let probe = try probeCapacity(target, media: media, overwritten: overwritten)
+        let leftover = CapacityProbe.Leftover()
+        let probe = try probeCapacity(target, media: media, overwritten: overwritten, leftover: leftover)
 
         var options = WriteOptions()
         options.cancellation = cancellation
@@ -88,6 +89,7 @@ public final class CardPipeline: Sendable {
         if let hook = job.testHookBeforeVerify { options.testHookBeforeVerify = { hook($0) } }
         // The last look before the first byte: the media the verdict was made for, still.
         options.beforeFirstWrite = { t in try media?.check(t, before: "written") }
+        options.onFirstByte = { leftover.imageBegins() }
 
         let meter = StageMeter(interval: job.progressInterval)
         sink.receive(.stage(.writing, note: supplied.note ?? "\(source.formatName) image", unit: nil,
@@ -100,7 +102,15 @@ public final class CardPipeline: Sendable {
                 if let report = meter.report(p) { sink.receive(report) }
             }
         } catch {
+            // Ended before the image's first byte: the probe's blocks go, the card's bytes come
+            // back (on the card probed, not on one put in its place).
+            if !leftover.isEmpty, (try? media?.check(target, before: "restored")) != nil || media == nil {
+                leftover.restore(to: target)
+            }
             var failure = CardFailure(error)
+            if error.code == .cancelled && !leftover.imageBegan {
+                failure = CardFailure(.image(.cancelled), "cancelled before writing; nothing was written")
+            }
             // With the repair on, a mismatch means the card returned other data twice.
             if error.code == .verifyMismatch && options.repair { failure.verdict = .failing }
             throw failure
@@ -132,14 +142,15 @@ public final class CardPipeline: Sendable {
     /// The capacity probe (issue 16) on a block device, unless the job turned it off: a card
     /// that stores less than it claims is refused before the first image byte, and is left
     /// as it was (the probe restores what it overwrote).
-    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?, overwritten: [Range<UInt64>]) throws(CardFailure) -> CapacityProbe.Result? {
+    private func probeCapacity(_ target: WriteTarget, media: MediaIdentity?, overwritten: [Range<UInt64>],
+                               leftover: CapacityProbe.Leftover) throws(CardFailure) -> CapacityProbe.Result? {
         guard job.probeCapacity, target.kind == .blockDevice else { return nil }
         do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
         let result: CapacityProbe.Result
         do throws(CapacityProbe.Failure) {
             // The probe's buffer is the station's (issue 18), and what it overwrote waits in the cache directory.
             result = try CapacityProbe.run(target, overwritten: overwritten, budget: job.budget,
-                                           stashDirectory: job.probeStashDirectory, cancellation: cancellation)
+                                           stashDirectory: job.probeStashDirectory, cancellation: cancellation, leftover: leftover)
         } catch {
             if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
             throw CardFailure(.image(.ioError), error.description)

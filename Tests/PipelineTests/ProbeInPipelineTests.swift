@@ -59,6 +59,44 @@ struct ProbeInPipelineTests {
         #expect(try card.sha256(bytes: 3 << 20) == String(expected))
     }
 
+    /// Cancels its job when the write is about to begin: after the probe, before the first byte.
+    final class CancelOnWriting: CardReportSink {
+        let cancellation: CancellationFlag
+        let sawWriting = Mutex(false)
+        init(_ cancellation: CancellationFlag) { self.cancellation = cancellation }
+        func receive(_ report: CardReport) {
+            if case .stage(.writing, _, _, _) = report {
+                sawWriting.withLock { $0 = true }
+                cancellation.cancel()
+            }
+        }
+    }
+
+    @Test("a job that ends after a passed probe and before the image's first byte leaves the card as it was (the probe's blocks where the image goes too), and says nothing was written")
+    func endingBeforeTheFirstBytePutsTheProbesBlocksBack() throws {
+        let directory = try TemporaryDirectory("provision-probe-job")
+        defer { directory.remove() }
+        // The image covers the probe's window: those blocks are left to the write to overwrite.
+        let image = try randomImage(directory, bytes: 24 << 20)
+        let old = directory.path + "/old.img"
+        try Command.bash("head -c \(32 << 20) /dev/urandom > \(old)")
+        let card = try LoopCard(label: "job-before", size: 32 << 20, image: old)
+        defer { card.close() }
+        let before = try card.sha256()
+        var job = CardJob(image: image, target: card.devicePath, policy: nil)
+        job.bmap = .none
+        let cancellation = CancellationFlag()
+        let sink = CancelOnWriting(cancellation)
+        let outcome = CardPipeline(job: job, cancellation: cancellation, sink: sink).run()
+        #expect(sink.sawWriting.withLock { $0 }, "the job never got past the probe")
+        guard case .cancelled(let message) = outcome else {
+            Issue.record("the job ended \(outcome)")
+            return
+        }
+        #expect(message.contains("nothing was written"), "\(message)")
+        #expect(try card.sha256() == before, "the card is not as it was")
+    }
+
     @Test func probeCapacityFalseSkipsIt() throws {
         let directory = try TemporaryDirectory("provision-probe-job")
         defer { directory.remove() }
