@@ -47,6 +47,17 @@ final class WriteJob: @unchecked Sendable {
 
     deinit { if sourceFD >= 0 { Syscall.close(sourceFD) } }
 
+    /// The raw image file as the write found it. Card and verification both read the file as
+    /// it is at that moment, so a file rebuilt in place meanwhile (`cp new.img image.img`, a
+    /// build writing its output) would leave a card of both versions, verified or "repaired".
+    private let sourceStamp: FileStamp?
+
+    /// The error for a raw image that changed since the write began; nil while it has not.
+    func sourceChangedError() -> ImageIOError? {
+        guard let sourceStamp, FileStamp(fd: sourceFD) != sourceStamp else { return nil }
+        return ImageIOError(.imageUnreadable, "\(source.path) changed while it was written to \(target.path) (its size or modification time): the card may hold parts of both versions; write it again")
+    }
+
     private var streamEnd: UInt64 = 0
     private(set) var verifier: BackgroundVerifier?
     /// The bmap range check of the source, unless a cache filler did it already.
@@ -67,6 +78,8 @@ final class WriteJob: @unchecked Sendable {
         self.ioUnit = target.direct ? (target.kind == .blockDevice ? target.logicalBlockSize : 4096) : 1
         self.compareWithSource = source.format == .raw && source.isFile
         self.sourceFD = compareWithSource ? ((try? Syscall.open(source.path, flags: O_RDONLY).get()) ?? -1) : -1
+        // An operator's raw file (not the station's cache, which grows as it fills).
+        self.sourceStamp = source.originalFormat == nil && sourceFD >= 0 ? FileStamp(fd: sourceFD) : nil
         let size = max(options.chunkSize / target.alignment, 1) * target.alignment
         if let budget = options.budget {
             self.pool = BufferPool(budget: budget, maximum: options.bufferCount, bufferSize: size, alignment: target.alignment,
@@ -115,6 +128,7 @@ final class WriteJob: @unchecked Sendable {
             verifySeconds = (ContinuousClock.now - v0) / .seconds(1)
             repairs = verifier.repairs
         }
+        if let changed = sourceChangedError() { throw changed }
         progress(WriteProgress(phase: .done, bytesDone: bytesWrittenSoFar, bytesTotal: bytesWrittenSoFar, bytesPerSecond: 0, secondsRemaining: 0))
         return WriteResult(imageFormat: (source.originalFormat ?? source.format).rawValue, imageSize: options.bmap?.imageSize ?? streamEnd,
                            bytesWritten: bytesWrittenSoFar, bmapPath: options.bmap?.path, verified: options.verify,
@@ -828,5 +842,28 @@ struct BmapRangeChecker {
                 throw ImageIOError(.imageCorrupt, "image corrupt: blocks \(range.first)–\(range.last) of the image do not match the bmap's \(bmap.checksumType.rawValue) (the image is damaged, or the bmap \(bmap.path) belongs to another image)", offset: start)
             }
         }
+    }
+}
+
+/// What says a file changed: its inode, size, and modification and change times.
+struct FileStamp: Equatable {
+    let inode: UInt64
+    let size: Int64
+    let modified: timespec
+    let changed: timespec
+
+    init?(fd: Int32) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        inode = UInt64(st.st_ino)
+        size = Int64(st.st_size)
+        modified = st.st_mtim
+        changed = st.st_ctim
+    }
+
+    static func == (a: FileStamp, b: FileStamp) -> Bool {
+        a.inode == b.inode && a.size == b.size
+            && a.modified.tv_sec == b.modified.tv_sec && a.modified.tv_nsec == b.modified.tv_nsec
+            && a.changed.tv_sec == b.changed.tv_sec && a.changed.tv_nsec == b.changed.tv_nsec
     }
 }

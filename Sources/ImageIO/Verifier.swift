@@ -114,7 +114,11 @@ final class BackgroundVerifier: @unchecked Sendable {
         @Sendable func check(_ buffer: AlignedBuffer, keep: Bool = false) -> Bool {
             let same = job.compareWithSource ? matchesSource(buffer) : Fingerprint(buffer.buffer) == buffer.fingerprint
             if !same {
-                switch job.options.repair ? repair(buffer) : .failure(mismatch(buffer)) {
+                // A raw image rebuilt in place differs from what went to the card: an image
+                // error, never a repair with the new bytes or a verdict on the card.
+                let outcome = job.sourceChangedError().map { Result<UInt64, ImageIOError>.failure($0) }
+                    ?? (job.options.repair ? repair(buffer) : .failure(mismatch(buffer)))
+                switch outcome {
                 case .success(let at):
                     condition.withLock { repaired.append(at) }
                 case .failure(let failure):
