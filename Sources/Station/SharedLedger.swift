@@ -83,6 +83,9 @@ public final class SharedLedger: Sendable {
     /// Returns when the task is cancelled (the daemon stopping).
     public func run() async {
         var backoff = Duration.milliseconds(250)
+        // Stopped, it is no longer connected (its state is read after it, by a station that
+        // starts it again).
+        defer { link.withLock { $0.connected = false } }
         while !Task.isCancelled {
             do {
                 let connection = try await connect()
@@ -116,6 +119,7 @@ public final class SharedLedger: Sendable {
         try await Self.createSchema(connection, logger: logger)
         let instance = try await local.read { db in try String.fetchOne(db, sql: "SELECT instance FROM labIdentity") } ?? ""
         try await register(connection, instance: instance)
+        try await reconcileUnits(connection)
         // Numbers in hand and the backlog sent before the link says "connected".
         try await topUpUnits(connection)
         _ = try await drain(connection)
@@ -252,16 +256,71 @@ public final class SharedLedger: Sendable {
     /// Reserves `count` numbers from the lab's sequence for this station: in the database
     /// first (the numbers are this station's from then on), then locally. A crash between the
     /// two loses those numbers (a gap), never gives one twice.
+    ///
+    /// A number already in `lab_unit` is skipped, not taken: after the database was restored
+    /// from a backup its sequence is behind the numbers stations hold (`reconcileUnits` puts
+    /// those back), and the unique number is what decides. A sequence found behind is moved
+    /// past the largest number in the table (racing another station's `nextval`, it can only
+    /// fall back onto numbers the table already holds, which are skipped again).
     private func reserve(_ count: Int, on c: LabConnection) async throws {
         guard count > 0 else { return }
-        let rows = try await fetch("""
-            INSERT INTO lab_unit (number, station, reserved) SELECT nextval('lab_unit_number'), \(station), now()
-            FROM generate_series(1, \(count)) RETURNING number
-            """, on: c)
-        let numbers = try rows.map { try $0.decode(Int64.self) }
-        let now = Date(), taken = numbers
+        var taken: [Int64] = []
+        for _ in 0..<4 where taken.count < count {
+            let wanted = count - taken.count
+            let rows = try await fetch("""
+                INSERT INTO lab_unit (number, station, reserved) SELECT nextval('lab_unit_number'), \(station), now()
+                FROM generate_series(1, \(wanted)) ON CONFLICT (number) DO NOTHING RETURNING number
+                """, on: c)
+            let got = try rows.map { try $0.decode(Int64.self) }
+            taken += got
+            if got.count < wanted {
+                // nextval, not last_value: a role may use the sequence without reading it (the
+                // number nextval took here is given back).
+                _ = try await fetch("""
+                    SELECT setval('lab_unit_number', greatest((SELECT max(number) FROM lab_unit), nextval('lab_unit_number') - 1))
+                    """, on: c)
+            }
+        }
+        let now = Date(), numbers = taken
         try await local.write { db in
-            for n in taken { try db.execute(sql: "INSERT INTO labUnit (number, reserved) VALUES (?, ?)", arguments: [n, now]) }
+            for n in numbers { try db.execute(sql: "INSERT INTO labUnit (number, reserved) VALUES (?, ?)", arguments: [n, now]) }
+        }
+    }
+
+    /// At every connect: the numbers this station holds are put back where the database lacks
+    /// them (it was restored from a backup, or rebuilt), so that no other station is given
+    /// them; a free one that another station holds by now is dropped here, and one a card of
+    /// this station already carries is reported as the duplicate it is.
+    private func reconcileUnits(_ c: LabConnection) async throws {
+        let held = try await local.read { db in
+            try Row.fetchAll(db, sql: "SELECT number, jobId FROM labUnit ORDER BY number").map { (number: $0["number"] as Int64, job: $0["jobId"] as Int64?) }
+        }
+        guard !held.isEmpty else { return }
+        let free = held.filter { $0.job == nil }.map(\.number)
+        let used = held.filter { $0.job != nil }
+        let usedNumbers = used.map(\.number), usedJobs = used.compactMap(\.job)
+        // Any conflict (the number, or this station's job under another number) keeps the
+        // database's row.
+        _ = try await fetch("""
+            INSERT INTO lab_unit (number, station, job, reserved)
+            SELECT n, \(station), j, now() FROM unnest(\(usedNumbers)::bigint[], \(usedJobs)::bigint[]) AS u(n, j)
+            UNION ALL SELECT n, \(station), NULL, now() FROM unnest(\(free)::bigint[]) AS f(n)
+            ON CONFLICT DO NOTHING
+            """, on: c)
+        let allNumbers = held.map(\.number)
+        let lost = Set(try await fetch("SELECT number FROM lab_unit WHERE number = ANY(\(allNumbers)::bigint[]) AND station <> \(station)", on: c)
+            .map { try $0.decode(Int64.self) })
+        guard !lost.isEmpty else { return }
+        let dropped = free.filter { lost.contains($0) }
+        try await local.write { db in
+            for n in dropped { try db.execute(sql: "DELETE FROM labUnit WHERE number = ? AND jobId IS NULL", arguments: [n]) }
+        }
+        if !dropped.isEmpty {
+            logger.warning("shared ledger: unit numbers \(dropped.map(String.init).joined(separator: ", ")) that this station held are another station's in \(config.display) (the database was restored from a backup?): dropped here")
+        }
+        let doubled = used.filter { lost.contains($0.number) }
+        if !doubled.isEmpty {
+            logger.error("shared ledger: unit numbers \(doubled.map { "\($0.number) (job \($0.job ?? 0))" }.joined(separator: ", ")) were given to this station's cards and are another station's in \(config.display) (the database was restored from a backup while this station was away?): two units share each of these numbers")
         }
     }
 

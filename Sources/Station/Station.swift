@@ -467,19 +467,30 @@ public actor Station {
         }
     }
 
-    public func reload(_ newConfig: StationConfig) async {
+    /// Applies a reloaded configuration, but for the settings fixed at start
+    /// (`StationConfig.keepStartSettings`): returns the keys whose new values wait for a restart.
+    @discardableResult
+    public func reload(_ loaded: StationConfig) async -> [String] {
+        var newConfig = loaded
+        let kept = newConfig.keepStartSettings(of: config)
         config = newConfig
         // At once, not at the next card: the metrics say the cap in force, and idle buffers
         // above a lowered cap go now.
         bufferBudget.limit = newConfig.bufferBudget
         sizeCache = [:]
-        publish(.init(kind: .reload, message: "configuration reloaded from \(newConfig.file)"))
+        publish(.init(kind: .reload, message: "configuration reloaded from \(newConfig.file)" + Self.restartNote(kept)))
         // Cards already present without a job are judged again by the new configuration: a
         // slot it adds starts its card's job, and refusals it lifts (or makes) say so now,
         // not at the card's next udev event. Cards with a job keep it.
         for entry in devices.values where entry.jobID == nil {
             await deviceSeen(entry.facts)
         }
+        return kept
+    }
+
+    /// "; not applied until provisiond restarts: name, cache_dir (the running values stay)".
+    public static func restartNote(_ kept: [String]) -> String {
+        kept.isEmpty ? "" : "; not applied until provisiond restarts: \(kept.joined(separator: ", ")) (the running values stay)"
     }
 
     // MARK: - Status

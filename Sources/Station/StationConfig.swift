@@ -93,6 +93,26 @@ public struct StationConfig: Sendable {
     /// Reads, parses and checks a station config: everything `parse` checks, plus what the
     /// named files can tell (`checkFiles`). The daemon's start, its reload and
     /// `provision config check` all come through here, so they agree.
+    /// Settings the daemon took at its start and keeps until it restarts: the station's name
+    /// (its metrics and its rows in a shared ledger carry it), the ledger and its `ledger_*`
+    /// keys, the image cache, and the admin group (the control socket's access). A reload puts
+    /// the running values in place of changed ones here and returns the changed keys, so that
+    /// status, metrics and the ledger never disagree on them.
+    public mutating func keepStartSettings(of running: StationConfig) -> [String] {
+        var kept: [String] = []
+        if name != running.name { kept.append("name"); name = running.name }
+        if ledgerPath != running.ledgerPath || lab != running.lab {
+            kept.append(lab != nil || running.lab != nil ? "ledger (and ledger_*)" : "ledger")
+            ledgerPath = running.ledgerPath
+            lab = running.lab
+            labLocation = running.labLocation
+        }
+        if cacheDirectory != running.cacheDirectory { kept.append("cache_dir"); cacheDirectory = running.cacheDirectory }
+        if cacheLimit != running.cacheLimit { kept.append("cache_limit"); cacheLimit = running.cacheLimit }
+        if adminGroup != running.adminGroup { kept.append("admin_group"); adminGroup = running.adminGroup }
+        return kept
+    }
+
     public static func load(file: String) throws -> StationConfig {
         var config = try parse(text: try readText(file), file: file)
         try config.checkFiles()

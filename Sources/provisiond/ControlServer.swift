@@ -319,7 +319,8 @@ struct ControlSession {
             return ResultPayload(job: try await station.cancel(job: id), message: "cancelling job \(id)")
         case .reload:
             switch await reload(station: station, configPath: configPath, admission: admission, logger: logger) {
-            case .success(let c): return ResultPayload(message: "reloaded \(c.file): \(c.slots.count) slot(s), \(c.profiles.count) profile(s)")
+            case .success(let (c, kept)):
+                return ResultPayload(message: "reloaded \(c.file): \(c.slots.count) slot(s), \(c.profiles.count) profile(s)" + Station.restartNote(kept))
             case .failure(let e): throw ErrorPayload(.badRequest, "reload failed, the running configuration stays: \(e)")
             }
         case .cards:

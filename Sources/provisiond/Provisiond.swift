@@ -139,7 +139,9 @@ struct Reloader: Service {
     }
 }
 
-func reload(station: Station, configPath: String, admission: ClientAdmission, logger: Logger) async -> Result<StationConfig, Error> {
+/// Loads the config file again and applies it; the result names the settings that wait for a
+/// restart (see `StationConfig.keepStartSettings`).
+func reload(station: Station, configPath: String, admission: ClientAdmission, logger: Logger) async -> Result<(config: StationConfig, kept: [String]), Error> {
     // Loading reads and decompresses the start of every image: blocking I/O, so on a
     // thread of its own rather than the cooperative pool.
     let loaded = await withCheckedContinuation { (done: CheckedContinuation<Result<StationConfig, Error>, Never>) in
@@ -150,13 +152,16 @@ func reload(station: Station, configPath: String, admission: ClientAdmission, lo
     }
     switch loaded {
     case .success(let config):
-        await station.reload(config)
-        admission.apply(config)
+        let kept = await station.reload(config)
+        let applied = await station.config
+        admission.apply(applied)
         logger.notice("configuration reloaded from \(configPath)")
+        if !kept.isEmpty { logger.warning("reload: \(kept.joined(separator: ", ")) changed in \(configPath); not applied until provisiond restarts (the running values stay)") }
         for warning in config.warnings { logger.warning("\(warning)") }
+        return .success((applied, kept))
     case .failure(let error):
         logger.error("reload failed, keeping the running configuration: \(error)")
         await station.refuseReload(file: configPath, reason: "\(error)")
+        return .failure(error)
     }
-    return loaded
 }

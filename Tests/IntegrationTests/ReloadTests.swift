@@ -45,6 +45,34 @@ extension IntegrationTests {
             #expect(try card.sha256(bytes: 1 << 20) == (try sha256(ofFile: image)))
         }
 
+        @Test("a reload that renames the station or moves its cache applies the rest and says those wait for a restart; status, metrics and the hello keep the running name")
+        func settingsFixedAtStartWaitForARestart() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let image = try bench.image("small.img", bytes: 1 << 20)
+            try bench.writeConfig([.init(name: "A1", image: image)])
+            try bench.startDaemon()
+            let running = try bench.status().station
+
+            try bench.writeConfig([.init(name: "A1", image: image), .init(name: "B1", image: image)])
+            let text = try String(contentsOfFile: bench.configPath, encoding: .utf8)
+                .replacingOccurrences(of: "name = \"\(running)\"", with: "name = \"renamed\"")
+                .replacingOccurrences(of: "cache_dir = \"\(bench.directory)/cache\"", with: "cache_dir = \"\(bench.directory)/elsewhere\"")
+            try text.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+            let reply = try bench.cli(["reload"])
+            #expect(reply.status == 0, "\(reply)")
+            #expect(reply.stdout.contains("2 slot(s)") && reply.stdout.contains("not applied until provisiond restarts: name, cache_dir"), "\(reply.stdout)")
+            let status = try bench.status()
+            #expect(status.slots.map(\.name) == ["A1", "B1"], "the rest is applied")
+            #expect(status.station == running, "status keeps the running name: \(status.station)")
+            let metrics = try bench.cli(["metrics"])
+            #expect(metrics.stdout.contains("station=\"\(running)\"") && !metrics.stdout.contains("renamed"), "\(metrics.stdout.prefix(400))")
+            let hello = try bench.cli(["status"])
+            #expect(!hello.stdout.contains("renamed"), "\(hello.stdout)")
+            #expect(bench.log.contains("name, cache_dir changed in \(bench.configPath); not applied until provisiond restarts"), "\(bench.log)")
+            #expect(!FileManager.default.fileExists(atPath: bench.directory + "/elsewhere"))
+        }
+
         @Test("a broken config on SIGHUP or `provision reload` keeps the running one, says why in the log and to watchers, and cards are still written")
         func brokenReloadKeepsTheRunningConfig() throws {
             let bench = try StationBench()

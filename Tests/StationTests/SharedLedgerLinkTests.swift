@@ -195,4 +195,70 @@ struct SharedLedgerLinkTests {
             await dml.close()
         }
     }
+
+    /// Runs the station's replicator until it is connected with its outbox sent, then stops it.
+    static func connectOnce(_ ledger: Ledger) async throws {
+        let shared = try #require(ledger.shared)
+        let replicator = Task { await shared.run() }
+        defer { replicator.cancel() }
+        let deadline = ContinuousClock.now + .seconds(120)
+        while ContinuousClock.now < deadline {
+            let state = await shared.outboxState()
+            if state.connected && state.pending == 0 { break }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        let state = await shared.outboxState()
+        #expect(state.connected && state.pending == 0, "\(state)")
+        replicator.cancel()
+        await replicator.value
+    }
+
+    static func held(_ ledger: Ledger, free: Bool = false) async throws -> [Int64] {
+        try await ledger.db.read { db in
+            try Int64.fetchAll(db, sql: "SELECT number FROM labUnit \(free ? "WHERE jobId IS NULL " : "")ORDER BY number")
+        }
+    }
+
+    @Test("a lab database restored from a backup: the numbers a station holds are put back at its next connect and never given to another station; a free number another station took meanwhile is dropped, not shared")
+    func restoredDatabaseKeepsNumbersUnique() async throws {
+        let server = try await offPool { try PostgresServer() }
+        defer { server.close() }
+        let dir = try TemporaryDirectory()
+        let lab = try LabLedgerConfig.parse(url: server.url, passwordFile: server.passwordFile, unitBlock: 4)
+        let a = try Ledger(path: dir.file("a.sqlite"), lab: lab, station: "tower-a")
+        let b = try Ledger(path: dir.file("b.sqlite"), lab: lab, station: "tower-b")
+        let c = try Ledger(path: dir.file("c.sqlite"), lab: lab, station: "tower-c")
+        // A holds 1-4, and its first card carries 1.
+        try await Self.connectOnce(a)
+        #expect(try await Self.held(a) == [1, 2, 3, 4])
+        let job = try await a.insert(.init(kind: "sd", slot: "A", device: "/dev/sda", deviceNumber: 1, diskSequence: 1,
+                                           serial: nil, unit: nil, profile: nil, image: nil))
+        #expect(try a.takeUnitNumber(job: job.id) == 1)
+        try await Self.connectOnce(a)
+        #expect(try server.psql("SELECT number, station, coalesce(job, 0) FROM lab_unit ORDER BY number")
+                == "1|tower-a|\(job.id)\n2|tower-a|0\n3|tower-a|0\n4|tower-a|0")
+
+        // The database comes back from a backup made before any of it.
+        _ = try server.psql("DELETE FROM lab_unit; SELECT setval('lab_unit_number', 1, false)")
+        try await Self.connectOnce(a)
+        #expect(try server.psql("SELECT number, station, coalesce(job, 0) FROM lab_unit ORDER BY number")
+                == "1|tower-a|\(job.id)\n2|tower-a|0\n3|tower-a|0\n4|tower-a|0", "A's numbers are the lab's again")
+        try await Self.connectOnce(b)
+        #expect(try await Self.held(b) == [5, 6, 7, 8], "the rewound sequence's numbers that A holds are skipped")
+
+        // Again, and this time C asks before A and B are back: C is given numbers A and B hold.
+        _ = try server.psql("DELETE FROM lab_unit; SELECT setval('lab_unit_number', 1, false)")
+        try await Self.connectOnce(c)
+        try await Self.connectOnce(a)
+        try await Self.connectOnce(b)
+        let free = (a: try await Self.held(a, free: true), b: try await Self.held(b, free: true), c: try await Self.held(c, free: true))
+        let all = free.a + free.b + free.c
+        #expect(Set(all).count == all.count, "a free number held by two stations: \(free)")
+        for (ledger, station) in [(a, "tower-a"), (b, "tower-b"), (c, "tower-c")] {
+            for n in try await Self.held(ledger, free: true) {
+                #expect(try server.psql("SELECT station FROM lab_unit WHERE number = \(n)") == station, "\(station) holds \(n)")
+            }
+        }
+        #expect(free.a.count >= 2 && free.b.count >= 2 && free.c.count >= 2, "each station has numbers in hand again: \(free)")
+    }
 }
