@@ -20,6 +20,8 @@ struct StationMetrics {
     /// The slot labels `running_jobs` was last emitted with: a slot a reload removed is
     /// unregistered, not left showing its last count.
     private var runningSlots: Set<String> = []
+    /// The budget's wait count already added to `buffer_budget_waits_total`.
+    private var budgetWaitsCounted = 0
 
     /// Job durations: a card takes from seconds (a small image) to an hour (a slow 64 GB card).
     static let durationBuckets: [Double] = [5, 15, 30, 60, 120, 300, 600, 1200, 2400, 3600, 7200]
@@ -35,6 +37,7 @@ struct StationMetrics {
         _ = refused
         _ = bytes("written")
         _ = bytes("verified")
+        _ = budgetWaits
     }
 
     private var labels: [(String, String)] { [("station", station)] }
@@ -61,6 +64,12 @@ struct StationMetrics {
         registry.makeValueHistogram(descriptor: .init(namespace: "provision", metricName: "write_speed", unitName: "bytes_per_second",
                                                       helpText: "Average write speed of each finished card's write phase."),
                                     labels: labels, buckets: Self.speedBuckets)
+    }
+
+    private var budgetWaits: Counter {
+        registry.makeCounter(descriptor: .init(namespace: "provision", metricName: "buffer_budget_waits", unitName: "total",
+                                               helpText: "Times a card waited for room in the buffer budget."),
+                             labels: labels)
     }
 
     private func duration(_ outcome: String) -> ValueHistogram {
@@ -150,9 +159,11 @@ struct StationMetrics {
             registry.makeGauge(descriptor: .init(namespace: "provision", metricName: name, unitName: "bytes", helpText: help),
                                labels: labels).set(to: Double(value))
         }
-        registry.makeGauge(descriptor: .init(namespace: "provision", metricName: "buffer_budget_waits", unitName: "",
-                                             helpText: "Times a card waited for room in the buffer budget (since the daemon started)."),
-                           labels: labels).set(to: Double(buffers.waits))
+        // A count since start: a counter (rate() over it), brought up to the budget's count.
+        if buffers.waits > budgetWaitsCounted {
+            budgetWaits.increment(by: Int64(buffers.waits - budgetWaitsCounted))
+            budgetWaitsCounted = buffers.waits
+        }
         return registry.emitToString()
     }
 }

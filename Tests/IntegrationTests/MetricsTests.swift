@@ -102,6 +102,10 @@ extension IntegrationTests {
             let peak = try #require(Self.value(after, "provision_buffer_budget_allocated_peak_bytes"))
             #expect(peak > 0 && peak <= limit, "budget peak \(peak) of \(limit)")
             #expect(Self.value(after, "provision_buffer_budget_in_use_bytes") == 0)
+            // A count since start is a counter: rate() applies to it.
+            #expect(Self.value(after, "provision_buffer_budget_waits_total") == 0)
+            let text = try bench.cli(["metrics"]).stdout
+            #expect(text.contains("# TYPE provision_buffer_budget_waits_total counter"), "\(text)")
 
             // Events for a refused card that stays refused do not count it again.
             let watcher = try bench.watch()
