@@ -644,7 +644,7 @@ public final class SharedLedger: Sendable {
 
 public struct LinkFailure: Error, CustomStringConvertible, Sendable {
     public let message: String
-    init(_ message: String) { self.message = message }
+    public init(_ message: String) { self.message = message }
     public var description: String { message }
 }
 

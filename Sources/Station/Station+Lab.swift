@@ -7,7 +7,14 @@ import Foundation
 extension Station {
     public func labStatus() async throws -> LabStatus {
         guard let shared = ledger.shared else { throw NotShared(station: config.name, ledger: ledger.path) }
-        var status = try await shared.labStatus()
+        var status: LabStatus
+        do { status = try await shared.labStatus() } catch let failure as LinkFailure {
+            // The moment an operator asks most is when the database is away: what this station
+            // holds back is known here, and said with the failure.
+            let outbox = await shared.outboxState()
+            let since = outbox.downSince.map { ", unreachable since \(ISO8601DateFormatter().string(from: $0))" } ?? ""
+            throw LinkFailure("\(failure.message); this station: \(outbox.pending) row(s) not yet sent, \(outbox.unitsReserved) unit number(s) in hand\(since)")
+        }
         status.outbox = await shared.outboxState()
         return status
     }

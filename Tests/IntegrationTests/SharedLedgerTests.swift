@@ -170,6 +170,9 @@ struct SharedLedgerTests {
         }
         // Still away: the rows of the rest of the batch wait in each station's outbox.
         #expect((Int(pending) ?? 0) > 0, "station-1's outbox is empty while the database is down")
+        // What the station holds back is said with the failure.
+        let away = try await offPool { try a.cli(["status", "--lab"]) }
+        #expect(away.status == 75 && away.stderr.contains("this station: \(pending) row(s) not yet sent") && away.stderr.contains("unit number(s) in hand, unreachable since "), "\(away)")
         try await offPool {
             try lab.database.start()
             try lab.waitUntilCaughtUp()
