@@ -76,6 +76,7 @@ allow_loop_devices = true
 ledger = "$WORK/ledger.sqlite"
 admin_group = "provision-admin"
 max_clients = 5000
+idle_client_timeout = 3600   # the idle flood stays for the whole run (the worst case), not closed after 60 s
 
 [profiles.bench]
 image = "$WORK/image.img"

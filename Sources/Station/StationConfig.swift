@@ -67,6 +67,8 @@ public struct StationConfig: Sendable {
     /// disconnected (its memory released): a client that reads at all drains a local socket
     /// in microseconds.
     public var unreadOutputTimeout: Int = 10
+    /// Seconds a client may stay connected without a request (a watch is never idle).
+    public var idleClientTimeout: Int = 60
     /// Bytes of buffers all cards together may hold (issue 18): one budget for the station,
     /// which cards draw on as their speed needs, not a fixed amount per card.
     public var bufferBudget = StationConfig.defaultBufferBudget
@@ -159,7 +161,7 @@ public struct StationConfig: Sendable {
         let station = try root.table("station")
         try station?.rejectUnknownKeys(["name", "allow_loop_devices", "max_device_size", "ledger", "ledger_password_file", "ledger_local", "ledger_unit_block",
                                         "admin_group", "profiles_dir", "inventory", "password_export", "cache_dir", "cache_limit", "max_clients",
-                                        "unread_output_timeout", "buffer_budget"])
+                                        "unread_output_timeout", "idle_client_timeout", "buffer_budget"])
         let ledger = try station?.string("ledger")
         var config = StationConfig(
             file: file,
@@ -175,6 +177,7 @@ public struct StationConfig: Sendable {
             maxClients: try station?.integer("max_clients", in: 1...(1 << 20)) ?? 256,
             profiles: [:], slots: [])
         config.unreadOutputTimeout = try station?.integer("unread_output_timeout", in: 1...3600) ?? 10
+        config.idleClientTimeout = try station?.integer("idle_client_timeout", in: 1...86400) ?? 60
         if let station, let url = ledger, LabLedgerConfig.isURL(url) {
             do {
                 config.lab = try LabLedgerConfig.parse(url: url, passwordFile: (try station.string("ledger_password_file")).map { document.resolve(path: $0) },

@@ -29,6 +29,8 @@ final class ClientAdmission: Sendable {
         var maxClients: Int
         /// How long a client may leave output unread (`unread_output_timeout`).
         var unreadOutputTimeout: Int
+        /// How long a client may hold a connection without a request (`idle_client_timeout`).
+        var idleTimeout: Int = 60
         /// The config file, named in refusals.
         var configFile: String
     }
@@ -147,7 +149,7 @@ enum DescriptorBudget {
             cap = max(1, room)
             logger.warning("max_clients \(config.maxClients) does not fit the descriptor limit \(descriptorLimit) (RLIMIT_NOFILE) with \(reserve) kept for udev and the cards: serving at most \(cap) clients; raise LimitNOFILE= to serve more")
         }
-        return .init(maxClients: cap, unreadOutputTimeout: config.unreadOutputTimeout, configFile: config.file)
+        return .init(maxClients: cap, unreadOutputTimeout: config.unreadOutputTimeout, idleTimeout: config.idleClientTimeout, configFile: config.file)
     }
 }
 

@@ -117,6 +117,10 @@ struct ControlServer: Service {
             try channel.syncOptions?.setOption(ChannelOptions.allowRemoteHalfClosure, value: true)
             let inputEnd = InputEnd()
             try channel.pipeline.syncOperations.addHandler(InputEndHandler(inputEnd))
+            // A connection that asks nothing is closed after a while: idle clients held slots
+            // for ever, and enough of them shut the board and the scrapers out.
+            try channel.pipeline.syncOperations.addHandler(IdleClientHandler(timeout: .seconds(Int64(admission.limits.idleTimeout)),
+                                                                              inputEnd: inputEnd, peer: who, logger: logger))
             // Requests are split into lines by the session (LineFramer), one at a time: two
             // chunks read ahead are plenty.
             let configuration = NIOAsyncChannel<ByteBuffer, ByteBuffer>.Configuration(backPressureStrategy: .init(lowWatermark: 1, highWatermark: 2))
@@ -405,6 +409,73 @@ final class InputEnd: Sendable {
 
     /// A watch starts; true: close the connection now (its input has already ended).
     func watchStarts() -> Bool { state.withLock { $0.watching = true; return $0.inputClosed } }
+
+    var isWatching: Bool { state.withLock { $0.watching } }
+}
+
+/// Closes a connection that has sent no request and received no reply for `timeout`; a
+/// watching one is never idle. One timer per connection, armed when it opens and again only
+/// when it fires (activity is a timestamp, not a new timer per line), and cancelled with the
+/// connection: a short-lived client leaves nothing to wake the daemon later.
+final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let timeout: TimeAmount
+    let inputEnd: InputEnd
+    let peer: String
+    let logger: Logger
+    private var lastActivity = NIODeadline.now()
+    private var timer: Scheduled<Void>?
+
+    init(timeout: TimeAmount, inputEnd: InputEnd, peer: String, logger: Logger) {
+        self.timeout = timeout
+        self.inputEnd = inputEnd
+        self.peer = peer
+        self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        lastActivity = .now()
+        arm(context, at: lastActivity + timeout)
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) { cancel() }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        cancel()
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        lastActivity = .now()
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        lastActivity = .now()
+        context.write(data, promise: promise)
+    }
+
+    private func arm(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
+        let loopBound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timer = context.eventLoop.assumeIsolated().scheduleTask(deadline: deadline) { [self] in
+            let context = loopBound.value
+            timer = nil
+            guard !inputEnd.isWatching else { return }
+            let due = lastActivity + timeout
+            if due > .now() { return arm(context, at: due) }
+            logger.debug("closing a control connection idle for \(timeout.nanoseconds / 1_000_000_000) s (\(peer)): idle_client_timeout")
+            context.close(promise: nil)
+        }
+    }
+
+    private func cancel() {
+        timer?.cancel()
+        timer = nil
+    }
 }
 
 /// Tells `InputEnd` when the client's input ends, and closes a watching connection then.

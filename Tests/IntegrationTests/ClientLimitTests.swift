@@ -24,7 +24,8 @@ extension IntegrationTests {
             let image = try bench.image("card.img", bytes: 8 << 20)
             let slots = ["F1", "F2", "F3"]
             // max_clients far above what 1,024 descriptors allow: the daemon must clamp it.
-            try bench.writeConfig(slots.map { .init(name: $0, image: image) }, stationLines: ["max_clients = 5000"])
+            // The idle clients stay for the whole test, however long a loaded machine takes.
+            try bench.writeConfig(slots.map { .init(name: $0, image: image) }, stationLines: ["max_clients = 5000", "idle_client_timeout = 3600"])
             let daemon = try bench.startDaemon(launcher: Self.systemdLimit)
             let pid = try #require(daemon.pid)
             #expect(try limits(pid).soft == 1024)
@@ -94,7 +95,7 @@ extension IntegrationTests {
         func memoryReturnsAfterFlood() throws {
             let bench = try StationBench()
             defer { bench.close() }
-            try bench.writeConfig([.init(name: "M1", image: try bench.image("small.img", bytes: 1 << 20))])
+            try bench.writeConfig([.init(name: "M1", image: try bench.image("small.img", bytes: 1 << 20))], stationLines: ["idle_client_timeout = 3600"])
             let daemon = try bench.startDaemon()
             let pid = try #require(daemon.pid)
             for _ in 0..<20 { _ = try bench.status() }
@@ -160,6 +161,48 @@ extension IntegrationTests {
             } catch {
                 Issue.record("\(error): \(last.map(\.description) ?? "")\n\(bench.log)")
             }
+        }
+
+        @Test("a connection that asks nothing for idle_client_timeout is closed, not before, and its descriptor freed; one that asks now and then, and a watch, stay")
+        func idleClientIsClosed() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            try bench.writeConfig([.init(name: "I1", image: try bench.image("small.img", bytes: 1 << 20))], stationLines: ["idle_client_timeout = 2"])
+            let daemon = try bench.startDaemon()
+            let pid = try #require(daemon.pid)
+            let fdsBefore = daemonDescriptors(pid)
+            let opened = ContinuousClock.now
+            let idle = try RawConnection(path: bench.socketPath)
+            _ = try idle.readMessage()  // hello
+            let asking = try RawConnection(path: bench.socketPath)
+            _ = try asking.readMessage()
+            let watcher = try RawConnection(path: bench.socketPath)
+            _ = try watcher.readMessage()
+            watcher.send("{\"id\":1,\"method\":\"watch\"}\n")
+            #expect(try watcher.readMessage().result?.status != nil)
+
+            // The asker asks every half second until the idle connection ends.
+            var idleEnded = false
+            while !idleEnded && ContinuousClock.now - opened < .seconds(120) {
+                asking.send("{\"id\":2,\"method\":\"status\"}\n")
+                #expect(try asking.readMessage(timeout: .seconds(30)).result?.status != nil)
+                do { idleEnded = try idle.readLine(timeout: .milliseconds(500)) == nil } catch {}
+            }
+            #expect(idleEnded, "the idle connection is still open after 120 s")
+            #expect(ContinuousClock.now - opened >= .seconds(2), "closed before idle_client_timeout")
+            // The others are still served: a status, and the watch's reload event.
+            asking.send("{\"id\":3,\"method\":\"status\"}\n")
+            #expect(try asking.readMessage(timeout: .seconds(30)).result?.status != nil)
+            #expect(try bench.cli(["reload"]).status == 0)
+            var reloadSeen = false
+            while !reloadSeen, let message = try? watcher.readMessage(timeout: .seconds(30)) {
+                reloadSeen = message.event?.kind == .reload
+            }
+            #expect(reloadSeen, "the watcher was closed as idle")
+            // Ended (their descriptors are closed when they go).
+            shutdown(asking.fd, Int32(SHUT_RDWR))
+            shutdown(watcher.fd, Int32(SHUT_RDWR))
+            try waitFor("the daemon's descriptors back to \(fdsBefore)", timeout: .seconds(60)) { daemonDescriptors(pid) <= fdsBefore }
         }
 
         @Test("a client that pipelines requests and never reads holds one reply at most and is disconnected after 10 s; the others go on")
