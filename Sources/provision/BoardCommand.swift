@@ -8,7 +8,7 @@ struct BoardCommand: AsyncParsableCommand {
         abstract: "Serve the bench's live web board: one tile per slot, for a wall screen or a phone.",
         discussion: """
             A separate, unprivileged process: it reads the station through the control socket \
-            (status, jobs and watch only, as a member of group provision) and serves one page \
+            (status, jobs, watch and lab-status only, as a member of group provision) and serves one page \
             with server-sent events on the address given. It never changes anything on the \
             station; provisiond itself keeps no IP socket. When the daemon is unreachable the \
             page says so and the board reconnects by itself.

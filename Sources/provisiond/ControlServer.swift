@@ -30,9 +30,11 @@ struct ControlServer: Service {
         let systemdSocket = provision_sd_listen_fds() >= 1
         // Known before the first connection: the admission of a connection past the cap
         // depends on whether the peer is an admin.
+        // systemd's socket: the group of the path it is bound to (getsockname), whatever
+        // --socket says (a drop-in may move ListenStream=).
         let socketGID: gid_t = systemdSocket ? {
             var st = stat()
-            return stat(socketPath, &st) == 0 ? st.st_gid : 0
+            return stat(boundPath(of: 3) ?? socketPath, &st) == 0 ? st.st_gid : 0
         }() : getgrnam(socketGroup)?.pointee.gr_gid ?? 0
         let policy = AccessPolicy(socketGID: socketGID, adminGID: getgrnam(await station.config.adminGroup)?.pointee.gr_gid)
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -492,5 +494,21 @@ final class InputEndHandler: ChannelInboundHandler, Sendable {
             context.close(promise: nil)
         }
         context.fireUserInboundEventTriggered(event)
+    }
+}
+
+/// The filesystem path a Unix socket is bound to; nil for another kind of socket, an
+/// unbound or abstract one.
+func boundPath(of fd: Int32) -> String? {
+    var address = sockaddr_un()
+    var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+    let rc = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+    }
+    guard rc == 0, address.sun_family == sa_family_t(AF_UNIX) else { return nil }
+    let pathBytes = max(0, Int(length) - MemoryLayout<sa_family_t>.size)
+    return withUnsafeBytes(of: address.sun_path) { raw -> String? in
+        let bytes = raw.prefix(pathBytes).prefix { $0 != 0 }
+        return bytes.isEmpty ? nil : String(decoding: bytes, as: UTF8.self)
     }
 }

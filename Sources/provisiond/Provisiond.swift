@@ -25,7 +25,7 @@ struct Provisiond: AsyncParsableCommand {
     @Option(help: "Station config file.")
     var config: String = StationConfig.defaultPath
 
-    @Option(help: "Control socket path (ignored when systemd passes a socket).")
+    @Option(help: "Control socket path. When systemd passes a socket (provisiond.socket), that socket is used, and its group is read from the path it is bound to.")
     var socket: String = ControlProtocol.defaultSocketPath
 
     @Option(help: "Group whose members may read status (the socket's group).")

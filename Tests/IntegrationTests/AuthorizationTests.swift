@@ -52,6 +52,24 @@ extension IntegrationTests {
             #expect(jobs.status == 0, "\(jobs)")
         }
 
+        @Test("under socket activation the socket's group is read from the socket systemd passes, not from --socket: a member of that group may read the status")
+        func socketActivationGroup() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            try bench.writeConfig([.init(name: "A1", image: try bench.image("small.img", bytes: 1 << 20))])
+            // systemd-socket-activate listens on the bench's socket and starts the daemon at the
+            // first connection with it as fd 3; the socket is given to group provision first, as
+            // provisiond.socket's SocketGroup= does. --socket names another path, as after a
+            // drop-in that moved ListenStream= without changing it.
+            let socket = bench.socketPath
+            let launcher = ["/usr/bin/systemd-socket-activate", "-l", socket, "/bin/sh", "-c",
+                            "chgrp provision \"$0\" && chmod 660 \"$0\" && exec \"$@\"", socket]
+            try bench.startDaemon(launcher: launcher, extraArguments: ["--socket", bench.directory + "/not-this.sock"])
+            let output = try bench.cli(["status"], prefix: asNobody(groups: [try getGID("provision")]))
+            #expect(output.status == 0, "\(output)")
+            #expect(output.stdout.contains("A1"))
+        }
+
         @Test("a member of the socket's group may not cancel: exit 77 naming the admin group")
         func readerMayNotCancel() throws {
             let bench = try startedBench()

@@ -147,8 +147,8 @@ final class StationBench: Sendable {
 
     /// Starts provisiond on this bench's config and socket; stopped by `close()`.
     @discardableResult
-    func startDaemon(launcher: [String] = []) throws -> DaemonProcess {
-        let daemon = try DaemonProcess(configPath: configPath, socketPath: socketPath, logPath: logPath, launcher: launcher)
+    func startDaemon(launcher: [String] = [], extraArguments: [String] = []) throws -> DaemonProcess {
+        let daemon = try DaemonProcess(configPath: configPath, socketPath: socketPath, logPath: logPath, extraArguments: extraArguments, launcher: launcher)
         state.withLock { $0.daemons.append(daemon) }
         return daemon
     }
