@@ -41,15 +41,20 @@ struct InjectionPlan {
     /// something visible now: a home that is a file, a symlinked /etc/shadow, a parent
     /// directory that neither exists nor is made by an earlier operation.
     func preflight(_ fs: Ext2Filesystem) throws(AccountsError) {
-        let directory = UInt16(0o040000), regular = UInt16(0o100000)
-        var made = Set<String>()
+        let directory = UInt16(0o040000), regular = UInt16(0o100000), symlink = UInt16(0o120000)
+        // What the operations before make, by path and type: a parent made by one of them must
+        // be a directory too (a skel .ssh that is a file, or a symlink the keys would go
+        // through, is refused here, before anything is written).
+        var made: [String: UInt16] = [:]
         for operation in operations {
             let path = operation.path
             let parent = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-            if !parent.isEmpty, !made.contains(parent), try fs.fileType(at: parent) != directory {
-                throw AccountsError(.filesystem, "\(parent) in \(fs.source) is not a directory; cannot create \(path)")
+            var parentType: UInt16? = directory
+            if let type = made[parent] { parentType = type } else if !parent.isEmpty { parentType = try fs.fileType(at: parent) }
+            if parentType != directory {
+                throw AccountsError(.filesystem, "\(parent) in \(fs.source) is not a directory (a file or a symlink); cannot create \(path)")
             }
-            let existing = try made.contains(path) ? nil : fs.fileType(at: path)
+            let existing = try made[path] != nil ? nil : fs.fileType(at: path)
             switch operation {
             case .file:
                 if let existing, existing != regular {
@@ -62,13 +67,16 @@ struct InjectionPlan {
                 if let existing, existing != directory {
                     throw AccountsError(.filesystem, "\(path) in \(fs.source) exists but is not a directory")
                 }
-                made.insert(path)
             case .symlink:
                 if existing != nil {
                     throw AccountsError(.filesystem, "\(path) in \(fs.source) already exists; cannot place the skel symlink")
                 }
             }
-            made.insert(path)
+            switch operation {
+            case .file: made[path] = regular
+            case .directory: made[path] = directory
+            case .symlink: made[path] = symlink
+            }
         }
     }
 
@@ -145,6 +153,13 @@ struct InjectionPlan {
             }
             if !spec.sshKeys.isEmpty {
                 let sshDirectory = applied.home + "/.ssh", keysPath = sshDirectory + "/authorized_keys"
+                switch homeExists ? nil : skel.item(".ssh") {
+                case .file?:
+                    throw AccountsError(.invalidSpec, "/etc/skel/.ssh in \(fs.source) is a file: \(spec.name)'s SSH keys cannot go into a new home's .ssh; make it a directory in the image, or remove it")
+                case .symlink(_, let target)?:
+                    throw AccountsError(.invalidSpec, "/etc/skel/.ssh in \(fs.source) is a symlink (to \(target)): \(spec.name)'s SSH keys would be written where it points; make it a directory in the image, or remove it")
+                default: break
+                }
                 if homeExists ? try fs.lookup(sshDirectory) == nil : !skel.contains(".ssh") {
                     homeOperations.append(.directory(path: sshDirectory, permissions: 0o700, uid: uid, gid: gid))
                 }

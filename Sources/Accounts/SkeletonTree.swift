@@ -9,8 +9,10 @@ struct SkeletonTree {
 
     var items: [Item] = []
 
-    func contains(_ relative: String) -> Bool {
-        items.contains {
+    func contains(_ relative: String) -> Bool { item(relative) != nil }
+
+    func item(_ relative: String) -> Item? {
+        items.first {
             switch $0 {
             case .directory(let r, _), .file(let r, _, _), .symlink(let r, _): r == relative
             }

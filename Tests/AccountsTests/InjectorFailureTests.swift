@@ -131,6 +131,33 @@ struct InjectorPreflightTests {
         #expect(try sha256(image.path) == before)
     }
 
+    @Test("a skel .ssh that is a file, or a symlink the new user's keys would be written through (to /root/.ssh), is refused before writing; so is a symlinked .ssh in an existing home", arguments: ["file", "skel symlink", "home symlink"])
+    func sshDirectoryThatIsNoDirectoryIsRefused(kind: String) throws {
+        var options = DiskImage.Options()
+        if kind == "file" { options.files["etc/skel/.ssh"] = "not a directory\n" }
+        if kind == "home symlink" { options.files["home/lab/.profile"] = "# lab's own\n" }
+        let image = try DiskImage(options)
+        let target = "\(image.path)?offset=\(image.rootOffset)"
+        if kind != "file" {
+            try Shell.must(["debugfs", "-w", "-R", "mkdir /root/.ssh", target])
+            try Shell.must(["debugfs", "-w", "-R", "write /dev/null /root/.ssh/authorized_keys", target])
+            try Shell.must(["debugfs", "-w", "-R", "symlink \(kind == "skel symlink" ? "/etc/skel/.ssh" : "/home/lab/.ssh") /root/.ssh", target])
+        }
+        let before = try sha256(image.path)
+        #expect {
+            _ = try Injector.inject(target: image.path, root: .partition(2),
+                                    users: [UserSpec(name: "lab", password: .locked, sshKeys: [InjectorTests.key])])
+        } throws: { error in
+            let message = (error as? AccountsError)?.message ?? "\(error)"
+            switch kind {
+            case "file": return message.contains("/etc/skel/.ssh in") && message.contains("is a file")
+            case "skel symlink": return message.contains("/etc/skel/.ssh in") && message.contains("is a symlink (to /root/.ssh)")
+            default: return message.contains("/home/lab/.ssh in") && message.contains("is not a directory")
+            }
+        }
+        #expect(try sha256(image.path) == before)
+    }
+
     @Test func symlinkedShadowIsRefusedBeforeWriting() throws {
         let image = try DiskImage()
         let target = "\(image.path)?offset=\(image.rootOffset)"
