@@ -138,8 +138,19 @@ final class StationFeed: Service, Sendable {
             defer { state.withLock { $0.open.removeAll() } }
             let watch = try ReadOnlyControl(socket: socketPath)
             try keep(watch)
-            let query = try ReadOnlyControl(socket: socketPath)
+            var query = try ReadOnlyControl(socket: socketPath)
             try keep(query)
+            // The daemon closes a connection that asks nothing for idle_client_timeout; on a
+            // quiet station the query connection is asked nothing for minutes, so it is opened
+            // again when a question finds it closed (a daemon that is gone fails that too).
+            func ask<T>(_ question: (ReadOnlyControl) throws -> T) throws -> T {
+                do { return try question(query) } catch let error as CLIError where error.status == 69 {
+                    logger.debug("the query connection to provisiond was closed (\(error.message)); opening it again")
+                    query = try ReadOnlyControl(socket: socketPath)
+                    try keep(query)
+                    return try question(query)
+                }
+            }
             if watch.greeting.access == "admin", !warnedAboutAdmin {
                 warnedAboutAdmin = true
                 logger.warning("connected to provisiond with admin rights; the board needs only read access: run it as a member of group provision, not root or provision-admin (its systemd unit does)")
@@ -149,14 +160,14 @@ final class StationFeed: Service, Sendable {
             let status = try watch.watch()
             output.yield(.connected(watch.greeting))
             output.yield(.status(status))
-            output.yield(.finished(try query.finishedJobs(states: [.done, .failed, .interrupted])))
+            output.yield(.finished(try ask { try $0.finishedJobs(states: [.done, .failed, .interrupted]) }))
             followed = true
             logger.info("following station \(watch.greeting.station) at \(socketPath)")
             while let event = try watch.nextEvent() {
                 output.yield(.event(event))
                 // Job events carry the whole job; a device coming or going, or a reload,
                 // changes slots in ways only a fresh status tells.
-                if event.kind != .job { output.yield(.status(try query.status())) }
+                if event.kind != .job { output.yield(.status(try ask { try $0.status() })) }
             }
             throw CLIError.unreachable("provisiond closed the connection")
         }

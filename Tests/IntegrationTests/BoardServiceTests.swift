@@ -28,9 +28,32 @@ extension IntegrationTests {
             try board.process.waitForLine(containing: "cannot reach provisiond at \(bench.socketPath)")
             #expect(try board.request("GET", "/").status == 200, "the page is served meanwhile")
             try bench.startDaemon()
-            let live = try board.waitForState("the daemon") { Self.connected($0) }
+            // Connected, and the first status in (the page hears of the two one after the other).
+            let live = try board.waitForState("the daemon") { Self.connected($0) && ($0["tiles"] as? [Any])?.isEmpty == false }
             #expect(live["station"] as? String == "integration-\(bench.token)")
             #expect((live["tiles"] as? [[String: Any]])?.map { $0["name"] as? String } == ["A1"])
+        }
+
+        @Test("on a quiet station the daemon closes the board's idle query connection; the board opens it again at the next question and stays connected")
+        func idleQueryConnectionIsOpenedAgain() throws {
+            let bench = try StationBench()
+            defer { bench.close() }
+            let image = try bench.image("small.img", bytes: 1 << 20)
+            try bench.writeConfig([.init(name: "A1", image: image)], stationLines: ["idle_client_timeout = 1"])
+            let daemon = try bench.startDaemon()
+            let pid = try #require(daemon.pid)
+            let board = try BoardUnderTest(bench: bench)
+            defer { board.stop() }
+            try board.waitForState("the daemon") { Self.connected($0) && ($0["tiles"] as? [Any])?.count == 1 }
+            // The watch stays; the query connection, asked nothing, is closed by the daemon.
+            let connected = daemonDescriptors(pid)
+            try waitFor("the daemon to close the board's idle query connection", timeout: .seconds(60)) { daemonDescriptors(pid) < connected }
+            // A reload is an event only a fresh status explains: asked on a new connection.
+            try bench.writeConfig([.init(name: "A1", image: image), .init(name: "B1", image: image)], stationLines: ["idle_client_timeout = 1"])
+            #expect(try bench.cli(["reload"]).status == 0)
+            let state = try board.waitForState("the new slot") { ($0["tiles"] as? [[String: Any]])?.count == 2 }
+            #expect(Self.connected(state), "\(state)")
+            #expect(!board.log.contains("retrying until it answers"), "the board lost the daemon: \(board.log)")
         }
 
         @Test("provisiond stops at once on SIGTERM while the board watches it, and the board waits for the next one")
