@@ -163,6 +163,12 @@ public struct LoginCapabilities: Sendable, Equatable, CustomStringConvertible {
         let evidence: String
         var verifiable: Set<CryptMethod>?
         switch (own, shared) {
+        case (let a?, _?) where version != nil:
+            // Busybox with its own crypt (CONFIG_USE_BB_CRYPT, the default) verifies with that
+            // alone, dynamically linked or not: a libcrypt next to it (Buildroot adds libxcrypt
+            // for glibc >= 2.38) is not what its login calls.
+            verifiable = a
+            evidence = "busybox's own crypt in \(loginPath) (it does not use \(libcrypt!.path))"
         case (let a?, let b?):
             verifiable = a.union(b)
             evidence = "crypt code in \(loginPath) and in \(libcrypt!.path)"

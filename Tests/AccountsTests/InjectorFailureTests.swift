@@ -21,6 +21,19 @@ struct InjectorFailureTests {
         #expect(try sha256(image.path) == before)
     }
 
+    @Test("an ext4 root with mmp is refused by the rehearsal that config check runs, as by the injection, naming the feature")
+    func mmpIsRefusedByTheRehearsalToo() throws {
+        var options = DiskImage.Options()
+        options.mkfsArguments = ["-O", "mmp"]
+        let image = try DiskImage(options)
+        // The premise, by debugfs: the feature is on.
+        #expect(try image.debugfs("feature").contains("mmp"))
+        #expect {
+            try Injector.rehearse(target: image.path, root: .partition(2), users: [Self.user])
+        } throws: { (($0 as? AccountsError)?.message.contains("has the mmp feature") == true) }
+        try expectUnchanged(image, code: .filesystem, message: "tune2fs -O ^mmp")
+    }
+
     @Test func malformedPasswdIsRefused() throws {
         var options = DiskImage.Options()
         options.files["etc/passwd"] = DiskImage.passwd + "broken:x:12\n"

@@ -41,6 +41,23 @@ struct LoginCapabilitiesTests {
         #expect(found.verdict(for: .yescrypt) == .verifiable)
     }
 
+    @Test("a dynamically linked busybox login with its own crypt, next to a libxcrypt that knows yescrypt (Buildroot on glibc >= 2.38), still cannot verify yescrypt")
+    func dynamicBusyboxUsesItsOwnCrypt() throws {
+        // Debian's busybox is static: the interpreter's path, as a dynamic build carries it
+        // (PT_INTERP), makes it one for the analysis.
+        let login = try Self.bytes(Self.busybox) + Array("/lib64/ld-linux-x86-64.so.2\u{0}".utf8)
+        #expect(LoginCapabilities.isDynamic(login))
+        let libcrypt = try Self.bytes("/lib/x86_64-linux-gnu/libcrypt.so.1")
+        let found = LoginCapabilities.analyze(loginPath: "/bin/login", login: login,
+                                              libcrypt: ("/lib/libcrypt.so.1", libcrypt), encryptMethod: nil)
+        #expect(found.methods == [.des, .md5, .sha256, .sha512], "\(found)")
+        #expect(found.evidence.contains("busybox's own crypt"), "\(found.evidence)")
+        guard case .notVerifiable = found.verdict(for: .yescrypt) else {
+            Issue.record("a busybox login with its own crypt was said to verify yescrypt: \(found)")
+            return
+        }
+    }
+
     @Test func noCryptCodeMeansUnknownNotRefused() {
         let found = LoginCapabilities.analyze(loginPath: "/bin/login", login: Array("#!/bin/sh\nexec /bin/sh\n".utf8), libcrypt: nil, encryptMethod: nil)
         #expect(found.methods == nil)
