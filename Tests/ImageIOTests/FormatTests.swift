@@ -7,7 +7,7 @@ import TestSupport
 /// tars, through libarchive), what is refused before a byte is written, and file targets that
 /// end up equal to the image. Every packed file is made by the real tool (bzip2, lz4, lzop,
 /// zip, tar); every result is judged by `cmp` against the image.
-@Suite("Image formats, refusals and file targets", .serialized)
+@Suite("Image formats, refusals and file targets", .serialized, .ownThread)
 struct FormatTests {
     let scratch: TemporaryDirectory
     init() throws { scratch = try TemporaryDirectory("provision-formats") }

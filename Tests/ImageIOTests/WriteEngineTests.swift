@@ -6,7 +6,7 @@ import TestSupport
 
 /// Every test here writes real loop devices ("cards"); that needs root, which this project's
 /// test machines and CI have.
-@Suite("Write engine on loop-device cards", .serialized)
+@Suite("Write engine on loop-device cards", .serialized, .ownThread)
 struct WriteEngineTests {
     let scratch: TemporaryDirectory
     init() throws { scratch = try TemporaryDirectory("provision-test") }

@@ -10,7 +10,7 @@ import TestSupport
 /// cancelled, card pulled, failed), the daemon's descriptors, threads and memory must come
 /// back to where they were. Fifty cards here; `benchmarks/soak.sh` runs the same with 500
 /// (PROVISION_ENDURANCE_CARDS) and prints the table.
-@Suite("Endurance", .serialized)
+@Suite("Endurance", .serialized, .ownThread)
 struct EnduranceTests {
     static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 

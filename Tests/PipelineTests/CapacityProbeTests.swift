@@ -18,7 +18,7 @@ private func fillRandom(_ device: String, bytes: Int64) throws {
     try Command.bash("head -c \(bytes) /dev/urandom | dd of=\(device) bs=1M iflag=fullblock oflag=direct status=none")
 }
 
-@Suite("Capacity probe", .serialized)
+@Suite("Capacity probe", .serialized, .ownThread)
 struct CapacityProbeTests {
     @Test(arguments: [4 << 20, 8 << 20, 16 << 20, 32 << 20] as [Int64])
     func refusesACardThatWrapsWithItsRealSize(real: Int64) throws {

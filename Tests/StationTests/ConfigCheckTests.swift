@@ -269,7 +269,7 @@ final class DiskFixture {
     }
 }
 
-@Suite("config check against the files a profile names")
+@Suite("config check against the files a profile names", .ownThread)
 struct ProfileFileCheckTests {
     static let users = "[[users]]\nname = \"lab\"\n"
 
@@ -393,7 +393,7 @@ struct ProfileFileCheckTests {
     }
 }
 
-@Suite("station config load: the profiles' files and the inventory")
+@Suite("station config load: the profiles' files and the inventory", .ownThread)
 struct StationFileCheckTests {
     func station(_ disk: DiskFixture, _ body: String) throws -> String {
         try disk.scratch.write("station.toml", "[station]\nname = \"bench\"\nledger = \"l.sqlite\"\n" + body)

@@ -9,7 +9,7 @@ import TestSupport
 /// padding edge (the 1024-byte minimum and each 16-byte step).
 // Serialized: these synchronous tests keep a cooperative-pool thread busy (CPU or a child
 // process); one at a time leaves the pool to the async suites (the station's jobs await on it).
-@Suite(.serialized) struct RCMReferenceTests {
+@Suite(.serialized, .ownThread) struct RCMReferenceTests {
     static let builder = """
     import sys
     from cryptography.hazmat.primitives import cmac

@@ -7,7 +7,7 @@ import TestSupport
 /// from a config of our own (`-gbct`) and the image from it, `bct_dump` reads ours back.
 // Serialized: these synchronous tests keep a cooperative-pool thread busy (CPU or a child
 // process); one at a time leaves the pool to the async suites (the station's jobs await on it).
-@Suite(.serialized) struct TegraBootImageTests {
+@Suite(.serialized, .ownThread) struct TegraBootImageTests {
     /// cbootimage's `-t` argument, the image config's `Version`, and a `.bct.cfg` of our own:
     /// eMMC, 16 KiB blocks, 512-byte pages, one SDRAM set with a few fields.
     static func bctConfig(_ chip: TegraChip, partition: UInt32 = 0x0100_0000, blockSize: Int = 0x4000,
