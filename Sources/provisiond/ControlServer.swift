@@ -197,7 +197,12 @@ struct ControlSession {
                 for try await var chunk in inbound {
                     framer.append(&chunk)
                     while let frame = framer.next() {
-                        guard try await respond(to: frame, access: access, peer: peer, channel: channel, inputEnd: inputEnd, send: send) else { return }
+                        // A request being answered is not idleness, however long it takes (a
+                        // reload that decompresses images, a lab read behind a lock).
+                        inputEnd.answering(true)
+                        let goesOn = try await respond(to: frame, access: access, peer: peer, channel: channel, inputEnd: inputEnd, send: send)
+                        inputEnd.answering(false)
+                        guard goesOn else { return }
                     }
                 }
             }
@@ -404,7 +409,7 @@ func labCall<T: Sendable>(_ body: () async throws -> T) async throws -> T {
 /// end of its client's input (half-closure is allowed so that other requests are answered
 /// after it), whichever of the two comes first.
 final class InputEnd: Sendable {
-    private let state = Mutex((inputClosed: false, watching: false))
+    private let state = Mutex((inputClosed: false, watching: false, answering: false))
 
     /// The input ended; true: close the connection now (it is watching).
     func inputCloses() -> Bool { state.withLock { $0.inputClosed = true; return $0.watching } }
@@ -413,10 +418,16 @@ final class InputEnd: Sendable {
     func watchStarts() -> Bool { state.withLock { $0.watching = true; return $0.inputClosed } }
 
     var isWatching: Bool { state.withLock { $0.watching } }
+
+    /// The session is answering a request (set around each one).
+    func answering(_ busy: Bool) { state.withLock { $0.answering = busy } }
+
+    /// Neither watching nor answering: a connection that may be idle.
+    var mayBeIdle: Bool { state.withLock { !$0.watching && !$0.answering } }
 }
 
 /// Closes a connection that has sent no request and received no reply for `timeout`; a
-/// watching one is never idle. One timer per connection, armed when it opens and again only
+/// watching one, or one whose request is still being answered, is never idle. One timer per connection, armed when it opens and again only
 /// when it fires (activity is a timestamp, not a new timer per line), and cancelled with the
 /// connection: a short-lived client leaves nothing to wake the daemon later.
 final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
@@ -467,7 +478,8 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             let context = loopBound.value
             timer = nil
             guard !inputEnd.isWatching else { return }
-            let due = lastActivity + timeout
+            // A request still being answered: looked at again a timeout later.
+            let due = inputEnd.mayBeIdle ? lastActivity + timeout : .now() + timeout
             if due > .now() { return arm(context, at: due) }
             logger.debug("closing a control connection idle for \(timeout.nanoseconds / 1_000_000_000) s (\(peer)): idle_client_timeout")
             context.close(promise: nil)

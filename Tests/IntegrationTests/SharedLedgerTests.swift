@@ -235,6 +235,54 @@ struct SharedLedgerTests {
         _ = (cards, more)
     }
 
+    @Test("a request answered after longer than idle_client_timeout (a lab read behind a lock) gets its answer: a connection is not idle while its request is answered")
+    func slowAnswerIsNotIdleness() async throws {
+        let out = try await offPool { () throws -> CommandOutput in
+            let database = try PostgresServer()
+            defer { database.close() }
+            let bench = try StationBench()
+            defer { bench.close() }
+            let image = try bench.image("small.img", bytes: 1 << 20)
+            try """
+                [station]
+                name = "slow-\(bench.token)"
+                allow_loop_devices = true
+                ledger = "\(database.url)"
+                ledger_password_file = "\(database.passwordFile)"
+                ledger_local = "\(bench.ledgerPath)"
+                cache_dir = "\(bench.directory)/cache"
+                idle_client_timeout = 1
+
+                [profiles.p]
+                image = "\(image)"
+
+                [[slots]]
+                name = "S1"
+                match = "loop:*/provision-card-\(bench.label("S1"))-*"
+                profile = "p"
+
+                """.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
+            try bench.startDaemon()
+            try waitFor("the lab's view", timeout: .seconds(120)) { try bench.cli(["status", "--lab"]).succeeded }
+            // Past the daemon's 1 s cache of the lab's view: the next read goes to the database.
+            usleep(1_500_000)
+            // Another session holds the tables the read needs for 4 s.
+            let locked = DispatchSemaphore(value: 0)
+            let locker = Thread {
+                _ = try? database.psql("BEGIN; LOCK TABLE lab_station, lab_job IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(4); COMMIT")
+                locked.signal()
+            }
+            locker.start()
+            try waitFor("the lock", timeout: .seconds(60)) {
+                try database.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'lab_job' AND l.mode = 'AccessExclusiveLock' AND l.granted") == "1"
+            }
+            let out = try bench.cli(["status", "--lab"])
+            locked.wait()
+            return out
+        }
+        #expect(out.status == 0, "\(out)")
+    }
+
     @Test("a station that used up its reserved unit numbers while the database is away refuses the next card before writing it, and says why")
     func unitBlockUsedUpWhileAway() async throws {
         let lab = try await offPool { try Lab(stations: 1, unitBlock: 2) }
