@@ -56,8 +56,12 @@ struct BatchTests {
         // Over when it returned: every card done, none still running.
         let status = try bench.status()
         #expect(["S1", "S2", "S3"].allSatisfy { status.slot($0)?.job?.state == .done }, "\(status.slots.map { ($0.name, $0.job?.state) })")
-        let lines = watch.stdout.split(separator: "\n")
-        #expect(lines.filter { $0.contains(" done") }.count == 3, "\(watch.stdout)")
+        // A "done" line for each job that ended while it watched, once: a job done before the
+        // watch connected (the fast card, on a loaded machine) is counted from its first
+        // status and prints none.
+        let done = watch.stdout.split(separator: "\n").filter { $0.contains(" done") }
+        let jobs = done.compactMap { line in line.split(separator: " ").firstIndex(of: "job").map { line.split(separator: " ")[$0 + 1] } }
+        #expect(!done.isEmpty && done.count <= 3 && Set(jobs).count == done.count, "\(watch.stdout)")
         _ = cards
     }
 
