@@ -40,7 +40,7 @@ final class Ext2Filesystem {
         guard code == 0, let handle else {
             // A read-write open of an mmp filesystem fails inside libext2fs ("MMP: invalid magic
             // number"): said the way the read-only check below says it.
-            if writable, let refusal = Self.featureRefusal(path: path, offset: offset) { throw refusal }
+            if writable, let refusal = Self.featureRefusal(path: path, offset: offset, source: source) { throw refusal }
             throw AccountsError(.filesystem, "cannot open the ext filesystem in \(source): \(Self.message(code))")
         }
         fs = handle
@@ -53,17 +53,9 @@ final class Ext2Filesystem {
         }
         // What only a read-write open refuses is refused here too, so that `config check`'s
         // read-only rehearsal fails as every card would.
-        if superblock.s_feature_incompat & UInt32(EXT4_FEATURE_INCOMPAT_MMP) != 0 {
+        if let refusal = Self.uneditable(superblock, source: source) {
             discard()
-            throw AccountsError(.filesystem, """
-                the filesystem in \(source) has the mmp feature (multi-mount protection): libext2fs \
-                reads its MMP block without the partition's offset, so it cannot be edited inside an \
-                image or a card; turn it off in the image (tune2fs -O ^mmp)
-                """)
-        }
-        if case let unknown = provision_ext2_ro_compat_unsupported(superblock.s_feature_ro_compat), unknown != 0 {
-            discard()
-            throw AccountsError(.filesystem, "the filesystem in \(source) has read-only-compatible features this libext2fs cannot write (feature bits 0x\(String(unknown, radix: 16)) of s_feature_ro_compat): it can be read, not edited; build the image without them")
+            throw refusal
         }
         let bitmaps = ext2fs_read_bitmaps(handle)
         guard bitmaps == 0 else {
@@ -74,15 +66,29 @@ final class Ext2Filesystem {
 
     deinit { discard() }
 
-    /// The refusal of a read-only open for the filesystem's features (mmp, unknown
-    /// read-only-compatible ones), if that is why it cannot be edited.
-    private static func featureRefusal(path: String, offset: UInt64) -> AccountsError? {
-        do {
-            try Ext2Filesystem(path: path, offset: offset, writable: false).discard()
-            return nil
-        } catch {
-            return error.message.contains(" feature") ? error : nil
+    /// Why the filesystem whose superblock this is cannot be edited, for its features: mmp
+    /// (libext2fs reads the MMP block without the partition's offset), or read-only-compatible
+    /// features this libext2fs cannot write. Nil when they allow it.
+    private static func uneditable(_ superblock: ext2_super_block, source: String) -> AccountsError? {
+        if superblock.s_feature_incompat & UInt32(EXT4_FEATURE_INCOMPAT_MMP) != 0 {
+            return AccountsError(.filesystem, """
+                the filesystem in \(source) has the mmp feature (multi-mount protection): libext2fs \
+                reads its MMP block without the partition's offset, so it cannot be edited inside an \
+                image or a card; turn it off in the image (tune2fs -O ^mmp)
+                """)
         }
+        let unknown = provision_ext2_ro_compat_unsupported(superblock.s_feature_ro_compat)
+        guard unknown != 0 else { return nil }
+        return AccountsError(.filesystem, "the filesystem in \(source) has read-only-compatible features this libext2fs cannot write (feature bits 0x\(String(unknown, radix: 16)) of s_feature_ro_compat): it can be read, not edited; build the image without them")
+    }
+
+    /// `uneditable` for a filesystem a read-write open refused (libext2fs says only "MMP:
+    /// invalid magic number"): its superblock, read by a read-only open.
+    private static func featureRefusal(path: String, offset: UInt64, source: String) -> AccountsError? {
+        var handle: ext2_filsys?
+        guard ext2fs_open2(path, "offset=\(offset)", EXT2_FLAG_64BITS, 0, 0, unix_io_manager, &handle) == 0, let handle else { return nil }
+        defer { ext2fs_free(handle) }
+        return uneditable(handle.pointee.super.pointee, source: source)
     }
 
     /// Flushes superblock, group descriptors and bitmaps, then closes.

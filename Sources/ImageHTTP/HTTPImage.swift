@@ -85,8 +85,6 @@ public final class DownloadStopper: @unchecked Sendable {
         running?.cancel()
     }
 
-    public var isStopped: Bool { lock.withLock { stopped } }
-
     /// False once stopped: the download is not to go on.
     func attach(_ download: HTTPDownload) -> Bool {
         lock.withLock {

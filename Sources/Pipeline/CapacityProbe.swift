@@ -316,19 +316,13 @@ public enum CapacityProbe {
         /// effort: it runs on every ending.
         /// The skipped runs go to `leftover` when there is one (else they are dropped).
         mutating func restore(skipping skipped: [Range<UInt64>], handingTo leftover: Leftover? = nil) {
-            var wrote = false
-            var kept: [Int] = []
+            var restored: [Int] = [], kept: [Int] = []
             for run in stash.runs.indices.reversed() {
                 let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
-                if skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound }) {
-                    kept.append(run)
-                    continue
-                }
-                guard stash.load(run, into: buffer.bytes) else { continue }
-                _ = pwrite(fd, buffer.bytes, count, off_t(offset))
-                wrote = true
+                let skip = skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound })
+                if skip { kept.append(run) } else { restored.append(run) }
             }
-            if wrote { fdatasync(fd) }
+            stash.writeBack(restored, to: fd, through: buffer.bytes)
             if let leftover, !kept.isEmpty {
                 leftover.take(stash, runs: kept, block: block)
                 stash = Stash(directory: nil)
@@ -492,12 +486,7 @@ public enum CapacityProbe {
             // A few runs of 1 MiB at most, on a failure path: plain memory, not the budget's
             // (a cancelled job could not take from it).
             let buffer = AlignedBuffer(capacity: max(largest, block), alignment: max(block, 4096))
-            for run in runs {
-                let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
-                guard stash.load(run, into: buffer.bytes) else { continue }
-                _ = pwrite(target.fd, buffer.bytes, count, off_t(offset))
-            }
-            fdatasync(target.fd)
+            stash.writeBack(runs, to: target.fd, through: buffer.bytes)
         }
     }
 
@@ -539,6 +528,18 @@ public enum CapacityProbe {
                 return true
             }
             return pread(fd, destination, run.count, off_t(run.place)) == run.count
+        }
+
+        /// Writes the runs `indices` back where they were read, in that order, through
+        /// `buffer` (as large as the largest), then syncs once. Best effort: a run the file
+        /// cannot give back is skipped.
+        func writeBack(_ indices: [Int], to fd: Int32, through buffer: UnsafeMutableRawPointer) {
+            var wrote = false
+            for index in indices where load(index, into: buffer) {
+                _ = pwrite(fd, buffer, runs[index].count, off_t(runs[index].offset))
+                wrote = true
+            }
+            if wrote { fdatasync(fd) }
         }
 
         func removeAll() {

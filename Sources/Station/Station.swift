@@ -468,9 +468,10 @@ public actor Station {
     }
 
     /// Applies a reloaded configuration, but for the settings fixed at start
-    /// (`StationConfig.keepStartSettings`): returns the keys whose new values wait for a restart.
+    /// (`StationConfig.keepStartSettings`): returns the configuration in force and the keys
+    /// whose new values wait for a restart.
     @discardableResult
-    public func reload(_ loaded: StationConfig) async -> [String] {
+    public func reload(_ loaded: StationConfig) async -> (applied: StationConfig, kept: [String]) {
         var newConfig = loaded
         let kept = newConfig.keepStartSettings(of: config)
         config = newConfig
@@ -485,7 +486,7 @@ public actor Station {
         for entry in devices.values where entry.jobID == nil {
             await deviceSeen(entry.facts)
         }
-        return kept
+        return (newConfig, kept)
     }
 
     /// "; not applied until provisiond restarts: name, cache_dir (the running values stay)".

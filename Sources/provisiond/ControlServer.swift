@@ -427,9 +427,10 @@ final class InputEnd: Sendable {
 }
 
 /// Closes a connection that has sent no request and received no reply for `timeout`; a
-/// watching one, or one whose request is still being answered, is never idle. One timer per connection, armed when it opens and again only
-/// when it fires (activity is a timestamp, not a new timer per line), and cancelled with the
-/// connection: a short-lived client leaves nothing to wake the daemon later.
+/// watching one, or one whose request is still being answered, is never idle. One timer per
+/// connection, armed when it opens and again only when it fires (activity is a timestamp, not
+/// a new timer per line), and cancelled with the connection: a short-lived client leaves
+/// nothing to wake the daemon later.
 final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer

@@ -152,8 +152,7 @@ func reload(station: Station, configPath: String, admission: ClientAdmission, lo
     }
     switch loaded {
     case .success(let config):
-        let kept = await station.reload(config)
-        let applied = await station.config
+        let (applied, kept) = await station.reload(config)
         admission.apply(applied)
         logger.notice("configuration reloaded from \(configPath)")
         if !kept.isEmpty { logger.warning("reload: \(kept.joined(separator: ", ")) changed in \(configPath); not applied until provisiond restarts (the running values stay)") }

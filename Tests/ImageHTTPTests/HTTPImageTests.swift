@@ -355,14 +355,19 @@ struct StationDownloadFailureTests {
         }
     }
 
-    func card(_ url: String, cache: ImageCacheStore, device: String) -> (CardOutcome, Reports) {
+    /// The station's way with a URL: through the download cache, every progress report.
+    static func job(_ url: String, cache: ImageCacheStore, device: String) -> CardJob {
         var job = CardJob(image: url, target: device, policy: nil)
         job.bmap = .none
         job.supplier = cache
         job.probeCapacity = false
         job.progressInterval = .zero
+        return job
+    }
+
+    func card(_ url: String, cache: ImageCacheStore, device: String) -> (CardOutcome, Reports) {
         let reports = Reports()
-        return (CardPipeline(job: job, sink: reports).run(), reports)
+        return (CardPipeline(job: Self.job(url, cache: cache, device: device), sink: reports).run(), reports)
     }
 
     /// A card job run on a thread of its own from the moment it is made, with its own cancel.
@@ -373,12 +378,8 @@ struct StationDownloadFailureTests {
         private var outcome: CardOutcome = .cancelled("never ran")
 
         init(_ url: String, cache: ImageCacheStore, device: String) {
-            var job = CardJob(image: url, target: device, policy: nil)
-            job.bmap = .none
-            job.supplier = cache
-            job.probeCapacity = false
-            job.progressInterval = .zero
-            let thread = Thread { [self, job] in
+            let job = StationDownloadFailureTests.job(url, cache: cache, device: device)
+            let thread = Thread { [self] in
                 outcome = CardPipeline(job: job, cancellation: cancellation, sink: reports).run()
                 finished.signal()
             }
