@@ -312,7 +312,8 @@ TOML
     PERFT[$fmt/$run]=$(awk '$3 !~ /^ffff/ { t = $1; sub(/-[0-9]+$/, "", t); sub(/^prov-xz-fill.*/, "prov-decompress", t)
         if (t ~ /qos|NIO/) t = "pool"; else if (t !~ /^prov-/) t = "other"; u[t]++ }
       END { for (t in u) printf "%s %.2f s, ", t, u[t] / 999 }' "$dir/perf.samples" | sed 's/, $//')
-    rm -f "$dir/perf.data" "$dir/perf.samples"
+    # With --keep the profile stays for `perf report -i DIR/FMT-RUN/perf.data --pid PID --sort comm,sym`.
+    [ -n "$KEEP" ] || rm -f "$dir/perf.data" "$dir/perf.samples"
   fi
   # Durations from the ledger (millisecond timestamps): job created → final state.
   local bad=0

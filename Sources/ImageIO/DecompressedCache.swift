@@ -15,6 +15,8 @@ public final class CacheFill: @unchecked Sendable {
     private var finished = false
     private var failure: ImageIOError?
     private var decoding = CacheFillReport(decoderThreads: 1)
+    /// Where each reader now waiting wants the fill to reach, one entry per reader.
+    private var waitingFor: [UInt64] = []
 
     public init() {}
 
@@ -36,11 +38,19 @@ public final class CacheFill: @unchecked Sendable {
         defer { condition.unlock() }
         var waited = false
         while watermark < offset && !finished && failure == nil {
+            if !waited { waitingFor.append(offset) }
             waited = true
             condition.wait()
         }
+        if waited, let i = waitingFor.firstIndex(of: offset) { waitingFor.remove(at: i) }
         if let failure { throw failure }
         return waited
+    }
+
+    /// Whether a reader is waiting for bytes the fill has not reached: a card held back by
+    /// the decoder (the block-parallel xz fill then starts another decoder thread).
+    var readerWaiting: Bool {
+        condition.withLock { waitingFor.contains { $0 > watermark } }
     }
 
     func advance(to offset: UInt64) {
@@ -71,7 +81,7 @@ public final class CacheFill: @unchecked Sendable {
 /// How a cache fill decodes its image.
 public struct CacheFillReport: Sendable, Equatable {
     /// 1: the image's own stream decoder on the filling thread; more: a multi-block .xz
-    /// decoded block by block on that many threads (`ParallelXZFill`).
+    /// decoded block by block on that many threads (`ParallelXZFill`; those started so far).
     public var decoderThreads: Int
     /// For the block-parallel path: the file's blocks, those decoded (counted when the fill
     /// ends), and those skipped undecoded because they hold no mapped byte.
@@ -86,8 +96,11 @@ public struct CacheFillReport: Sendable, Equatable {
 /// What `CacheFiller.plan` decided, before the fill starts (the caller can say it).
 public struct CacheFillPlan: Sendable {
     let xz: XZFillPlan?
-    /// 1 for the serial decoder.
+    /// 1 for the serial decoder; for the block-parallel one, the most it may run.
     public var decoderThreads: Int { xz?.workers ?? 1 }
+    /// The block-parallel decoder starts with one thread and adds the others only while a
+    /// card waits for it (see `ParallelXZFill`); false when told a thread count.
+    public var addsThreadsOnDemand: Bool { xz.map { $0.initialWorkers < $0.workers } ?? false }
 }
 
 /// Decompresses an image once into a cache file: only the bmap's mapped ranges when there is

@@ -21,6 +21,15 @@ import ProvisionCShims
 /// Cards still see one growing prefix: the calling thread advances the fill's watermark only
 /// over bytes every earlier block has written, after feeding them, in order, to the bmap's
 /// range checks (read back from the cache file: the page cache, not the disk).
+///
+/// As fast as the cards need, not faster: the fill starts one worker and adds the next (up to
+/// the plan's count) only when, at an advance of the watermark, a card is still waiting for
+/// bytes beyond it. Two workers from the start took both CPUs of a 2-core station just while
+/// its 32 cards ran their capacity probes, hundreds of small I/Os each that wait for a CPU at
+/// every completion: the 40 MB/s cards reached their first image byte 0.19–0.38 s after
+/// their job began instead of 0.13 s (1.05–1.06× their time alone), while one worker kept
+/// ahead of them all (`benchmarks/batch32.sh`, README). A card that catches up with one
+/// worker (a slower host) gets the second within a MiB of decoding.
 enum ParallelXZFill {
     /// What all workers together may hold: the station keeps the daemon under 128 MiB of
     /// RSS with 48 MiB of card buffers (issue 18), so decoding gets a slice that fits beside
@@ -60,7 +69,9 @@ enum ParallelXZFill {
         let fitting = Int(min(memoryCap / workerMemory, 1024))
         let workers = min(requested ?? min(ProcessInfo.processInfo.activeProcessorCount, fitting), mappedCount)
         guard workers >= 2 else { return nil }
-        return XZFillPlan(blocks: blocks, mapped: mapped, workers: workers, ignoresCheck: bmap?.checksumsEveryRange == true)
+        // A count asked for (tests, benchmarks) starts at once; the fill's own grows on demand.
+        return XZFillPlan(blocks: blocks, mapped: mapped, workers: workers, initialWorkers: requested == nil ? 1 : workers,
+                          ignoresCheck: bmap?.checksumsEveryRange == true)
     }
 
     /// Which blocks hold at least one mapped byte.
@@ -93,27 +104,34 @@ enum ParallelXZFill {
         }
         let ranges = bmap?.mappedByteRanges ?? [(start: UInt64(0), end: size)]
         let work = XZFillWork(plan: plan, imagePath: imagePath, cachePath: cachePath, imageFD: imageFD, cacheFD: cacheFD, ranges: ranges)
-        progress.record(CacheFillReport(decoderThreads: plan.workers, blocks: plan.blocks.count, blocksDecoded: 0,
-                                        blocksSkipped: plan.mapped.filter { !$0 }.count, tailBytesSkipped: 0))
         var threads: [JoinableThread] = []
+        func report(decoded: Int, tail: UInt64) {
+            progress.record(CacheFillReport(decoderThreads: threads.count, blocks: plan.blocks.count, blocksDecoded: decoded,
+                                            blocksSkipped: plan.mapped.filter { !$0 }.count, tailBytesSkipped: tail))
+        }
         defer {
             work.stop()
             for t in threads { t.join() }
-            progress.record(CacheFillReport(decoderThreads: plan.workers, blocks: plan.blocks.count, blocksDecoded: work.decodedCount,
-                                            blocksSkipped: plan.mapped.filter { !$0 }.count, tailBytesSkipped: work.tailBytesSkipped))
+            report(decoded: work.decodedCount, tail: work.tailBytesSkipped)
         }
-        for i in 0..<plan.workers {
-            guard let t = JoinableThread(name: "prov-xz-fill-\(i)", body: { work.runWorker() }) else {
+        func startWorker() throws(ImageIOError) {
+            guard let t = JoinableThread(name: "prov-xz-fill-\(threads.count)", body: { work.runWorker() }) else {
                 throw ImageIOError(.ioError, "cannot start an xz decoder thread: \(String(cString: strerror(errno)))")
             }
             threads.append(t)
+            report(decoded: 0, tail: 0)
         }
-        try coordinate(work, bmap: bmap, ranges: ranges, size: size, progress: progress)
+        for _ in 0..<plan.initialWorkers { try startWorker() }
+        try coordinate(work, bmap: bmap, ranges: ranges, size: size, progress: progress) { () throws(ImageIOError) in
+            // A card waits beyond what was just released: the decoding holds it back.
+            if threads.count < plan.workers, work.hasUnclaimedBlock, progress.readerWaiting { try startWorker() }
+        }
     }
 
     /// The calling thread's part: moves the watermark over the contiguous prefix the workers
     /// have written, checking it against the bmap first. Wakes on every worker report.
-    private static func coordinate(_ work: XZFillWork, bmap: Bmap?, ranges: [(start: UInt64, end: UInt64)], size: UInt64, progress: CacheFill) throws(ImageIOError) {
+    private static func coordinate(_ work: XZFillWork, bmap: Bmap?, ranges: [(start: UInt64, end: UInt64)], size: UInt64, progress: CacheFill,
+                                   afterAdvance: () throws(ImageIOError) -> Void) throws(ImageIOError) {
         var rangeCheck = bmap.map { BmapRangeChecker(bmap: $0) }
         let readBack = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
         defer { readBack.deallocate() }
@@ -149,6 +167,7 @@ enum ParallelXZFill {
             if target > checked {
                 checked = target
                 progress.advance(to: checked)
+                try afterAdvance()
             }
             guard allDone else { continue }
             // Every block is written: the image may still end before the bmap's last range.
@@ -166,7 +185,9 @@ struct XZFillPlan: Sendable {
     let blocks: [XZBlock]
     /// Per block: whether it holds mapped data (only those are decoded).
     let mapped: [Bool]
+    /// The most workers the fill may run, and how many it starts with.
     let workers: Int
+    let initialWorkers: Int
     /// The bmap checksums every mapped range: the blocks' own checks are redundant (as
     /// `ImageSource.skipStreamChecksum` says for the serial decoder).
     let ignoresCheck: Bool
@@ -212,6 +233,9 @@ private final class XZFillWork: @unchecked Sendable {
     func stop() {
         condition.withLock { stopping = true; condition.broadcast() }
     }
+
+    /// A block no worker has taken yet (another worker would have something to do).
+    var hasUnclaimedBlock: Bool { condition.withLock { nextClaim < queue.count } }
 
     func fail(_ error: ImageIOError) {
         condition.withLock {

@@ -98,7 +98,7 @@ public final class ImageCacheStore: @unchecked Sendable {
             CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill, plan: plan)
         }
         thread.start()
-        let threads = plan.decoderThreads > 1 ? " on \(plan.decoderThreads) threads" : ""
+        let threads = plan.decoderThreads == 1 ? "" : plan.addsThreadsOnDemand ? " on up to \(plan.decoderThreads) threads" : " on \(plan.decoderThreads) threads"
         return try open(entry, key: key, note: "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))")
     }
 

@@ -224,6 +224,44 @@ struct ParallelXZFillTests {
         try run("cmp", f.dir.file("expected"), out.cache)
     }
 
+    @Test("on its own the fill decodes on one thread; it adds threads, up to the plan's count, only while a reader waits beyond the watermark")
+    func threadsOnDemand() async throws {
+        // 32 MiB of base64 text in 32 blocks: slow enough to decode (literals) that the first
+        // worker is still on its first blocks when the watermark first moves.
+        let dir = try TemporaryDirectory("provision-xzfill-demand")
+        try run("sh", "-c", "head -c \(24 * Self.mib) /dev/urandom | base64 -w 76 | head -c \(32 * Self.mib) > '\(dir.file("text"))'")
+        let f = try Fixture(segments: [(0, [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir.file("text")))))], size: 32 * Self.mib)
+        try f.dir.write("expected", f.expectedWithBmap)
+
+        // No reader: one worker from start to end (counted at every advance).
+        let quiet = CacheFill()
+        nonisolated(unsafe) var most = 0
+        quiet.afterAdvance = { _ in most = max(most, Self.fillThreads()) }
+        let alone = try await Self.fill(f.xz, bmap: f.bmap, size: f.size, into: f.dir.file("cache1"), threads: nil, progress: quiet)
+        let cap = alone.decoderThreads
+        try #require(cap >= 2, "the plan allows one thread here (\(ProcessInfo.processInfo.activeProcessorCount) cores): nothing to add")
+        #expect(alone.error == nil)
+        #expect(alone.report.decoderThreads == 1 && most == 1, "threads: reported \(alone.report.decoderThreads), seen \(most)")
+        #expect(alone.report.blocksDecoded == 32)
+        try run("cmp", f.dir.file("expected"), alone.cache)
+
+        // A reader already waiting for the whole image: every advance leaves it waiting, so
+        // the fill grows to its plan's count.
+        let busy = CacheFill()
+        let reader = Thread { _ = try? busy.wait(upTo: UInt64(f.size)) }
+        reader.start()
+        let deadline = ContinuousClock.now + .seconds(60)
+        while !busy.readerWaiting && ContinuousClock.now < deadline { usleep(1000) }
+        try #require(busy.readerWaiting, "the reader thread never began to wait")
+        let helped = try await Self.fill(f.xz, bmap: f.bmap, size: f.size, into: f.dir.file("cache2"), threads: nil, progress: busy)
+        #expect(helped.error == nil)
+        #expect(helped.report.decoderThreads == cap, "\(helped.report.decoderThreads) of \(cap) threads started")
+        #expect(helped.report.blocksDecoded == 32)
+        #expect(!busy.readerWaiting)
+        try run("cmp", f.dir.file("expected"), helped.cache)
+        #expect(Self.fillThreads() == 0)
+    }
+
     @Test("a 64 MiB dictionary (xz -9) does not fit the memory cap twice: the serial decoder runs")
     func largeDictionaryStaysSerial() async throws {
         let f = try Fixture.standard()
