@@ -27,6 +27,7 @@ DEB_LIBS += libarchive-dev  # issue 17: bzip2/lz4/lzop/zip/tar images
 DEB_TOOLS += lzop lz4 bzip2 zip p7zip-full qemu-utils  # issue 17: lzop is libarchive's lzo reader; the rest make test images
 DEB_TOOLS += fuse3 libfuse3-dev gcc  # issue 16: FakeCard's FUSE program (tools/fake-card), built by the tests
 DEB_TOOLS += postgresql  # issue 18: the shared ledger's tests
+DEB_TOOLS += prometheus  # issue 18: promtool checks the metrics text in the tests
 DEB_TOOLS += btrfs-progs  # the safety policy names a mounted btrfs card (its mountinfo line has no device number)
 STAMP = .build/.deps-installed
 
