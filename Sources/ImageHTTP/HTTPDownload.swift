@@ -216,9 +216,9 @@ public final class HTTPDownload: CompressedInput, @unchecked Sendable {
 
     static func statusError(_ status: HTTPResponseStatus, url: String) -> ImageIOError {
         if status == .notFound || status == .gone {
-            return ImageIOError(.imageMissing, "image not found: \(url) (the server says \(status.code) \(status.reasonPhrase))")
+            return ImageIOError(.imageMissing, "image not found: \(url) (the server says \(status.code) \(status.reasonPhrase))", httpStatus: Int(status.code))
         }
-        return ImageIOError(.imageUnreadable, "cannot download \(url): the server says \(status.code) \(status.reasonPhrase)")
+        return ImageIOError(.imageUnreadable, "cannot download \(url): the server says \(status.code) \(status.reasonPhrase)", httpStatus: Int(status.code))
     }
 
     /// A transport failure in words an operator can act on.

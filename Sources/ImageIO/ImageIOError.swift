@@ -22,12 +22,15 @@ public struct ImageIOError: Error, CustomStringConvertible, Sendable, Equatable 
     /// verification, compressed-file offset for a corrupt stream).
     public let offset: UInt64?
     public let errno: Errno?
+    /// The HTTP status a server answered with, for an image or bmap named by URL.
+    public let httpStatus: Int?
 
-    public init(_ code: Code, _ message: String, offset: UInt64? = nil, errno: Errno? = nil) {
+    public init(_ code: Code, _ message: String, offset: UInt64? = nil, errno: Errno? = nil, httpStatus: Int? = nil) {
         self.code = code
         self.message = message
         self.offset = offset
         self.errno = errno
+        self.httpStatus = httpStatus
     }
 
     public var description: String { message }

@@ -262,6 +262,24 @@ struct WriteCommandURLTests {
         #expect(try Command.run(["cmp", image, out]).succeeded)
     }
 
+    @Test("a server that refuses the guessed bmap names (403, as object stores do) gets the whole image written and verified; a bmap named outright and refused is an error")
+    func refusedBmapGuess() throws {
+        let out = scratch.file("cli-denied.img")
+        let r = try Command.run([DaemonProcess.cliBinary, "write", "--json", server.url("disk.img.zst", "deny=.bmap"), out, "--yes"], timeout: .seconds(120))
+        #expect(r.status == 0, "\(r)")
+        // Both names bmaptool would try were asked for and refused; no bmap was used.
+        #expect(server.requests.contains("GET /disk.img.zst.bmap -") && server.requests.contains("GET /disk.img.bmap -") && server.requests.contains("GET /disk.bmap -"),
+                "\(server.requests)")
+        let result = try #require(r.stdout.split(separator: "\n").last(where: { $0.contains("\"result\"") }))
+        #expect(!result.contains(".bmap"), "\(result)")
+        #expect(try Command.run(["cmp", image, out]).succeeded)
+
+        let named = try Command.run([DaemonProcess.cliBinary, "write", "--bmap", server.url("disk.img.bmap", "deny=.bmap"), server.url("disk.img.zst"),
+                                     scratch.file("cli-denied2.img"), "--yes"], timeout: .seconds(120))
+        #expect(named.status != 0, "\(named)")
+        #expect(named.stderr.contains("403"), "\(named.stderr)")
+    }
+
     @Test("the download's progress is shown with the write's: bytes received of the announced length")
     func showsDownloadProgress() throws {
         let out = scratch.file("cli-progress.img")

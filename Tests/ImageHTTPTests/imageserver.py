@@ -44,6 +44,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         print(f"REQ {self.command} {url.path} {rng or '-'}", flush=True)
         path = os.path.join(self.root, url.path.lstrip("/"))
+        # deny=SUFFIX: 403 for paths ending so, as an object store answers a presigned URL's
+        # query on any other path, or a key it will not say is missing.
+        if q.get("deny") and url.path.endswith(q["deny"]):
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if not os.path.isfile(path):
             self.send_response(404)
             self.send_header("Content-Length", "0")
