@@ -99,9 +99,12 @@ public final class DownloadStopper: @unchecked Sendable {
 
 extension HTTPImage {
     /// A small file (a bmap) in memory; nil when the server says 404.
-    public static func fetch(url: String, limit: Int = 64 << 20, options: HTTPOptions = HTTPOptions()) throws(ImageIOError) -> [UInt8]? {
+    /// `absentToo`: HTTP statuses that also mean "not there" (besides 404 and 410).
+    public static func fetch(url: String, limit: Int = 64 << 20, options: HTTPOptions = HTTPOptions(), absentToo: Set<Int> = []) throws(ImageIOError) -> [UInt8]? {
         let download: HTTPDownload
-        do throws(ImageIOError) { download = try HTTPDownload.start(url: url, options: options) } catch where error.code == .imageMissing { return nil }
+        do throws(ImageIOError) { download = try HTTPDownload.start(url: url, options: options) } catch where error.code == .imageMissing || error.httpStatus.map(absentToo.contains) == true {
+            return nil
+        }
         var bytes: [UInt8] = []
         while true {
             let chunk: UnsafeRawBufferPointer
@@ -118,12 +121,19 @@ extension HTTPImage {
     /// The bmap next to an image on a server, found as bmaptool finds it next to a file:
     /// `URL.bmap`, then with each extension of the name stripped in turn. Returns its URL
     /// and the parsed bmap, or nil when the server has none.
+    ///
+    /// A guessed name answered with 401 or 403 is not there either: object stores answer 403
+    /// for a key that does not exist when the caller may not list the bucket, and a presigned
+    /// URL's signature covers the image's path only, so every other name is refused. Failing
+    /// the card there would make such images unwritable; without a bmap the whole image is
+    /// written and still read back (bmaptool goes on without one too). A bmap named outright
+    /// (`loadBmap`) that is refused stays an error.
     public static func locateBmap(forImage url: String, options: HTTPOptions = HTTPOptions()) throws(ImageIOError) -> Bmap? {
         let query = url.firstIndex(of: "?").map { String(url[$0...]) } ?? ""
         var base = String(url.dropLast(query.count))
         while true {
             let candidate = base + ".bmap"
-            if let bytes = try fetch(url: candidate + query, options: options) {
+            if let bytes = try fetch(url: candidate + query, options: options, absentToo: [401, 403]) {
                 return try Bmap.parse(Data(bytes), path: candidate)
             }
             // Strip one extension of the file name (never a dot in the host or a directory).
