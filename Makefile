@@ -33,7 +33,8 @@ STAMP = .build/.deps-installed
 
 .PHONY: deps build release test demo bench clean boot-parts
 $(STAMP): Makefile
-	@if ! dpkg -s $(DEB_LIBS) $(DEB_TOOLS) >/dev/null 2>&1; then \
+	@# Installed means "installed": `dpkg -s` also accepts a package removed with its configuration kept.
+	@if dpkg-query -W -f='$${db:Status-Status}\n' $(DEB_LIBS) $(DEB_TOOLS) 2>&1 | grep -qvx installed; then \
 	  echo ">>> installing Debian packages"; \
 	  apt-get update -qq || echo ">>> apt-get update reported errors (a mirror mid-sync?); installing from the lists it has"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 $(DEB_LIBS) $(DEB_TOOLS) >/dev/null; \
