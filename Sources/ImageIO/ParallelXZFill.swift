@@ -122,16 +122,19 @@ enum ParallelXZFill {
             report(decoded: 0, tail: 0)
         }
         for _ in 0..<plan.initialWorkers { try startWorker() }
-        try coordinate(work, bmap: bmap, ranges: ranges, size: size, progress: progress) { () throws(ImageIOError) in
-            // A card waits beyond what was just released: the decoding holds it back.
-            if threads.count < plan.workers, work.hasUnclaimedBlock, progress.readerWaiting { try startWorker() }
+        var mayGrow = plan.workers > threads.count
+        try coordinate(work, bmap: bmap, ranges: ranges, size: size, progress: progress) {
+            // A card waits beyond what was just released: the decoding holds it back. (A
+            // helper the system will not start leaves the fill to the workers it has.)
+            guard mayGrow, work.hasUnclaimedBlock, progress.readerWaiting else { return }
+            mayGrow = (try? startWorker()) != nil && threads.count < plan.workers
         }
     }
 
     /// The calling thread's part: moves the watermark over the contiguous prefix the workers
     /// have written, checking it against the bmap first. Wakes on every worker report.
     private static func coordinate(_ work: XZFillWork, bmap: Bmap?, ranges: [(start: UInt64, end: UInt64)], size: UInt64, progress: CacheFill,
-                                   afterAdvance: () throws(ImageIOError) -> Void) throws(ImageIOError) {
+                                   afterAdvance: () -> Void) throws(ImageIOError) {
         var rangeCheck = bmap.map { BmapRangeChecker(bmap: $0) }
         let readBack = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
         defer { readBack.deallocate() }
@@ -167,7 +170,7 @@ enum ParallelXZFill {
             if target > checked {
                 checked = target
                 progress.advance(to: checked)
-                try afterAdvance()
+                afterAdvance()
             }
             guard allDone else { continue }
             // Every block is written: the image may still end before the bmap's last range.

@@ -3,7 +3,7 @@
 //
 //   cache-fill-bench IMAGE BMAP CACHE-FILE
 //
-// PROVISION_XZ_THREADS=1 forces the serial decoder; unset, the fill decides.
+// PROVISION_XZ_THREADS=1 forces the serial decoder; unset, every thread the fill's plan allows.
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,7 +19,10 @@ do {
     let source = try ImageSource(path: arguments[1])
     let bmap = try Bmap.load(path: arguments[2])
     let started = ContinuousClock.now
-    let plan = CacheFiller.plan(source: source, bmap: bmap, size: bmap.imageSize)
+    var plan = CacheFiller.plan(source: source, bmap: bmap, size: bmap.imageSize)
+    // With no card reading, the station's fill stays on one thread (it adds threads for a card
+    // that waits for it): the harness measures every thread the plan allows, from the start.
+    if plan.addsThreadsOnDemand { plan = CacheFiller.plan(source: source, bmap: bmap, size: bmap.imageSize, xzThreads: plan.decoderThreads) }
     let progress = CacheFill()
     CacheFiller.fill(source: source, bmap: bmap, size: bmap.imageSize, into: arguments[3], progress: progress, plan: plan)
     let elapsed = ContinuousClock.now - started
