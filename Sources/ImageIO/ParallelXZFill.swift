@@ -27,7 +27,7 @@ import ProvisionCShims
 /// bytes beyond it. Two workers from the start took both CPUs of a 2-core station just while
 /// its 32 cards ran their capacity probes, hundreds of small I/Os each that wait for a CPU at
 /// every completion: the 40 MB/s cards reached their first image byte 0.19–0.38 s after
-/// their job began instead of 0.13 s (1.05–1.06× their time alone), while one worker kept
+/// their job began instead of 0.13 s (up to 1.08× their time alone), while one worker kept
 /// ahead of them all (`benchmarks/batch32.sh`, README). A card that catches up with one
 /// worker (a slower host) gets the second within a MiB of decoding.
 enum ParallelXZFill {
