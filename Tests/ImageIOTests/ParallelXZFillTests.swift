@@ -233,15 +233,14 @@ struct ParallelXZFillTests {
         let f = try Fixture(segments: [(0, [UInt8](try Data(contentsOf: URL(fileURLWithPath: dir.file("text")))))], size: 32 * Self.mib)
         try f.dir.write("expected", f.expectedWithBmap)
 
-        // No reader: one worker from start to end (counted at every advance).
-        let quiet = CacheFill()
-        nonisolated(unsafe) var most = 0
-        quiet.afterAdvance = { _ in most = max(most, Self.fillThreads()) }
-        let alone = try await Self.fill(f.xz, bmap: f.bmap, size: f.size, into: f.dir.file("cache1"), threads: nil, progress: quiet)
+        // No reader: one worker from start to end. (Counted by the fill's report, the threads
+        // it made: other suites' fills run in this process meanwhile, so its thread list
+        // cannot tell whose a prov-xz-fill thread is.)
+        let alone = try await Self.fill(f.xz, bmap: f.bmap, size: f.size, into: f.dir.file("cache1"), threads: nil)
         let cap = alone.decoderThreads
         try #require(cap >= 2, "the plan allows one thread here (\(ProcessInfo.processInfo.activeProcessorCount) cores): nothing to add")
         #expect(alone.error == nil)
-        #expect(alone.report.decoderThreads == 1 && most == 1, "threads: reported \(alone.report.decoderThreads), seen \(most)")
+        #expect(alone.report.decoderThreads == 1, "\(alone.report.decoderThreads) threads started with no reader")
         #expect(alone.report.blocksDecoded == 32)
         try run("cmp", f.dir.file("expected"), alone.cache)
 
@@ -259,7 +258,6 @@ struct ParallelXZFillTests {
         #expect(helped.report.blocksDecoded == 32)
         #expect(!busy.readerWaiting)
         try run("cmp", f.dir.file("expected"), helped.cache)
-        #expect(Self.fillThreads() == 0)
     }
 
     @Test("a 64 MiB dictionary (xz -9) does not fit the memory cap twice: the serial decoder runs")
