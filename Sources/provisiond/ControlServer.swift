@@ -422,8 +422,7 @@ final class InputEnd: Sendable {
     /// The session is answering a request (set around each one).
     func answering(_ busy: Bool) { state.withLock { $0.answering = busy } }
 
-    /// Neither watching nor answering: a connection that may be idle.
-    var mayBeIdle: Bool { state.withLock { !$0.watching && !$0.answering } }
+    var isAnswering: Bool { state.withLock { $0.answering } }
 }
 
 /// Closes a connection that has sent no request and received no reply for `timeout`; a
@@ -480,7 +479,7 @@ final class IdleClientHandler: ChannelDuplexHandler, RemovableChannelHandler {
             timer = nil
             guard !inputEnd.isWatching else { return }
             // A request still being answered: looked at again a timeout later.
-            let due = inputEnd.mayBeIdle ? lastActivity + timeout : .now() + timeout
+            let due = inputEnd.isAnswering ? .now() + timeout : lastActivity + timeout
             if due > .now() { return arm(context, at: due) }
             logger.debug("closing a control connection idle for \(timeout.nanoseconds / 1_000_000_000) s (\(peer)): idle_client_timeout")
             context.close(promise: nil)

@@ -267,7 +267,7 @@ struct WriteCommandURLTests {
         let out = scratch.file("cli-denied.img")
         let r = try Command.run([DaemonProcess.cliBinary, "write", "--json", server.url("disk.img.zst", "deny=.bmap"), out, "--yes"], timeout: .seconds(120))
         #expect(r.status == 0, "\(r)")
-        // Both names bmaptool would try were asked for and refused; no bmap was used.
+        // Every name bmaptool would try was asked for and refused; no bmap was used.
         #expect(server.requests.contains("GET /disk.img.zst.bmap -") && server.requests.contains("GET /disk.img.bmap -") && server.requests.contains("GET /disk.bmap -"),
                 "\(server.requests)")
         let result = try #require(r.stdout.split(separator: "\n").last(where: { $0.contains("\"result\"") }))

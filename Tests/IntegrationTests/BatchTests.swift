@@ -60,7 +60,10 @@ struct BatchTests {
         // watch connected (the fast card, on a loaded machine) is counted from its first
         // status and prints none.
         let done = watch.stdout.split(separator: "\n").filter { $0.contains(" done") }
-        let jobs = done.compactMap { line in line.split(separator: " ").firstIndex(of: "job").map { line.split(separator: " ")[$0 + 1] } }
+        let jobs = done.compactMap { line -> Substring? in
+            let words = line.split(separator: " ")
+            return words.firstIndex(of: "job").flatMap { words.index(after: $0) < words.endIndex ? words[words.index(after: $0)] : nil }
+        }
         #expect(!done.isEmpty && done.count <= 3 && Set(jobs).count == done.count, "\(watch.stdout)")
         _ = cards
     }

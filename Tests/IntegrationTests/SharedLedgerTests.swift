@@ -237,7 +237,7 @@ struct SharedLedgerTests {
 
     @Test("a request answered after longer than idle_client_timeout (a lab read behind a lock) gets its answer: a connection is not idle while its request is answered")
     func slowAnswerIsNotIdleness() async throws {
-        let out = try await offPool { () throws -> CommandOutput in
+        let (out, took) = try await offPool { () throws -> (CommandOutput, Duration) in
             let database = try PostgresServer()
             defer { database.close() }
             let bench = try StationBench()
@@ -276,11 +276,15 @@ struct SharedLedgerTests {
             try waitFor("the lock", timeout: .seconds(60)) {
                 try database.psql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'lab_job' AND l.mode = 'AccessExclusiveLock' AND l.granted") == "1"
             }
+            let asked = ContinuousClock.now
             let out = try bench.cli(["status", "--lab"])
+            let took = ContinuousClock.now - asked
             locked.wait()
-            return out
+            return (out, took)
         }
         #expect(out.status == 0, "\(out)")
+        // It did wait behind the lock, past the timeout (else this shows nothing).
+        #expect(took > .seconds(1), "answered after \(took)")
     }
 
     @Test("a station that used up its reserved unit numbers while the database is away refuses the next card before writing it, and says why")
