@@ -93,6 +93,15 @@ final class WriteJob: @unchecked Sendable {
     var expectedImageSize: UInt64? { options.bmap?.imageSize ?? source.uncompressedSizeHint }
 
     func run() throws(ImageIOError) -> WriteResult {
+        do throws(ImageIOError) { return try writeAndVerify() } catch {
+            // A raw image rebuilt in place reads short while `cp` has it truncated: what
+            // happened is the rebuild, not a short image.
+            if error.code == .imageUnreadable, let changed = sourceChangedError() { throw changed }
+            throw error
+        }
+    }
+
+    private func writeAndVerify() throws(ImageIOError) -> WriteResult {
         try preflight()
         // The bmap check proves every byte written; the container's own checksum would prove
         // the unmapped bytes too, which are never written (see `skipStreamChecksum`).

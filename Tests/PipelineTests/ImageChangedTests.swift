@@ -22,8 +22,9 @@ struct ImageChangedTests {
         }
     }
 
-    @Test("an image rebuilt in place mid-write fails the card as an image error naming the file: not repaired with the new bytes, not a failing card", arguments: [false, true])
-    func rebuiltInPlace(station: Bool) async throws {
+    @Test("an image rebuilt in place mid-write fails the card as an image error naming the file: not repaired with the new bytes, not a failing card",
+          arguments: [false, true], [false, true])
+    func rebuiltInPlace(station: Bool, truncatedOnly: Bool) async throws {
         let directory = try TemporaryDirectory("provision-image-changed")
         defer { directory.remove() }
         let image = directory.file("image.img"), next = directory.file("next.img")
@@ -53,8 +54,10 @@ struct ImageChangedTests {
             thread.start()
             let deadline = ContinuousClock.now + .seconds(120)
             while progress.written.withLock({ $0 }) < 2 << 20 && ContinuousClock.now < deadline { usleep(10_000) }
-            // Rebuilt in place: the same inode, new bytes (what `cp` over it does).
-            try Command.check(["cp", next, image])
+            // Rebuilt in place: the same inode, new bytes (what `cp` over it does). Or caught
+            // between the two steps of a rebuild: emptied, not yet written (`cp` truncates
+            // first; a writer reading then finds the image short).
+            try Command.check(truncatedOnly ? ["truncate", "-s", "0", image] : ["cp", next, image])
             finished.wait()
             return try #require(result.withLock { $0 })
         }
