@@ -17,6 +17,15 @@ public final class CacheFill: @unchecked Sendable {
     private var decoding = CacheFillReport(decoderThreads: 1)
     /// Where each reader now waiting wants the fill to reach, one entry per reader.
     private var waitingFor: [UInt64] = []
+    /// Pacing (see `pace(lead:startLead:)`): nil while the fill runs as fast as it can.
+    private var lead: UInt64?
+    private var startLead: UInt64 = 0
+    /// The furthest byte any reader has asked for, and whether any has asked yet.
+    private var furthest: UInt64 = 0
+    private var anyReader = false
+    /// Fill threads now waiting for the readers, and how many times one had to.
+    private var pacers = 0
+    private var pauseCount = 0
 
     public init() {}
 
@@ -36,6 +45,11 @@ public final class CacheFill: @unchecked Sendable {
     public func wait(upTo offset: UInt64) throws(ImageIOError) -> Bool {
         condition.lock()
         defer { condition.unlock() }
+        if !anyReader || offset > furthest {
+            anyReader = true
+            furthest = max(furthest, offset)
+            if pacers > 0 { condition.broadcast() }
+        }
         var waited = false
         while watermark < offset && !finished && failure == nil {
             if !waited { waitingFor.append(offset) }
@@ -52,6 +66,70 @@ public final class CacheFill: @unchecked Sendable {
     var readerWaiting: Bool {
         condition.withLock { waitingFor.contains { $0 > watermark } }
     }
+
+    /// Keeps the fill at most `lead` bytes ahead of the furthest byte a reader has asked for,
+    /// and before any reader has asked, within the first `startLead` bytes.
+    ///
+    /// Why: decoding ahead of every card is work no card needs yet, and on a 2-core station
+    /// it took the CPUs just when a batch's cards run their capacity probes (issue 18): at
+    /// the start of a 32-card batch the zstd fill used a sixth of both CPUs' time in the
+    /// first 0.4 s, while no card could read a byte. Paced, the fill decodes what the first
+    /// chunks need, waits until a card starts writing, then stays `lead` ahead of the
+    /// fastest card: the same work, spread over the write. A card that catches up with the
+    /// fill is always let through (the bytes it waits for are below its own request).
+    public func pace(lead: UInt64, startLead: UInt64) {
+        condition.withLock {
+            self.lead = lead
+            self.startLead = startLead
+            condition.broadcast()
+        }
+    }
+
+    /// The fill runs as fast as it can from now on: no one reads it any more (it finishes for
+    /// the next card), or it is ending.
+    public func stopPacing() {
+        condition.withLock {
+            lead = nil
+            condition.broadcast()
+        }
+    }
+
+    /// How many times the fill waited for its readers.
+    public var pauses: Int { condition.withLock { pauseCount } }
+
+    /// The fill's side of pacing: returns when decoding from `offset` on keeps within the lead
+    /// (at once when not paced).
+    func paceBefore(_ offset: UInt64) {
+        condition.lock()
+        defer { condition.unlock() }
+        var paused = false
+        while let lead, !finished, offset >= furthest + (anyReader ? lead : startLead) {
+            if !paused {
+                paused = true
+                pacers += 1
+                pauseCount += 1
+                pausedAt?(offset)
+            }
+            condition.wait()
+        }
+        if paused { pacers -= 1 }
+    }
+
+    /// Waits up to `seconds` for the fill to end, without asking for bytes as a reader does
+    /// (so without moving the pace); whether it ended.
+    func waitForEnd(seconds: Double) -> Bool {
+        let deadline = Date(timeIntervalSinceNow: seconds)
+        return condition.withLock {
+            while !finished {
+                if !condition.wait(until: deadline) { return finished }
+            }
+            return true
+        }
+    }
+
+    /// Test seam: called on the filling thread, with the fill's lock held (it must not call
+    /// back into the fill), each time the fill starts waiting for its readers before `offset`.
+    nonisolated(unsafe) var pausedAt: ((UInt64) -> Void)?
 
     func advance(to offset: UInt64) {
         condition.lock()
@@ -101,6 +179,13 @@ public struct CacheFillPlan: Sendable {
     /// The block-parallel decoder starts with one thread and adds the others only while a
     /// card waits for it (see `ParallelXZFill`); false when told a thread count.
     public var addsThreadsOnDemand: Bool { xz.map { $0.initialWorkers < $0.workers } ?? false }
+    /// For `CacheFill.pace`: how far ahead of the fastest card the fill may decode. 32 MiB
+    /// is 0.3 s of a 100 MB/s card, more than a MiB of zstd or gzip takes to decode; an .xz
+    /// file's blocks are decoded whole, so at least two of its largest are let ahead (the
+    /// next one is decoding while the card reads the one before).
+    public var lead: UInt64 { max(32 << 20, 2 * (xz?.blocks.map(\.uncompressedSize).max() ?? 0)) }
+    /// Before any card reads: the first chunks a card writes (an .xz file's first block whole).
+    public var startLead: UInt64 { 8 << 20 }
 }
 
 /// Decompresses an image once into a cache file: only the bmap's mapped ranges when there is
@@ -168,10 +253,14 @@ public enum CacheFiller {
             var rangeCheck = bmap.map { BmapRangeChecker(bmap: $0) }
             if bmap?.checksumsEveryRange == true { source.skipStreamChecksum() }
             for (start, end) in ranges {
-                if start > source.position { try source.skip(start - source.position, scratch: buffer) }
+                if start > source.position {
+                    progress.paceBefore(source.position)
+                    try source.skip(start - source.position, scratch: buffer)
+                }
                 progress.advance(to: start)
                 var pos = start
                 while pos < end {
+                    progress.paceBefore(pos)
                     let n = try source.read(into: buffer.baseAddress!, count: Int(min(UInt64(chunk), end - pos)))
                     if n == 0 { break }
                     try rangeCheck?.feed(UnsafeRawBufferPointer(start: buffer.baseAddress!, count: n), at: pos)

@@ -29,7 +29,9 @@ import ProvisionCShims
 /// every completion: the 40 MB/s cards reached their first image byte 0.19–0.38 s after
 /// their job began instead of 0.13 s (up to 1.08× their time alone), while one worker kept
 /// ahead of them all (`benchmarks/batch32.sh`, README). A card that catches up with one
-/// worker (a slower host) gets the second within a MiB of decoding.
+/// worker (a slower host) gets the second within a MiB of decoding. In the station the fill
+/// is also paced (`CacheFill.pace`): a worker takes a block only while it starts within the
+/// fill's lead of the furthest byte a card asked for.
 enum ParallelXZFill {
     /// What all workers together may hold: the station keeps the daemon under 128 MiB of
     /// RSS with 48 MiB of card buffers (issue 18), so decoding gets a slice that fits beside
@@ -103,7 +105,7 @@ enum ParallelXZFill {
             throw ImageIOError(.ioError, "cannot size the image cache file \(cachePath): \(String(cString: strerror(errno)))")
         }
         let ranges = bmap?.mappedByteRanges ?? [(start: UInt64(0), end: size)]
-        let work = XZFillWork(plan: plan, imagePath: imagePath, cachePath: cachePath, imageFD: imageFD, cacheFD: cacheFD, ranges: ranges)
+        let work = XZFillWork(plan: plan, imagePath: imagePath, cachePath: cachePath, imageFD: imageFD, cacheFD: cacheFD, ranges: ranges, progress: progress)
         var threads: [JoinableThread] = []
         func report(decoded: Int, tail: UInt64) {
             progress.record(CacheFillReport(decoderThreads: threads.count, blocks: plan.blocks.count, blocksDecoded: decoded,
@@ -111,6 +113,8 @@ enum ParallelXZFill {
         }
         defer {
             work.stop()
+            // A worker waiting for the cards (pacing) is let go, to see the stop.
+            progress.stopPacing()
             for t in threads { t.join() }
             report(decoded: work.decodedCount, tail: work.tailBytesSkipped)
         }
@@ -205,6 +209,8 @@ private final class XZFillWork: @unchecked Sendable {
     let cacheFD: Int32
     let ranges: [(start: UInt64, end: UInt64)]
     let uncompressedSize: UInt64
+    /// The fill's progress: a worker waits there before a block too far ahead of the cards.
+    let progress: CacheFill
 
     private let condition = NSCondition()
     /// Indices (into plan.blocks) of the blocks to decode, in file order.
@@ -220,8 +226,9 @@ private final class XZFillWork: @unchecked Sendable {
     private(set) var decodedCount = 0
     private(set) var tailBytesSkipped: UInt64 = 0
 
-    init(plan: XZFillPlan, imagePath: String, cachePath: String, imageFD: Int32, cacheFD: Int32, ranges: [(start: UInt64, end: UInt64)]) {
+    init(plan: XZFillPlan, imagePath: String, cachePath: String, imageFD: Int32, cacheFD: Int32, ranges: [(start: UInt64, end: UInt64)], progress: CacheFill) {
         self.plan = plan
+        self.progress = progress
         self.imagePath = imagePath
         self.cachePath = cachePath
         self.imageFD = imageFD
@@ -284,6 +291,10 @@ private final class XZFillWork: @unchecked Sendable {
             }
             guard let index = claimed else { return }
             let block = plan.blocks[index]
+            // Not further ahead of the cards than the fill's lead (when paced); the block at the
+            // frontier always passes, as a card waits below its start.
+            progress.paceBefore(block.uncompressedOffset)
+            if condition.withLock({ stopping }) { return }
             do throws(ImageIOError) {
                 let stopAt = stopOffset(in: block)
                 let finished = try decode(block, stoppingAt: stopAt, with: &stream, input: input, output: output) { done in

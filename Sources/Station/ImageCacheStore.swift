@@ -93,6 +93,9 @@ public final class ImageCacheStore: @unchecked Sendable {
         // Decided before the fill starts, so this job's note can say how it decodes.
         let plan = CacheFiller.plan(source: original, bmap: bmap, size: size)
         evict(keeping: key, incoming: bmap?.mappedBytes ?? size)
+        // Only as far ahead of the cards as they need: cards being probed leave the CPUs to
+        // the probes (issue 18). Paced until no job reads the entry any more (`release`).
+        entry.fill.pace(lead: plan.lead, startLead: plan.startLead)
         let thread = Thread {
             provision_name_thread("prov-decompress")
             CacheFiller.fill(source: original, bmap: bmap, size: size, into: entry.path, progress: entry.fill, plan: plan)
@@ -100,6 +103,11 @@ public final class ImageCacheStore: @unchecked Sendable {
         thread.start()
         let threads = plan.decoderThreads == 1 ? "" : plan.addsThreadsOnDemand ? " on up to \(plan.decoderThreads) threads" : " on \(plan.decoderThreads) threads"
         return try open(entry, key: key, note: "decompressing \(original.format.rawValue) once for every card\(threads) (cache \(key.prefix(12)))")
+    }
+
+    /// The fill of the entry a job's handle (`cacheKey`) names (tests).
+    func fill(ofEntry id: String) -> CacheFill? {
+        lock.withLock { (entries.values.first { $0.id == id } ?? replaced[id])?.fill }
     }
 
     /// Under the lock: a failed entry that a new one replaces. Its file goes now if no job
@@ -143,6 +151,7 @@ public final class ImageCacheStore: @unchecked Sendable {
             if let e = replaced[id] {
                 e.users -= 1
                 if e.users == 0 {
+                    e.fill.stopPacing()
                     replaced.removeValue(forKey: id)
                     try? FileManager.default.removeItem(atPath: e.path)
                 }
@@ -151,6 +160,8 @@ public final class ImageCacheStore: @unchecked Sendable {
             guard let e = entries.values.first(where: { $0.id == id }) else { return }
             e.users -= 1
             e.lastUsed = Date()
+            // No card left to pace it by: it finishes for the next card (or it would wait forever).
+            if e.users == 0 { e.fill.stopPacing() }
             // A failed fill is of no use to anyone.
             if e.users == 0, e.fill.error != nil {
                 entries.removeValue(forKey: e.key)

@@ -2,7 +2,7 @@
 import Glibc
 #endif
 import Foundation
-import ImageIO
+@testable import ImageIO
 @testable import Station
 import Testing
 import TestSupport
@@ -57,5 +57,40 @@ struct ImageCacheXZTests {
         }
         #expect(seen.read.count == seen.image.count)
         #expect(seen.read == seen.image)
+    }
+}
+
+/// The station's cache fill is paced by its cards (issue 18), and let go when none is left.
+@Suite("image cache: the fill keeps pace with its cards")
+struct ImageCachePacingTests {
+    @Test("the fill stops ahead of its one card, and runs to the end once that card lets go")
+    func pacedUntilReleased() async throws {
+        let dir = try TemporaryDirectory("provision-cachepace")
+        let seen = try await offPool { () throws -> (filledWhilePaced: UInt64, endedWhilePaced: Bool, lead: UInt64, ended: Bool, pauses: Int) in
+            let raw = dir.file("disk.img")
+            // 64 MiB: more than the 8 MiB start and the 32 MiB lead together.
+            var image: [UInt8] = []
+            for i in 0..<64 { image += patternBytes(1 << 20, seed: UInt64(i + 31)) }
+            try Data(image).write(to: URL(fileURLWithPath: raw))
+            try Command.bash("zstd -q -3 -c '\(raw)' > '\(raw).zst'")
+            let store = try ImageCacheStore(directory: dir.file("cache"), limit: 1 << 30)
+            let (source, key, _) = try store.source(for: raw + ".zst", bmap: nil)
+            let entry = try #require(key)
+            let fill = try #require(store.fill(ofEntry: entry))
+            // The card reads its first MiB: the fill may then go 32 MiB beyond it, and no further.
+            var first = [UInt8](repeating: 0, count: 1 << 20)
+            _ = try first.withUnsafeMutableBytes { try source.read(into: $0.baseAddress!, count: $0.count) }
+            #expect(first == Array(image.prefix(1 << 20)))
+            let ended = fill.waitForEnd(seconds: 5)
+            let filledWhilePaced = fill.filledUpTo
+            // The card is done with the image: nothing paces the fill any more.
+            store.release(key)
+            let endedAfterRelease = fill.waitForEnd(seconds: 120)
+            return (filledWhilePaced, ended, (32 << 20) + (1 << 20), endedAfterRelease && fill.isComplete, fill.pauses)
+        }
+        #expect(!seen.endedWhilePaced, "the fill ended with one card having read 1 MiB of 64")
+        #expect(seen.filledWhilePaced <= seen.lead, "filled up to \(seen.filledWhilePaced) with a card at 1 MiB")
+        #expect(seen.ended, "the fill did not run to its end after its last card let go")
+        #expect(seen.pauses >= 1)
     }
 }
