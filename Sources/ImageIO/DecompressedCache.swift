@@ -115,8 +115,8 @@ public final class CacheFill: @unchecked Sendable {
         if paused { pacers -= 1 }
     }
 
-    /// Waits up to `seconds` for the fill to end, without asking for bytes as a reader does
-    /// (so without moving the pace); whether it ended.
+    /// Test seam: waits up to `seconds` for the fill to end, without asking for bytes as a
+    /// reader does (so without moving the pace); whether it ended.
     func waitForEnd(seconds: Double) -> Bool {
         let deadline = Date(timeIntervalSinceNow: seconds)
         return condition.withLock {
