@@ -133,7 +133,7 @@ let package = Package(
         .testTarget(name: "StationTests", dependencies: ["Station", "Pipeline", "ImageIO", "BlockDevices", "TestSupport"]),
         .testTarget(name: "ImagesTests", dependencies: ["Station", "Accounts", "TestSupport"]),
         .testTarget(name: "SystemFilesTests", dependencies: ["BlockDevices", "TestSupport"]),
-        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageIO", "BlockDevices", "TestSupport"]),
+        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "ImageIO", "BlockDevices", "TestSupport", "ProvisionCShims"]),
         .testTarget(name: "IntegrationTests", dependencies: ["ControlProtocol", "Station", "TestSupport"]),
         .testTarget(name: "BoardTests", dependencies: ["Board", "ControlProtocol"]),
         // The daemon's own NIO handlers, on NIO's embedded channel.

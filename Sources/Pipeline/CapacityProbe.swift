@@ -12,9 +12,8 @@ import ProvisionCShims
 /// Where the blocks go, and why there:
 /// - offset 0 and every power of two up to the claimed size: a counterfeit controller
 ///   usually ignores the high address bits, so a card that stores 2^m bytes puts offset
-///   2^m onto offset 0. The single blocks are written from the highest offset down, so the
-///   lower block of an aliasing pair is written last and survives: the higher one reads
-///   back the lower one's tag, which says where it landed.
+///   2^m onto offset 0. Of two blocks that land on one place, the one written last
+///   survives, and the other reads back its tag, which says where it landed.
 /// - a wrap at any other size R (a card whose controller counts modulo its real size, or
 ///   the FUSE fake card in the tests) lands offset p on p mod R, which only shows if a
 ///   block of the probe is there. Every block of the first `window` bytes is probed, in
@@ -43,6 +42,14 @@ import ProvisionCShims
 /// (O_DIRECT for a block device), and the blocks are flushed with fdatasync before they are
 /// read back, so neither the page cache nor the card's own write cache can answer for the
 /// flash.
+///
+/// The window goes in runs of 1 MiB, one after another; the single blocks are saved, written,
+/// read back and restored all in flight at once (Linux AIO, `provision_transfer_places`): the
+/// card's queue stays full while the probe's thread waits for a CPU (32 cards probe together
+/// on a station with two), and a USB reader is not idle between commands. Their order does
+/// not matter: the window is written (and done) before any of them, so a block landing in it
+/// always shows there, and of two blocks that collide either may survive — `judge` takes the
+/// pair alike, and any collision gives a multiple of the real size, which is divided down.
 public enum CapacityProbe {
     public struct Result: Sendable, Equatable {
         public let claimedBytes: UInt64
@@ -197,11 +204,12 @@ public enum CapacityProbe {
         // The window in runs of `runBytes` (its last run may be shorter).
         let runs = stride(from: UInt64(0), to: layout.window, by: runBytes).map { ($0, Int(min(UInt64(runBytes), layout.window - $0))) }
         for (run, bytes) in runs { try session.save(run, bytes: bytes) }
-        for p in layout.singles { try session.save(p, bytes: block) }
-        // The window first; then the single blocks highest first: of two single blocks that
-        // collide the lower survives, and a block landing in the window overwrites it there.
+        try session.saveBlocks(layout.singles)
+        // The window first; then the single blocks, all at once: a block landing in the window
+        // overwrites it there, and of two single blocks that collide the one written last
+        // survives (either: the other reads back its tag, and `judge` takes the pair alike).
         for (run, bytes) in runs { try session.writeTags(run, bytes: bytes) }
-        for p in layout.singles { try session.writeTags(p, bytes: block) }
+        try session.writeBlockTags(layout.singles)
         try session.flush()
 
         var lowestBad: UInt64?
@@ -222,7 +230,8 @@ public enum CapacityProbe {
         for (run, bytes) in runs {
             for (i, found) in try session.readTags(run, bytes: bytes).enumerated() { judge(run + UInt64(i) * b, found) }
         }
-        for p in layout.singles.reversed() where !layout.catchers.contains(p) { judge(p, try session.readTags(p, bytes: block)[0]) }
+        let readBack = layout.singles.reversed().filter { !layout.catchers.contains($0) }
+        for (p, found) in zip(readBack, try session.readBlockTags(readBack)) { judge(p, found) }
         var blocks = Int(layout.window / b) + layout.singles.count
 
         guard let lowestBad else {
@@ -310,6 +319,61 @@ public enum CapacityProbe {
             for i in 0..<(bytes / block) { savedBlocks.insert(offset + UInt64(i * block)) }
         }
 
+        /// Single blocks moved at once: as many as `buffer` holds.
+        private var blocksPerTransfer: Int { buffer.capacity / block }
+
+        /// Keeps what the single blocks at `offsets` hold (those not kept yet): read all at
+        /// once, as many as `buffer` holds at a time, and kept in one piece each time.
+        mutating func saveBlocks(_ offsets: [UInt64]) throws(Failure) {
+            var fresh: [UInt64] = []
+            for p in offsets where savedBlocks.insert(p).inserted { fresh.append(p) }
+            var from = 0
+            while from < fresh.count {
+                let group = Array(fresh[from..<min(from + blocksPerTransfer, fresh.count)])
+                try transfer(group, writing: false)
+                try stash.keep(UnsafeRawBufferPointer(start: buffer.bytes, count: group.count * block), runs: group.map { ($0, block) })
+                from += group.count
+            }
+        }
+
+        /// Writes the tagged single blocks at `offsets`, all at once (in no particular order).
+        func writeBlockTags(_ offsets: [UInt64]) throws(Failure) {
+            var from = 0
+            while from < offsets.count {
+                let group = Array(offsets[from..<min(from + blocksPerTransfer, offsets.count)])
+                for (i, p) in group.enumerated() { fill(p, into: buffer.bytes + i * block) }
+                try transfer(group, writing: true)
+                from += group.count
+            }
+        }
+
+        /// What the single blocks at `offsets` hold now, read all at once.
+        func readBlockTags(_ offsets: [UInt64]) throws(Failure) -> [Readback] {
+            var found: [Readback] = []
+            found.reserveCapacity(offsets.count)
+            var from = 0
+            while from < offsets.count {
+                let group = Array(offsets[from..<min(from + blocksPerTransfer, offsets.count)])
+                try transfer(group, writing: false)
+                for (i, p) in group.enumerated() { found.append(judge(p, buffer.bytes + i * block)) }
+                from += group.count
+            }
+            return found
+        }
+
+        /// One block at each of `offsets`, to or from `buffer`'s blocks in order, all in flight
+        /// together: the card's queue stays full while this thread waits for a CPU (32 cards
+        /// probe at once on a station), and a USB reader is not idle between commands.
+        private func transfer(_ offsets: [UInt64], writing: Bool) throws(Failure) {
+            let lengths = [UInt32](repeating: UInt32(block), count: offsets.count)
+            var failed: Int32 = 0
+            guard provision_transfer_places(fd, writing ? 1 : 0, offsets, lengths, Int32(offsets.count), buffer.bytes,
+                                            CapacityProbe.queueDepth, &failed, nil) == 0 else {
+                let why = String(cString: strerror(errno))
+                throw Failure(description: "capacity probe: cannot \(writing ? "write" : "read") \(path) at byte \(offsets[Int(failed)]): \(why)")
+            }
+        }
+
         /// Writes back every saved run but those inside one of `skipped`. Everything
         /// was saved before the first probe write, so on a card that wraps two offsets sharing
         /// one place were saved with the same bytes and either write restores it. Best
@@ -322,7 +386,7 @@ public enum CapacityProbe {
                 let skip = skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound })
                 if skip { kept.append(run) } else { restored.append(run) }
             }
-            stash.writeBack(restored, to: fd, through: buffer.bytes)
+            stash.writeBack(restored, to: fd, through: buffer.bytes, capacity: buffer.capacity)
             if let leftover, !kept.isEmpty {
                 leftover.take(stash, runs: kept, block: block)
                 stash = Stash(directory: nil)
@@ -486,7 +550,7 @@ public enum CapacityProbe {
             // A few runs of 1 MiB at most, on a failure path: plain memory, not the budget's
             // (a cancelled job could not take from it).
             let buffer = AlignedBuffer(capacity: max(largest, block), alignment: max(block, 4096))
-            stash.writeBack(runs, to: target.fd, through: buffer.bytes)
+            stash.writeBack(runs, to: target.fd, through: buffer.bytes, capacity: buffer.capacity)
         }
     }
 
@@ -511,32 +575,72 @@ public enum CapacityProbe {
         var bytesInMemory: Int { memory.reduce(0) { $0 + $1.count } }
 
         func keep(_ bytes: UnsafeRawBufferPointer, from offset: UInt64) throws(Failure) {
+            try keep(bytes, runs: [(offset, bytes.count)])
+        }
+
+        /// Keeps `bytes`, which are the `runs` back to back, in one write to the file.
+        func keep(_ bytes: UnsafeRawBufferPointer, runs kept: [(offset: UInt64, count: Int)]) throws(Failure) {
             if fd >= 0, pwrite(fd, bytes.baseAddress!, bytes.count, off_t(fileEnd)) == bytes.count {
-                runs.append((offset, bytes.count, fileEnd))
-                fileEnd += bytes.count
+                for run in kept {
+                    runs.append((run.offset, run.count, fileEnd))
+                    fileEnd += run.count
+                }
                 return
             }
-            memory.append(Array(bytes))
-            runs.append((offset, bytes.count, -memory.count))
+            var at = 0
+            for run in kept {
+                memory.append(Array(UnsafeRawBufferPointer(rebasing: bytes[at..<at + run.count])))
+                runs.append((run.offset, run.count, -memory.count))
+                at += run.count
+            }
         }
 
-        /// Copies run `index`'s bytes to `destination`; false when the file cannot give them back.
-        func load(_ index: Int, into destination: UnsafeMutableRawPointer) -> Bool {
-            let run = runs[index]
-            if run.place < 0 {
-                memory[-1 - run.place].withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: run.count) }
+        /// Copies the bytes of `group` (runs back to back in the file, or one run in memory) to
+        /// `destination`; false when the file cannot give them back.
+        func load(_ group: [Int], into destination: UnsafeMutableRawPointer) -> Bool {
+            let first = runs[group[0]]
+            if first.place < 0 {
+                memory[-1 - first.place].withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: first.count) }
                 return true
             }
-            return pread(fd, destination, run.count, off_t(run.place)) == run.count
+            let bytes = group.reduce(0) { $0 + runs[$1].count }
+            return pread(fd, destination, bytes, off_t(first.place)) == bytes
         }
 
-        /// Writes the runs `indices` back where they were read, in that order, through
-        /// `buffer` (as large as the largest), then syncs once. Best effort: a run the file
-        /// cannot give back is skipped.
-        func writeBack(_ indices: [Int], to fd: Int32, through buffer: UnsafeMutableRawPointer) {
+        /// Writes the runs `indices` back where they were read, through `buffer` (`capacity`
+        /// bytes, at least the largest run), then syncs once. Runs kept side by side in the file
+        /// are read back in one piece, as many as `buffer` holds, and written all at once (in no
+        /// particular order: every run was saved before the probe's first write, so two runs
+        /// that share one place on a wrapping card hold the same bytes). Best effort: a run the
+        /// file cannot give back, or the card does not take, is skipped; the others still go.
+        func writeBack(_ indices: [Int], to fd: Int32, through buffer: UnsafeMutableRawPointer, capacity: Int) {
+            var groups: [[Int]] = []
+            var bytes = 0
+            for index in indices.sorted(by: { runs[$0].place < runs[$1].place }) {
+                let run = runs[index]
+                if let last = groups.last?.last, runs[last].place >= 0, run.place == runs[last].place + runs[last].count,
+                   bytes + run.count <= capacity {
+                    groups[groups.count - 1].append(index)
+                    bytes += run.count
+                } else {
+                    groups.append([index])
+                    bytes = run.count
+                }
+            }
             var wrote = false
-            for index in indices where load(index, into: buffer) {
-                _ = pwrite(fd, buffer, runs[index].count, off_t(runs[index].offset))
+            for group in groups where load(group, into: buffer) {
+                var offsets = group.map { runs[$0].offset }
+                var lengths = group.map { UInt32(runs[$0].count) }
+                var at = buffer
+                while !offsets.isEmpty {
+                    var failed: Int32 = 0
+                    guard provision_transfer_places(fd, 1, offsets, lengths, Int32(offsets.count), at, CapacityProbe.queueDepth, &failed, nil) != 0 else { break }
+                    // Past the one the card refused.
+                    let next = Int(failed) + 1
+                    at += lengths[..<next].reduce(0) { $0 + Int($1) }
+                    offsets.removeFirst(next)
+                    lengths.removeFirst(next)
+                }
                 wrote = true
             }
             if wrote { fdatasync(fd) }
@@ -549,6 +653,11 @@ public enum CapacityProbe {
             fileEnd = 0
         }
     }
+
+    /// Single blocks in flight at once (Linux AIO; the most `provision_transfer_places` takes):
+    /// enough to keep a card's queue full, and 32 probes together stay far below the system's
+    /// aio-max-nr (65536 by default).
+    static let queueDepth: Int32 = 64
 
     /// "PROVPRB1" little-endian.
     static let magic: UInt64 = 0x3142_5250_5652_4F50

@@ -198,11 +198,26 @@ struct CapacityProbeTests {
             #expect(stash.usesFile == inFile)
             let runs: [(UInt64, [UInt8])] = [(0, [UInt8](repeating: 7, count: 4096)), (1 << 20, (0..<8192).map { UInt8($0 % 251) }), (4096, [1, 2, 3])]
             for (offset, bytes) in runs { try bytes.withUnsafeBytes { try stash.keep($0, from: offset) } }
-            #expect(stash.bytesInMemory == (inFile ? 0 : 4096 + 8192 + 3))
+            // Three single blocks kept in one piece, as the probe keeps them.
+            let blocks: [(UInt64, [UInt8])] = [(64 << 20, [UInt8](repeating: 9, count: 512)), (8 << 20, [UInt8](repeating: 5, count: 512)),
+                                               (32 << 20, (0..<512).map { UInt8($0 % 253) })]
+            try blocks.flatMap(\.1).withUnsafeBytes { try stash.keep($0, runs: blocks.map { ($0.0, $0.1.count) }) }
+            #expect(stash.bytesInMemory == (inFile ? 0 : 4096 + 8192 + 3 + 3 * 512))
             for (i, (offset, bytes)) in runs.enumerated().reversed() {
                 var back = [UInt8](repeating: 0, count: bytes.count)
-                #expect(back.withUnsafeMutableBytes { stash.load(i, into: $0.baseAddress!) })
+                #expect(back.withUnsafeMutableBytes { stash.load([i], into: $0.baseAddress!) })
                 #expect(back == bytes && stash.runs[i].offset == offset)
+            }
+            for (i, (offset, bytes)) in blocks.enumerated() {
+                var back = [UInt8](repeating: 0, count: bytes.count)
+                #expect(back.withUnsafeMutableBytes { stash.load([runs.count + i], into: $0.baseAddress!) })
+                #expect(back == bytes && stash.runs[runs.count + i].offset == offset)
+            }
+            if inFile {
+                // Side by side in the file: read back in one piece.
+                var back = [UInt8](repeating: 0, count: 3 * 512)
+                #expect(back.withUnsafeMutableBytes { stash.load([3, 4, 5], into: $0.baseAddress!) })
+                #expect(back == blocks.flatMap(\.1))
             }
             stash.removeAll()
             #expect(stash.runs.isEmpty && stash.bytesInMemory == 0)

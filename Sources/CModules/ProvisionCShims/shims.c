@@ -13,7 +13,9 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <linux/aio_abi.h>
 #include <stdio.h>
 #include <unistd.h>
 #include <systemd/sd-daemon.h>
@@ -130,4 +132,139 @@ int provision_drop_effective_capability(int capability) {
     if (syscall(SYS_capget, &header, data) != 0) return -1;
     data[capability / 32].effective &= ~(1u << (capability % 32));
     return (int)syscall(SYS_capset, &header, data);
+}
+
+/* The places one after another (no AIO, or a depth of 1); stops at the first that fails. */
+static int transfer_places_in_turn(int fd, int write, const uint64_t *offsets, const uint32_t *lengths,
+                                   int from, int count, char *at, int *failed) {
+    for (int i = from; i < count; i++) {
+        ssize_t n = write ? pwrite(fd, at, lengths[i], (off_t)offsets[i]) : pread(fd, at, lengths[i], (off_t)offsets[i]);
+        if (n != (ssize_t)lengths[i]) {
+            if (n >= 0) errno = EIO;
+            *failed = i;
+            return -1;
+        }
+        at += lengths[i];
+    }
+    return 0;
+}
+
+/* AIO contexts for provision_transfer_places, kept for the next call: io_destroy waits for an
+   RCU grace period (some 30 ms here), longer than a probe's whole batch of blocks takes. At
+   most AIO_CONTEXT_POOL stay (one per probe running at once; each counts 2 × AIO_CONTEXT_DEPTH
+   towards the system's aio-max-nr, 65536 by default); more are destroyed when given back. */
+#define AIO_CONTEXT_DEPTH 64
+#define AIO_CONTEXT_POOL 64
+static pthread_mutex_t aio_pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static aio_context_t aio_pool[AIO_CONTEXT_POOL];
+static int aio_pool_count = 0;
+
+static int take_aio_context(aio_context_t *ctx) {
+    pthread_mutex_lock(&aio_pool_lock);
+    int found = aio_pool_count > 0;
+    if (found) *ctx = aio_pool[--aio_pool_count];
+    pthread_mutex_unlock(&aio_pool_lock);
+    if (found) return 1;
+    *ctx = 0;
+    return syscall(SYS_io_setup, AIO_CONTEXT_DEPTH, ctx) == 0;
+}
+
+/* `clean`: every request it carried was reaped (else it holds stale events, and goes). */
+static void give_back_aio_context(aio_context_t ctx, int clean) {
+    if (clean) {
+        pthread_mutex_lock(&aio_pool_lock);
+        int kept = aio_pool_count < AIO_CONTEXT_POOL;
+        if (kept) aio_pool[aio_pool_count++] = ctx;
+        pthread_mutex_unlock(&aio_pool_lock);
+        if (kept) return;
+    }
+    syscall(SYS_io_destroy, ctx);
+}
+
+int provision_transfer_places(int fd, int write, const uint64_t *offsets, const uint32_t *lengths, int count,
+                              void *buffer, int depth, int *failed, int *queued) {
+    int unused;
+    if (!queued) queued = &unused;
+    *queued = 0;
+    if (count <= 0) return 0;
+    if (depth > AIO_CONTEXT_DEPTH) depth = AIO_CONTEXT_DEPTH;
+    if (depth > count) depth = count;
+    aio_context_t ctx = 0;
+    if (depth <= 1 || !take_aio_context(&ctx))
+        return transfer_places_in_turn(fd, write, offsets, lengths, 0, count, buffer, failed);
+    int clean = 1;
+    struct iocb *blocks = calloc((size_t)depth, sizeof *blocks);
+    struct iocb **batch = calloc((size_t)depth, sizeof *batch);
+    struct io_event *events = calloc((size_t)depth, sizeof *events);
+    int *idle = calloc((size_t)depth, sizeof *idle);
+    if (!blocks || !batch || !events || !idle) {
+        free(blocks); free(batch); free(events); free(idle);
+        give_back_aio_context(ctx, 1);
+        return transfer_places_in_turn(fd, write, offsets, lengths, 0, count, buffer, failed);
+    }
+    int idleCount = depth;
+    for (int s = 0; s < depth; s++) idle[s] = s;
+    char *at = buffer;
+    int next = 0, inFlight = 0, lowest = -1, error = 0;
+    while ((lowest < 0 && next < count) || inFlight > 0) {
+        /* As many as there are free slots, until one has failed. */
+        int n = 0;
+        while (lowest < 0 && next < count && idleCount > 0) {
+            int slot = idle[--idleCount];
+            struct iocb *cb = &blocks[slot];
+            memset(cb, 0, sizeof *cb);
+            cb->aio_fildes = (uint32_t)fd;
+            cb->aio_lio_opcode = write ? IOCB_CMD_PWRITE : IOCB_CMD_PREAD;
+            cb->aio_buf = (uint64_t)(uintptr_t)at;
+            cb->aio_nbytes = lengths[next];
+            cb->aio_offset = (int64_t)offsets[next];
+            cb->aio_data = ((uint64_t)(uint32_t)slot << 32) | (uint32_t)next;
+            batch[n++] = cb;
+            at += lengths[next];
+            next++;
+        }
+        for (int done = 0; done < n;) {
+            long r = syscall(SYS_io_submit, ctx, (long)(n - done), batch + done);
+            if (r > 0) { done += (int)r; inFlight += (int)r; *queued += (int)r; continue; }
+            if (r < 0 && errno == EINTR) continue;
+            /* Refused (EAGAIN, or a descriptor AIO cannot take): this one in turn, then the rest. */
+            struct iocb *cb = batch[done];
+            int index = (int)(uint32_t)cb->aio_data;
+            ssize_t moved = write ? pwrite(fd, (void *)(uintptr_t)cb->aio_buf, cb->aio_nbytes, (off_t)cb->aio_offset)
+                                  : pread(fd, (void *)(uintptr_t)cb->aio_buf, cb->aio_nbytes, (off_t)cb->aio_offset);
+            if (moved != (ssize_t)cb->aio_nbytes && (lowest < 0 || index < lowest)) {
+                lowest = index;
+                error = moved < 0 ? errno : EIO;
+            }
+            idle[idleCount++] = (int)(cb->aio_data >> 32);
+            done++;
+        }
+        if (inFlight == 0) continue;
+        long got = syscall(SYS_io_getevents, ctx, 1L, (long)depth, events, NULL);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            /* Cannot wait here: io_destroy (below) waits for what is still in flight. */
+            if (lowest < 0) { lowest = next - 1; error = errno; }
+            clean = 0;
+            break;
+        }
+        for (long e = 0; e < got; e++) {
+            int slot = (int)(events[e].data >> 32), index = (int)(uint32_t)events[e].data;
+            if (events[e].res != (int64_t)lengths[index] && (lowest < 0 || index < lowest)) {
+                lowest = index;
+                error = events[e].res < 0 ? (int)-events[e].res : EIO;
+            }
+            idle[idleCount++] = slot;
+        }
+        inFlight -= (int)got;
+    }
+    /* Returns once nothing is in flight: every request was reaped, or io_destroy waits for it. */
+    give_back_aio_context(ctx, clean);
+    free(blocks); free(batch); free(events); free(idle);
+    if (lowest >= 0) {
+        *failed = lowest;
+        errno = error;
+        return -1;
+    }
+    return 0;
 }

@@ -79,4 +79,18 @@ int provision_pipe_resize(int fd, int size);
    pipe to an O_DIRECT device without a copy. -1 with errno on failure. */
 long provision_splice(int fd_in, long long off_in, int fd_out, long long off_out, unsigned long count);
 
+/* Reads (write = 0) or writes (write = 1) `count` places of `fd` at once: place i is
+   lengths[i] bytes at offsets[i], to or from the next lengths[i] bytes of `buffer` (the places'
+   buffers lie back to back, in order). All are in flight together (Linux native AIO, up to
+   `depth` at a time, 64 at most; for an O_DIRECT descriptor the device queues them), in no
+   particular order: the caller must not need one before another. Returns only when none is in
+   flight any more. The AIO context is kept for the next call (up to 64 of them, one per call
+   running at once). Where AIO is not available (io_setup refused: a seccomp filter, the system's aio-max-nr
+   reached) or `depth` is 1, the places go one by one with pread/pwrite instead. 0 when every
+   place moved all its bytes; else -1 with errno (EIO for a short transfer) and *failed the
+   index of the lowest place that failed. *queued (when not NULL): how many places went through
+   AIO (0: all in turn). */
+int provision_transfer_places(int fd, int write, const uint64_t *offsets, const uint32_t *lengths, int count,
+                              void *buffer, int depth, int *failed, int *queued);
+
 #endif
