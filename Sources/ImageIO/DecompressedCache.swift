@@ -109,6 +109,8 @@ public final class CacheFill: @unchecked Sendable {
                 pacers += 1
                 pauseCount += 1
                 pausedAt?(offset)
+                // For `waitForPause` (readers woken by it look again and wait on).
+                condition.broadcast()
             }
             condition.wait()
         }
@@ -124,6 +126,18 @@ public final class CacheFill: @unchecked Sendable {
                 if !condition.wait(until: deadline) { return finished }
             }
             return true
+        }
+    }
+
+    /// Test seam: waits up to `seconds` until the fill waits for its readers (or ends);
+    /// whether it is waiting for them.
+    func waitForPause(seconds: Double) -> Bool {
+        let deadline = Date(timeIntervalSinceNow: seconds)
+        return condition.withLock {
+            while pacers == 0 && !finished {
+                if !condition.wait(until: deadline) { break }
+            }
+            return pacers > 0
         }
     }
 

@@ -319,44 +319,35 @@ public enum CapacityProbe {
             for i in 0..<(bytes / block) { savedBlocks.insert(offset + UInt64(i * block)) }
         }
 
-        /// Single blocks moved at once: as many as `buffer` holds.
-        private var blocksPerTransfer: Int { buffer.capacity / block }
+        /// `offsets` in groups of as many single blocks as `buffer` holds.
+        private func groups(_ offsets: [UInt64]) -> [ArraySlice<UInt64>] {
+            let size = buffer.capacity / block
+            return stride(from: 0, to: offsets.count, by: size).map { offsets[$0..<min($0 + size, offsets.count)] }
+        }
 
         /// Keeps what the single blocks at `offsets` hold (those not kept yet): read all at
         /// once, as many as `buffer` holds at a time, and kept in one piece each time.
         mutating func saveBlocks(_ offsets: [UInt64]) throws(Failure) {
-            var fresh: [UInt64] = []
-            for p in offsets where savedBlocks.insert(p).inserted { fresh.append(p) }
-            var from = 0
-            while from < fresh.count {
-                let group = Array(fresh[from..<min(from + blocksPerTransfer, fresh.count)])
+            for group in groups(offsets.filter { savedBlocks.insert($0).inserted }) {
                 try transfer(group, writing: false)
                 try stash.keep(UnsafeRawBufferPointer(start: buffer.bytes, count: group.count * block), runs: group.map { ($0, block) })
-                from += group.count
             }
         }
 
         /// Writes the tagged single blocks at `offsets`, all at once (in no particular order).
         func writeBlockTags(_ offsets: [UInt64]) throws(Failure) {
-            var from = 0
-            while from < offsets.count {
-                let group = Array(offsets[from..<min(from + blocksPerTransfer, offsets.count)])
+            for group in groups(offsets) {
                 for (i, p) in group.enumerated() { fill(p, into: buffer.bytes + i * block) }
                 try transfer(group, writing: true)
-                from += group.count
             }
         }
 
         /// What the single blocks at `offsets` hold now, read all at once.
         func readBlockTags(_ offsets: [UInt64]) throws(Failure) -> [Readback] {
             var found: [Readback] = []
-            found.reserveCapacity(offsets.count)
-            var from = 0
-            while from < offsets.count {
-                let group = Array(offsets[from..<min(from + blocksPerTransfer, offsets.count)])
+            for group in groups(offsets) {
                 try transfer(group, writing: false)
-                for (i, p) in group.enumerated() { found.append(judge(p, buffer.bytes + i * block)) }
-                from += group.count
+                found += group.enumerated().map { i, p in judge(p, buffer.bytes + i * block) }
             }
             return found
         }
@@ -364,13 +355,14 @@ public enum CapacityProbe {
         /// One block at each of `offsets`, to or from `buffer`'s blocks in order, all in flight
         /// together: the card's queue stays full while this thread waits for a CPU (32 cards
         /// probe at once on a station), and a USB reader is not idle between commands.
-        private func transfer(_ offsets: [UInt64], writing: Bool) throws(Failure) {
-            let lengths = [UInt32](repeating: UInt32(block), count: offsets.count)
+        private func transfer(_ offsets: ArraySlice<UInt64>, writing: Bool) throws(Failure) {
+            let places = Array(offsets)
+            let lengths = [UInt32](repeating: UInt32(block), count: places.count)
             var failed: Int32 = 0
-            guard provision_transfer_places(fd, writing ? 1 : 0, offsets, lengths, Int32(offsets.count), buffer.bytes,
+            guard provision_transfer_places(fd, writing ? 1 : 0, places, lengths, Int32(places.count), buffer.bytes,
                                             CapacityProbe.queueDepth, &failed, nil) == 0 else {
                 let why = String(cString: strerror(errno))
-                throw Failure(description: "capacity probe: cannot \(writing ? "write" : "read") \(path) at byte \(offsets[Int(failed)]): \(why)")
+                throw Failure(description: "capacity probe: cannot \(writing ? "write" : "read") \(path) at byte \(places[Int(failed)]): \(why)")
             }
         }
 
@@ -381,7 +373,7 @@ public enum CapacityProbe {
         /// The skipped runs go to `leftover` when there is one (else they are dropped).
         mutating func restore(skipping skipped: [Range<UInt64>], handingTo leftover: Leftover? = nil) {
             var restored: [Int] = [], kept: [Int] = []
-            for run in stash.runs.indices.reversed() {
+            for run in stash.runs.indices {
                 let (offset, count) = (stash.runs[run].offset, stash.runs[run].count)
                 let skip = skipped.contains(where: { $0.lowerBound <= offset && offset + UInt64(count) <= $0.upperBound })
                 if skip { kept.append(run) } else { restored.append(run) }

@@ -134,10 +134,11 @@ int provision_drop_effective_capability(int capability) {
     return (int)syscall(SYS_capset, &header, data);
 }
 
-/* The places one after another (no AIO, or a depth of 1); stops at the first that fails. */
+/* Places `from` ..< `to` one after another (no AIO, a depth of 1, or one place AIO refused),
+   from `at` on; stops at the first that fails. */
 static int transfer_places_in_turn(int fd, int write, const uint64_t *offsets, const uint32_t *lengths,
-                                   int from, int count, char *at, int *failed) {
-    for (int i = from; i < count; i++) {
+                                   int from, int to, char *at, int *failed) {
+    for (int i = from; i < to; i++) {
         ssize_t n = write ? pwrite(fd, at, lengths[i], (off_t)offsets[i]) : pread(fd, at, lengths[i], (off_t)offsets[i]);
         if (n != (ssize_t)lengths[i]) {
             if (n >= 0) errno = EIO;
@@ -229,12 +230,11 @@ int provision_transfer_places(int fd, int write, const uint64_t *offsets, const 
             if (r < 0 && errno == EINTR) continue;
             /* Refused (EAGAIN, or a descriptor AIO cannot take): this one in turn, then the rest. */
             struct iocb *cb = batch[done];
-            int index = (int)(uint32_t)cb->aio_data;
-            ssize_t moved = write ? pwrite(fd, (void *)(uintptr_t)cb->aio_buf, cb->aio_nbytes, (off_t)cb->aio_offset)
-                                  : pread(fd, (void *)(uintptr_t)cb->aio_buf, cb->aio_nbytes, (off_t)cb->aio_offset);
-            if (moved != (ssize_t)cb->aio_nbytes && (lowest < 0 || index < lowest)) {
+            int index = (int)(uint32_t)cb->aio_data, unusedIndex;
+            if (transfer_places_in_turn(fd, write, offsets, lengths, index, index + 1, (char *)(uintptr_t)cb->aio_buf, &unusedIndex) != 0
+                && (lowest < 0 || index < lowest)) {
                 lowest = index;
-                error = moved < 0 ? errno : EIO;
+                error = errno;
             }
             idle[idleCount++] = (int)(cb->aio_data >> 32);
             done++;
