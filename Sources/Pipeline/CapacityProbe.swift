@@ -155,13 +155,14 @@ public enum CapacityProbe {
     /// is the station's, taken like a write's; with a `stashDirectory`, what it overwrote is
     /// kept in an unlinked file there (the page cache, not the daemon's memory: a 64 GB card's
     /// window is 16 MiB) and read back for the restore. Without them (`provision write`),
-    /// both live in memory.
+    /// both live in memory. The window's first `pipedRuns` runs are kept in pipes instead
+    /// (`Stash`: no copy of them at all), where the card's descriptor is O_DIRECT.
     /// `leftover`: on a passed card, takes what the probe left in `overwritten` (its blocks,
     /// and what those places held), for the caller to put back if the image's first byte is
     /// never written. Without it those places are left as the probe wrote them.
     public static func run(_ target: WriteTarget, overwritten: [Range<UInt64>] = [], budget: BufferBudget? = nil,
                            stashDirectory: String? = nil, cancellation: CancellationFlag? = nil,
-                           leftover: Leftover? = nil) throws(Failure) -> Result {
+                           leftover: Leftover? = nil, pipedRuns: Int = CapacityProbe.pipedRuns) throws(Failure) -> Result {
         let started = ContinuousClock.now
         let block = target.alignment
         guard let size = target.size, size >= UInt64(2 * block) else {
@@ -183,7 +184,7 @@ public enum CapacityProbe {
             throw Failure(description: "capacity probe: the buffer budget (\(budget?.limit ?? 0) bytes) is smaller than one probe run of \(capacity) bytes")
         }
         var session = Session(fd: target.fd, path: target.path, block: block, nonce: nonce, buffer: buffer,
-                              stash: Stash(directory: stashDirectory))
+                              stash: Stash(directory: stashDirectory, pipedRuns: target.direct ? pipedRuns : 0))
         let found: (realBytes: UInt64?, blocks: Int)
         do throws(Failure) { found = try examine(&session, size: size, block: block) } catch {
             session.restore(skipping: [])
@@ -203,7 +204,7 @@ public enum CapacityProbe {
         // a wrapping card are then saved with the same (original) bytes.
         // The window in runs of `runBytes` (its last run may be shorter).
         let runs = stride(from: UInt64(0), to: layout.window, by: runBytes).map { ($0, Int(min(UInt64(runBytes), layout.window - $0))) }
-        for (run, bytes) in runs { try session.save(run, bytes: bytes) }
+        for (run, bytes) in runs { try session.save(run, bytes: bytes, inPipe: true) }
         try session.saveBlocks(layout.singles)
         // The window first; then the single blocks, all at once: a block landing in the window
         // overwrites it there, and of two single blocks that collide the one written last
@@ -311,11 +312,14 @@ public enum CapacityProbe {
             self.stash = stash
         }
 
-        /// Keeps what `bytes` bytes at `offset` hold, unless already kept.
-        mutating func save(_ offset: UInt64, bytes: Int) throws(Failure) {
+        /// Keeps what `bytes` bytes at `offset` hold, unless already kept: `inPipe`, in a pipe
+        /// of their own if the stash may take one more.
+        mutating func save(_ offset: UInt64, bytes: Int, inPipe: Bool = false) throws(Failure) {
             guard !savedBlocks.contains(offset) else { return }
-            try read(offset, bytes: bytes)
-            try stash.keep(UnsafeRawBufferPointer(start: buffer.bytes, count: bytes), from: offset)
+            if !(inPipe && stash.capture(from: fd, offset: offset, count: bytes)) {
+                try read(offset, bytes: bytes)
+                try stash.keep(UnsafeRawBufferPointer(start: buffer.bytes, count: bytes), from: offset)
+            }
             for i in 0..<(bytes / block) { savedBlocks.insert(offset + UInt64(i * block)) }
         }
 
@@ -546,25 +550,71 @@ public enum CapacityProbe {
         }
     }
 
-    /// What the probe overwrote, kept until the restore: in an unlinked file of the given
-    /// directory (`O_TMPFILE`: nothing is left behind on any ending, a crash included), or in
-    /// memory where there is none or it cannot take a run (then that run stays in memory).
+    /// What the probe overwrote, kept until the restore: the first runs of the window in pipes
+    /// (`pipedRuns` of them, read into the pipe with splice(2) from the card's O_DIRECT
+    /// descriptor and written back the same way: the card's bytes are never copied, where a
+    /// file costs a copy in and one out, and at 32 cards probing at once on two CPUs those
+    /// copies were half the probes' CPU); the rest in an unlinked file of the given directory
+    /// (`O_TMPFILE`: nothing is left behind on any ending, a crash included), or in memory
+    /// where there is none or it cannot take a run (then that run stays in memory).
     final class Stash {
-        private(set) var runs: [(offset: UInt64, count: Int, place: Int)] = []
-        /// Runs kept in memory; `place` is an index here when negative (−1 − index).
+        enum Place {
+            /// Bytes from here in the file.
+            case file(Int)
+            /// An index into `memory`.
+            case memory(Int)
+            /// An index into `pipes`: a pipe holding this run alone.
+            case pipe(Int)
+        }
+        private(set) var runs: [(offset: UInt64, count: Int, place: Place)] = []
         private var memory: [[UInt8]] = []
         private let fd: Int32
         private var fileEnd = 0
+        /// Read and write ends; (-1, -1) once written back or dropped.
+        private var pipes: [(read: Int32, write: Int32)] = []
+        private let pipedRuns: Int
 
-        init(directory: String?) {
+        init(directory: String?, pipedRuns: Int = 0) {
             fd = directory.map { provision_open_tmpfile($0) } ?? -1
+            self.pipedRuns = pipedRuns
         }
 
-        deinit { if fd >= 0 { close(fd) } }
+        deinit {
+            if fd >= 0 { close(fd) }
+            closePipes()
+        }
 
         /// Whether runs go to the file (else all stay in memory), and the bytes kept in memory.
         var usesFile: Bool { fd >= 0 }
         var bytesInMemory: Int { memory.reduce(0) { $0 + $1.count } }
+        /// Pipes holding a run now.
+        var pipesHeld: Int { pipes.filter { $0.read >= 0 }.count }
+
+        /// Keeps the `count` bytes at `offset` of `card` (an O_DIRECT descriptor) in a pipe of
+        /// their own, if this stash may take one more and the kernel gives one that holds
+        /// them (`fs.pipe-max-size`, the user's pipe quota); false leaves nothing behind, and
+        /// the caller keeps them another way.
+        func capture(from card: Int32, offset: UInt64, count: Int) -> Bool {
+            guard pipes.count < pipedRuns else { return false }
+            var ends: [Int32] = [-1, -1]
+            guard provision_pipe_cloexec(&ends) == 0 else { return false }
+            var held = 0
+            if provision_pipe_resize(ends[1], Int32(clamping: count)) >= count {
+                while held < count {
+                    let k = Stash.splice(card, Int64(offset) + Int64(held), ends[1], -1, count - held)
+                    guard k > 0 else { break }
+                    held += k
+                }
+            }
+            guard held == count else {
+                close(ends[0])
+                close(ends[1])
+                return false
+            }
+            pipes.append((ends[0], ends[1]))
+            runs.append((offset, count, .pipe(pipes.count - 1)))
+            return true
+        }
 
         func keep(_ bytes: UnsafeRawBufferPointer, from offset: UInt64) throws(Failure) {
             try keep(bytes, runs: [(offset, bytes.count)])
@@ -574,7 +624,7 @@ public enum CapacityProbe {
         func keep(_ bytes: UnsafeRawBufferPointer, runs kept: [(offset: UInt64, count: Int)]) throws(Failure) {
             if fd >= 0, pwrite(fd, bytes.baseAddress!, bytes.count, off_t(fileEnd)) == bytes.count {
                 for run in kept {
-                    runs.append((run.offset, run.count, fileEnd))
+                    runs.append((run.offset, run.count, .file(fileEnd)))
                     fileEnd += run.count
                 }
                 return
@@ -582,44 +632,60 @@ public enum CapacityProbe {
             var at = 0
             for run in kept {
                 memory.append(Array(UnsafeRawBufferPointer(rebasing: bytes[at..<at + run.count])))
-                runs.append((run.offset, run.count, -memory.count))
+                runs.append((run.offset, run.count, .memory(memory.count - 1)))
                 at += run.count
             }
         }
 
         /// Copies the bytes of `group` (runs back to back in the file, or one run in memory) to
-        /// `destination`; false when the file cannot give them back.
+        /// `destination`; false when the file cannot give them back (or the run is in a pipe:
+        /// `writeBack` empties those onto the card).
         func load(_ group: [Int], into destination: UnsafeMutableRawPointer) -> Bool {
-            let first = runs[group[0]]
-            if first.place < 0 {
-                memory[-1 - first.place].withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: first.count) }
+            switch runs[group[0]].place {
+            case .memory(let i):
+                memory[i].withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: runs[group[0]].count) }
                 return true
+            case .file(let at):
+                let bytes = group.reduce(0) { $0 + runs[$1].count }
+                return pread(fd, destination, bytes, off_t(at)) == bytes
+            case .pipe:
+                return false
             }
-            let bytes = group.reduce(0) { $0 + runs[$1].count }
-            return pread(fd, destination, bytes, off_t(first.place)) == bytes
+        }
+
+        /// The file's place of run `index`, if it is in the file.
+        private func filePlace(_ index: Int) -> Int? {
+            if case .file(let at) = runs[index].place { return at }
+            return nil
         }
 
         /// Writes the runs `indices` back where they were read, through `buffer` (`capacity`
-        /// bytes, at least the largest run), then syncs once. Runs kept side by side in the file
+        /// bytes, at least the largest run), then syncs once. A run in a pipe goes from the
+        /// pipe to the card (and the pipe is closed). Runs kept side by side in the file
         /// are read back in one piece, as many as `buffer` holds, and written all at once (in no
         /// particular order: every run was saved before the probe's first write, so two runs
         /// that share one place on a wrapping card hold the same bytes). Best effort: a run the
         /// file cannot give back, or the card does not take, is skipped; the others still go.
         func writeBack(_ indices: [Int], to fd: Int32, through buffer: UnsafeMutableRawPointer, capacity: Int) {
+            var wrote = false
             var groups: [[Int]] = []
             var bytes = 0
-            for index in indices.sorted(by: { runs[$0].place < runs[$1].place }) {
-                let run = runs[index]
-                if let last = groups.last?.last, runs[last].place >= 0, run.place == runs[last].place + runs[last].count,
-                   bytes + run.count <= capacity {
+            for index in indices.sorted(by: { (filePlace($0) ?? -1) < (filePlace($1) ?? -1) }) {
+                if case .pipe(let p) = runs[index].place {
+                    wrote = true
+                    emptyPipe(p, onto: fd, at: runs[index].offset, count: runs[index].count)
+                    continue
+                }
+                // Runs in the file, in its order; side by side ones in one group.
+                if let at = filePlace(index), let last = groups.last?.last, let lastAt = filePlace(last),
+                   at == lastAt + runs[last].count, bytes + runs[index].count <= capacity {
                     groups[groups.count - 1].append(index)
-                    bytes += run.count
+                    bytes += runs[index].count
                 } else {
                     groups.append([index])
-                    bytes = run.count
+                    bytes = runs[index].count
                 }
             }
-            var wrote = false
             for group in groups where load(group, into: buffer) {
                 var offsets = group.map { runs[$0].offset }
                 var lengths = group.map { UInt32(runs[$0].count) }
@@ -638,12 +704,66 @@ public enum CapacityProbe {
             if wrote { fdatasync(fd) }
         }
 
+        /// Pipe `p`'s run onto `card` at `offset` (best effort), then the pipe goes.
+        private func emptyPipe(_ p: Int, onto card: Int32, at offset: UInt64, count: Int) {
+            guard pipes[p].read >= 0 else { return }
+            var out = 0
+            while out < count {
+                let k = Stash.splice(pipes[p].read, -1, card, Int64(offset) + Int64(out), count - out)
+                guard k > 0 else { break }
+                out += k
+            }
+            close(pipes[p].read)
+            close(pipes[p].write)
+            pipes[p] = (-1, -1)
+        }
+
+        /// splice(2), again when a signal interrupts it: bytes moved, 0 at the end, -1.
+        private static func splice(_ from: Int32, _ fromOffset: Int64, _ to: Int32, _ toOffset: Int64, _ count: Int) -> Int {
+            while true {
+                let k = provision_splice(from, fromOffset, to, toOffset, UInt(count))
+                if k >= 0 || errno != EINTR { return k }
+            }
+        }
+
+        private func closePipes() {
+            for (r, w) in pipes where r >= 0 {
+                close(r)
+                close(w)
+            }
+            pipes = []
+        }
+
         func removeAll() {
             runs = []
             memory = []
+            closePipes()
             if fd >= 0 { _ = ftruncate(fd, 0) }
             fileEnd = 0
         }
+    }
+
+    /// The window's runs kept in pipes by default (`Stash`): the first 2 MiB, the whole
+    /// window of a card up to 1 GiB; 2 pipes, 4 descriptors, a probe.
+    public static let pipedRuns = 2
+
+    /// How many of its window's runs each probe of a station with `slots` slots keeps in
+    /// pipes. A pipe of 1 MiB counts 256 pages against its user's pipe quota
+    /// (`fs.pipe-user-pages-soft`, 16384 by default), which the packaged daemon, without
+    /// CAP_SYS_RESOURCE or CAP_SYS_ADMIN, cannot pass; every slot's writer wants one such pipe
+    /// (`ImageWriter`) and keeps it: the probes take only what those leave, and a probe that
+    /// is refused one keeps that run in the file.
+    public static func pipedRuns(slots: Int) -> Int {
+        let capSysAdmin: Int32 = 21, capSysResource: Int32 = 24
+        if provision_has_effective_capability(capSysAdmin) != 0 || provision_has_effective_capability(capSysResource) != 0 {
+            return pipedRuns
+        }
+        guard let text = try? String(contentsOfFile: "/proc/sys/fs/pipe-user-pages-soft", encoding: .utf8),
+              let soft = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return 0 }
+        if soft == 0 { return pipedRuns }
+        let pagesPerRun = runBytes / 4096
+        let spare = soft - max(slots, 1) * pagesPerRun
+        return min(pipedRuns, max(0, spare / (max(slots, 1) * pagesPerRun)))
     }
 
     /// Single blocks in flight at once (Linux AIO; the most `provision_transfer_places` takes):

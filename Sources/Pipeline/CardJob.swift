@@ -30,6 +30,8 @@ public struct CardJob: Sendable {
     /// Where the probe keeps what it overwrote until it restores it (an unlinked file; the
     /// station's cache directory): nil keeps it in memory.
     public var probeStashDirectory: String?
+    /// How many of the probe's first runs it keeps in pipes (`CapacityProbe.pipedRuns(slots:)`).
+    public var probePipedRuns = CapacityProbe.pipedRuns
     /// Asked with the card's identity before the probe: a refusal (a card found counterfeit
     /// or failing before, with the date and reason) fails the job before anything is written.
     public var knownCard: (@Sendable (CardIdentity) -> String?)?

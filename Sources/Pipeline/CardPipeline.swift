@@ -150,7 +150,8 @@ public final class CardPipeline: Sendable {
         do throws(CapacityProbe.Failure) {
             // The probe's buffer is the station's (issue 18), and what it overwrote waits in the cache directory.
             result = try CapacityProbe.run(target, overwritten: overwritten, budget: job.budget,
-                                           stashDirectory: job.probeStashDirectory, cancellation: cancellation, leftover: leftover)
+                                           stashDirectory: job.probeStashDirectory, cancellation: cancellation, leftover: leftover,
+                                           pipedRuns: job.probePipedRuns)
         } catch {
             if cancellation.isCancelled { throw CardFailure(.image(.cancelled), "cancelled before writing; nothing was written") }
             throw CardFailure(.image(.ioError), error.description)

@@ -213,6 +213,7 @@ public actor Station {
         job.verify = profile?.image?.verify ?? true
         job.probeCapacity = profile?.image?.probe ?? true
         job.probeStashDirectory = config.cacheDirectory
+        job.probePipedRuns = CapacityProbe.pipedRuns(slots: config.slots.count)
         // A card once found counterfeit or failing is refused on sight (issue 16). A ledger
         // that cannot be read refuses too: the station cannot tell that card from another.
         let ledger = self.ledger

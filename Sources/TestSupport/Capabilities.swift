@@ -4,6 +4,9 @@ import ProvisionCShims
 /// CAP_SYS_RESOURCE (linux/capability.h): what lets root size a pipe past
 /// /proc/sys/fs/pipe-max-size. The packaged unit does not have it.
 public let capSysResource: Int32 = 24
+/// CAP_SYS_ADMIN: with it (or CAP_SYS_RESOURCE) a user's pipes are not held to
+/// /proc/sys/fs/pipe-user-pages-soft. The packaged unit does not have it either.
+public let capSysAdmin: Int32 = 21
 
 public struct CapabilityError: Error, CustomStringConvertible {
     public let description: String

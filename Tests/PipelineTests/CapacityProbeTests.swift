@@ -7,10 +7,15 @@ import ImageIO
 import Testing
 import TestSupport
 
-private func probe(_ device: String) throws -> CapacityProbe.Result {
+private func probe(_ device: String, pipedRuns: Int = CapacityProbe.pipedRuns) throws -> CapacityProbe.Result {
     let target = try WriteTarget.open(path: device)
     defer { target.close() }
-    return try CapacityProbe.run(target)
+    return try CapacityProbe.run(target, pipedRuns: pipedRuns)
+}
+
+/// The descriptors this process has open.
+private func openDescriptors() throws -> Int {
+    try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count
 }
 
 /// Fills a card with random bytes through the device (O_DIRECT).
@@ -149,13 +154,64 @@ struct CapacityProbeTests {
         #expect(missed.isEmpty, "wraps not caught at \(missed.prefix(5)) (of \(missed.count))")
     }
 
-    @Test func restoresWhatItOverwroteByteForByte() throws {
+    /// With the window's first runs in pipes (the default) and without.
+    @Test(arguments: [CapacityProbe.pipedRuns, 0])
+    func restoresWhatItOverwroteByteForByte(pipedRuns: Int) throws {
         let card = try LoopCard(label: "restore", size: 48 << 20)
         defer { card.close() }
         try fillRandom(card.devicePath, bytes: 48 << 20)
         let before = try card.sha256()
-        #expect(try probe(card.devicePath).realBytes == nil)
+        let descriptors = try openDescriptors()
+        #expect(try probe(card.devicePath, pipedRuns: pipedRuns).realBytes == nil)
         #expect(try card.sha256() == before)
+        #expect(try openDescriptors() == descriptors, "the stash's pipes or file stayed open")
+    }
+
+    /// The window's first runs go into pipes straight from the card, and back onto it from
+    /// there: as many as the stash may take, the rest the usual way.
+    @Test func theStashKeepsTheFirstRunsInPipesAndPutsThemBack() throws {
+        let card = try LoopCard(label: "stash-pipes", size: 8 << 20)
+        defer { card.close() }
+        try fillRandom(card.devicePath, bytes: 8 << 20)
+        let firstTwo = "dd if=\(card.devicePath) bs=1M count=2 iflag=direct status=none | sha256sum"
+        let before = try Command.bash(firstTwo).stdout
+        let target = try WriteTarget.open(path: card.devicePath)
+        defer { target.close() }
+        let descriptors = try openDescriptors()
+        let stash = CapacityProbe.Stash(directory: nil, pipedRuns: 2)
+        #expect(stash.capture(from: target.fd, offset: 0, count: 1 << 20))
+        #expect(stash.capture(from: target.fd, offset: 1 << 20, count: 1 << 20))
+        #expect(!stash.capture(from: target.fd, offset: 2 << 20, count: 1 << 20), "a third pipe")
+        #expect(stash.pipesHeld == 2 && stash.bytesInMemory == 0 && stash.runs.count == 2)
+        #expect(try openDescriptors() == descriptors + 4)
+        // The pipes hold what the card held when they were filled, whatever it holds now.
+        try Command.bash("dd if=/dev/zero of=\(card.devicePath) bs=1M count=3 oflag=direct status=none")
+        let buffer = AlignedBuffer(capacity: 1 << 20, alignment: 4096)
+        stash.writeBack([1, 0], to: target.fd, through: buffer.bytes, capacity: buffer.capacity)
+        #expect(stash.pipesHeld == 0)
+        #expect(try openDescriptors() == descriptors, "a pipe written back stays open")
+        #expect(try Command.bash(firstTwo).stdout == before)
+        // The third MiB was never kept: still the zeros written over it.
+        let third = try Command.bash("dd if=\(card.devicePath) bs=1M skip=2 count=1 iflag=direct status=none | tr -d '\\000' | wc -c").stdout
+        #expect(third.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+    }
+
+    /// What the packaged daemon (no CAP_SYS_ADMIN, no CAP_SYS_RESOURCE) may keep in pipes:
+    /// what the user's pipe quota leaves once every slot's writer has its 1 MiB pipe.
+    @Test func pipesForTheProbeStayWithinThePipeQuota() throws {
+        let soft = Int(try String(contentsOfFile: "/proc/sys/fs/pipe-user-pages-soft", encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines))!
+        // This process's own: with CAP_SYS_ADMIN (21) or CAP_SYS_RESOURCE (24) no quota holds it.
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let effective = UInt64(status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }!.split(separator: "\t").last!, radix: 16)!
+        if effective & (1 << 21 | 1 << 24) != 0 { #expect(CapacityProbe.pipedRuns(slots: 64) == CapacityProbe.pipedRuns) }
+        let unprivileged = try withoutCapability(capSysAdmin) {
+            try withoutCapability(capSysResource) { [4, 8, 32, 48, 64].map { CapacityProbe.pipedRuns(slots: $0) } }
+        }
+        // 256 pages a pipe of 1 MiB; the writers' pipes first.
+        let expected = [4, 8, 32, 48, 64].map { slots in soft == 0 ? 2 : min(2, max(0, (soft - slots * 256) / (slots * 256))) }
+        #expect(unprivileged == expected)
+        if soft == 16384 { #expect(unprivileged == [2, 2, 1, 0, 0]) }
     }
 
     /// After a passed probe what the image overwrites next is left to it; the rest is restored.
@@ -173,7 +229,8 @@ struct CapacityProbeTests {
 
     /// A station's probe (issue 18): its buffer comes from the budget and goes back, and what
     /// it overwrote waits in an unlinked file, not in memory; the card is restored all the same.
-    @Test func onAStationsBudgetKeepsWhatItOverwroteInAFile() throws {
+    @Test(arguments: [0, CapacityProbe.pipedRuns])
+    func onAStationsBudgetKeepsWhatItOverwroteInAFile(pipedRuns: Int) throws {
         let fake = try FakeCard(label: "restore-budget", claimedSize: 64 << 20, lie: .wraps(realSize: 16 << 20))
         defer { fake.close() }
         try fillRandom(fake.devicePath, bytes: 64 << 20)
@@ -182,7 +239,7 @@ struct CapacityProbeTests {
         let budget = BufferBudget(limit: 4 << 20)
         let target = try WriteTarget.open(path: fake.devicePath)
         defer { target.close() }
-        #expect(try CapacityProbe.run(target, budget: budget, stashDirectory: stash.path).isCounterfeit)
+        #expect(try CapacityProbe.run(target, budget: budget, stashDirectory: stash.path, pipedRuns: pipedRuns).isCounterfeit)
         #expect(try fake.card.sha256() == before)
         let usage = budget.usage
         #expect(usage.handedOut == 0 && usage.peakAllocated == CapacityProbe.runBytes, "\(usage)")
@@ -224,13 +281,13 @@ struct CapacityProbeTests {
         }
     }
 
-    @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .wraps(realSize: (40 << 20) + 12288), .drops(realSize: 20 << 20)])
-    func restoresAFakeCardItRefused(lie: FakeCard.Lie) throws {
+    @Test(arguments: [FakeCard.Lie.wraps(realSize: 16 << 20), .wraps(realSize: (40 << 20) + 12288), .drops(realSize: 20 << 20)], [0, CapacityProbe.pipedRuns])
+    func restoresAFakeCardItRefused(lie: FakeCard.Lie, pipedRuns: Int) throws {
         let fake = try FakeCard(label: "restore-fake", claimedSize: 64 << 20, lie: lie)
         defer { fake.close() }
         try fillRandom(fake.devicePath, bytes: 64 << 20)
         let before = try fake.card.sha256()
-        #expect(try probe(fake.devicePath).isCounterfeit)
+        #expect(try probe(fake.devicePath, pipedRuns: pipedRuns).isCounterfeit)
         #expect(try fake.card.sha256() == before)
     }
 }

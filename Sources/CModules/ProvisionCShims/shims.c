@@ -134,6 +134,14 @@ int provision_drop_effective_capability(int capability) {
     return (int)syscall(SYS_capset, &header, data);
 }
 
+int provision_has_effective_capability(int capability) {
+    struct __user_cap_header_struct header = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    if (capability < 0 || capability >= 32 * _LINUX_CAPABILITY_U32S_3) return 0;
+    if (syscall(SYS_capget, &header, data) != 0) return 0;
+    return (data[capability / 32].effective >> (capability % 32)) & 1;
+}
+
 /* Places `from` ..< `to` one after another (no AIO, a depth of 1, or one place AIO refused),
    from `at` on; stops at the first that fails. */
 static int transfer_places_in_turn(int fd, int write, const uint64_t *offsets, const uint32_t *lengths,

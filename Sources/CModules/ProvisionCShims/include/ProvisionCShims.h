@@ -52,6 +52,10 @@ void provision_name_thread(const char *name);
 /// unit would, e.g. without CAP_SYS_RESOURCE. 0, or -1 with errno.
 int provision_drop_effective_capability(int capability);
 
+/// Whether `capability` (a CAP_* number) is in the calling thread's effective set (0 when it
+/// cannot be read).
+int provision_has_effective_capability(int capability);
+
 /* Fixes glibc's mmap threshold at `bytes` (mallopt M_MMAP_THRESHOLD), which also turns off
    its dynamic raising: every allocation at least that large is its own mapping and goes back
    to the kernel when freed. Returns 1 on success. */
