@@ -587,8 +587,9 @@ public enum CapacityProbe {
         /// Whether runs go to the file (else all stay in memory), and the bytes kept in memory.
         var usesFile: Bool { fd >= 0 }
         var bytesInMemory: Int { memory.reduce(0) { $0 + $1.count } }
-        /// Pipes holding a run now.
-        var pipesHeld: Int { pipes.filter { $0.read >= 0 }.count }
+        /// Pipes holding a run now, and their read ends.
+        var pipesHeld: Int { pipeDescriptors.count }
+        var pipeDescriptors: [Int32] { pipes.map(\.read).filter { $0 >= 0 } }
 
         /// Keeps the `count` bytes at `offset` of `card` (an O_DIRECT descriptor) in a pipe of
         /// their own, if this stash may take one more and the kernel gives one that holds
