@@ -107,7 +107,9 @@ struct EnduranceTests {
             """.write(toFile: bench.configPath, atomically: true, encoding: .utf8)
         let daemon = try bench.startDaemon()
         let pid = try #require(daemon.pid)
-        let start = try Self.sample(pid, cards: 0)
+        // Settled like every later sample: a daemon just started may be judging another test's
+        // loop device that udev announced meanwhile, a sysfs file open for that moment.
+        let start = try waitForSettled(pid, cards: 0)
         let startDescriptors = Self.descriptors(pid)
         var samples: [Sample] = []
         var afterFirst: Sample?
@@ -203,14 +205,18 @@ struct EnduranceTests {
     }
 
     /// A job's thread ends just after its last report: the sample is taken once the
-    /// daemon's thread count has stopped changing (two equal readings in a row).
+    /// daemon's thread count has stopped changing (two equal readings in a row) and no sysfs
+    /// file is open (the daemon reads those while it judges a device, other tests' loop
+    /// devices included; one it kept open would stay, and fail the comparison).
     func waitForSettled(_ pid: pid_t, cards: Int) throws -> Sample {
         var last = try Self.sample(pid, cards: cards)
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             usleep(50_000)
             let now = try Self.sample(pid, cards: cards)
-            if now.threads == last.threads && now.fds == last.fds { return now }
+            if now.threads == last.threads && now.fds == last.fds && !Self.descriptors(pid).contains(where: { $0.hasPrefix("/sys/") }) {
+                return now
+            }
             last = now
         }
         return last
