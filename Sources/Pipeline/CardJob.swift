@@ -28,7 +28,7 @@ public struct CardJob: Sendable {
     /// `provision write --no-probe` and a profile's `probe = false` turn it off.
     public var probeCapacity = true
     /// Where the probe keeps what it overwrote until it restores it (an unlinked file; the
-    /// station's cache directory): nil keeps it in memory.
+    /// station's cache directory), but for the runs it keeps in pipes: nil keeps it in memory.
     public var probeStashDirectory: String?
     /// How many of the probe's first runs it keeps in pipes (`CapacityProbe.pipedRuns(slots:)`).
     public var probePipedRuns = CapacityProbe.pipedRuns

@@ -148,7 +148,8 @@ public final class CardPipeline: Sendable {
         do throws(ImageIOError) { try media?.check(target, before: "probed or written") } catch { throw CardFailure(error) }
         let result: CapacityProbe.Result
         do throws(CapacityProbe.Failure) {
-            // The probe's buffer is the station's (issue 18), and what it overwrote waits in the cache directory.
+            // The probe's buffer is the station's (issue 18), and what it overwrote waits in pipes
+            // (its first runs, as many as the pipe quota leaves) and in the cache directory.
             result = try CapacityProbe.run(target, overwritten: overwritten, budget: job.budget,
                                            stashDirectory: job.probeStashDirectory, cancellation: cancellation, leftover: leftover,
                                            pipedRuns: job.probePipedRuns)
