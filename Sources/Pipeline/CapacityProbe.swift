@@ -749,7 +749,7 @@ public enum CapacityProbe {
     public static let pipedRuns = 2
 
     /// How many of its window's runs each probe of a station with `slots` slots keeps in
-    /// pipes. A pipe of 1 MiB counts 256 pages against its user's pipe quota
+    /// pipes. A pipe of 1 MiB counts 256 pages (of 4 KiB) against its user's pipe quota
     /// (`fs.pipe-user-pages-soft`, 16384 by default), which the packaged daemon, without
     /// CAP_SYS_RESOURCE or CAP_SYS_ADMIN, cannot pass; every slot's writer wants one such pipe
     /// (`ImageWriter`) and keeps it: the probes take only what those leave, and a probe that
@@ -762,7 +762,8 @@ public enum CapacityProbe {
         guard let text = try? String(contentsOfFile: "/proc/sys/fs/pipe-user-pages-soft", encoding: .utf8),
               let soft = Int(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return 0 }
         if soft == 0 { return pipedRuns }
-        let pagesPerRun = runBytes / 4096
+        // A pipe's slots are pages: 256 a MiB here, 64 with the 16 KiB pages of some ARM kernels.
+        let pagesPerRun = max(1, runBytes / max(1, sysconf(Int32(_SC_PAGESIZE))))
         let spare = soft - max(slots, 1) * pagesPerRun
         return min(pipedRuns, max(0, spare / (max(slots, 1) * pagesPerRun)))
     }
