@@ -526,37 +526,6 @@ final class WriteJob: @unchecked Sendable {
         try endWriting(meter)
     }
 
-    /// The pipe a splicing card's chunks pass through, and so its chunk: 4 MiB (an SD card's
-    /// erase block) where the kernel allows a pipe that large, else 1 MiB, the most
-    /// `/proc/sys/fs/pipe-max-size` gives a process without CAP_SYS_RESOURCE by default (the
-    /// pages a pipe refers to count against its user's `pipe-user-pages-soft`, 64 MiB: 64
-    /// cards of 1 MiB). Nil when not even 1 MiB is allowed: chunks of a pipe's 64 KiB would
-    /// cost a card speed, so the card takes the buffered path.
-    final class SplicePipe {
-        let read: Int32
-        let write: Int32
-        let capacity: Int
-        static let sizes = [4 << 20, 1 << 20]
-
-        init?() {
-            var fds: [Int32] = [-1, -1]
-            guard provision_pipe_cloexec(&fds) == 0 else { return nil }
-            guard let capacity = SplicePipe.sizes.lazy.map({ Int(provision_pipe_resize(fds[1], Int32($0))) }).first(where: { $0 >= 1 << 20 }) else {
-                Syscall.close(fds[0])
-                Syscall.close(fds[1])
-                return nil
-            }
-            read = fds[0]
-            write = fds[1]
-            self.capacity = capacity
-        }
-
-        deinit {
-            Syscall.close(read)
-            Syscall.close(write)
-        }
-    }
-
     /// Source bytes `offset..<offset+count` onto the card at the same offset: whole blocks
     /// through the pipe, the image's last partial block (if any) by read-modify-write.
     private func spliceOrWrite(at offset: UInt64, count: Int) throws(ImageIOError) {

@@ -570,8 +570,8 @@ public enum CapacityProbe {
         private var memory: [[UInt8]] = []
         private let fd: Int32
         private var fileEnd = 0
-        /// Read and write ends; (-1, -1) once written back or dropped.
-        private var pipes: [(read: Int32, write: Int32)] = []
+        /// Nil once written back.
+        private var pipes: [SplicePipe?] = []
         private let pipedRuns: Int
 
         init(directory: String?, pipedRuns: Int = 0) {
@@ -579,40 +579,23 @@ public enum CapacityProbe {
             self.pipedRuns = pipedRuns
         }
 
-        deinit {
-            if fd >= 0 { close(fd) }
-            closePipes()
-        }
+        deinit { if fd >= 0 { close(fd) } }
 
         /// Whether runs go to the file (else all stay in memory), and the bytes kept in memory.
         var usesFile: Bool { fd >= 0 }
         var bytesInMemory: Int { memory.reduce(0) { $0 + $1.count } }
         /// Pipes holding a run now, and their read ends.
         var pipesHeld: Int { pipeDescriptors.count }
-        var pipeDescriptors: [Int32] { pipes.map(\.read).filter { $0 >= 0 } }
+        var pipeDescriptors: [Int32] { pipes.compactMap { $0?.read } }
 
         /// Keeps the `count` bytes at `offset` of `card` (an O_DIRECT descriptor) in a pipe of
         /// their own, if this stash may take one more and the kernel gives one that holds
         /// them (`fs.pipe-max-size`, the user's pipe quota); false leaves nothing behind, and
         /// the caller keeps them another way.
         func capture(from card: Int32, offset: UInt64, count: Int) -> Bool {
-            guard pipes.count < pipedRuns else { return false }
-            var ends: [Int32] = [-1, -1]
-            guard provision_pipe_cloexec(&ends) == 0 else { return false }
-            var held = 0
-            if provision_pipe_resize(ends[1], Int32(clamping: count)) >= count {
-                while held < count {
-                    let k = Stash.splice(card, Int64(offset) + Int64(held), ends[1], -1, count - held)
-                    guard k > 0 else { break }
-                    held += k
-                }
-            }
-            guard held == count else {
-                close(ends[0])
-                close(ends[1])
-                return false
-            }
-            pipes.append((ends[0], ends[1]))
+            guard pipes.count < pipedRuns, let pipe = SplicePipe(sizes: [count], atLeast: count),
+                  pipe.fill(from: card, at: offset, count: count) == count else { return false }
+            pipes.append(pipe)
             runs.append((offset, count, .pipe(pipes.count - 1)))
             return true
         }
@@ -673,8 +656,10 @@ public enum CapacityProbe {
             var bytes = 0
             for index in indices.sorted(by: { (filePlace($0) ?? -1) < (filePlace($1) ?? -1) }) {
                 if case .pipe(let p) = runs[index].place {
+                    // Best effort, as below; the pipe goes either way.
                     wrote = true
-                    emptyPipe(p, onto: fd, at: runs[index].offset, count: runs[index].count)
+                    _ = pipes[p]?.empty(onto: fd, at: runs[index].offset, count: runs[index].count)
+                    pipes[p] = nil
                     continue
                 }
                 // Runs in the file, in its order; side by side ones in one group.
@@ -705,40 +690,10 @@ public enum CapacityProbe {
             if wrote { fdatasync(fd) }
         }
 
-        /// Pipe `p`'s run onto `card` at `offset` (best effort), then the pipe goes.
-        private func emptyPipe(_ p: Int, onto card: Int32, at offset: UInt64, count: Int) {
-            guard pipes[p].read >= 0 else { return }
-            var out = 0
-            while out < count {
-                let k = Stash.splice(pipes[p].read, -1, card, Int64(offset) + Int64(out), count - out)
-                guard k > 0 else { break }
-                out += k
-            }
-            close(pipes[p].read)
-            close(pipes[p].write)
-            pipes[p] = (-1, -1)
-        }
-
-        /// splice(2), again when a signal interrupts it: bytes moved, 0 at the end, -1.
-        private static func splice(_ from: Int32, _ fromOffset: Int64, _ to: Int32, _ toOffset: Int64, _ count: Int) -> Int {
-            while true {
-                let k = provision_splice(from, fromOffset, to, toOffset, UInt(count))
-                if k >= 0 || errno != EINTR { return k }
-            }
-        }
-
-        private func closePipes() {
-            for (r, w) in pipes where r >= 0 {
-                close(r)
-                close(w)
-            }
-            pipes = []
-        }
-
         func removeAll() {
             runs = []
             memory = []
-            closePipes()
+            pipes = []
             if fd >= 0 { _ = ftruncate(fd, 0) }
             fileEnd = 0
         }

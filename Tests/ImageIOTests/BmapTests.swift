@@ -285,7 +285,7 @@ struct BmapTests {
     func splicedWithoutCapSysResource() throws {
         let maxText = try String(contentsOfFile: "/proc/sys/fs/pipe-max-size", encoding: .utf8)
         let maxSize = try #require(Int(maxText.trimmingCharacters(in: .whitespacesAndNewlines)))
-        let unprivileged = try #require(WriteJob.SplicePipe.sizes.first { $0 <= maxSize },
+        let unprivileged = try #require(SplicePipe.sizes.first { $0 <= maxSize },
                                         "pipe-max-size is \(maxSize): below 1 MiB a card takes the buffered path")
         // The test process's own pipe: the largest with CAP_SYS_RESOURCE, else the same as the
         // unit's (root in some containers lacks it — this machine's does — and then every
@@ -293,14 +293,14 @@ struct BmapTests {
         let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
         let effective = try #require(status.split(separator: "\n").first { $0.hasPrefix("CapEff:") }
             .flatMap { UInt64($0.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) })
-        let ownCapacity = WriteJob.SplicePipe()?.capacity
-        #expect(ownCapacity == (effective & (1 << UInt64(capSysResource)) != 0 ? WriteJob.SplicePipe.sizes[0] : unprivileged))
+        let ownCapacity = SplicePipe()?.capacity
+        #expect(ownCapacity == (effective & (1 << UInt64(capSysResource)) != 0 ? SplicePipe.sizes[0] : unprivileged))
 
         let (image, bmapPath, _) = try sparseImage()
         nonisolated(unsafe) var capacity: Int?
         try splicedAgainstBmaptool("splice-nocap", image: image, bmap: bmapPath, size: 48 << 20, chunkSize: 4 << 20, writing: { write in
             try withoutCapability(capSysResource) {
-                capacity = WriteJob.SplicePipe()?.capacity
+                capacity = SplicePipe()?.capacity
                 return try write()
             }
         }) { _, result throws in
